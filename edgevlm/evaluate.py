@@ -1,0 +1,95 @@
+"""Greedy answers from the torch model, scored by normalized exact match per question type.
+
+This is the torch reference every later stage (quantized model, ONNX export, runtime) is
+compared against: transformers `generate`, greedy, on the same chat-template prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from edgevlm.data import IMAGE_TAG, Sample, open_image, to_messages
+from edgevlm.models import LoadedModel
+from edgevlm.progress import Progress
+from edgevlm.runtime.metrics import Score
+
+
+@dataclass
+class Prediction:
+    id: str
+    type: str
+    question: str
+    reference: str
+    prediction: str
+    correct: bool
+
+
+@dataclass
+class EvalResult:
+    score: Score
+    predictions: list[Prediction]
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.score.accuracy
+
+    def to_dict(self) -> dict:
+        return {**self.score.to_dict(), "seconds": self.seconds,
+                "predictions": [p.__dict__ for p in self.predictions]}
+
+
+def prompt_text(loaded: LoadedModel, sample: Sample) -> str:
+    """The generation prompt for a sample's last question, `<image>` expanded."""
+    msgs = to_messages(sample.turns, with_last_answer=False)
+    text = loaded.processor.tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    return text.replace(IMAGE_TAG, IMAGE_TAG * loaded.num_image_tokens)
+
+
+def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens: int = 16,
+                     batch_size: int = 16, tokens: bool = False) -> list:
+    """Greedy continuations (text, or token-id lists with `tokens=True`) for each sample."""
+    import torch
+
+    tok = loaded.processor.tokenizer
+    model = loaded.model
+    device = next(model.parameters()).device
+    outs = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i: i + batch_size]
+        ids = [tok(prompt_text(loaded, s), add_special_tokens=False)["input_ids"] for s in chunk]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for j, row in enumerate(ids):  # left padding, so every row ends where generation starts
+            input_ids[j, width - len(row):] = torch.tensor(row)
+            mask[j, width - len(row):] = 1
+        pixels = loaded.processor.image_processor(
+            images=[open_image(s.image) for s in chunk], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 pixel_values=pixels.to(device, model.dtype),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for row in gen[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            outs.append(row if tokens else tok.decode(row, skip_special_tokens=True).strip())
+    return outs
+
+
+def evaluate(loaded: LoadedModel, samples: list[Sample], max_new_tokens: int = 16,
+             batch_size: int = 16, quiet: bool = False) -> EvalResult:
+    """Accuracy of greedy answers against each sample's last gpt turn."""
+    score, preds, t0 = Score(), [], time.time()
+    with Progress("eval", len(samples), enabled=not quiet) as bar:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i: i + batch_size]
+            for s, answer in zip(chunk, generate_answers(loaded, chunk, max_new_tokens,
+                                                         batch_size)):
+                ok = score.add(answer, s.answer, s.type)
+                preds.append(Prediction(s.id, s.type, s.question, s.answer, answer, ok))
+            bar.update(len(chunk), acc=score.accuracy)
+    return EvalResult(score, preds, time.time() - t0)

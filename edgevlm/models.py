@@ -1,0 +1,252 @@
+"""Create and load LLaVA-family models (LlavaForConditionalGeneration + LlavaProcessor).
+
+A model is a plain Hugging Face directory, so the same code loads our tiny presets and a real
+checkpoint such as llava-hf/llava-interleave-qwen-0.5b-hf. Presets are LlavaConfig dicts; any
+LlavaConfig JSON (CLIP or SigLIP vision, Llama or Qwen2 text) works through `--config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgevlm.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
+SUPPORTED_TEXT = ("qwen2", "llama")
+
+_TINY_VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 48,
+    "patch_size": 16,
+    "num_channels": 3,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SigLIP-style vision tower + Qwen2-style decoder, a few million parameters.
+    "tiny-teacher": {
+        "vision_config": _TINY_VISION,
+        "text_config": {
+            "model_type": "qwen2",
+            "hidden_size": 256,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "projector_hidden_act": "gelu",
+    },
+    # Same vision tower and tokenizer, a much smaller decoder (widths stay multiples of 128 so
+    # the usual int4 group sizes 32/64/128 divide every layer).
+    "tiny-student": {
+        "vision_config": _TINY_VISION,
+        "text_config": {
+            "model_type": "qwen2",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 512,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "projector_hidden_act": "gelu",
+    },
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
+    image_token_id: int
+    num_image_tokens: int
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens per image, as LlavaProcessor expands `<image>`."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    if vc.model_type == "clip_vision_model":
+        n += 1  # CLS
+    if config.vision_feature_select_strategy == "default":
+        n -= 1  # drop CLS
+    return n
+
+
+def check_config(cfg: dict, where: str) -> None:
+    """Reject a LlavaConfig dict whose sizes cannot work, naming the field."""
+    if cfg.get("model_type", "llava") not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaVA-family; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for part, allowed in (("vision_config", SUPPORTED_VISION), ("text_config", SUPPORTED_TEXT)):
+        sub = cfg.get(part)
+        if not isinstance(sub, dict):
+            raise UserError(f"{where}: {part} is missing; give a {part} with a model_type")
+        if sub.get("model_type") not in allowed:
+            raise UserError(f"{where}: {part}.model_type {sub.get('model_type')!r} is not "
+                            f"supported; use one of {', '.join(allowed)}")
+        heads = sub.get("num_attention_heads", 1)
+        if sub.get("hidden_size", heads) % heads:
+            raise UserError(f"{where}: {part}.hidden_size {sub['hidden_size']} is not divisible by "
+                            f"num_attention_heads {heads}; pick sizes that divide")
+        kv = sub.get("num_key_value_heads")
+        if kv and heads % kv:
+            raise UserError(f"{where}: {part}.num_attention_heads {heads} is not divisible by "
+                            f"num_key_value_heads {kv}; pick sizes that divide")
+    vc = cfg["vision_config"]
+    if vc.get("image_size", 224) % vc.get("patch_size", 16):
+        raise UserError(f"{where}: vision_config.image_size {vc.get('image_size')} is not divisible "
+                        f"by patch_size {vc.get('patch_size')}")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise UserError(f"{where}: vision_feature_select_strategy {strategy!r} must be "
+                        "'default' (drop CLS) or 'full'")
+    if strategy == "default" and vc["model_type"] == "siglip_vision_model":
+        raise UserError(f"{where}: strategy 'default' drops a CLS token that SigLIP does not have; "
+                        "use vision_feature_select_strategy 'full'")
+
+
+def make_image_processor(vision_config):
+    """The HF image processor a LLaVA checkpoint of this vision tower ships with."""
+    size = vision_config.image_size
+    if vision_config.model_type == "clip_vision_model":
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": size},
+                                     crop_size={"height": size, "width": size})
+    from transformers import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
+    """A randomly initialised LLaVA model whose vocabulary and image token match `tokenizer`."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    cfg = copy.deepcopy(config_dict)
+    cfg.pop("model_type", None)
+    check_config(cfg, "config")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise UserError("the tokenizer has no <image> token; build it with edgevlm init "
+                        "--tokenizer-data or add <image> as a special token")
+    vocab = len(tokenizer)
+    cfg["text_config"]["vocab_size"] = vocab
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        cfg["text_config"][key] = getattr(tokenizer, key)
+    cfg["image_token_index"] = image_token_id
+    config = LlavaConfig(**cfg)
+    config.image_seq_length = num_image_tokens(config)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=make_image_processor(config.vision_config),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if config.vision_config.model_type == "clip_vision_model"
+        else 0,
+        chat_template=tokenizer.chat_template,
+    )
+    return LoadedModel(model, processor, image_token_id, config.image_seq_length)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a model directory, checked to be LLaVA-family."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} is not a model directory (no config.json); give a folder "
+                        "made by `edgevlm init`/`train` or a Hugging Face LLaVA checkpoint")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not a LLaVA-family "
+                        f"model; edgevlm supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return cfg
+
+
+def load_model(model_dir: str | Path, dtype=None, device: str | None = None) -> LoadedModel:
+    """Load a LLaVA-family checkpoint directory and its processor."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    read_config(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=dtype or torch.float32)
+    if device:
+        model = model.to(device)
+    model.eval()
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir}: could not load the processor ({e}); the folder needs "
+                        "tokenizer and preprocessor_config.json files") from e
+    return LoadedModel(model, processor, model.config.image_token_index,
+                       num_image_tokens(model.config))
+
+
+def save_model(loaded: LoadedModel, out_dir: str | Path) -> None:
+    """Write model + processor files into `out_dir` (which the caller made atomic)."""
+    loaded.model.save_pretrained(str(out_dir))
+    loaded.processor.save_pretrained(str(out_dir))
+    # transformers 5 nests the image processor in processor_config.json; older tools and the
+    # runtime also look for the classic preprocessor_config.json.
+    loaded.processor.image_processor.save_pretrained(str(out_dir))
+
+
+def create(out: str | Path, preset: str | None = None, config_path: str | Path | None = None,
+           tokenizer_data: list[str | Path] | None = None, tokenizer_from: str | Path | None = None,
+           vocab_size: int = 512, seed: int = 0, overwrite: bool = False) -> LoadedModel:
+    """`edgevlm init`: a new random model directory from a preset or a LlavaConfig JSON."""
+    from edgevlm.atomic import atomic_dir
+    from edgevlm.data import load_samples
+    from edgevlm.tokenizer import train_tokenizer
+
+    if (preset is None) == (config_path is None):
+        raise UserError("give exactly one of --preset or --config")
+    if (not tokenizer_data) == (tokenizer_from is None):
+        raise UserError("give exactly one of --tokenizer-data or --tokenizer-from")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        cfg = PRESETS[preset]
+    else:
+        try:
+            cfg = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read LlavaConfig JSON {config_path} ({e})") from e
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        read_config(tokenizer_from)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    else:
+        texts = [t for path in tokenizer_data for s in load_samples(path)
+                 for turn in s.turns for t in turn]
+        tokenizer = train_tokenizer(texts, vocab_size)
+    loaded = init_model(cfg, tokenizer, seed)
+    with atomic_dir(out, overwrite) as tmp:
+        save_model(loaded, tmp)
+    return loaded

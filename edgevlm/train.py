@@ -1,0 +1,232 @@
+"""The one training loop: LLaVA pretrain / SFT, and the distillation stages built on it.
+
+Runs on Hugging Face accelerate, so `accelerate launch -m edgevlm.cli train ...` (or torchrun)
+spreads it over processes, GPUs and nodes with no code of ours. The data order is a function
+of (seed, step), so a run resumed from a checkpoint sees exactly the batches it would have
+seen; checkpoints hold model, optimizer, scheduler and RNG state (accelerator.save_state).
+
+Work happens in `.{OUT}.work/` beside OUT (checkpoints live there); OUT appears, complete, by
+one rename at the end, so a killed run never leaves a half model that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgevlm.data import Collator, Sample
+from edgevlm.errors import UserError
+from edgevlm.models import LoadedModel
+from edgevlm.progress import Progress
+
+STAGES = ("pretrain", "sft")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "sft"
+    steps: int = 1000
+    batch_size: int = 16  # per process
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    save_every: int = 200
+    seed: int = 0
+    train_vision: bool = False
+    max_length: int = 1024
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise UserError(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        for name in ("steps", "batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+
+
+def set_trainable(model, stage: str, train_vision: bool = False) -> int:
+    """Freeze all but what `stage` trains; returns the number of trainable parameters.
+
+    pretrain (and distillation's DPT): the projector only. sft / dft: projector + language
+    model (+ vision tower when asked).
+    """
+    model.requires_grad_(False)
+    parts = [model.model.multi_modal_projector]
+    if stage != "pretrain":
+        parts += [model.model.language_model, model.lm_head]
+    if train_vision:
+        parts.append(model.model.vision_tower)
+    for p in parts:
+        p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def ce_loss(model, batch) -> tuple:
+    out = model(**batch)
+    return out.loss, {"ce": out.loss.detach()}
+
+
+def batch_indices(n: int, global_batch: int, seed: int, step: int) -> list[int]:
+    """The sample indices of global batch `step`: epochs of seeded permutations, back to back."""
+    import torch
+
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(global_batch - len(out), n - offset)
+        out += perm[offset: offset + take].tolist()
+    return out
+
+
+class StepBatches:
+    """Batch sampler over steps [start, total): this process's share of each global batch."""
+
+    def __init__(self, n, batch, world, rank, seed, start, total):
+        self.n, self.batch, self.world, self.rank = n, batch, world, rank
+        self.seed, self.start, self.total = seed, start, total
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            idx = batch_indices(self.n, self.batch * self.world, self.seed, step)
+            yield idx[self.rank:: self.world]
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((work_dir(out) / "checkpoints").glob("step_*[0-9]"),
+                   key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainConfig,
+        loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False, extra_files: dict[str, dict] | None = None) -> TrainResult:
+    """Train `loaded.model` on `samples` and write the trained model directory `out`."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not samples:
+        raise UserError("the training data set is empty")
+    work = work_dir(out)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"--resume: no checkpoint in {work / 'checkpoints'}; run without "
+                        "--resume to start from scratch")
+    accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available()
+                        and torch.cuda.is_bf16_supported() else "no")
+    set_seed(cfg.seed)
+    model = loaded.model
+    n_train = set_trainable(model, cfg.stage, cfg.train_vision)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    model, opt, sched = accel.prepare(model, opt, sched)
+    start = 0
+    if ckpt is not None:
+        accel.load_state(str(ckpt))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+    elif accel.is_main_process and work.exists():
+        shutil.rmtree(work)  # a stale run's leftovers; we start from scratch
+    accel.wait_for_everyone()
+    collate = Collator(loaded.processor, loaded.num_image_tokens, cfg.max_length)
+    sampler = StepBatches(len(samples), cfg.batch_size, accel.num_processes,
+                          accel.process_index, cfg.seed, start, cfg.steps)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.workers)
+    history, t0, loss_val = [], time.time(), float("nan")
+    show = accel.is_main_process and not quiet
+    with Progress(f"{cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
+                  enabled=show) as bar:
+        for step, batch in enumerate(loader, start=start):
+            batch = {k: v.to(accel.device) for k, v in batch.items()}
+            with accel.autocast():
+                loss, terms = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
+            accel.backward(loss)
+            accel.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            terms = {k: float(accel.reduce(v.detach().float(), "mean")) for k, v in terms.items()}
+            loss_val = float(accel.reduce(loss.detach().float(), "mean"))
+            history.append({"step": step + 1, "loss": loss_val, **terms})
+            bar.update(1, **terms)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(accel, work, step + 1)
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra_files)
+    accel.wait_for_everyone()
+    return TrainResult(out, cfg.steps, loss_val, time.time() - t0, start, history)
+
+
+def _schedule(cfg: TrainConfig):
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return lr_at
+
+
+def _save_checkpoint(accel, work: Path, step: int, keep: int = 2) -> None:
+    ckpts = work / "checkpoints"
+    tmp = ckpts / f"step_{step}.tmp"
+    accel.save_state(str(tmp))
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        tmp.rename(ckpts / f"step_{step}")
+        for old in sorted(ckpts.glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+            shutil.rmtree(old)
+    accel.wait_for_everyone()
+
+
+def _finish(model, loaded, out: Path, work: Path, cfg, history, extra_files) -> None:
+    from edgevlm.models import save_model
+
+    model.eval()
+    final = work / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    save_model(LoadedModel(model, loaded.processor, loaded.image_token_id,
+                           loaded.num_image_tokens), final)
+    (final / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    (final / "train_log.json").write_text(json.dumps(history))
+    for name, obj in (extra_files or {}).items():
+        (final / name).write_text(json.dumps(obj, indent=1))
+    if out.exists():  # --overwrite: the old OUT goes only now that the new one is complete
+        shutil.rmtree(out)
+    final.rename(out)
+    shutil.rmtree(work)

@@ -1,0 +1,76 @@
+"""The export artifact contract, written once: file names, graph IO names and axes, manifest.
+
+The exporter (edgevlm.export) writes graphs by these declarations and the runtime
+(edgevlm.runtime) feeds them by the same ones, so the two cannot drift. The layout follows the
+transformers.js / SmolVLM ONNX releases:
+  onnx/vision_encoder{sfx}.onnx   pixel_values [B,3,H,W]            -> image_features [B,N,D]
+  onnx/embed_tokens{sfx}.onnx     input_ids [B,S]                   -> inputs_embeds [B,S,D]
+  onnx/decoder_model_merged{sfx}.onnx
+      inputs_embeds [B,S,D], attention_mask [B,P+S], position_ids [B,S],
+      past_key_values.{i}.key|value [B,kv,P,hd]  -> logits [B,S,V], present.{i}.key|value
+  edgevlm.json                    the manifest below
+The first decoder step passes a past of length P=0, so one graph serves prefill and decode.
+Torch-free: standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+MANIFEST = "edgevlm.json"
+ONNX_DIR = "onnx"
+COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int4": "_q4"}
+PRECISIONS = tuple(SUFFIXES)
+
+Axes = tuple  # each entry: a symbolic axis name (dynamic) or an int (static)
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names and axes of one graph's inputs and outputs, in order."""
+
+    inputs: dict[str, Axes]
+    outputs: dict[str, Axes]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes form: {name: {axis_index: axis_name}}."""
+        return {name: {i: a for i, a in enumerate(axes) if isinstance(a, str)}
+                for name, axes in {**self.inputs, **self.outputs}.items()}
+
+
+def graph_file(component: str, precision: str) -> str:
+    """Relative path of a component's graph at a precision, e.g. onnx/embed_tokens_fp16.onnx."""
+    assert component in COMPONENTS, f"unknown component {component}"
+    assert precision in SUFFIXES, f"unknown precision {precision}"
+    return f"{ONNX_DIR}/{component}{SUFFIXES[precision]}.onnx"
+
+
+def vision_io() -> GraphIO:
+    return GraphIO(inputs={"pixel_values": ("batch", 3, "height", "width")},
+                   outputs={"image_features": ("batch", "image_tokens", "hidden")})
+
+
+def embed_io() -> GraphIO:
+    return GraphIO(inputs={"input_ids": ("batch", "sequence")},
+                   outputs={"inputs_embeds": ("batch", "sequence", "hidden")})
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def decoder_io(num_layers: int) -> GraphIO:
+    past = {n: ("batch", "kv_heads", "past_sequence", "head_dim") for n in past_names(num_layers)}
+    present = {n: ("batch", "kv_heads", "total_sequence", "head_dim")
+               for n in present_names(num_layers)}
+    return GraphIO(
+        inputs={"inputs_embeds": ("batch", "sequence", "hidden"),
+                "attention_mask": ("batch", "total_sequence"),
+                "position_ids": ("batch", "sequence"), **past},
+        outputs={"logits": ("batch", "sequence", "vocab"), **present})
