@@ -157,11 +157,106 @@ def eval_(
     _summary(f"eval {model}", rows, quiet)
 
 
+@app.command()
+def run(
+    target: Path = typer.Argument(..., help="Export folder made by `edgevlm export`"),
+    image: Optional[Path] = typer.Option(None, help="Image file (omit for a text-only prompt)"),
+    prompt: str = typer.Option(..., help="Question; the image goes before it unless it holds "
+                               "<image>"),
+    provider: str = typer.Option("auto", help="auto|cpu|cuda|tensorrt|coreml|nnapi|qnn|dml"),
+    max_new_tokens: int = typer.Option(64),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: ORT's)"),
+    precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8|int4 graphs of the "
+                                            "export (default: the manifest's)"),
+    temperature: float = typer.Option(0.0, help="0 is greedy"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    stop: Optional[list[str]] = typer.Option(None, help="Stop before this text (repeatable)"),
+    quiet: bool = typer.Option(False, help="Only the answer, no timings"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, no stream"),
+) -> None:
+    """Answer a question about an image with the torch-free ONNX Runtime (streams the answer)."""
+    # The runtime only: this command must work on a device without torch or transformers.
+    from edgevlm.runtime import VLM
+
+    if not (target / "edgevlm.json").is_file() and (target / "config.json").is_file():
+        raise UserError(f"{target} is a model folder, not an export; run `edgevlm export "
+                        f"{target} --out DIR` and pass DIR")
+    vlm = VLM.load(target, provider=provider, threads=threads, precision=precision)
+    stream = vlm.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+    for piece in stream:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = stream.result
+    t = result.timings
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),
+                          "finish_reason": result.finish_reason, "provider": vlm.provider,
+                          "precision": vlm.info.precision, "timings": t.__dict__}, indent=1))
+        return
+    sys.stdout.write("\n")
+    if quiet:
+        return
+    table = Table(title=f"run {target.name} on {vlm.provider} ({vlm.info.precision})",
+                  show_header=False)
+    for label, value in (("prompt tokens", t.n_prompt_tokens), ("new tokens", t.n_new_tokens),
+                         ("finish", result.finish_reason),
+                         ("preprocess", f"{t.preprocess_s * 1e3:.1f} ms"),
+                         ("vision encoder", f"{t.vision_s * 1e3:.1f} ms"),
+                         ("prefill", f"{t.prefill_s * 1e3:.1f} ms"),
+                         ("time to first token", f"{t.ttft_s * 1e3:.1f} ms"),
+                         ("decode", f"{t.decode_tokens_per_s:.1f} tokens/s"),
+                         ("total", f"{t.total_s:.3f} s")):
+        table.add_row(label, str(value))
+    console.print(table)
+
+
+@app.command("export")
+def export_(
+    model: Path = typer.Argument(..., help="Model folder (a LLaVA checkpoint)"),
+    out: Path = typer.Option(..., help="Export folder to create"),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 | int4: the decoder, and the "
+                                  "other components unless set below"),
+    vision_precision: Optional[str] = typer.Option(None, help="Vision encoder precision"),
+    embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
+    block_size: int = typer.Option(32, help="int4: input channels per scale and zero point"),
+    validate: bool = typer.Option(True, "--validate/--no-validate",
+                                  help="Check parity with the torch model before writing"),
+    external_data: bool = typer.Option(False, help="Always keep weights in <graph>.onnx_data "
+                                       "(default: only above 1 GB)"),
+    overwrite: bool = typer.Option(False),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a model to ONNX graphs (vision encoder, token embedding, decoder with KV cache)."""
+    _quiet_libraries()
+    from edgevlm.export import ExportConfig, export
+
+    cfg = ExportConfig(precision=precision, vision_precision=vision_precision,
+                       embed_precision=embed_precision, block_size=block_size, validate=validate,
+                       overwrite=overwrite, external_data=True if external_data else None)
+    result = export(model, out, cfg, quiet=quiet or as_json)
+    rows: dict = {"out": out}
+    for name, f in result.components.items():
+        rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
+    if result.parity is not None:
+        greedy = result.parity.greedy
+        rows["parity"] = "passed"
+        rows.update({f"  {name} max-abs": e.max_abs
+                     for name, e in result.parity.components.items()})
+        rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
+    rows["seconds"] = result.seconds
+    _summary("export", rows, quiet, as_json)
+
+
 def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -112,8 +112,8 @@ def check_config(cfg: dict, where: str) -> None:
                             f"num_key_value_heads {kv}; pick sizes that divide")
     vc = cfg["vision_config"]
     if vc.get("image_size", 224) % vc.get("patch_size", 16):
-        raise UserError(f"{where}: vision_config.image_size {vc.get('image_size')} is not divisible "
-                        f"by patch_size {vc.get('patch_size')}")
+        raise UserError(f"{where}: vision_config.image_size {vc.get('image_size')} is not "
+                        f"divisible by patch_size {vc.get('patch_size')}")
     strategy = cfg.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise UserError(f"{where}: vision_feature_select_strategy {strategy!r} must be "
@@ -153,7 +153,10 @@ def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         cfg["text_config"][key] = getattr(tokenizer, key)
     cfg["image_token_index"] = image_token_id
-    config = LlavaConfig(**cfg)
+    try:
+        config = LlavaConfig(**cfg)
+    except (ValueError, TypeError) as e:  # transformers' own checks (rope dims, unknown keys)
+        raise UserError(f"config: {e}") from e
     config.image_seq_length = num_image_tokens(config)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

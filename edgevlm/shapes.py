@@ -107,7 +107,8 @@ def _questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]
 
 def _caption(objs: list[Obj]) -> str:
     parts = [f"a {o.name} at the {POSITIONS[o.cell]}" for o in objs]
-    return "There is " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1] + "."
+    head = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "")
+    return "There is " + head + parts[-1] + "."
 
 
 def generate(out_dir: str | Path, n_train: int = 3000, n_eval: int = 300, seed: int = 0,

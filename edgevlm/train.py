@@ -141,7 +141,10 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint in {work / 'checkpoints'}; run without "
                         "--resume to start from scratch")
-    accel = Accelerator(mixed_precision="bf16" if torch.cuda.is_available()
+    gpu = torch.cuda.is_available()
+    # cpu=True on a machine without GPUs makes torchrun / accelerate launch form a gloo group
+    # (accelerate otherwise treats each CPU process as a lone run).
+    accel = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu
                         and torch.cuda.is_bf16_supported() else "no")
     set_seed(cfg.seed)
     model = loaded.model
@@ -208,7 +211,8 @@ def _save_checkpoint(accel, work: Path, step: int, keep: int = 2) -> None:
     if accel.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         tmp.rename(ckpts / f"step_{step}")
-        for old in sorted(ckpts.glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+        done = sorted(ckpts.glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
+        for old in done[:-keep]:
             shutil.rmtree(old)
     accel.wait_for_everyone()
 

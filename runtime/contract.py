@@ -39,6 +39,11 @@ class GraphIO:
         return {name: {i: a for i, a in enumerate(axes) if isinstance(a, str)}
                 for name, axes in {**self.inputs, **self.outputs}.items()}
 
+    def to_dict(self) -> dict:
+        """JSON form for the manifest: {"inputs": {name: [axes]}, "outputs": {...}}."""
+        return {"inputs": {n: list(a) for n, a in self.inputs.items()},
+                "outputs": {n: list(a) for n, a in self.outputs.items()}}
+
 
 def graph_file(component: str, precision: str) -> str:
     """Relative path of a component's graph at a precision, e.g. onnx/embed_tokens_fp16.onnx."""
@@ -74,3 +79,18 @@ def decoder_io(num_layers: int) -> GraphIO:
                 "attention_mask": ("batch", "total_sequence"),
                 "position_ids": ("batch", "sequence"), **past},
         outputs={"logits": ("batch", "sequence", "vocab"), **present})
+
+
+def graph_io(component: str, num_layers: int) -> GraphIO:
+    """The declared IO of one component (the decoder's depends on its layer count)."""
+    assert component in COMPONENTS, f"unknown component {component}"
+    if component == "vision_encoder":
+        return vision_io()
+    if component == "embed_tokens":
+        return embed_io()
+    return decoder_io(num_layers)
+
+
+# Every graph takes and returns float32 tensors (int64 for ids, mask and positions) at every
+# precision: fp16 graphs cast inside, so a caller never needs to know a component's precision.
+IO_FLOAT_DTYPE = "float32"

@@ -1,0 +1,297 @@
+"""`VLM`: load an edgevlm export and answer questions about images with ONNX Runtime, no torch.
+
+    vlm = VLM.load("export_dir", provider="auto")
+    vlm.generate("cat.png", "What is on the table?").text
+    for piece in vlm.stream("cat.png", "Describe it."): print(piece, end="")
+
+One call runs: chat template -> token ids (each image token expanded to the image's features)
+-> vision encoder -> token embeddings with the image features scattered in -> the decoder over
+the prompt (prefill: from a past of length 0, in chunks of `prefill_chunk` tokens) -> one
+decoder pass per new token, feeding only that token and the cache the previous pass returned
+(presents become the next pasts, kept as OrtValues through IOBinding, so on a GPU they never
+leave the device). Greedy by default, matching the torch reference (edgevlm.evaluate) token for
+token on an fp32 export.
+
+Each call keeps its state (ids, cache, rng) in locals; ONNX Runtime sessions run concurrently,
+so one VLM serves several threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgevlm.errors import UserError
+from edgevlm.runtime import contract
+from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
+from edgevlm.runtime.manifest import ExportInfo, read_export
+from edgevlm.runtime.preprocess import preprocess
+from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
+from edgevlm.runtime.session import Provider, SessionConfig, check_io, open_session, resolve
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of one call went; the decode rate excludes the first token (it comes from
+    the prefill pass)."""
+
+    preprocess_s: float  # chat template, tokenization, image decode + resize + normalize
+    vision_s: float  # vision encoder (0 without an image)
+    prefill_s: float  # token embedding + decoder pass over the whole prompt
+    ttft_s: float  # call start -> first token chosen
+    decode_s: float  # every decoder step after the first token
+    decode_tokens_per_s: float  # decoder steps after prefill / decode_s; nan if there were none
+    total_s: float
+    n_prompt_tokens: int  # after image-token expansion
+    n_new_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One answer. `text` is trimmed of surrounding whitespace, as the torch reference reports
+    it; `token_ids` are the generated ids without the end-of-sequence token."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    ids: np.ndarray  # (S,) int64, image tokens expanded
+    pixels: np.ndarray | None  # (1, 3, H, W) float32
+    t0: float
+    preprocess_s: float
+
+
+class Stream:
+    """Iterate for text pieces; afterwards `result` holds the GenerationResult."""
+
+    def __init__(self, steps: Iterator[str]):
+        self._steps = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.result is None:  # a second loop over a finished stream yields nothing
+            self.result = yield from self._steps
+
+
+class VLM:
+    """A loaded export: three ONNX Runtime sessions, the tokenizer, template and image settings."""
+
+    def __init__(self, info: ExportInfo, sessions: dict[str, ort.InferenceSession],
+                 provider: Provider, tokenizer: Tokenizer, template: ChatTemplate,
+                 prefill_chunk: int = 512, load_s: float = 0.0):
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise UserError(f"prefill_chunk={prefill_chunk!r} must be a positive integer")
+        self.info = info
+        self.provider = provider.chosen  # the short name actually in use, e.g. "cpu"
+        self.tokenizer = tokenizer
+        self.template = template
+        # Prompts pass the decoder in chunks of this many tokens: the graph returns logits for
+        # every position, and a 1k-token prompt with a 152k vocabulary would otherwise allocate
+        # 600 MB of logits. The cache makes chunks exact, not an approximation.
+        self.prefill_chunk = prefill_chunk
+        self.load_s = load_s
+        self._vision = sessions["vision_encoder"]
+        self._embed = sessions["embed_tokens"]
+        self._decoder = sessions["decoder_model_merged"]
+        self._device = provider.device_type
+        self._past_names = contract.past_names(info.num_layers)
+        self._present_names = contract.present_names(info.num_layers)
+        types = {i.name: _NP_TYPES.get(i.type, np.float32)
+                 for s in sessions.values() for i in s.get_inputs()}
+        self._pixel_dtype = types["pixel_values"]
+        self._embeds_dtype = types["inputs_embeds"]
+        self._past_dtype = types[self._past_names[0]]
+        image_id = info.image_token_id
+        if image_id is None:
+            image_id = tokenizer.token_to_id("<image>")
+        self.image_token_id = image_id
+        self.image_tag = tokenizer.id_to_token(image_id) if image_id is not None else None
+
+    @classmethod
+    def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
+             precision: str | None = None, prefill_chunk: int = 512) -> VLM:
+        """Open an export directory made by `edgevlm export` (see `read_export` for the files).
+
+        provider: "auto" (best available; `vlm.provider` says which) or cpu, cuda, tensorrt,
+        coreml, nnapi, qnn, dml. threads: intra-op threads (None: onnxruntime's default).
+        precision: which graphs of the export (None: those the manifest names)."""
+        t0 = time.perf_counter()
+        cfg = SessionConfig(provider, threads)
+        chosen = resolve(cfg.provider)
+        info = read_export(export_dir, precision)
+        sessions = {}
+        for component in contract.COMPONENTS:
+            path = info.graphs[component]
+            session, chosen = open_session(path, chosen, cfg.threads,
+                                           strict=cfg.provider != "auto")
+            io = contract.graph_io(component, info.num_layers)
+            check_io(session, path, io.inputs, io.outputs)
+            sessions[component] = session
+        template = ChatTemplate(info.chat_template, info.special_tokens)
+        return cls(info, sessions, chosen, Tokenizer(info.tokenizer_file), template,
+                   prefill_chunk, time.perf_counter() - t0)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def generate(self, image, prompt: str | Sequence[dict], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None
+                 ) -> GenerationResult:
+        """Answer `prompt` (a question, or chat messages) about `image` (path, PIL image, uint8
+        array, or None for text only). temperature 0 is greedy."""
+        stream = self.stream(image, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, image, prompt: str | Sequence[dict], max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, stop: str | Sequence[str] | None = None) -> Stream:
+        """Like `generate`, yielding text pieces as tokens arrive; bad input fails here, before
+        the first piece."""
+        t0 = time.perf_counter()
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed,
+                               (stop,) if isinstance(stop, str) else tuple(stop or ()))
+        prepared = self._prepare(image, prompt, t0)
+        return Stream(self._steps(prepared, cfg))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def messages(self, image, prompt: str | Sequence[dict]) -> list[dict]:
+        """Chat messages for a call. A plain question without the image tag gets the image as the
+        template's image part before it; explicit messages are used as given."""
+        if isinstance(prompt, str):
+            if image is not None and (self.image_tag is None or self.image_tag not in prompt):
+                return [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": prompt}]}]
+            return [{"role": "user", "content": prompt}]
+        if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+            return list(prompt)
+        raise UserError(f"prompt must be a string or a list of chat messages, got "
+                        f"{type(prompt).__name__}")
+
+    def _prepare(self, image, prompt, t0: float) -> _Prepared:
+        text = self.template.render(self.messages(image, prompt), add_generation_prompt=True)
+        ids = self.tokenizer.encode(text)
+        n_tags = ids.count(self.image_token_id) if self.image_token_id is not None else 0
+        if image is not None and n_tags != 1:
+            raise UserError(
+                f"the prompt has {n_tags} image placeholders for 1 image; put exactly one "
+                f"{self.image_tag or '<image>'} in the text, or one {{'type': 'image'}} part in "
+                "a user message's content")
+        if image is None and n_tags:
+            raise UserError(f"the prompt has {n_tags} image placeholder(s) but no image was "
+                            "given; pass an image or remove the placeholder")
+        ids = expand_image_tokens(ids, self.image_token_id, self.info.num_image_tokens)
+        limit = self.info.max_position_embeddings
+        if len(ids) >= limit:
+            counted = f" (with the image's {self.info.num_image_tokens})" if n_tags else ""
+            raise UserError(f"the prompt is {len(ids)} tokens{counted} but the model's limit is "
+                            f"{limit} (max_position_embeddings); shorten the prompt")
+        pixels = None
+        if image is not None:
+            pixels = preprocess(image, self.info.image_processor).astype(self._pixel_dtype)
+        return _Prepared(np.asarray(ids, dtype=np.int64), pixels, t0, time.perf_counter() - t0)
+
+    def _embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self._embed.run(["inputs_embeds"], {"input_ids": ids[None]})[0]  # (1, S, D)
+
+    def _decode(self, embeds: np.ndarray, start: int, past: list) -> tuple[np.ndarray, list]:
+        """One decoder pass over `embeds` at positions start.. ; returns the last logits (V,)
+        and the presents (OrtValues, on the provider's device) to feed as the next past."""
+        seq = embeds.shape[1]
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds.astype(self._embeds_dtype, copy=False))
+        binding.bind_cpu_input("attention_mask", np.ones((1, start + seq), dtype=np.int64))
+        binding.bind_cpu_input("position_ids",
+                               np.arange(start, start + seq, dtype=np.int64)[None])
+        for name, value in zip(self._past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
+        self._decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in bind order: logits, then presents
+        assert len(outputs) == 1 + len(self._present_names), "one output per bound name"
+        logits = outputs[0].numpy()  # (1, S, V)
+        return logits[0, -1].astype(np.float32), list(outputs[1:])
+
+    def _empty_past(self) -> list:
+        shape = (1, self.info.num_kv_heads, 0, self.info.head_dim)
+        empty = np.zeros(shape, dtype=self._past_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
+                for _ in self._past_names]
+
+    def _steps(self, p: _Prepared, cfg: GenerationConfig) -> Iterator[str]:
+        """Yield text pieces; return the GenerationResult (see Stream)."""
+        rng = np.random.default_rng(cfg.seed)
+        t = time.perf_counter()
+        feats = None
+        if p.pixels is not None:
+            feats = self._vision.run(["image_features"], {"pixel_values": p.pixels})[0]
+        vision_s = time.perf_counter() - t
+        t = time.perf_counter()
+        slots = np.flatnonzero(p.ids == self.image_token_id) if feats is not None else []
+        # Image slots are embedded as token 0 and then overwritten: some checkpoints put the
+        # image token id past the end of the embedding table.
+        embeds = self._embed_ids(np.where(p.ids == self.image_token_id, 0, p.ids))
+        if feats is not None:
+            if feats.shape[1] != len(slots):
+                raise UserError(f"the vision encoder gives {feats.shape[1]} image features but "
+                                f"the manifest says num_image_tokens={len(slots)}; re-export")
+            embeds[0, slots] = feats[0].astype(embeds.dtype)  # (N_img, D) into the image slots
+        past = self._empty_past()
+        for start in range(0, embeds.shape[1], self.prefill_chunk):
+            logits, past = self._decode(embeds[:, start: start + self.prefill_chunk], start, past)
+        prefill_s = time.perf_counter() - t
+        n_prompt = len(p.ids)
+        budget = min(cfg.max_new_tokens, self.info.max_position_embeddings - n_prompt)
+        detok, stops = StreamDecoder(self.tokenizer), StopFilter(cfg.stop)
+        ids, pieces, finish, ttft, steps = [], [], "length", 0.0, 0
+        t_decode = time.perf_counter()
+        while True:
+            token = pick_token(logits, cfg, rng)
+            if not ids:
+                ttft = time.perf_counter() - p.t0
+                t_decode = time.perf_counter()
+            if token in self.info.eos_token_ids:
+                finish = "eos"
+                break
+            ids.append(token)
+            piece = stops.feed(detok.push(token))
+            if piece:
+                pieces.append(piece)
+                yield piece
+            if stops.hit:
+                finish = "stop"
+                break
+            if len(ids) >= budget:
+                break
+            position = n_prompt + len(ids) - 1
+            logits, past = self._decode(self._embed_ids(np.asarray([token], np.int64)),
+                                        position, past)
+            steps += 1
+        if not stops.hit:
+            tail = stops.feed(detok.flush()) + stops.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        end = time.perf_counter()
+        decode_s = end - t_decode
+        n_new = len(ids)
+        rate = steps / decode_s if steps and decode_s > 0 else float("nan")
+        timings = Timings(p.preprocess_s, vision_s, prefill_s, ttft, decode_s, rate,
+                          end - p.t0, n_prompt, n_new)
+        return GenerationResult("".join(pieces).strip(), tuple(ids), finish, timings)

@@ -1,0 +1,145 @@
+"""ONNX Runtime sessions: execution providers by short name, thread count, clear load errors.
+
+A provider is named the way a user thinks of the hardware ("cuda", "qnn", "coreml") and mapped
+to ONNX Runtime's provider name. Each onnxruntime wheel carries only some providers, so asking
+for one the installed wheel lacks says which package has it, instead of onnxruntime's silent
+fallback to CPU. "auto" picks the best provider this wheel offers and `Provider.chosen` reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from edgevlm.errors import UserError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+CHOICES = ("auto", *PROVIDERS)
+
+# Where each provider ships: the fix a user needs when theirs is missing.
+PACKAGES = {
+    "cuda": "pip install onnxruntime-gpu (and a matching CUDA/cuDNN)",
+    "tensorrt": "pip install onnxruntime-gpu (and install TensorRT)",
+    "qnn": "pip install onnxruntime-qnn (Windows on Snapdragon / Qualcomm devices)",
+    "dml": "pip install onnxruntime-directml (Windows)",
+    "coreml": "the onnxruntime wheel for macOS, or the onnxruntime iOS builds "
+              "(onnxruntime-objc / onnxruntime-c pods)",
+    "nnapi": "the onnxruntime-android package (Android AAR)",
+    "cpu": "pip install onnxruntime",
+}
+
+# "auto" order. TensorRT is left out on purpose: it compiles an engine per new input shape, and
+# a decoder whose KV cache grows every step would recompile constantly; ask for it by name.
+AUTO_ORDER = ("cuda", "coreml", "qnn", "dml", "nnapi", "cpu")
+
+# Where presents/pasts may stay between decoder steps (IOBinding device names).
+DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda"}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How every graph of an export is run: one provider, optional intra-op thread count."""
+
+    provider: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.provider not in CHOICES:
+            raise UserError(f"provider {self.provider!r} is unknown; choose one of "
+                            f"{', '.join(CHOICES)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise UserError(f"threads={self.threads!r} must be a positive integer (or None for "
+                            "onnxruntime's default, one per physical core)")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """The provider actually chosen: short name, ORT name, and where KV tensors may live."""
+
+    chosen: str
+    ort_name: str
+
+    @property
+    def device_type(self) -> str:
+        return DEVICE_TYPES.get(self.chosen, "cpu")
+
+
+def available() -> list[str]:
+    """Short names of the providers this onnxruntime wheel offers."""
+    have = set(ort.get_available_providers())
+    return [short for short, name in PROVIDERS.items() if name in have]
+
+
+def resolve(provider: str) -> Provider:
+    """The provider to use for `provider` ("auto" or a short name), or a UserError with the fix."""
+    SessionConfig(provider)  # validates the name
+    have = available()
+    if provider == "auto":
+        short = next(p for p in AUTO_ORDER if p in have or p == "cpu")
+        return Provider(short, PROVIDERS[short])
+    if provider not in have:
+        raise UserError(f"execution provider {provider!r} ({PROVIDERS[provider]}) is not in this "
+                        f"onnxruntime {ort.__version__} install (it has: {', '.join(have)}); "
+                        f"to get it: {PACKAGES[provider]}")
+    return Provider(provider, PROVIDERS[provider])
+
+
+def options(threads: int | None, provider: str = "cpu") -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: a user should not see ORT's provider chatter
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if provider == "dml":  # DirectML supports neither memory patterns nor parallel execution
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+def open_session(path: str | Path, provider: Provider, threads: int | None = None,
+                 strict: bool = True) -> tuple[ort.InferenceSession, Provider]:
+    """An InferenceSession on `provider` (CPU kept as fallback for ops the provider lacks) and
+    the provider it really runs on. onnxruntime quietly drops a provider that fails to start
+    (a missing CUDA library, say); `strict` turns that into a UserError, otherwise ("auto") the
+    run goes on with CPU and says so."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"graph {path} is missing; re-run `edgevlm export` to rebuild the export")
+    chain = [provider.ort_name] + (["CPUExecutionProvider"] if provider.chosen != "cpu" else [])
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options(threads, provider.chosen),
+                                       providers=chain)
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"graph {path} could not be loaded by onnxruntime {ort.__version__} "
+                        f"({first}); the file is corrupt or incomplete — re-run `edgevlm export`"
+                        ) from e
+    if provider.ort_name in session.get_providers():
+        return session, provider
+    if strict:
+        raise UserError(f"execution provider {provider.chosen!r} is installed but failed to "
+                        f"start for {path.name}; check the drivers and libraries it needs "
+                        f"({PACKAGES[provider.chosen]}) or use --provider cpu")
+    return session, Provider("cpu", PROVIDERS["cpu"])
+
+
+def check_io(session: ort.InferenceSession, path: str | Path, inputs, outputs) -> None:
+    """The graph has the inputs and outputs the artifact contract names, or a UserError."""
+    have_in = {i.name for i in session.get_inputs()}
+    have_out = {o.name for o in session.get_outputs()}
+    missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+    if missing:
+        raise UserError(f"graph {path} lacks the inputs/outputs {', '.join(missing[:6])}"
+                        f"{' ...' if len(missing) > 6 else ''} that the edgevlm contract names; "
+                        "it was not made by `edgevlm export` or by a matching version")

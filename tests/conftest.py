@@ -1,0 +1,51 @@
+"""Shared fixtures: a small shapes data set and tiny models built here, on CPU, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Small enough that a train step takes milliseconds; shapes as the presets so every code path
+# (GQA, SigLIP, feature selection) is exercised.
+MICRO_CONFIG = {
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32,
+                      "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "image_size": 48, "patch_size": 16},
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "max_position_embeddings": 256},
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    from edgevlm import shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.generate(out, n_train=64, n_eval=16, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shapes_dir):
+    from edgevlm.data import load_samples
+    from edgevlm.tokenizer import train_tokenizer
+
+    texts = [t for name in ("train.json", "pretrain.json")
+             for s in load_samples(shapes_dir / name) for turn in s.turns for t in turn]
+    return train_tokenizer(texts, 400)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, tokenizer):
+    from edgevlm.models import init_model, save_model
+
+    out = tmp_path_factory.mktemp("micro") / "model"
+    save_model(init_model(MICRO_CONFIG, tokenizer, seed=0), out)
+    return out

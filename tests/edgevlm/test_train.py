@@ -1,0 +1,117 @@
+"""Training: trainable parts per stage, resume after a kill, 2-process accelerate, eval CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from edgevlm.errors import UserError
+from edgevlm.models import load_model
+from edgevlm.train import TrainConfig, batch_indices, set_trainable
+
+CLI = [sys.executable, "-m", "edgevlm.cli"]
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _train_cmd(model, data, out, *extra):
+    return [*CLI, "train", str(model), str(data), "--out", str(out), "--steps", "12",
+            "--batch-size", "4", "--save-every", "4", "--lr", "3e-3", "--warmup", "2",
+            "--quiet", *extra]
+
+
+def test_stages_train_the_right_parts(micro_model_dir):
+    m = load_model(micro_model_dir).model
+    n_pre = set_trainable(m, "pretrain")
+    assert all(p.requires_grad == ("multi_modal_projector" in n) for n, p in m.named_parameters())
+    n_sft = set_trainable(m, "sft")
+    assert n_sft > n_pre
+    assert not any(p.requires_grad for n, p in m.named_parameters() if "vision_tower" in n)
+    assert any(p.requires_grad for n, p in m.named_parameters() if "language_model" in n)
+
+
+def test_data_order_is_a_function_of_step():
+    first = [batch_indices(10, 4, 0, s) for s in range(6)]
+    assert first == [batch_indices(10, 4, 0, s) for s in range(6)]
+    # each epoch is a permutation: steps 0..4 cover samples 0..19 = two full epochs
+    flat = sum(first[:5], [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_bad_train_config():
+    with pytest.raises(UserError, match="stage 'finetune'"):
+        TrainConfig(stage="finetune")
+    with pytest.raises(UserError, match="steps must be at least 1"):
+        TrainConfig(steps=0)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(micro_model_dir, shapes_dir, tmp_path):
+    data = shapes_dir / "train.json"
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(micro_model_dir, data, ref), check=True)
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(micro_model_dir, data, out))
+    ckpts = tmp_path / ".run.work" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts / "step_8").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be killed")
+    assert not out.exists(), "a killed run must not leave OUT"
+    r = subprocess.run(_train_cmd(micro_model_dir, data, out, "--resume", "--json"),
+                       check=True, capture_output=True, text=True)
+    assert json.loads(r.stdout)["resumed from"] >= 4
+    a, b = _weights(ref), _weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    assert not (tmp_path / ".run.work").exists()
+
+
+def test_resume_without_checkpoint_and_existing_out(micro_model_dir, shapes_dir, tmp_path):
+    r = subprocess.run(_train_cmd(micro_model_dir, shapes_dir / "train.json", tmp_path / "o",
+                                  "--resume"), capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    (tmp_path / "o").mkdir()
+    r = subprocess.run(_train_cmd(micro_model_dir, shapes_dir / "train.json", tmp_path / "o"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_training(micro_model_dir, shapes_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "edgevlm.cli",
+           *_train_cmd(micro_model_dir, shapes_dir / "train.json", out)[3:]]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log) == 12
+    assert sum(h["loss"] for h in log[-3:]) < sum(h["loss"] for h in log[:3])
+    before, after = _weights(micro_model_dir), _weights(out)
+    key = next(k for k in before if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert not torch.equal(before[key], after[key])
+    load_model(out)
+
+
+def test_eval_cli_writes_json(micro_model_dir, shapes_dir, tmp_path):
+    res = tmp_path / "res.json"
+    subprocess.run([*CLI, "eval", str(micro_model_dir), str(shapes_dir / "eval.json"),
+                    "--limit", "6", "--json", str(res), "--quiet"], check=True)
+    d = json.loads(res.read_text())
+    assert d["total"] == 6 and 0 <= d["accuracy"] <= 1
+    assert sum(p["correct"] for p in d["predictions"]) == d["correct"]
