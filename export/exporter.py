@@ -1,0 +1,207 @@
+"""`export(model_dir, out_dir, ExportConfig(...))`: a LLaVA checkpoint to ONNX graphs.
+
+Writes the layout of runtime/contract.py (the transformers.js / SmolVLM ONNX release layout):
+onnx/{vision_encoder,embed_tokens,decoder_model_merged}{suffix}.onnx, the model's config,
+tokenizer and processor files, and edgevlm.json. The folder is built beside OUT and renamed
+into place only when every graph has passed the checker and, unless disabled, parity with torch.
+
+Memory: the torch model is loaded once and each graph's weights are streamed from it tensor by
+tensor (edgevlm.export.weights). Graphs derived from fp32 (fp32, int8, int4) are traced first;
+then, only if some component is fp16, the model is turned to half precision in place and those
+are traced. The torch model is freed before the quantizers and onnxruntime load the graphs.
+Measured in benchmarks/export_memory.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgevlm.errors import UserError
+from edgevlm.export import int4, onnx_io
+from edgevlm.export import precision as prec
+from edgevlm.export.validate import Parity
+from edgevlm.runtime import contract
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(UserError):
+    """The exported graphs do not match torch within the stated tolerances."""
+
+    def __init__(self, message: str, parity: Parity):
+        super().__init__(message)
+        self.parity = parity
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    precision: str = "fp32"  # decoder, and the default for the other components
+    vision_precision: str | None = None  # None: same as `precision`
+    embed_precision: str | None = None  # None: same as `precision`
+    block_size: int = 32  # int4: input channels per scale / zero point
+    opset: int = 17
+    validate: bool = True
+    overwrite: bool = False
+    external_data: bool | None = None  # None: weights in <graph>.onnx_data above 1 GB
+    new_tokens: int = 32  # greedy tokens compared with torch when validating
+
+    def __post_init__(self):
+        for name in ("precision", "vision_precision", "embed_precision"):
+            value = getattr(self, name)
+            if value is not None and value not in contract.PRECISIONS:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} {value!r} is not a precision; choose one of "
+                                f"{', '.join(contract.PRECISIONS)}")
+        int4.check_block_size(self.block_size)
+        if not 14 <= self.opset <= 21:
+            raise UserError(f"opset {self.opset} is out of range; use 14..21 (attention needs "
+                            "at least 14; 17 is the default)")
+        if self.new_tokens < 1:
+            raise UserError(f"new_tokens {self.new_tokens} must be at least 1")
+
+    def precisions(self) -> dict[str, str]:
+        return {"vision_encoder": self.vision_precision or self.precision,
+                "embed_tokens": self.embed_precision or self.precision,
+                "decoder_model_merged": self.precision}
+
+
+@dataclass(frozen=True)
+class ComponentFile:
+    file: str  # relative to the export folder
+    precision: str
+    bytes: int  # graph plus external data
+    external_data: str | None  # relative path of the weights file, if separate
+    float_weights: tuple[str, ...] = ()  # int8/int4: weight matrices left unquantized
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    components: dict[str, ComponentFile]
+    parity: Parity | None
+    seconds: float
+
+
+def _check_source(model_dir: Path) -> None:
+    from edgevlm.models import read_config
+
+    cfg = read_config(model_dir)
+    if "quantization_config" in cfg:
+        raise UserError(f"{model_dir} is a quantized checkpoint (quantization_config in "
+                        "config.json); exporting its int4 weights is not supported yet. Export "
+                        "the unquantized model with --precision int4 (round-to-nearest) instead")
+
+
+def _check_int4(model, precisions: dict[str, str], block_size: int) -> None:
+    from edgevlm.export.graphs import wrapper
+
+    for component, p in precisions.items():
+        if p == "int4":
+            widths = prec.quant_widths(component, wrapper(component, model))
+            int4.check_widths(widths, block_size, component)
+
+
+def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
+           num_layers: int) -> tuple[Path, bool]:
+    """Trace one component and write its weights; int8/int4 ones go to a scratch float graph
+    that `_finish` quantizes. Returns the graph's path and whether its weights are external."""
+    from edgevlm.export import weights
+    from edgevlm.export.graphs import example_inputs, wrapper
+
+    path = out / contract.graph_file(component, precision)
+    traced = path if precision in ("fp32", "fp16") else out / ".float" / path.name
+    module = wrapper(component, model)
+    onnx_io.trace_to_onnx(module, example_inputs(component, model.config), traced,
+                          contract.graph_io(component, num_layers), cfg.opset)
+    return traced, weights.attach(traced, module, cfg.external_data)
+
+
+def _finish(component: str, precision: str, traced: Path, external: bool, out: Path,
+            cfg: ExportConfig) -> ComponentFile:
+    """Quantization (if any) and the checker for one traced graph."""
+    path = out / contract.graph_file(component, precision)
+    kept: tuple[str, ...] = ()
+    if traced != path:
+        prec.quantize(component, precision, traced, path, cfg.block_size, external)
+        for f in traced.parent.glob(traced.name + "*"):
+            f.unlink()
+        if external:  # onnxruntime names its data file <graph>.onnx.data; use the contract's
+            onnx_io.gather_external_data(path)
+        kept = prec.float_weights(path)
+        if kept:
+            log.warning("%s %s: %d weight matri%s kept in float (%s)", component, precision,
+                        len(kept), "x" if len(kept) == 1 else "ces", ", ".join(kept))
+    onnx_io.check(path)
+    data = onnx_io.data_file(path)
+    return ComponentFile(path.relative_to(out).as_posix(), precision, onnx_io.graph_bytes(path),
+                         data.relative_to(out).as_posix() if data.exists() else None, kept)
+
+
+def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
+           quiet: bool = True) -> ExportResult:
+    """Export a LLaVA-family model folder to an ONNX export folder; see the module docstring."""
+    import torch
+
+    from edgevlm.atomic import atomic_dir, check_new
+    from edgevlm.export import manifest
+    from edgevlm.export.graphs import text_dims
+    from edgevlm.export.validate import torch_reference, validate
+    from edgevlm.models import load_model
+    from edgevlm.progress import Progress
+
+    t0 = time.time()
+    model_dir, out = Path(model_dir), Path(out_dir)
+    _check_source(model_dir)
+    check_new(out, config.overwrite)  # before minutes of loading and tracing
+    loaded = load_model(model_dir)
+    model = loaded.model
+    dims = text_dims(model.config)
+    precisions = config.precisions()
+    _check_int4(model, precisions, config.block_size)
+    ref = torch_reference(loaded, config.new_tokens) if config.validate else None
+    # Trace attention as written out (matmul, softmax, matmul): the tracer's translation of
+    # torch's fused SDPA turns fp16 attention into float32 and keeps o_proj weights in float32.
+    # Same math; parity against the default (SDPA) model above shows it.
+    model.set_attn_implementation("eager")
+
+    # fp16 graphs come last: tracing them turns the model to half precision in place.
+    order = sorted(contract.COMPONENTS, key=lambda c: precisions[c] == "fp16")
+    with atomic_dir(out, config.overwrite) as tmp, \
+            Progress("export", 2 * len(order) + config.validate, enabled=not quiet) as bar:
+        traced = {}
+        for component in order:
+            if precisions[component] == "fp16" and model.dtype != torch.float16:
+                model.half()
+            traced[component] = _trace(model, component, precisions[component], tmp, config,
+                                       dims.num_layers)
+            bar.update(1)
+        int4_source = "rtn" if "int4" in precisions.values() else None
+        info = manifest.build(loaded, dims, config, int4_source)
+        # Every graph is written: free the torch weights before the quantizers and onnxruntime
+        # load the graphs, so those never sit beside a torch copy.
+        del loaded, model
+        gc.collect()
+        files: dict[str, ComponentFile] = {}
+        for component in order:
+            files[component] = _finish(component, precisions[component], *traced[component],
+                                       tmp, config)
+            bar.update(1)
+        shutil.rmtree(tmp / ".float", ignore_errors=True)
+        manifest.copy_model_files(model_dir, tmp)
+        info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
+        parity = None
+        if ref is not None:
+            parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims)
+            info["parity"] = parity.to_dict()
+            bar.update(1)
+        if parity is not None and not parity.passed:
+            raise ParityError(f"exported graphs do not match torch: {'; '.join(parity.failures)}"
+                              " (nothing was written; --no-validate exports anyway)", parity)
+        (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+    return ExportResult(out, files, parity, time.time() - t0)

@@ -1,0 +1,132 @@
+"""The three exportable graphs of a LLaVA model, as torch modules with the contract's IO.
+
+A LlavaForConditionalGeneration is split the way transformers.js and the SmolVLM ONNX releases
+split it (runtime/contract.py): a vision encoder (tower + feature-layer selection + projector),
+the token embedding, and a decoder that takes embeddings and a flat key/value cache. Splitting
+at embeddings lets the runtime scatter image features into the prompt with one numpy line.
+
+Each wrapper shares the model's parameters (no copies) and keeps float32 IO at every weight
+dtype: an fp16 model casts its inputs down and its outputs up inside the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """Decoder sizes the cache layout and the manifest need."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+def text_dims(config) -> TextDims:
+    """Sizes of a LlavaConfig's text model (head_dim may be set apart from hidden/heads)."""
+    tc = config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return TextDims(tc.num_hidden_layers, tc.num_key_value_heads or tc.num_attention_heads,
+                    head_dim, tc.hidden_size, tc.vocab_size)
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values (B,3,H,W) -> image_features (B,N_img,D_text); equals get_image_features."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        layer = cfg.vision_feature_layer
+        self.layers = [layer] if isinstance(layer, int) else list(layer)
+        self.drop_cls = cfg.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # Layers after the last selected one (and SigLIP's pooling head) do not reach the output,
+        # so the ONNX exporter drops them from the graph.
+        out = self.tower(pixel_values.to(_dtype(self.tower)), output_hidden_states=True,
+                         return_dict=True)
+        hidden = [out.hidden_states[i] for i in self.layers]  # each (B, N_patch[+1], D_vis)
+        if self.drop_cls:
+            hidden = [h[:, 1:] for h in hidden]
+        feats = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+        return self.projector(feats).float()  # (B, N_img, D_text)
+
+
+class EmbedTokens(nn.Module):
+    """input_ids (B,S) -> inputs_embeds (B,S,D)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).float()
+
+
+class Decoder(nn.Module):
+    """inputs_embeds, attention_mask, position_ids, flat past -> logits, flat presents.
+
+    The flat past is `key_0, value_0, key_1, ...`, each (B, kv_heads, P, head_dim); P may be 0,
+    so the same graph serves the prefill and every decode step.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.text = model.model.language_model
+        self.lm_head = model.lm_head
+        self.text_config = model.config.text_config
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        dtype = _dtype(self.text)
+        assert len(past) == 2 * self.text_config.num_hidden_layers, "one key and value per layer"
+        cache = DynamicCache(config=self.text_config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i].to(dtype), past[2 * i + 1].to(dtype), i)
+        out = self.text(inputs_embeds=inputs_embeds.to(dtype), attention_mask=attention_mask,
+                        position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = self.lm_head(out.last_hidden_state).float()  # (B, S, V)
+        presents = []
+        for layer in out.past_key_values.layers:  # each (B, kv_heads, P + S, head_dim)
+            presents += [layer.keys.float(), layer.values.float()]
+        return (logits, *presents)
+
+
+def example_inputs(component: str, config) -> tuple:
+    """Tracing inputs. Batch 2 and a non-empty past keep the tracer from baking in a size of 1
+    or 0 as a constant; the real sizes are dynamic axes."""
+    vc = config.vision_config
+    if component == "vision_encoder":
+        return (torch.randn(2, vc.num_channels, vc.image_size, vc.image_size),)
+    dims = text_dims(config)
+    if component == "embed_tokens":
+        return (torch.randint(0, dims.vocab_size, (2, 5)),)
+    batch, seq, past = 2, 3, 2
+    embeds = torch.randn(batch, seq, dims.hidden_size)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.randn(batch, dims.num_kv_heads, past, dims.head_dim)
+             for _ in range(2 * dims.num_layers)]
+    return (embeds, mask, positions, *cache)
+
+
+def wrapper(component: str, model) -> nn.Module:
+    """The export module of one component (shares the model's weights)."""
+    if component == "vision_encoder":
+        return VisionEncoder(model).eval()
+    if component == "embed_tokens":
+        return EmbedTokens(model).eval()
+    assert component == "decoder_model_merged", f"unknown component {component}"
+    return Decoder(model).eval()

@@ -1,0 +1,105 @@
+"""The export folder's non-graph half: model files copied beside the graphs, and edgevlm.json.
+
+edgevlm.json holds everything a torch-free runtime needs that the graphs do not say: cache
+sizes, the image token and its count, special token ids, the chat template, how to preprocess
+an image, and how the export was made and checked (command, versions, parity).
+"""
+
+from __future__ import annotations
+
+import enum
+import platform
+import shlex
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from edgevlm.runtime import contract
+
+# The files of a Hugging Face model folder the runtime or other tools read; weights are not
+# copied (they are in the graphs).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "processor_config.json", "preprocessor_config.json")
+
+# Image processor settings a runtime needs to reproduce pixel_values.
+IMAGE_KEYS = ("image_processor_type", "do_convert_rgb", "do_resize", "size", "resample",
+              "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
+              "image_mean", "image_std", "do_pad")
+
+
+def copy_model_files(model_dir: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _plain(value):
+    """JSON-safe copy: enums (PIL resample modes) become ints, tuples lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def image_settings(image_processor) -> dict:
+    settings = image_processor.to_dict()
+    return {k: _plain(settings[k]) for k in IMAGE_KEYS if settings.get(k) is not None}
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from edgevlm import __version__
+
+    return {"edgevlm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def build(loaded, dims, config, int4_source: str | None) -> dict:
+    """The manifest dict; the exporter fills in "components" (name -> {"file", "precision",
+    "bytes", "external_data"}) and "parity" once the graphs are written and checked."""
+    model, proc = loaded.model, loaded.processor
+    tok = proc.tokenizer
+    tc = model.config.text_config
+    gen = model.generation_config
+    return {
+        "format_version": contract.FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "text_model_type": tc.model_type,
+        "vision_model_type": model.config.vision_config.model_type,
+        "components": None,
+        "io": {c: contract.graph_io(c, dims.num_layers).to_dict() for c in contract.COMPONENTS},
+        "io_float_dtype": contract.IO_FLOAT_DTYPE,
+        "num_layers": dims.num_layers,
+        "num_kv_heads": dims.num_kv_heads,
+        "head_dim": dims.head_dim,
+        "hidden_size": dims.hidden_size,
+        "vocab_size": dims.vocab_size,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "image_token_id": loaded.image_token_id,
+        "image_token": tok.convert_ids_to_tokens(loaded.image_token_id),
+        "num_image_tokens": loaded.num_image_tokens,
+        "eos_token_id": gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id,
+        "pad_token_id": gen.pad_token_id if gen.pad_token_id is not None else tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "chat_template": getattr(proc, "chat_template", None) or tok.chat_template,
+        "image_processor": image_settings(proc.image_processor),
+        "int4_source": int4_source,
+        "config": asdict(config),
+        "command": shlex.join(sys.argv),
+        "versions": versions(),
+        "parity": None,
+    }

@@ -1,0 +1,94 @@
+"""How each precision is made from the traced float graph, in one readable place.
+
+  fp32  the traced graph as is.
+  fp16  traced from the model in half precision (torch keeps RoPE and RMSNorm statistics in
+        float32, which a blind graph-level float16 cast would not); IO stays float32.
+  int8  onnxruntime quantize_dynamic: int8 weights per output channel, activations quantized on
+        the fly (MatMulInteger); embedding tables as int8 Gather.
+  int4  MatMulNBits with 4-bit weights in blocks of `block_size` input channels (edgevlm.export
+        .int4), GatherBlockQuantized for embedding tables.
+Convolutions (the vision patch embedding) stay float: onnxruntime's CPU ConvInteger takes only
+uint8, and the layer is a tiny share of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from pathlib import Path
+
+from edgevlm.export import int4
+
+log = logging.getLogger(__name__)
+
+# The weight-carrying op each component quantizes: the embedding is one Gather, the others
+# are Linear layers, which the tracer writes as MatMul.
+QUANT_OPS = {"vision_encoder": ("MatMul",), "embed_tokens": ("Gather",),
+             "decoder_model_merged": ("MatMul",)}
+
+
+def quantize(component: str, precision: str, src: Path, dst: Path, block_size: int,
+             external: bool) -> None:
+    """Write `dst`, the int8 or int4 version of the fp32 graph `src`."""
+    ops = QUANT_OPS[component]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_root_logger():
+        _quantize(component, precision, src, dst, block_size, external, ops)
+
+
+def _quantize(component, precision, src, dst, block_size, external, ops) -> None:
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with warnings.catch_warnings():
+            # quantize_dynamic advises running its pre-processing; the traced graph already has
+            # shapes inferred and constants folded.
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(ops),
+                             per_channel=component != "embed_tokens",
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
+    elif precision == "int4":
+        int4.rtn(src, dst, block_size, ops, external)
+    else:
+        raise AssertionError(f"{precision} is not made by quantizing a float graph")
+
+
+def float_weights(path: Path) -> tuple[str, ...]:
+    """Weights a quantized graph still multiplies or looks up in float (e.g. the vision patch
+    Conv), so the report says what was not quantized."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    used = {x for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Gather")
+            for x in n.input}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    return tuple(t.name for t in graph.initializer
+                 if t.name in used and t.data_type in floats and math.prod(t.dims) >= 4096)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs through the root logger and, on import, configures it at
+    INFO (logging.basicConfig), which would switch on INFO output for the whole process. Hold a
+    handler so basicConfig does nothing, show errors only, and restore the logger after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.addHandler(logging.NullHandler())
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def quant_widths(component: str, module) -> dict[str, int]:
+    """Input width of every layer an int4 graph of `component` cuts into blocks: Linear layers,
+    or the embedding rows for embed_tokens."""
+    from torch import nn
+
+    kind = nn.Embedding if component == "embed_tokens" else nn.Linear
+    return {name: (m.embedding_dim if kind is nn.Embedding else m.in_features)
+            for name, m in module.named_modules() if isinstance(m, kind)}

@@ -1,0 +1,209 @@
+"""Parity of the exported graphs against the torch model they came from.
+
+Two checks on a shapes-style image and a chat prompt:
+  * per component: each graph on the torch inputs, max-abs and mean-abs error of its output
+    (vision on a batch of two images, embed_tokens on the prompt ids, the decoder on the prompt
+    with image features scattered in and an empty past);
+  * end to end: greedy continuation for `new_tokens` tokens through the three graphs with a
+    minimal numpy loop (the runtime proper is edgevlm.runtime), against transformers `generate`.
+    End-of-sequence is suppressed on both sides (min_new_tokens), so every step really runs.
+The torch side is computed once, before export (`torch_reference`), so fp16 export can turn the
+model to half precision in place without a second copy and still be compared with fp32 torch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.runtime import contract
+
+# Pass thresholds. fp32 must match torch to float rounding. Other precisions are held to an
+# error relative to the largest reference value of that output, measured on tiny random models
+# with room to spare; the quantized greedy tokens may diverge and are only reported.
+FP32_MAX_ABS = 1e-4
+RELATIVE_TOLERANCE = {"fp16": 0.02, "int8": 0.15, "int4": 0.35}
+PROMPT = "<image>\nWhat color is the circle?"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Torch outputs on the validation inputs (numpy, float32)."""
+
+    pixel_values: np.ndarray  # (2, 3, H, W)
+    image_features: np.ndarray  # (2, N_img, D)
+    input_ids: np.ndarray  # (1, S) int64, <image> expanded
+    inputs_embeds: np.ndarray  # (1, S, D) token embeddings, before the image scatter
+    prompt_logits: np.ndarray  # (1, S, V) decoder on the merged prompt
+    tokens: list[int]  # greedy continuation
+    step_logits: np.ndarray  # (new_tokens, V) raw logits of each greedy step
+    image_token_id: int
+    suppressed: list[int]  # end-of-sequence ids kept from being chosen
+
+
+@dataclass(frozen=True)
+class ComponentError:
+    precision: str
+    max_abs: float
+    mean_abs: float
+    reference_max_abs: float
+    tolerance: float  # on max_abs
+    passed: bool
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    new_tokens: int
+    matching_prefix: int  # tokens equal to torch's before the first difference
+    identical: bool
+    logits_max_abs: float  # over the steps whose prefixes still agree
+    logits_mean_abs: float
+    steps_compared: int
+    required_identical: bool  # all components fp32
+
+
+@dataclass(frozen=True)
+class Parity:
+    components: dict[str, ComponentError]
+    greedy: GreedyResult
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "failures": self.failures,
+                "components": {k: asdict(v) for k, v in self.components.items()},
+                "greedy": asdict(self.greedy),
+                "tolerances": {"fp32_max_abs": FP32_MAX_ABS, "relative": RELATIVE_TOLERANCE}}
+
+
+def sample_images(size: int):
+    """Two fixed shapes scenes, drawn as edgevlm.shapes draws its data."""
+    from edgevlm.shapes import Obj, draw
+
+    scenes = [[Obj("red", "circle", 4), Obj("blue", "square", 0)],
+              [Obj("yellow", "triangle", 8)]]
+    return [draw(objs, size, random.Random(i)) for i, objs in enumerate(scenes)]
+
+
+def torch_reference(loaded, new_tokens: int) -> Reference:
+    """Run the torch model once on the validation inputs."""
+    import torch
+    from transformers import GenerationConfig
+
+    from edgevlm.data import Sample
+    from edgevlm.evaluate import prompt_text
+
+    model, tok = loaded.model, loaded.processor.tokenizer
+    text = prompt_text(loaded, Sample("validate", Path("."), ((PROMPT, ""),), "color"))
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    pixels = loaded.processor.image_processor(
+        images=sample_images(48), return_tensors="pt")["pixel_values"].float()
+    eos = model.generation_config.eos_token_id
+    eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    with torch.no_grad():
+        feats = torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output))
+        embeds = model.get_input_embeddings()(ids)
+        merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], feats[:1])
+        logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids)).logits
+        gen = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels[:1],
+            generation_config=GenerationConfig(
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                eos_token_id=eos, pad_token_id=tok.pad_token_id, output_logits=True,
+                return_dict_in_generate=True))
+    return Reference(
+        pixels.numpy(), feats.float().numpy(), ids.numpy(), embeds.float().numpy(),
+        logits.float().numpy(), gen.sequences[0, ids.shape[1]:].tolist(),
+        torch.cat(gen.logits).float().numpy(), loaded.image_token_id, eos)
+
+
+def _error(precision: str, got: np.ndarray, want: np.ndarray) -> ComponentError:
+    diff = np.abs(got.astype(np.float64) - want)
+    scale = float(np.abs(want).max())
+    tol = FP32_MAX_ABS if precision == "fp32" else RELATIVE_TOLERANCE[precision] * scale
+    max_abs = float(diff.max())
+    return ComponentError(precision, max_abs, float(diff.mean()), scale, tol, max_abs < tol)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _empty_past(num_layers: int, dims) -> dict[str, np.ndarray]:
+    shape = (1, dims.num_kv_heads, 0, dims.head_dim)
+    return {n: np.zeros(shape, np.float32) for n in contract.past_names(num_layers)}
+
+
+def _decode(session, embeds, past, total: int, start: int, num_layers: int):
+    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
+             "position_ids": np.arange(start, total, dtype=np.int64)[None], **past}
+    out = session.run(None, feeds)
+    return out[0], dict(zip(contract.past_names(num_layers), out[1:], strict=True))
+
+
+def _greedy(sessions: dict, ref: Reference, dims) -> tuple[list[int], np.ndarray]:
+    """The numpy generation loop over the three graphs; returns tokens and each step's logits."""
+    n_layers = dims.num_layers
+    feats = sessions["vision_encoder"].run(None, {"pixel_values": ref.pixel_values[:1]})[0]
+    embeds = sessions["embed_tokens"].run(None, {"input_ids": ref.input_ids})[0]
+    embeds[ref.input_ids == ref.image_token_id] = feats.reshape(-1, feats.shape[-1])
+    total = ref.input_ids.shape[1]
+    logits, past = _decode(sessions["decoder_model_merged"], embeds, _empty_past(n_layers, dims),
+                           total, 0, n_layers)
+    tokens, steps = [], []
+    for _ in range(len(ref.tokens)):
+        step = logits[0, -1]
+        steps.append(step)
+        masked = step.copy()
+        masked[ref.suppressed] = -np.inf
+        tokens.append(int(masked.argmax()))
+        embeds = sessions["embed_tokens"].run(None, {"input_ids": np.array([[tokens[-1]]])})[0]
+        logits, past = _decode(sessions["decoder_model_merged"], embeds, past, total + 1, total,
+                               n_layers)
+        total += 1
+    return tokens, np.stack(steps)
+
+
+def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims) -> Parity:
+    """Compare the graphs at `paths` (one per component) with the torch reference."""
+    sessions = {c: _session(p) for c, p in paths.items()}
+    merged = ref.inputs_embeds.copy()
+    merged[ref.input_ids == ref.image_token_id] = ref.image_features[0].reshape(
+        -1, ref.image_features.shape[-1])
+    outputs = {
+        "vision_encoder": sessions["vision_encoder"].run(
+            None, {"pixel_values": ref.pixel_values})[0],
+        "embed_tokens": sessions["embed_tokens"].run(None, {"input_ids": ref.input_ids})[0],
+        "decoder_model_merged": _decode(sessions["decoder_model_merged"], merged,
+                                        _empty_past(dims.num_layers, dims),
+                                        merged.shape[1], 0, dims.num_layers)[0],
+    }
+    wanted = {"vision_encoder": ref.image_features, "embed_tokens": ref.inputs_embeds,
+              "decoder_model_merged": ref.prompt_logits}
+    errors = {c: _error(precisions[c], outputs[c], wanted[c]) for c in contract.COMPONENTS}
+    failures = [f"{c} ({e.precision}): max-abs error {e.max_abs:.3g} is over {e.tolerance:.3g}"
+                for c, e in errors.items() if not e.passed]
+
+    tokens, steps = _greedy(sessions, ref, dims)
+    prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref.tokens, strict=True))
+                   if a != b), len(tokens))
+    compared = min(prefix + 1, len(tokens))  # the step that diverged still saw equal prefixes
+    diff = np.abs(steps[:compared].astype(np.float64) - ref.step_logits[:compared])
+    all_fp32 = all(p == "fp32" for p in precisions.values())
+    greedy = GreedyResult(len(tokens), prefix, tokens == ref.tokens, float(diff.max()),
+                          float(diff.mean()), compared, all_fp32)
+    if all_fp32 and not greedy.identical:
+        failures.append(f"greedy tokens differ from torch generate at step {prefix} of "
+                        f"{len(tokens)}")
+    if all_fp32 and greedy.logits_max_abs >= FP32_MAX_ABS:
+        failures.append(f"greedy logits max-abs error {greedy.logits_max_abs:.3g} is over "
+                        f"{FP32_MAX_ABS}")
+    return Parity(errors, greedy, failures)

@@ -1,0 +1,35 @@
+"""`edgevlm export`: the Typer command over export()."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from edgevlm.cli import app
+from edgevlm.errors import UserError
+from edgevlm.runtime import contract
+
+
+def test_export_command_json(teacher_dir, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(out),
+                                      "--precision", "int8", "--vision-precision", "fp32",
+                                      "--no-validate", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows["vision_encoder"].startswith("onnx/vision_encoder.onnx (fp32,")
+    assert rows["decoder_model_merged"].startswith("onnx/decoder_model_merged_int8.onnx (int8,")
+    assert "parity" not in rows
+    manifest = json.loads((out / contract.MANIFEST).read_text())
+    assert manifest["parity"] is None
+    assert manifest["components"]["embed_tokens"]["precision"] == "int8"
+
+
+def test_export_command_bad_input(teacher_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path),
+                                      "--quiet"])
+    assert isinstance(result.exception, UserError) and "already exists" in str(result.exception)
+    result = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path / "o"),
+                                      "--block-size", "24"])
+    assert isinstance(result.exception, UserError) and "power of two" in str(result.exception)
