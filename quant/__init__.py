@@ -1,0 +1,6 @@
+"""Post-training quantization: Q-VLM, GPTQ and RTN into compressed-tensors checkpoints."""
+
+from edgevlm.quant.api import QuantResult, quantize
+from edgevlm.quant.primitives import QuantConfig
+
+__all__ = ["QuantConfig", "QuantResult", "quantize"]

@@ -1,0 +1,214 @@
+"""`quantize(model_dir, out_dir, QuantConfig)`: the quantize stage as one verb.
+
+Loads the model, checks every input that could fail late (OUT, an already-quantized model, group
+sizes, calibration data), walks the decoder with `calibrate.walk` using the method's block
+function, and writes a compressed-tensors checkpoint plus quant_report.json atomically.
+With `quantize_vision`, the vision tower's Linears are rounded to nearest (data-free; calibrated
+vision quantization is not implemented yet) and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgevlm.errors import UserError
+from edgevlm.quant import gptq, qvlm, rtn
+from edgevlm.quant.calibrate import (
+    BlockResult,
+    Calibration,
+    check_finite,
+    decoder_layers,
+    layer_stats,
+    linears,
+    prepare,
+    relative_error,
+)
+from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, QuantConfig, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+# Layer-wise methods: (W, H, cfg) -> QuantizedWeight. Q-VLM searches whole blocks (qvlm.py).
+LAYERWISE = {
+    "rtn": lambda W, H, cfg: rtn.quantize_weight(W, cfg),
+    "gptq": gptq.quantize_weight,
+}
+NEEDS_CALIB = ("gptq", "qvlm")
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    out_dir: Path
+    method: str
+    layers_quantized: int
+    seconds: float
+    mean_error: float | None  # mean relative output error ‖WX − ŴX‖/‖WX‖ over Linears
+    blocks: list[list[int]]
+    report: dict
+    weights: dict[str, QuantizedWeight] = field(repr=False, default_factory=dict)
+
+
+def _check_nf4() -> None:
+    raise UserError("--method nf4 uses bitsandbytes NF4 through transformers, which needs a CUDA "
+                    "GPU and `pip install bitsandbytes` (or `pip install edgevlm[nf4]`); this "
+                    "machine has no CUDA device. Use --method qvlm, gptq or rtn on CPU")
+
+
+def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig, image_root) -> list:
+    from edgevlm.data import Collator, load_samples
+
+    if calib is None:
+        raise UserError(f"--method {cfg.method} needs calibration data: pass --calib DATA.json "
+                        "(LLaVA format, image + text)")
+    samples = load_samples(calib, image_root)  # every entry must name an existing image
+    if len(samples) < MIN_CALIB_SAMPLES:
+        raise UserError(f"{calib} holds {len(samples)} sample(s); calibration needs at least "
+                        f"{MIN_CALIB_SAMPLES} (ask for --calib-samples {cfg.calib_samples})")
+    if len(samples) < cfg.calib_samples:
+        log.warning("%s holds %d samples, fewer than --calib-samples %d; using all of them",
+                    calib, len(samples), cfg.calib_samples)
+    random.Random(cfg.seed).shuffle(samples)
+    samples = samples[: cfg.calib_samples]
+    collate = Collator(loaded.processor, loaded.num_image_tokens)
+    return [collate(samples[i: i + cfg.batch_size])
+            for i in range(0, len(samples), cfg.batch_size)]
+
+
+def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
+    out = linears(model.model.language_model, "model.language_model", cfg.skip)
+    if cfg.quantize_vision:
+        out.update(linears(model.model.vision_tower, "model.vision_tower", cfg.skip))
+    for name, m in out.items():
+        k = m.in_features
+        if cfg.group_size != -1 and k % cfg.group_size:
+            fits = [g for g in (128, 64, 32) if all(t.in_features % g == 0 for t in out.values())]
+            hint = f"use --group-size {fits[0]}" if fits else "use --group-size -1 (per channel)"
+            raise UserError(f"group size {cfg.group_size} does not divide the input width {k} of "
+                            f"{name}; {hint}")
+    return out
+
+
+def _layerwise_block(model, cfg: QuantConfig, weights: dict):
+    fn = LAYERWISE[cfg.method]
+    layers = decoder_layers(model)
+
+    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
+        result = BlockResult()
+        for i in block:  # blocks are single layers for layer-wise methods
+            targets = linears(layers[i], f"model.language_model.layers.{i}", cfg.skip)
+            stats, _ = layer_stats(layers[i], xs, calib.layer_kwargs[i], calib.masks, targets)
+            for name, m in targets.items():
+                W, H = m.weight.detach().float(), stats[name].hessian
+                check_finite(name, W, H)
+                qw = fn(W, H, cfg)
+                deq = qw.dequantize()
+                check_finite(name, deq)
+                m.weight.data = deq.to(m.weight.dtype)
+                weights[name] = qw
+                result.records[name] = {"entropy": stats[name].entropy,
+                                        "error": relative_error(W, deq, H)}
+        return result
+
+    return quantize_block
+
+
+def _qvlm_block(model, cfg: QuantConfig, weights: dict):
+    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
+        decision = qvlm.search_block(model, block, xs, calib, cfg)
+        qvlm.apply_decision(model, decision)
+        weights.update(decision.weights)
+        return BlockResult(decision.records, {
+            "layers": decision.layers, "beta": decision.beta, "block_error": decision.error,
+            "candidate_errors": {str(b): e for b, e in decision.candidate_errors.items()},
+            "mean_clip": {n: float(c.mean()) for n, c in decision.clip.items()}})
+
+    return quantize_block
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
+             calib: str | Path | None = None, image_root: str | Path | None = None,
+             overwrite: bool = False, quiet: bool = True) -> QuantResult:
+    """Quantize a LLaVA-family model directory into a compressed-tensors checkpoint."""
+    from edgevlm.atomic import atomic_dir, check_new
+    from edgevlm.models import load_model, read_config
+    from edgevlm.progress import Progress
+    from edgevlm.quant.calibrate import walk
+    from edgevlm.quant.checkpoint import write_checkpoint
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    if cfg.method == "nf4":
+        _check_nf4()
+    check_new(out_dir, overwrite)
+    if "quantization_config" in read_config(model_dir):
+        raise UserError(f"{model_dir} is already quantized (quantization_config in config.json); "
+                        "quantize the float model it was made from")
+    if cfg.act_bits != 16:
+        raise UserError(f"--act-bits {cfg.act_bits}: activation quantization (W8A8, W4A4) is "
+                        "not implemented yet; use weight-only (--act-bits 16)")
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(model_dir)
+    model = loaded.model
+    targets = _targets(model, cfg)
+    weights: dict[str, QuantizedWeight] = {}
+    report: dict = {"config": cfg.to_dict(), "skipped": sorted(
+        n for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n not in targets)}
+
+    needs = cfg.method in NEEDS_CALIB
+    batches = _calibration_batches(loaded, calib, cfg, image_root) if (
+        needs or calib is not None) else None
+    if batches is None and cfg.method not in NEEDS_CALIB:
+        for name, m in targets.items():  # data-free RTN
+            qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
+            m.weight.data = qw.dequantize().to(m.weight.dtype)
+            weights[name] = qw
+        layers, blocks, block_info = {}, [], []
+    else:
+        if cfg.method == "qvlm" and cfg.vision_opt:
+            report["vision_opt"] = qvlm.optimize_vision(model, batches, cfg)
+        with torch.no_grad():
+            calib_data = prepare(model, batches)
+        n_layers = len(decoder_layers(model))
+        blocks = (qvlm.partition(calib_data.input_entropy, cfg.max_block)
+                  if cfg.method == "qvlm" else [[i] for i in range(n_layers)])
+        fn = (_qvlm_block if cfg.method == "qvlm" else _layerwise_block)(model, cfg, weights)
+        layers, block_info = {}, []
+        with Progress(f"quantize {cfg.method}", len(blocks), enabled=not quiet) as bar:
+            def on_block(result: BlockResult, seconds: float) -> None:
+                for name, rec in result.records.items():
+                    layers[name] = {**rec, "seconds": seconds / max(len(result.records), 1)}
+                block_info.append({**result.decision, "seconds": seconds})
+                bar.update(1, err=max((r["error"] for r in result.records.values()),
+                                      default=0.0))
+
+            walk(model, calib_data, blocks, fn, on_block)
+        report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
+                                 "layer_input_entropy": calib_data.input_entropy}
+        if cfg.quantize_vision:
+            for name, m in targets.items():
+                if name.startswith("model.vision_tower"):
+                    qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
+                    m.weight.data = qw.dequantize().to(m.weight.dtype)
+                    weights[name] = qw
+            report["vision_tower"] = "rtn (data-free)"
+    missing = set(targets) - set(weights)
+    assert not missing, f"layers left unquantized: {sorted(missing)[:3]}"
+    errors = [r["error"] for r in layers.values()]
+    seconds = time.time() - t0
+    report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                   "symmetric": cfg.symmetric, "blocks": blocks, "block_search": block_info,
+                   "layers": layers, "mean_error": sum(errors) / len(errors) if errors else None,
+                   "seconds": seconds, "layers_quantized": len(weights),
+                   "load_note": None if cfg.symmetric else (
+                       "asymmetric pack-quantized: load with transformers' "
+                       "CompressedTensorsConfig(dequantize=True) (llm-compressor issue 1618)")})
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_checkpoint(loaded, weights, tmp, cfg.bits, cfg.group_size, cfg.symmetric, report)
+    return QuantResult(out_dir, cfg.method, len(weights), seconds, report["mean_error"], blocks,
+                       report, weights)

@@ -1,0 +1,200 @@
+"""The one calibration loop: walk the language model's decoder one block of layers at a time.
+
+As in the GPTQ reference (`opt_sequential`): run the whole model once on the calibration batches
+to capture the inputs of decoder layer 0 and every layer's keyword arguments (masks, rotary
+embeddings); then, per block, a method quantizes the block's layers using inputs that come from
+the already-quantized earlier blocks, and the block's outputs are recomputed with the quantized
+weights to feed the next one, so errors propagate as they will at inference. Only one layer's
+activations (plus the hidden states between blocks) are held at a time.
+
+Per Linear we accumulate the GPTQ Hessian H = 2XᵀX/n over real (non-padding) tokens and the
+Shannon entropy of its input activations: a 256-bin histogram over each sample's values,
+H = −Σ p log2 p, averaged over samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from edgevlm.errors import UserError
+
+BINS = 256
+
+
+def entropy(x: torch.Tensor) -> float:
+    """Shannon entropy (bits) of a 256-bin histogram of x's values."""
+    x = x.detach().float().reshape(-1)
+    if x.numel() == 0:
+        return 0.0
+    if not torch.isfinite(x).all():
+        return float("nan")  # the caller names the layer (check_finite)
+    if x.max() == x.min():
+        return 0.0
+    p = torch.histc(x, bins=BINS, min=x.min().item(), max=x.max().item())
+    p = p[p > 0] / x.numel()
+    return float(-(p * p.log2()).sum())
+
+
+@dataclass
+class LinearStats:
+    """What one Linear saw: its Hessian and the entropy of its inputs."""
+
+    H: torch.Tensor  # (K, K) float64
+    tokens: int = 0
+    entropy_sum: float = 0.0
+    samples: int = 0
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.H * (2.0 / max(self.tokens, 1))
+
+    @property
+    def entropy(self) -> float:
+        return self.entropy_sum / max(self.samples, 1)
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """x (B, S, K) inputs, mask (B, S) real tokens."""
+        xm = x[mask].float()  # (T, K) real tokens of the whole batch
+        self.H += (xm.T @ xm).double()
+        self.tokens += xm.shape[0]
+        for b in range(x.shape[0]):
+            self.entropy_sum += entropy(x[b][mask[b]])
+            self.samples += 1
+
+
+@dataclass
+class Calibration:
+    """Decoder inputs captured from the float model, batch by batch."""
+
+    hidden: list[torch.Tensor]  # per batch: inputs of the next layer to process, (B, S, D)
+    layer_kwargs: list[list[dict]]  # [layer][batch] keyword arguments of the decoder layer
+    masks: list[torch.Tensor]  # per batch: (B, S) bool, real tokens
+    input_entropy: list[float]  # per layer: entropy of its (float-model) input hidden states
+    samples: int
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.language_model.layers
+
+
+def prepare(model, batches: list[dict]) -> Calibration:
+    """One float forward pass over the batches, capturing what the layer loop needs."""
+    layers = decoder_layers(model)
+    hidden, kwargs = [], [[] for _ in layers]
+    ent_sum = [0.0] * len(layers)
+    masks = [b["attention_mask"].bool() for b in batches]
+    current = {}
+
+    def pre_hook(i):
+        def hook(module, args, kw):
+            x = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                hidden.append(x.detach())
+            kw = {k: v for k, v in kw.items()
+                  if k not in ("hidden_states", "past_key_values", "use_cache")}
+            kwargs[i].append(kw)
+            m = current["mask"]
+            ent_sum[i] += sum(entropy(x[b][m[b]]) for b in range(x.shape[0]))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for batch, mask in zip(batches, masks):
+                current["mask"] = mask
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"].to(model.dtype), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    n = sum(int(m.shape[0]) for m in masks)
+    return Calibration(hidden, kwargs, masks, [e / n for e in ent_sum], n)
+
+
+def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        outs = [layer(x, **kw) for x, kw in zip(xs, kws)]
+    return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+
+def linears(module, prefix: str, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The quantizable Linears under `module`, by full module name, in forward order."""
+    return {f"{prefix}.{n}": m for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(s in f"{prefix}.{n}" for s in skip)}
+
+
+def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear]
+                ) -> tuple[dict[str, LinearStats], list[torch.Tensor]]:
+    """Run `layer` on its inputs with hooks on `targets`; returns their stats and the outputs."""
+    stats = {n: LinearStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64))
+             for n, m in targets.items()}
+    current = {}
+
+    def hook(name):
+        def fn(module, args):
+            stats[name].add(args[0].detach(), current["mask"])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    outs = []
+    try:
+        with torch.no_grad():
+            for x, kw, mask in zip(xs, kws, masks):
+                current["mask"] = mask
+                o = layer(x, **kw)
+                outs.append(o[0] if isinstance(o, tuple) else o)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outs
+
+
+def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖ / ‖WX‖ from H ∝ XXᵀ, without the inputs."""
+    D = (W - Wq).double()
+    num = torch.einsum("ik,kl,il->", D, H, D)
+    den = torch.einsum("ik,kl,il->", W.double(), H, W.double())
+    return float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt())
+
+
+def check_finite(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise UserError(f"NaN or inf appeared while quantizing {name}; the calibration data "
+                            "or the model's weights overflow there (check the model in float32)")
+
+
+@dataclass
+class BlockResult:
+    """What a method did to one block: its per-Linear records and any searched decisions."""
+
+    records: dict[str, dict] = field(default_factory=dict)  # name -> entropy, error, ...
+    decision: dict = field(default_factory=dict)
+
+
+BlockFn = Callable[[list[int], list[torch.Tensor], Calibration], BlockResult]
+
+
+def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: BlockFn,
+         on_block: Callable[[BlockResult, float], None] | None = None) -> list[BlockResult]:
+    """The loop: for each block, `quantize_block(layer indices, inputs, calib)` quantizes those
+    layers in place; then the block's outputs are recomputed with the quantized weights."""
+    layers = decoder_layers(model)
+    xs = calib.hidden
+    results = []
+    for block in blocks:
+        t0 = time.time()
+        result = quantize_block(block, xs, calib)
+        for i in block:
+            xs = layer_forward(layers[i], xs, calib.layer_kwargs[i])
+        for i in block:
+            check_finite(f"decoder layer {i}", *xs)
+        results.append(result)
+        if on_block:
+            on_block(result, time.time() - t0)
+    return results

@@ -1,0 +1,141 @@
+"""Quantized checkpoints in the compressed-tensors `pack-quantized` format, out and back in.
+
+Out (`write_checkpoint`): the model's quantized Linear weights are set to their exact
+dequantized values (q − z)·s, compressed-tensors' QuantizationConfig is applied with one
+scheme (int, `bits`, group or channel strategy) and an explicit `ignore` list of every Linear we
+left in float, the scale and zero-point parameters are filled with ours, and ModelCompressor
+packs the weights. Its `quantize` computes round(w/s) + z on our exactly-quantized w, which gives
+back our integers, so the stored int32 words hold exactly what the search chose. compressed-tensors
+stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1) (symmetric: no zero point), and
+dequantizes (q_ct − z_ct)·s, bit-identical to our (q − z)·s.
+
+In (`read_int4_layers`): the packed integers, scales and zero points by Hugging Face module name,
+converted back to our unsigned convention, for the int4 ONNX exporter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from edgevlm.errors import UserError
+from edgevlm.quant.primitives import QuantizedWeight
+
+REPORT = "quant_report.json"
+# transformers 5 saves LLaVA in the legacy key layout; these give back the module names.
+_LEGACY_KEYS = (("language_model.lm_head.", "lm_head."),
+                ("language_model.model.", "model.language_model."),
+                ("vision_tower.", "model.vision_tower."),
+                ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def module_name(key: str) -> str:
+    """The module name (as in `model.named_modules()`) of a saved LLaVA tensor key."""
+    for old, new in _LEGACY_KEYS:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _scheme_args(bits: int, group_size: int, symmetric: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if group_size == -1:
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="channel")
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                            group_size=group_size)
+
+
+def write_checkpoint(loaded, weights: dict[str, QuantizedWeight], out_dir: Path, bits: int,
+                     group_size: int, symmetric: bool, report: dict) -> None:
+    """Write `loaded` (a LoadedModel whose Linears named in `weights` are quantized) into
+    `out_dir` (which the caller made atomic) with `quantization_config` in config.json."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    from edgevlm.models import save_model
+
+    model = loaded.model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = set(weights) - set(linears)
+    assert not missing, f"quantized weights for unknown modules {sorted(missing)[:3]}"
+    ignore = sorted(n for n in linears if n not in weights)
+    scheme = QuantizationScheme(targets=["Linear"],
+                                weights=_scheme_args(bits, group_size, symmetric))
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
+                                 format="pack-quantized",
+                                 quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, qconfig, show_progress=False)
+    offset = 1 << (bits - 1)
+    for name, qw in weights.items():
+        m = linears[name]
+        assert qw.bits == bits, f"{name}: {qw.bits}-bit weight in a {bits}-bit checkpoint"
+        with torch.no_grad():
+            m.weight.data = qw.dequantize().to(m.weight.dtype)
+            m.weight_scale.data = qw.scale.to(m.weight_scale.dtype).reshape(
+                m.weight_scale.shape)
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data = (qw.zero_point - offset).to(
+                    m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
+    # Built from our config, not ModelCompressor.from_pretrained_model: that one re-derives the
+    # ignore list through LLaVA's legacy key mapping and writes names that no longer match.
+    compressor = ModelCompressor(quantization_config=qconfig,
+                                 force_compression_format="pack-quantized")
+    compressor.compress_model(model)
+    compressor.remove_decompression_hook(model)
+    save_model(loaded, out_dir)
+    compressor.update_config(str(out_dir))
+    (Path(out_dir) / REPORT).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def is_quantized(model_dir: str | Path) -> bool:
+    path = Path(model_dir) / "config.json"
+    return path.is_file() and "quantization_config" in json.loads(path.read_text())
+
+
+def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
+    """{module name: (q (N, K) uint8 in [0, 2^b − 1], scale (N, G) float32, zero_point (N, G)
+    uint8, group_size)} for every packed Linear of a checkpoint written by `write_checkpoint`.
+
+    Module names are the Hugging Face ones (`model.language_model.layers.0.self_attn.q_proj`);
+    the float weight is `{name}.weight`. Values follow edgevlm.quant.primitives: W = (q − z)·s.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    qcfg = cfg.get("quantization_config")
+    if not qcfg or qcfg.get("format") != "pack-quantized":
+        raise UserError(f"{model_dir} is not a pack-quantized checkpoint (no quantization_config "
+                        "with format pack-quantized); make one with `edgevlm quantize`")
+    (args,) = [g["weights"] for g in qcfg["config_groups"].values()]
+    bits, symmetric = args["num_bits"], args["symmetric"]
+    tensors = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    offset = 1 << (bits - 1)
+    out = {}
+    for key in tensors:
+        if not key.endswith(".weight_packed"):
+            continue
+        name = key[: -len(".weight_packed")]
+        shape = tuple(tensors[f"{name}.weight_shape"].tolist())
+        scale = tensors[f"{name}.weight_scale"].float()
+        q = unpack_from_int32(tensors[key], bits, torch.Size(shape)).to(torch.int32) + offset
+        if symmetric:
+            zp = torch.full(scale.shape, offset, dtype=torch.int32)
+        else:
+            zp_shape = (shape[0], scale.shape[-1])
+            zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits,
+                                   torch.Size(zp_shape), packed_dim=0).to(torch.int32) + offset
+        out[module_name(name)] = (q.to(torch.uint8).numpy(), scale.numpy(),
+                                  zp.to(torch.uint8).numpy(), shape[1] // scale.shape[-1])
+    return out

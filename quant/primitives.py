@@ -1,0 +1,185 @@
+"""The three primitives that carry all quantization math, and the quantization config.
+
+Every method (RTN, GPTQ, Q-VLM), the checkpoint writer and the int4 exporter go through
+`choose_qparams`, `quantize` and `dequantize`, so the integers a search picked are the integers
+that land in the checkpoint and in the ONNX graph (torchao's `quant_primitives` in spirit).
+
+Convention (the one compressed-tensors, GPTQ and onnxruntime MatMulNBits share, up to an
+offset): a weight W (N out, K in) is cut into groups of `group_size` consecutive input columns;
+each (row, group) has a float scale s and an integer zero point z in [0, 2^bits - 1], and
+
+    q = clamp(round(w / s) + z, 0, 2^bits - 1)          (unsigned integers)
+    w ≈ (q - z) * s
+
+Symmetric quantization is the special case z = 2^(bits-1) for every group (the signed range
+[-2^(b-1), 2^(b-1) - 1] shifted to unsigned), so one code path serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from edgevlm.errors import UserError
+
+METHOD_NAMES = ("rtn", "gptq", "qvlm", "nf4")
+GROUP_SIZES = (32, 64, 128, -1)
+ACT_BITS = (16, 8, 6, 4)
+MIN_CALIB_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per (output row, group) scale and zero point; group size is K // scale.shape[1]."""
+
+    scale: torch.Tensor  # (N, G) float32, > 0
+    zero_point: torch.Tensor  # (N, G) int32 in [0, 2^bits - 1]
+    bits: int
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def column(self, g: int) -> QParams:
+        """The qparams of group g as a (N, 1) QParams (for column-at-a-time algorithms)."""
+        return QParams(self.scale[:, g: g + 1], self.zero_point[:, g: g + 1], self.bits)
+
+
+def _groups(w: torch.Tensor, n_groups: int) -> torch.Tensor:
+    n, k = w.shape
+    assert k % n_groups == 0, f"{k} columns do not split into {n_groups} equal groups"
+    return w.reshape(n, n_groups, k // n_groups)  # (N, G, gs)
+
+
+def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                   clip: float | torch.Tensor = 1.0) -> QParams:
+    """Min/max qparams of `w` (N, K) per row and group of `group_size` columns (-1: whole row).
+
+    `clip` (a float or an (N, G) tensor in (0, 1]) shrinks each group's range before the scale
+    is computed: the clipping scale that AWQ-style and Q-VLM searches choose. Ranges always
+    include 0 (as in the GPTQ reference), so an all-zero group dequantizes to exact zeros.
+    """
+    w = w.detach().float()
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    assert k % gs == 0, f"group size {gs} does not divide {k} columns"
+    g = _groups(w, k // gs)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(g.amin(-1), zero)
+    xmax = torch.maximum(g.amax(-1), zero)  # (N, G)
+    clip = torch.as_tensor(clip, dtype=w.dtype, device=w.device)
+    maxq = (1 << bits) - 1
+    if symmetric:
+        amax = torch.maximum(-xmin, xmax) * clip
+        scale = 2 * amax / maxq
+        zp = torch.full_like(scale, 1 << (bits - 1))
+    else:
+        xmin, xmax = xmin * clip, xmax * clip
+        scale = (xmax - xmin) / maxq
+        zp = torch.round(-xmin / torch.where(scale > 0, scale, 1.0))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a flat zero group
+    zp = zp.clamp(0, maxq).to(torch.int32)
+    return QParams(scale.contiguous(), zp.contiguous(), bits)
+
+
+def quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integers q (N, K) int32 in [0, 2^bits - 1] for `w` under `qp`."""
+    w = w.detach().float()
+    n, k = w.shape
+    g = _groups(w, qp.scale.shape[1])
+    q = torch.round(g / qp.scale.unsqueeze(-1)) + qp.zero_point.unsqueeze(-1)
+    return q.clamp(0, qp.maxq).to(torch.int32).reshape(n, k)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Float weights (q - z) * s (N, K) float32; exactly what compressed-tensors computes."""
+    n, k = q.shape
+    g = _groups(q, qp.scale.shape[1]).to(qp.scale.dtype)
+    w = (g - qp.zero_point.unsqueeze(-1).to(qp.scale.dtype)) * qp.scale.unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def fake_quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    return dequantize(quantize(w, qp), qp)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One linear layer's weight as integers plus qparams: W ≈ dequantize(q, qparams)."""
+
+    q: torch.Tensor  # (N, K) int32
+    scale: torch.Tensor  # (N, G) float32
+    zero_point: torch.Tensor  # (N, G) int32
+    bits: int
+
+    @property
+    def qparams(self) -> QParams:
+        return QParams(self.scale, self.zero_point, self.bits)
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.qparams)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `edgevlm quantize` does; saved as JSON in quant_report.json beside the weights."""
+
+    method: str = "qvlm"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    act_bits: int = 16  # 16 = weight-only
+    calib_samples: int = 128
+    max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
+    vision_opt: bool = True  # Q-VLM: optimise projector/norms to lower visual-token entropy
+    quantize_vision: bool = False
+    skip: tuple[str, ...] = ("multi_modal_projector", "lm_head")
+    seed: int = 0
+    percdamp: float = 0.01  # GPTQ: damping, as a fraction of the mean Hessian diagonal
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    gptq_block: int = 128  # GPTQ: columns updated lazily per block
+    clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # Q-VLM clip candidates
+    clip_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # Q-VLM β candidates
+    batch_size: int = 8  # calibration samples per forward pass
+    vision_opt_steps: int = 20
+
+    def __post_init__(self):
+        def bad(name: str, value, fix: str):
+            raise UserError(f"QuantConfig.{name}={value!r} is not valid; {fix}")
+
+        if self.method not in METHOD_NAMES:
+            bad("method", self.method, f"use one of {', '.join(METHOD_NAMES)}")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            bad("bits", self.bits, "the pack-quantized format stores 2..8 bits (e.g. --bits 4)")
+        if self.group_size not in GROUP_SIZES:
+            bad("group_size", self.group_size, "use 32, 64, 128, or -1 for one group per row")
+        if self.act_bits not in ACT_BITS:
+            bad("act_bits", self.act_bits, f"use one of {', '.join(map(str, ACT_BITS))}")
+        if self.calib_samples < MIN_CALIB_SAMPLES:
+            bad("calib_samples", self.calib_samples,
+                f"calibration needs at least {MIN_CALIB_SAMPLES} samples")
+        if self.max_block < 1:
+            bad("max_block", self.max_block, "a block holds at least one decoder layer")
+        if not 0 < self.percdamp < 1:
+            bad("percdamp", self.percdamp, "use a small fraction such as 0.01")
+        if self.gptq_block < 1 or (self.group_size > 0 and self.gptq_block % self.group_size):
+            bad("gptq_block", self.gptq_block, "use a multiple of the group size, e.g. 128")
+        if not self.clip_grid or any(not 0 < c <= 1 for c in self.clip_grid):
+            bad("clip_grid", self.clip_grid, "clip ratios must lie in (0, 1]")
+        if not self.clip_strengths or any(not 0 <= b <= 1 for b in self.clip_strengths):
+            bad("clip_strengths", self.clip_strengths, "strengths must lie in [0, 1]")
+        if self.batch_size < 1:
+            bad("batch_size", self.batch_size, "use at least 1")
+        if isinstance(self.skip, list):  # from JSON
+            object.__setattr__(self, "skip", tuple(self.skip))
+        for name in ("clip_grid", "clip_strengths"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,14 @@
+"""Round-to-nearest: min/max qparams per group, then round. The baseline every method beats."""
+
+from __future__ import annotations
+
+import torch
+
+from edgevlm.quant.primitives import QuantConfig, QuantizedWeight, choose_qparams, quantize
+
+
+def quantize_weight(W: torch.Tensor, cfg: QuantConfig,
+                    clip: float | torch.Tensor = 1.0) -> QuantizedWeight:
+    """W (N, K) -> integers and qparams, each weight rounded to its nearest grid point."""
+    qp = choose_qparams(W, cfg.bits, cfg.group_size, cfg.symmetric, clip)
+    return QuantizedWeight(quantize(W, qp), qp.scale, qp.zero_point, cfg.bits)

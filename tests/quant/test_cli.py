@@ -1,0 +1,32 @@
+"""`edgevlm quantize`: JSON summary on success, one clear line and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from edgevlm.cli import app
+from edgevlm.errors import UserError
+
+
+def test_cli_quantize_rtn_json_and_errors(micro_model_dir, shapes_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "q"
+    args = ["quantize", str(micro_model_dir), "--out", str(out), "--method", "rtn",
+            "--group-size", "64", "--bits", "3", "--symmetric", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["method"] == "rtn" and summary["layers"] == 14 and summary["bits"] == 3
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized"
+    assert cfg["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    # main() turns a UserError into one line and exit code 2; the runner hands it back.
+    again = runner.invoke(app, args)
+    assert isinstance(again.exception, UserError) and "already exists" in str(again.exception)
+    bad = runner.invoke(app, args[:-1] + ["--bits", "9", "--out", str(tmp_path / "x")])
+    assert isinstance(bad.exception, UserError) and "2..8" in str(bad.exception)
+    nf4 = runner.invoke(app, ["quantize", str(micro_model_dir), "--out", str(tmp_path / "n"),
+                              "--method", "nf4"])
+    assert isinstance(nf4.exception, UserError) and "CUDA" in str(nf4.exception)

@@ -1,0 +1,82 @@
+"""The three primitives: exact round trips, ranges, and the config's named errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from edgevlm.errors import UserError
+from edgevlm.quant.primitives import (
+    QuantConfig,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_round_trip_is_exact(bits, symmetric, group_size):
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    qp = choose_qparams(w, bits, group_size, symmetric)
+    q = quantize(w, qp)
+    assert q.dtype == torch.int32 and q.min() >= 0 and q.max() <= 2**bits - 1
+    assert qp.scale.shape == (16, 128 // (128 if group_size == -1 else group_size))
+    deq = dequantize(q, qp)
+    # Integers survive dequantize -> quantize exactly, and fake-quantization is idempotent.
+    assert torch.equal(quantize(deq, qp), q)
+    assert torch.equal(fake_quantize(deq, qp), deq)
+    # Round to nearest: every in-range weight is within half a step of its grid point.
+    step = qp.scale.repeat_interleave(128 // qp.scale.shape[1], dim=1)
+    inside = (w - deq).abs() <= step / 2 + 1e-6
+    if not symmetric:  # asymmetric min/max covers every weight
+        assert inside.all()
+    else:
+        assert inside.float().mean() > 0.99
+    if symmetric:
+        assert (qp.zero_point == 2 ** (bits - 1)).all()
+
+
+def test_extremes_and_zero_groups_are_exact():
+    w = torch.zeros(4, 64)
+    w[0, :32] = torch.linspace(-1, 3, 32)
+    qp = choose_qparams(w, 4, 32, symmetric=False)
+    deq = dequantize(quantize(w, qp), qp)
+    # The zero point is rounded, so the extremes land within half a step of themselves.
+    half = qp.scale[0, 0].item() / 2
+    assert abs(deq[0, 0] + 1) <= half + 1e-6 and abs(deq[0, 31] - 3) <= half + 1e-6
+    assert qp.scale[0, 0].item() == pytest.approx(4 / 15)
+    assert torch.equal(deq[1:], torch.zeros(3, 64))  # all-zero groups come back as zeros
+    assert torch.equal(deq[0, 32:], torch.zeros(32))
+
+
+def test_clip_shrinks_range_per_group():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    full = choose_qparams(w, 4, 32, False)
+    clip = torch.full((8, 2), 0.5)
+    half = choose_qparams(w, 4, 32, False, clip)
+    assert torch.allclose(half.scale, full.scale * 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("bits", 1, "2..8"), ("bits", 16, "2..8"), ("group_size", 48, "32, 64, 128"),
+    ("method", "awq", "rtn"), ("calib_samples", 1, "at least"), ("max_block", 0, "one"),
+    ("act_bits", 5, "16"), ("clip_grid", (1.2,), "(0, 1]"),
+])
+def test_config_errors_name_field_and_fix(field, value, words):
+    with pytest.raises(UserError, match=rf"QuantConfig\.{field}=.*{re.escape(words[:4])}"):
+        QuantConfig(**{field: value})
+
+
+def test_config_round_trips_json():
+    import json
+
+    cfg = QuantConfig(method="gptq", bits=3, group_size=64, skip=("lm_head",))
+    again = QuantConfig(**json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
