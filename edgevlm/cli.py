@@ -214,6 +214,45 @@ def run(
     console.print(table)
 
 
+@app.command("quantize")
+def quantize_(
+    model: Path = typer.Argument(..., help="Float model folder"),
+    out: Path = typer.Option(..., help="Quantized model folder to create"),
+    method: str = typer.Option("qvlm", help="qvlm | gptq | rtn | nf4"),
+    bits: int = typer.Option(4, help="Weight bits, 2..8"),
+    group_size: int = typer.Option(128, help="32 | 64 | 128, or -1 for one group per row"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric integers (no zero "
+                                   "point)"),
+    act_bits: int = typer.Option(16, help="16 = weight-only"),
+    calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
+    calib_samples: int = typer.Option(128),
+    max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
+    no_vision_opt: bool = typer.Option(False, "--no-vision-opt",
+                                       help="Q-VLM: skip the vision-side optimization"),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision"),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
+    seed: int = typer.Option(0),
+    image_root: Optional[Path] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Post-training quantization into a compressed-tensors checkpoint (+ quant_report.json)."""
+    _quiet_libraries()
+    from edgevlm.quant import QuantConfig, quantize
+
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
+                      act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
+                      vision_opt=not no_vision_opt, quantize_vision=quantize_vision,
+                      act_order=act_order, seed=seed)
+    r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
+                 quiet=quiet or as_json)
+    _summary("quantize", {"out": r.out_dir, "method": r.method, "bits": bits,
+                          "group_size": group_size, "layers": r.layers_quantized,
+                          "blocks": r.blocks, "mean_error": r.mean_error,
+                          "seconds": r.seconds}, quiet, as_json)
+
+
 @app.command("export")
 def export_(
     model: Path = typer.Argument(..., help="Model folder (a LLaVA checkpoint)"),
@@ -250,6 +289,154 @@ def export_(
         rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
     rows["seconds"] = result.seconds
     _summary("export", rows, quiet, as_json)
+
+
+@app.command("bench")
+def bench_(
+    targets: Optional[list[Path]] = typer.Argument(
+        None, help="Export folders (runtime) or model folders (torch reference); with "
+        "--compare, bench.json files"),
+    data: Optional[Path] = typer.Option(None, help="LLaVA-format evaluation JSON"),
+    report: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png "
+                                          "into this folder"),
+    limit: Optional[int] = typer.Option(None, help="Accuracy over the first N samples"),
+    repeats: int = typer.Option(3, help="Timed answers per timing sample"),
+    warmup: int = typer.Option(1, help="Untimed answers first"),
+    max_new_tokens: int = typer.Option(16),
+    timing_samples: int = typer.Option(4, help="The first N samples are timed"),
+    provider: str = typer.Option("auto", help="auto|cpu|cuda|tensorrt|coreml|nnapi|qnn|dml"),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: the "
+                                          "library's)"),
+    precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8|int4 graphs of an "
+                                            "export (default: the manifest's)"),
+    image_root: Optional[Path] = typer.Option(None),
+    compare: bool = typer.Option(False, "--compare", help="Merge the bench.json files given as "
+                                 "TARGETs (one per device) into one table and plot"),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Accuracy, time to first token, prefill, decode rate, memory and size of each target."""
+    # The runtime's bench: torch is imported (in a worker process) only for model folders.
+    from edgevlm.runtime.bench import BenchConfig, bench
+    from edgevlm.runtime.bench_report import load_report, merge, write_report
+
+    targets = targets or []
+    if compare:
+        if not targets:
+            raise UserError("--compare needs the bench.json files to merge, e.g. `edgevlm bench "
+                            "--compare phone/bench.json laptop/bench.json --report DIR`")
+        result = merge([load_report(t) for t in targets], [str(t) for t in targets])
+    else:
+        if data is None:
+            raise UserError("--data EVAL.json is required: the LLaVA-format samples to answer")
+        cfg = BenchConfig(limit=limit, warmup=warmup, repeats=repeats,
+                          max_new_tokens=max_new_tokens, provider=provider, threads=threads,
+                          timing_samples=timing_samples, precision=precision)
+        result = _bench_with_progress(bench, targets, data, cfg, image_root, quiet or as_json)
+    written = write_report(result, report) if report else []
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+    elif not quiet:
+        _bench_table(result, written)
+
+
+def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if quiet:
+        return bench(targets, data, cfg, image_root)
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("[bold]bench {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=console) as bar:
+        def update(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        return bench(targets, data, cfg, image_root, on_progress=update)
+
+
+def _bench_table(result, written: list[Path]) -> None:
+    def ms(s):
+        return f"{s.median * 1e3:.1f}" if s.n else "–"
+
+    devices = len(result.machines) > 1
+    table = Table(title=f"bench on {result.data} ({result.n_samples} samples)")
+    for col in (["device"] if devices else []) + [
+            "target", "runs on", "precision", "accuracy", "TTFT ms", "vision ms",
+            "prefill ms", "decode tok/s", "peak MB", "disk MB"]:
+        table.add_column(col, justify="left" if col in ("device", "target") else "right")
+    for t in result.targets:
+        rate = t.decode_tokens_per_s
+        runs_on = f"{'torch' if t.backend == 'transformers' else 'ort'}:{t.provider}"
+        table.add_row(*([t.device] if devices else []), t.name, runs_on, t.precision,
+                      f"{t.accuracy:.3f}", ms(t.ttft_s), ms(t.vision_s),
+                      ms(t.prefill_s), f"{rate.median:.1f}" if rate.n else "–",
+                      f"{t.peak_rss_bytes / 1e6:.0f}" if t.peak_rss_bytes else "–",
+                      f"{t.disk_bytes / 1e6:.2f}")
+    Console().print(table)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., help="Teacher model folder (LLaVA-family)"),
+    student: Path = typer.Option(..., help="Student model folder; same tokenizer as the teacher"),
+    data: Optional[Path] = typer.Option(None, help="Instruction data (LLaVA-format JSON) for "
+                                        "sft / dft"),
+    out: Path = typer.Option(..., help="Folder to create: OUT/<stage> per stage, OUT/final"),
+    pretrain_data: Optional[Path] = typer.Option(None, help="Caption data for dpt"),
+    stages: str = typer.Option("dpt,sft,dft", help="Any subset of dpt,sft,dft, in that order"),
+    steps: int = typer.Option(1000, help="Steps per stage"),
+    batch_size: int = typer.Option(16, help="Per process"),
+    lr: float = typer.Option(1e-3),
+    warmup: int = typer.Option(50),
+    save_every: int = typer.Option(200, help="Checkpoint every N steps"),
+    seed: int = typer.Option(0),
+    w_res: float = typer.Option(1.0, help="Weight of the response KL (0 turns it off)"),
+    w_vis: float = typer.Option(1.0, help="Weight of the visual KL"),
+    w_rel: float = typer.Option(1.0, help="Weight of RDist"),
+    temperature: float = typer.Option(1.0, help="KL temperature"),
+    rel_batch: bool = typer.Option(False, help="RDist over the whole batch's image tokens at "
+                                   "once (the reference) instead of per sample"),
+    image_root: Optional[Path] = typer.Option(None),
+    resume: bool = typer.Option(False, help="Continue OUT: skip finished stages, resume the "
+                                "unfinished one from its last checkpoint"),
+    overwrite: bool = typer.Option(False, help="Redo every stage into an existing OUT"),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Distill a teacher into a student (LLaVA-KD: DPT, SFT, DFT); runs under accelerate."""
+    _quiet_libraries()
+    from edgevlm.distill import DistillConfig
+    from edgevlm.distill import distill as run_distill
+
+    cfg = DistillConfig(stages=stages, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                        save_every=save_every, seed=seed, w_res=w_res, w_vis=w_vis, w_rel=w_rel,
+                        temperature=temperature, rel_per_sample=not rel_batch)
+    result = run_distill(teacher, student, data, out, cfg, pretrain_data=pretrain_data,
+                         image_root=image_root, resume=resume, overwrite=overwrite,
+                         quiet=quiet or as_json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    rows: dict = {"out": out, "final": result.final_dir}
+    for r in result.stages:
+        rows[r.stage] = ("skipped (finished before)" if r.skipped else
+                         f"{r.steps} steps, loss {r.final_loss:.4g}, {r.seconds:.1f} s"
+                         + (f", resumed from {r.resumed_from}" if r.resumed_from else ""))
+    if result.warnings:
+        rows["warnings"] = "; ".join(result.warnings)
+    rows["seconds"] = result.seconds
+    _summary("distill", rows, quiet, as_json)
 
 
 def main() -> None:

@@ -125,8 +125,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainConfig,
         loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False, extra_files: dict[str, dict] | None = None) -> TrainResult:
-    """Train `loaded.model` on `samples` and write the trained model directory `out`."""
+        quiet: bool = False, extra_files: dict[str, dict] | None = None,
+        label: str | None = None) -> TrainResult:
+    """Train `loaded.model` on `samples` and write the trained model directory `out`.
+
+    `label` names the run in the progress bar (default: the stage), e.g. distillation's "dft".
+    """
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -168,7 +172,7 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
                                          num_workers=cfg.workers)
     history, t0, loss_val = [], time.time(), float("nan")
     show = accel.is_main_process and not quiet
-    with Progress(f"{cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
+    with Progress(f"{label or cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
                   enabled=show) as bar:
         for step, batch in enumerate(loader, start=start):
             batch = {k: v.to(accel.device) for k, v in batch.items()}
