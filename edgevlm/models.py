@@ -190,14 +190,21 @@ def read_config(model_dir: str | Path) -> dict:
     return cfg
 
 
-def load_model(model_dir: str | Path, dtype=None, device: str | None = None) -> LoadedModel:
-    """Load a LLaVA-family checkpoint directory and its processor."""
+def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
+               dequantize: bool = False) -> LoadedModel:
+    """Load a LLaVA-family checkpoint directory and its processor. `dequantize`: a
+    compressed-tensors checkpoint comes back as plain Linears holding (q − z)·s exactly."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     read_config(model_dir)
+    kw = {}
+    if dequantize:
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = LlavaForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=dtype or torch.float32)
+        str(model_dir), dtype=dtype or torch.float32, **kw)
     if device:
         model = model.to(device)
     model.eval()

@@ -10,6 +10,11 @@ tensor (edgevlm.export.weights). Graphs derived from fp32 (fp32, int8, int4) are
 then, only if some component is fp16, the model is turned to half precision in place and those
 are traced. The torch model is freed before the quantizers and onnxruntime load the graphs.
 Measured in benchmarks/export_memory.py.
+
+A quantized checkpoint (`edgevlm quantize`, compressed-tensors pack-quantized, 4 bits) is loaded
+dequantized for tracing and validation, and an int4 export writes its layers' integers, scales
+and zero points into MatMulNBits unchanged (block size = its group size); the layers it kept in
+float (lm_head, projector, ...) take the ordinary path of their component's precision.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import UserError
@@ -44,7 +49,8 @@ class ExportConfig:
     precision: str = "fp32"  # decoder, and the default for the other components
     vision_precision: str | None = None  # None: same as `precision`
     embed_precision: str | None = None  # None: same as `precision`
-    block_size: int = 32  # int4: input channels per scale / zero point
+    block_size: int | None = None  # int4: input channels per scale / zero point; None: the
+    # quantized checkpoint's group size, else DEFAULT_BLOCK
     opset: int = 17
     validate: bool = True
     overwrite: bool = False
@@ -58,7 +64,8 @@ class ExportConfig:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value!r} is not a precision; choose one of "
                                 f"{', '.join(contract.PRECISIONS)}")
-        int4.check_block_size(self.block_size)
+        if self.block_size is not None:
+            int4.check_block_size(self.block_size)
         if not 14 <= self.opset <= 21:
             raise UserError(f"opset {self.opset} is out of range; use 14..21 (attention needs "
                             "at least 14; 17 is the default)")
@@ -88,14 +95,67 @@ class ExportResult:
     seconds: float
 
 
-def _check_source(model_dir: Path) -> None:
+DEFAULT_BLOCK = 32
+
+
+def _check_source(model_dir: Path) -> int | None:
+    """The group size of a quantized checkpoint (None for a float model), which must be the
+    4-bit pack-quantized kind `edgevlm quantize` writes and MatMulNBits can carry."""
     from edgevlm.models import read_config
 
-    cfg = read_config(model_dir)
-    if "quantization_config" in cfg:
-        raise UserError(f"{model_dir} is a quantized checkpoint (quantization_config in "
-                        "config.json); exporting its int4 weights is not supported yet. Export "
-                        "the unquantized model with --precision int4 (round-to-nearest) instead")
+    qcfg = read_config(model_dir).get("quantization_config")
+    if qcfg is None:
+        return None
+    groups = qcfg.get("config_groups") or {}
+    args = [g.get("weights") or {} for g in groups.values()]
+    group = args[0].get("group_size") if len(args) == 1 else None
+    ok = (qcfg.get("quant_method") == "compressed-tensors"
+          and qcfg.get("format") == "pack-quantized" and len(args) == 1
+          and args[0].get("num_bits") == 4 and args[0].get("strategy") == "group"
+          and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1))
+    if not ok:
+        raise UserError(f"{model_dir}/config.json: quantization_config is not supported; export "
+                        "needs a 4-bit pack-quantized checkpoint (compressed-tensors, one group of "
+                        f"4-bit int weights, strategy group, group_size a power of two >= "
+                        f"{int4.MIN_BLOCK}) as `edgevlm quantize --bits 4` writes, or the "
+                        "unquantized model")
+    return group
+
+
+def _block_size(config: ExportConfig, group: int | None, model_dir: Path) -> int:
+    if group is None:
+        return config.block_size or DEFAULT_BLOCK
+    if config.block_size not in (None, group):
+        raise UserError(f"--block-size {config.block_size} conflicts with the group size {group} "
+                        f"of the quantized checkpoint {model_dir}; drop --block-size or give "
+                        f"--block-size {group}")
+    return group
+
+
+def _checkpoint_weights(model, model_dir: Path, precisions: dict[str, str]) -> dict[str, dict]:
+    """{component: {graph weight name: Int4Weight}} for the int4 components: the checkpoint's
+    integers under the names the traced graph gives those layers' weights."""
+    from edgevlm.export.graphs import wrapper
+    from edgevlm.quant.checkpoint import read_int4_layers
+
+    layers = read_int4_layers(model_dir)
+    hf_names = {id(m): n for n, m in model.named_modules()}
+    out, used = {}, set()
+    for component, p in precisions.items():
+        if p != "int4":
+            continue
+        out[component] = {}
+        for name, m in wrapper(component, model).named_modules():
+            hf = hf_names.get(id(m))
+            if hf in layers:
+                q, scale, zp, group = layers[hf]
+                out[component][f"{name}.weight"] = int4.Int4Weight(q, scale, zp, group)
+                used.add(hf)
+    left = sorted(set(layers) - used)
+    if left:  # e.g. vision layers of a checkpoint exported with --vision-precision fp16
+        log.warning("%d checkpoint layer(s) exported from their dequantized float weights, not "
+                    "as int4 (%s ...)", len(left), left[0])
+    return out
 
 
 def _check_int4(model, precisions: dict[str, str], block_size: int) -> None:
@@ -123,12 +183,12 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
 
 
 def _finish(component: str, precision: str, traced: Path, external: bool, out: Path,
-            cfg: ExportConfig) -> ComponentFile:
+            cfg: ExportConfig, checkpoint: dict | None = None) -> ComponentFile:
     """Quantization (if any) and the checker for one traced graph."""
     path = out / contract.graph_file(component, precision)
     kept: tuple[str, ...] = ()
     if traced != path:
-        prec.quantize(component, precision, traced, path, cfg.block_size, external)
+        prec.quantize(component, precision, traced, path, cfg.block_size, external, checkpoint)
         for f in traced.parent.glob(traced.name + "*"):
             f.unlink()
         if external:  # onnxruntime names its data file <graph>.onnx.data; use the contract's
@@ -157,13 +217,18 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
 
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out_dir)
-    _check_source(model_dir)
+    group = _check_source(model_dir)
+    config = replace(config, block_size=_block_size(config, group, model_dir))
     check_new(out, config.overwrite)  # before minutes of loading and tracing
-    loaded = load_model(model_dir)
+    # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
+    # traced from, and validated against, the model its integers define.
+    loaded = load_model(model_dir, dequantize=group is not None)
     model = loaded.model
     dims = text_dims(model.config)
     precisions = config.precisions()
     _check_int4(model, precisions, config.block_size)
+    checkpoint = ({} if group is None or "int4" not in precisions.values()
+                  else _checkpoint_weights(model, model_dir, precisions))
     ref = torch_reference(loaded, config.new_tokens) if config.validate else None
     # Trace attention as written out (matmul, softmax, matmul): the tracer's translation of
     # torch's fused SDPA turns fp16 attention into float32 and keeps o_proj weights in float32.
@@ -181,7 +246,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             traced[component] = _trace(model, component, precisions[component], tmp, config,
                                        dims.num_layers)
             bar.update(1)
-        int4_source = "rtn" if "int4" in precisions.values() else None
+        int4_source = (None if "int4" not in precisions.values()
+                       else "checkpoint" if any(checkpoint.values()) else "rtn")
         info = manifest.build(loaded, dims, config, int4_source)
         # Every graph is written: free the torch weights before the quantizers and onnxruntime
         # load the graphs, so those never sit beside a torch copy.
@@ -190,7 +256,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         files: dict[str, ComponentFile] = {}
         for component in order:
             files[component] = _finish(component, precisions[component], *traced[component],
-                                       tmp, config)
+                                       tmp, config, checkpoint.get(component))
             bar.update(1)
         shutil.rmtree(tmp / ".float", ignore_errors=True)
         manifest.copy_model_files(model_dir, tmp)

@@ -7,7 +7,8 @@ Two sources of the 4-bit numbers:
     integer weights, scales and zero points must reach the graph unchanged. `matmul_nbits`
     below is that seam: it takes one layer's integers and returns the MatMulNBits node and
     initializers. The float graph's MatMul weights carry their Hugging Face parameter names
-    (edgevlm.export.weights), so the checkpoint path finds each layer's MatMul by name.
+    (edgevlm.export.weights), so `replace_matmuls` finds each layer's MatMul by name; layers
+    the checkpoint left in float (lm_head, say) are then rounded as in "rtn".
 MatMulNBits layout (onnxruntime contrib op spec): B is uint8 (N, K/block, block/2) with two
 4-bit values per byte, low nibble first; scales (N * K/block); zero points packed the same way.
 """
@@ -41,12 +42,21 @@ def check_widths(widths: dict[str, int], block_size: int, component: str) -> Non
                         f"{width} of {name} ({len(bad)} layer(s) affected); {hint}")
 
 
-def rtn(src: Path, dst: Path, block_size: int, ops: tuple[str, ...], external: bool) -> None:
-    """Round-to-nearest 4-bit quantization of a float graph's MatMul/Gather weights."""
+def rtn(src: Path, dst: Path, block_size: int, ops: tuple[str, ...], external: bool,
+        checkpoint: dict[str, Int4Weight] | None = None) -> None:
+    """Round-to-nearest 4-bit quantization of a float graph's MatMul/Gather weights.
+
+    `checkpoint` maps weight initializer names to a quantized checkpoint's integers: those
+    MatMuls become MatMulNBits from the integers as they are, and only the rest are rounded.
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))  # external data resolves relative to src
+    if checkpoint:
+        replace_matmuls(model.graph, checkpoint)
+        if all(o.domain != "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False,
                                      op_types_to_quantize=ops)
     # An all-zero block (the padding row of an embedding) has scale 0; the quantizer divides by
@@ -101,3 +111,31 @@ def matmul_nbits(weight: Int4Weight, x: str, y: str, prefix: str):
                             name=f"{prefix}.MatMulNBits", domain="com.microsoft",
                             K=k, N=n, bits=4, block_size=weight.block_size)
     return node, inits
+
+
+def replace_matmuls(graph, weights: dict[str, Int4Weight]) -> None:
+    """Turn every MatMul(x, W) whose W is an initializer named in `weights` into MatMulNBits
+    from those integers, in place, and drop the float W. Entries the graph has no weight for
+    are layers that do not reach its outputs (SigLIP's pooling head) and are ignored."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes, done = [], set()
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w not in weights:
+            nodes.append(node)
+            continue
+        dims = tuple(inits[w].dims)  # (K, N): the tracer's weights are stored transposed
+        assert dims == weights[w].q.shape[::-1], f"{w}: graph {dims} vs checkpoint (N, K) " \
+            f"{weights[w].q.shape}"
+        new, tensors = matmul_nbits(weights[w], node.input[0], node.output[0],
+                                    w.removesuffix(".weight"))
+        nodes.append(new)
+        graph.initializer.extend(tensors)
+        done.add(w)
+    missing = (set(weights) & set(inits)) - done
+    assert not missing, f"checkpoint weights not read by a MatMul: {sorted(missing)[:3]}"
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in done]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

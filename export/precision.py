@@ -6,7 +6,8 @@
   int8  onnxruntime quantize_dynamic: int8 weights per output channel, activations quantized on
         the fly (MatMulInteger); embedding tables as int8 Gather.
   int4  MatMulNBits with 4-bit weights in blocks of `block_size` input channels (edgevlm.export
-        .int4), GatherBlockQuantized for embedding tables.
+        .int4), GatherBlockQuantized for embedding tables; the layers of a quantized checkpoint
+        keep its integers, the rest are rounded to nearest.
 Convolutions (the vision patch embedding) stay float: onnxruntime's CPU ConvInteger takes only
 uint8, and the layer is a tiny share of the weights.
 """
@@ -30,15 +31,16 @@ QUANT_OPS = {"vision_encoder": ("MatMul",), "embed_tokens": ("Gather",),
 
 
 def quantize(component: str, precision: str, src: Path, dst: Path, block_size: int,
-             external: bool) -> None:
-    """Write `dst`, the int8 or int4 version of the fp32 graph `src`."""
+             external: bool, checkpoint: dict[str, int4.Int4Weight] | None = None) -> None:
+    """Write `dst`, the int8 or int4 version of the fp32 graph `src`; int4 takes the layers in
+    `checkpoint` (weight name -> integers) as they are and rounds the rest to nearest."""
     ops = QUANT_OPS[component]
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_root_logger():
-        _quantize(component, precision, src, dst, block_size, external, ops)
+        _quantize(component, precision, src, dst, block_size, external, ops, checkpoint)
 
 
-def _quantize(component, precision, src, dst, block_size, external, ops) -> None:
+def _quantize(component, precision, src, dst, block_size, external, ops, checkpoint) -> None:
     if precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -50,7 +52,7 @@ def _quantize(component, precision, src, dst, block_size, external, ops) -> None
                              per_channel=component != "embed_tokens",
                              weight_type=QuantType.QInt8, use_external_data_format=external)
     elif precision == "int4":
-        int4.rtn(src, dst, block_size, ops, external)
+        int4.rtn(src, dst, block_size, ops, external, checkpoint)
     else:
         raise AssertionError(f"{precision} is not made by quantizing a float graph")
 

@@ -27,13 +27,13 @@ def test_not_a_llava_model(tmp_path):
     assert _entries(tmp_path) == ["bert"]
 
 
-def test_quantized_checkpoint_is_refused(teacher_dir, tmp_path):
+def test_unsupported_quantized_checkpoint_is_refused(teacher_dir, tmp_path):
     model = tmp_path / "quantized"
     shutil.copytree(teacher_dir, model)
     config = json.loads((model / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "compressed-tensors"}
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="quantized checkpoint.*--precision int4"):
+    with pytest.raises(UserError, match="needs a 4-bit pack-quantized checkpoint"):
         export(model, tmp_path / "out")
     assert _entries(tmp_path) == ["quantized"]
 

@@ -1,0 +1,146 @@
+"""int4 export of a quantized checkpoint: the MatMulNBits initializers hold exactly the
+checkpoint's integers, scales and zero points, and the graphs match torch running the same
+dequantized weights to float rounding (not to int4 error)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgevlm.errors import UserError
+from edgevlm.export import ExportConfig, export
+from edgevlm.export.graphs import text_dims, wrapper
+from edgevlm.export.validate import torch_reference, validate
+from edgevlm.models import load_model
+from edgevlm.quant import QuantConfig, quantize
+from edgevlm.quant.checkpoint import read_int4_layers
+from edgevlm.runtime import contract
+
+# Symmetric: decoder int4 only. Asymmetric: vision Linears quantized too and exported as int4.
+CASES = {
+    "sym": (dict(symmetric=True), dict(vision_precision="fp32")),
+    "asym": (dict(symmetric=False, quantize_vision=True), dict()),
+}
+# Of the largest reference output: MatMulNBits is dequantize + matmul in fp32 (measured ~5e-7).
+RELATIVE = 1e-3
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, micro_model_dir, shapes_dir, tmp_path_factory):
+    qkw, ekw = CASES[request.param]
+    tmp = tmp_path_factory.mktemp(f"ckpt_{request.param}")
+    quantize(micro_model_dir, tmp / "ckpt",
+             QuantConfig(method="rtn", group_size=32, calib_samples=4, batch_size=4, **qkw),
+             calib=shapes_dir / "train.json")
+    cfg = ExportConfig(precision="int4", embed_precision="fp32", new_tokens=16, **ekw)
+    result = export(tmp / "ckpt", tmp / "onnx", cfg)
+    return tmp / "ckpt", result, cfg
+
+
+def _unpack(packed: np.ndarray, count: int) -> np.ndarray:
+    """(..., m) uint8 -> (..., 2m) values, low nibble first; the first `count` of the last axis."""
+    out = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return out[..., :count]
+
+
+def _int4_layers(path) -> dict[str, tuple]:
+    """{graph module name: (q (N,K), scales (N,G), zero points (N,G))} of every MatMulNBits."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        att = {a.name: a.i for a in node.attribute}
+        n, k, bs = att["N"], att["K"], att["block_size"]
+        g = k // bs
+        q = _unpack(inits[node.input[1]], bs).reshape(n, k)
+        scales = inits[node.input[2]].reshape(n, g)
+        zp = _unpack(inits[node.input[3]].reshape(n, -1), g)
+        name = node.input[2].removesuffix("_scales").removesuffix(".scales")
+        out[name.removesuffix(".weight")] = (q, scales, zp)
+    return out
+
+
+def _graph_name(component: str, model, hf_name: str) -> str | None:
+    hf = dict(model.named_modules())[hf_name]
+    return next((n for n, m in wrapper(component, model).named_modules() if m is hf), None)
+
+
+def test_graph_holds_checkpoint_integers_exactly(case):
+    ckpt, result, cfg = case
+    manifest = json.loads((result.out_dir / contract.MANIFEST).read_text())
+    assert manifest["int4_source"] == "checkpoint" and manifest["config"]["block_size"] == 32
+    assert result.parity.passed, result.parity.failures
+    layers = read_int4_layers(ckpt)
+    model = load_model(ckpt, dequantize=True).model
+    found = 0
+    for component, precision in cfg.precisions().items():
+        if precision != "int4":
+            continue
+        graph = _int4_layers(result.out_dir / result.components[component].file)
+        for hf_name, (q, scale, zp, group) in layers.items():
+            name = _graph_name(component, model, hf_name)
+            if name is None or (component == "vision_encoder" and ".head." in name):
+                continue  # another component's layer, or SigLIP's pooling head (not traced)
+            assert group == 32
+            gq, gs, gz = graph[name]
+            np.testing.assert_array_equal(gq, q, err_msg=name)
+            np.testing.assert_array_equal(gs, scale, err_msg=name)
+            np.testing.assert_array_equal(gz, zp, err_msg=name)
+            found += 1
+    assert found == len([n for n in layers if ".head." not in n]) > 0
+    if not cfg.vision_precision:  # asymmetric case: vision layers were quantized and exported
+        assert any(n.startswith("model.vision_tower") for n in layers)
+
+
+def test_parity_with_torch_on_the_same_weights(case):
+    ckpt, result, cfg = case
+    precisions = cfg.precisions()
+    loaded = load_model(ckpt, dequantize=True)
+    model = loaded.model
+    # Layers the checkpoint kept in float (lm_head, projector) were rounded by the exporter;
+    # give torch those same rounded weights so every weight on both sides is identical.
+    with torch.no_grad():
+        for component, precision in precisions.items():
+            if precision != "int4":
+                continue
+            module = wrapper(component, model)
+            for name, (q, s, z) in _int4_layers(
+                    result.out_dir / result.components[component].file).items():
+                n, k = q.shape
+                w = (q.reshape(n, s.shape[1], -1).astype(np.float32) - z[..., None]) * s[..., None]
+                module.get_submodule(name).weight.copy_(torch.from_numpy(w.reshape(n, k)))
+    ref = torch_reference(loaded, new_tokens=16)
+    paths = {c: result.out_dir / f.file for c, f in result.components.items()}
+    parity = validate(paths, precisions, ref, text_dims(model.config))
+    for component, err in parity.components.items():
+        assert err.max_abs < RELATIVE * err.reference_max_abs, (component, err)
+    assert parity.greedy.new_tokens == 16 and parity.greedy.identical
+    assert parity.greedy.logits_max_abs < RELATIVE * np.abs(ref.step_logits).max()
+
+
+def test_conflicting_block_size(case, tmp_path):
+    ckpt, _, _ = case
+    with pytest.raises(UserError, match="--block-size 64 conflicts with the group size 32"):
+        export(ckpt, tmp_path / "out", ExportConfig(precision="int4", block_size=64))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_quantization_config(micro_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "q"
+    shutil.copytree(micro_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "config_groups": {"g": {"weights": {"num_bits": 8}}}}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="needs a 4-bit pack-quantized checkpoint"):
+        export(model, tmp_path / "out", ExportConfig(precision="int4"))
