@@ -261,7 +261,9 @@ def export_(
                                   "other components unless set below"),
     vision_precision: Optional[str] = typer.Option(None, help="Vision encoder precision"),
     embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
-    block_size: int = typer.Option(32, help="int4: input channels per scale and zero point"),
+    block_size: Optional[int] = typer.Option(None, help="int4: input channels per scale and "
+                                             "zero point (default: the checkpoint's group "
+                                             "size, else 32)"),
     validate: bool = typer.Option(True, "--validate/--no-validate",
                                   help="Check parity with the torch model before writing"),
     external_data: bool = typer.Option(False, help="Always keep weights in <graph>.onnx_data "
@@ -437,6 +439,36 @@ def distill(
         rows["warnings"] = "; ".join(result.warnings)
     rows["seconds"] = result.seconds
     _summary("distill", rows, quiet, as_json)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for every artifact of the run"),
+    quick: bool = typer.Option(False, help="Small settings: a smoke test of the pipeline"),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The whole pipeline on generated data: teacher, distilled student, Q-VLM W4, export, bench.
+
+    Rerunning resumes from the last finished stage.
+    """
+    _quiet_libraries()
+    from edgevlm.demo import DemoConfig, run_demo
+    from edgevlm.runtime.bench_report import load_report
+
+    def log(msg: str) -> None:
+        if not (quiet or as_json):
+            console.print(msg)
+
+    result = run_demo(out, DemoConfig.make(quick), quiet=quiet or as_json, log=log)
+    if as_json:
+        print(json.dumps({"stages": result.stages, "bench": result.bench}, indent=1))
+        return
+    if not quiet:
+        _bench_table(load_report(out / "report" / "bench.json"), [out / "report"])
+        if quick:
+            console.print("[yellow]--quick: tiny settings; these accuracies are a smoke test, "
+                          "not a result. Run `edgevlm demo` for the real numbers.[/yellow]")
 
 
 def main() -> None:

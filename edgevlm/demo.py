@@ -1,0 +1,139 @@
+"""`edgevlm demo`: the whole pipeline on the project's own data and tiny models, no download.
+
+shapes data -> tiny teacher (init + SFT) -> tiny student distilled (LLaVA-KD DPT, SFT, DFT)
+-> quantized (Q-VLM W4) -> exported (int4 decoder, int8 vision) -> bench of the torch teacher,
+the torch student and the runtime on the export, side by side.
+
+Every stage writes its own folder inside DIR (atomically), so a rerun skips each finished stage
+and resumes at the first missing one. `--quick` uses small settings: a smoke test whose
+accuracies mean nothing, which the summary says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgevlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    quick: bool = False
+    n_train: int = 20000
+    n_eval: int = 300
+    teacher_steps: int = 1200
+    teacher_lr: float = 5e-4
+    distill_steps: tuple[int, int, int] = (200, 400, 400)  # dpt, sft, dft
+    distill_lr: float = 5e-4
+    batch_size: int = 32
+    calib_samples: int = 64
+    bench_limit: int | None = None
+
+    def __post_init__(self):
+        if self.n_train < 8 or self.n_eval < 4:
+            raise UserError("the demo needs at least 8 training and 4 evaluation images")
+
+    @classmethod
+    def make(cls, quick: bool) -> DemoConfig:
+        if not quick:
+            return cls()
+        return cls(quick=True, n_train=400, n_eval=40, teacher_steps=60, teacher_lr=1e-3,
+                   distill_steps=(10, 20, 20), distill_lr=1e-3, batch_size=16,
+                   calib_samples=8, bench_limit=20)
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    stages: dict[str, dict]  # stage -> {"dir", "seconds", "skipped"}
+    bench: dict
+
+
+def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
+    """Run `run()` unless `path` (the stage's finished output) already exists."""
+    if path.exists():
+        stages[name] = {"dir": str(path), "seconds": 0.0, "skipped": True}
+        log(f"[dim]{name}: done already ({path})[/dim]")
+        return path
+    log(f"[bold]{name}[/bold] -> {path}")
+    t0 = time.time()
+    run()
+    stages[name] = {"dir": str(path), "seconds": round(time.time() - t0, 1), "skipped": False}
+    return path
+
+
+def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -> DemoResult:
+    from edgevlm import shapes
+    from edgevlm import train as training
+    from edgevlm.atomic import atomic_dir
+    from edgevlm.data import load_samples
+    from edgevlm.distill import DistillConfig, distill
+    from edgevlm.export.exporter import ExportConfig, export
+    from edgevlm.models import create, load_model
+    from edgevlm.quant import QuantConfig, quantize
+    from edgevlm.runtime.bench import BenchConfig, bench
+    from edgevlm.runtime.bench_report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    stages: dict[str, dict] = {}
+    data = out / "data"
+
+    def make_data():
+        with atomic_dir(data) as tmp:
+            shapes.generate(tmp, cfg.n_train, cfg.n_eval, seed=0)
+
+    _stage("data", data, stages, make_data, log)
+    train_json, pretrain_json, eval_json = (data / n for n in
+                                            ("train.json", "pretrain.json", "eval.json"))
+
+    teacher_init = out / "teacher-init"
+    _stage("teacher init", teacher_init, stages, lambda: create(
+        teacher_init, preset="tiny-teacher", tokenizer_data=[train_json, pretrain_json]), log)
+    teacher = out / "teacher"
+    tcfg = training.TrainConfig(stage="sft", steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+                                batch_size=cfg.batch_size, train_vision=True,
+                                warmup=min(50, cfg.teacher_steps // 5 + 1))
+    _stage("teacher train", teacher, stages, lambda: training.run(
+        load_model(teacher_init), load_samples(train_json), teacher, tcfg, quiet=quiet), log)
+
+    student_init = out / "student-init"
+    _stage("student init", student_init, stages, lambda: create(
+        student_init, preset="tiny-student", tokenizer_from=teacher), log)
+    student_run = out / "student-distill"
+    dpt, sft, dft = cfg.distill_steps
+    dcfg = DistillConfig(dpt_steps=dpt, sft_steps=sft, dft_steps=dft, lr=cfg.distill_lr,
+                         batch_size=cfg.batch_size, warmup=min(50, dpt // 5 + 1))
+    _stage("student distill", student_run / "final", stages, lambda: distill(
+        teacher, student_init, train_json, student_run, dcfg, pretrain_data=pretrain_json,
+        resume=True, quiet=quiet), log)
+    student = student_run / "final"
+
+    quantized = out / "student-qvlm-w4"
+    qcfg = QuantConfig(method="qvlm", bits=4, group_size=128, symmetric=True,
+                       calib_samples=cfg.calib_samples)
+    _stage("quantize", quantized, stages, lambda: quantize(
+        student, quantized, qcfg, calib=train_json, quiet=quiet), log)
+
+    exported = out / "export"
+    ecfg = ExportConfig(precision="int4", vision_precision="int8", embed_precision="int8",
+                        block_size=128)
+    _stage("export", exported, stages, lambda: export(quantized, exported, ecfg,
+                                                       quiet=quiet), log)
+
+    report_dir = out / "report"
+    bcfg = BenchConfig(limit=cfg.bench_limit, warmup=1, repeats=1 if cfg.quick else 3,
+                       max_new_tokens=8)
+
+    def run_bench():
+        report = bench([teacher, student, exported], eval_json, bcfg)
+        with atomic_dir(report_dir) as tmp:
+            write_report(report, tmp)
+
+    _stage("bench", report_dir, stages, run_bench, log)
+    (out / "demo_stages.json").write_text(json.dumps(stages, indent=1))
+    return DemoResult(out, stages, json.loads((report_dir / "bench.json").read_text()))
