@@ -36,7 +36,7 @@ _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class _TokenClock:
+class TokenClock:
     """A generate streamer that only timestamps: the first put is the prompt, each later put is
     one new token."""
 
@@ -102,7 +102,7 @@ class TorchTarget:
             embeds[slots] = feats.to(embeds.dtype)
             model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
             prefill_s = self._since(t)
-            clock = _TokenClock()
+            clock = TokenClock()
             t = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                  max_new_tokens=max_new_tokens, do_sample=False,

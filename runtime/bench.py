@@ -152,25 +152,34 @@ class ExportTarget:
 
 # -- the worker: one target, in its own process ---------------------------------------------------
 
-def _rss_now() -> int | None:
-    """Resident memory of this process now, in bytes (Linux /proc; None elsewhere)."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory line of /proc/self/status (Linux) in bytes, or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
-def _peak_rss() -> int | None:
-    """Peak resident memory of this process so far, in bytes."""
+def rss_now() -> int | None:
+    """Resident memory of this process now, in bytes."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss() -> int | None:
+    """Peak resident memory of this process so far, in bytes. On Linux VmHWM, not getrusage:
+    ru_maxrss survives exec, so a worker would report the larger parent it was forked from."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; others: KiB
 
 
 def measure(path: Path, kind: str, samples: list[Sample], cfg: BenchConfig,
@@ -181,9 +190,9 @@ def measure(path: Path, kind: str, samples: list[Sample], cfg: BenchConfig,
         factory = ExportTarget
     else:
         from edgevlm.bench_torch import TorchTarget as factory  # torch only for model folders
-    baseline = _rss_now()  # interpreter + libraries, before any weights
+    baseline = rss_now()  # interpreter + libraries, before any weights
     target = factory(path, cfg)
-    loaded = _rss_now()
+    loaded = rss_now()
     timed = samples[: cfg.timing_samples]
     total = cfg.warmup + len(samples) + cfg.repeats * len(timed)
     done = 0
@@ -216,7 +225,7 @@ def measure(path: Path, kind: str, samples: list[Sample], cfg: BenchConfig,
         "n_prompt_tokens": int(Spread.of([r.n_prompt_tokens for r in runs]).median),
         "mean_new_tokens": sum(r.n_new_tokens for r in runs) / len(runs),
         "timed_runs": len(runs), "load_s": target.load_s,
-        "baseline_rss_bytes": baseline, "loaded_rss_bytes": loaded, "peak_rss_bytes": _peak_rss(),
+        "baseline_rss_bytes": baseline, "loaded_rss_bytes": loaded, "peak_rss_bytes": peak_rss(),
         "disk_bytes": sum(f.stat().st_size for f in files),
         "files": [f.resolve().relative_to(root).as_posix() for f in files],
         "versions": target.versions(), "predictions": predictions,

@@ -101,8 +101,8 @@ class TargetReport:
             raise UserError(f"{where}: a target lacks {', '.join(missing)}; it was not written "
                             "by `edgevlm bench` (or by an older version): re-run the bench")
         values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        for k in _SPREADS:
-            values[k] = Spread(**values[k])
+        for k in _SPREADS:  # bench.json stores an empty spread's nan as null
+            values[k] = Spread(**{f: math.nan if v is None else v for f, v in values[k].items()})
         return cls(**values)
 
     def on_device(self, label: str) -> TargetReport:
@@ -293,6 +293,7 @@ def plot(report: BenchReport, path: Path) -> bool:
     colours = plt.get_cmap("tab10")
     largest = max((t.disk_bytes for t in report.targets), default=1) or 1
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    placed: list[tuple[float, float]] = []
     for t in report.targets:
         if not t.ttft_s.n:
             continue
@@ -303,8 +304,12 @@ def plot(report: BenchReport, path: Path) -> bool:
         ax.scatter(x, y, s=40 + 1200 * t.disk_bytes / largest, color=c, alpha=0.6,
                    edgecolors="black")
         label = f"{t.name} ({t.precision}, {t.disk_bytes / 1e6:.1f} MB)"
-        ax.annotate(label + (f"\n{t.device}" if len(devices) > 1 else ""), (x, y),
-                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+        # Points that (nearly) coincide, as precisions of one model often do, get their
+        # labels stacked instead of printed over each other.
+        near = sum(abs(math.log(x / px)) < 0.7 and abs(y - py) < 0.05 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(label + (f" @ {t.device}" if len(devices) > 1 else ""), (x, y),
+                    textcoords="offset points", xytext=(8, 6 + 11 * near), fontsize=8)
     xs = [t.ttft_s.median for t in report.targets if t.ttft_s.n]
     if xs and max(xs) / max(min(xs), 1e-9) > 20:
         ax.set_xscale("log")
@@ -325,6 +330,18 @@ def plot(report: BenchReport, path: Path) -> bool:
     return True
 
 
+def _no_nan(value):
+    """nan -> null: strict JSON readers (jq, JavaScript) reject NaN; a Spread with n=0 is the
+    only place a nan can appear, and its n says it is empty."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # a killed run never leaves half a file
     tmp.write_text(text, encoding="utf-8")
@@ -337,7 +354,7 @@ def write_report(report: BenchReport, out_dir: str | Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise UserError(f"--report {out} is a file; give a folder for bench.json/.md/.png")
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "bench.json", json.dumps(report.to_dict(), indent=1) + "\n")
+    _write_text(out / "bench.json", json.dumps(_no_nan(report.to_dict()), indent=1) + "\n")
     _write_text(out / "bench.md", to_markdown(report))
     written = [out / "bench.json", out / "bench.md"]
     if plot(report, out / "bench.png"):

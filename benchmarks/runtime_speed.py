@@ -1,0 +1,390 @@
+"""Decode rate, prefill, time to first token and peak memory of the edgevlm runtime against
+transformers and onnxruntime-genai, side by side on one machine.
+
+Two models, both with RANDOM weights (speed does not depend on the values; no accuracy is
+claimed here):
+  tiny-teacher  the preset (SigLIP 48 px -> 9 image tokens, Qwen2 decoder hidden 256, 4 layers)
+  llama-150m    a Llama-style decoder, vocab 32000, hidden 768, MLP 2048, 12 layers, 12 heads
+                (4 KV heads), with a SigLIP tower at 224 px (384 wide, 6 layers, 196 tokens)
+Systems, each measured in its own fresh process (so peak RSS is its own):
+  transformers  LlavaForConditionalGeneration.generate, fp32, eager attention (the reference)
+  ours fp32 / int8 / int4   edgevlm.runtime.VLM on `edgevlm export --precision ...`
+  ours int4 acc4   EXPERIMENT: the int4 export with accuracy_level=4 set on its MatMulNBits
+                nodes (int8 activations, what onnxruntime-genai's builder does on CPU)
+  genai int4    onnxruntime-genai on `python -m onnxruntime_genai.models.builder -i <the text
+                decoder saved as a causal LM> -o <dir> -p int4 -e cpu` (text only)
+Decode and prefill use the same text-only prompt of exactly 64 token ids and 32 new greedy
+tokens for every system; TTFT with image is the image + a short question, 1 new token,
+preprocessing included (ours and transformers only). `threads` intra-op threads everywhere.
+The decode bound is memory bandwidth (numpy copy of a 256 MB array, read + write bytes per
+second) / bytes read per token (decoder weights except the embedding table, which is read one
+row at a time, plus the fp32 KV cache at the mean decode position).
+
+  nice python benchmarks/runtime_speed.py [--workdir DIR] [--threads 2] [--repeats 3]
+Writes benchmarks/results/runtime_speed.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+WORKER = Path(__file__).parent / "runtime_speed_worker.py"
+PROMPT_TOKENS, NEW_TOKENS = 64, 32
+WORDS = "is the red circle left of the blue square or above a green triangle".split()
+QUESTION = "<image>\nWhat color is the shape in the middle of the picture?"
+
+_VISION = {"model_type": "siglip_vision_model", "hidden_size": 384, "intermediate_size": 1536,
+           "num_hidden_layers": 6, "num_attention_heads": 6, "image_size": 224,
+           "patch_size": 16}
+LLAMA_150M = {
+    "vision_config": _VISION,
+    "text_config": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
+                    "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                    "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+    "projector_hidden_act": "gelu",
+}
+
+
+# -- building (parent process) ----------------------------------------------------------------
+
+def build_model(name: str, out: Path) -> None:
+    from edgevlm.models import PRESETS, init_model, save_model
+    from edgevlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([" ".join(WORDS), QUESTION, "red green blue circle square"] * 8, 300)
+    vocab = 32000 if name == "llama-150m" else 512  # 512: `edgevlm init`'s default
+    tok.add_tokens([f"<unused_{i}>" for i in range(vocab - len(tok))])
+    cfg = LLAMA_150M if name == "llama-150m" else PRESETS["tiny-teacher"]
+    save_model(init_model(cfg, tok, seed=0), out)
+
+
+def build_text_only(model_dir: Path, out: Path) -> None:
+    """The LLaVA model's decoder and LM head as a plain causal LM folder for the genai builder."""
+    from transformers import AutoModelForCausalLM
+
+    from edgevlm.models import load_model
+
+    loaded = load_model(model_dir)
+    llava = loaded.model
+    causal = AutoModelForCausalLM.from_config(llava.config.text_config)
+    causal.model.load_state_dict(llava.model.language_model.state_dict())
+    causal.lm_head.load_state_dict(llava.lm_head.state_dict())
+    causal.save_pretrained(out)
+    loaded.processor.tokenizer.save_pretrained(out)
+
+
+def build_genai(text_dir: Path, out: Path, threads: int) -> str | None:
+    """onnxruntime-genai int4 model; None, or the error text when the builder fails."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(text_dir),
+           "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai_cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        return f"{shlex.join(cmd)} failed: {(proc.stderr or proc.stdout)[-1500:]}"
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {}).update(
+        {"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    return None
+
+
+def int4_acc4_copy(export_dir: Path, out: Path) -> None:
+    """A copy of an int4 export whose decoder MatMulNBits nodes compute with int8 activations."""
+    import onnx
+
+    shutil.copytree(export_dir, out)
+    path = out / "onnx" / "decoder_model_merged_q4.onnx"
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", 4)])
+    onnx.save(model, str(path))
+
+
+def weight_bytes(graph: Path) -> tuple[int, int]:
+    """Bytes of a graph's initializers that every decode step reads (all but Gather tables),
+    and the graph's node count."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    tables = {n.input[0] for n in model.graph.node if n.op_type.startswith("Gather")}
+    total = 0
+    for t in model.graph.initializer:
+        if t.name not in tables:
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            total += int(np.prod(t.dims, dtype=np.int64)) * size
+    return total, len(model.graph.node)
+
+
+def bandwidth(threads: int, mb: int = 256) -> float:
+    """Best-of-5 copy bandwidth in bytes/s (read + write), `threads` copies in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    src = np.ones(mb * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    spans = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(lambda s: np.copyto(dst[s[0]:s[1]], src[s[0]:s[1]]), spans))
+            best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
+def prompt_ids(export_dir: Path) -> tuple[str, list[int]]:
+    """A text question whose chat-templated prompt is exactly PROMPT_TOKENS ids."""
+    from edgevlm.runtime.chat import ChatTemplate, Tokenizer
+    from edgevlm.runtime.manifest import read_export
+
+    info = read_export(export_dir)
+    template, tok = ChatTemplate(info.chat_template, info.special_tokens), Tokenizer(
+        info.tokenizer_file)
+    for n in range(1, 400):
+        for k in range(8):  # trailing " ?" fill the last few ids where words merge past 64
+            text = " ".join(WORDS[i % len(WORDS)] for i in range(n)) + " ?" * k
+            ids = tok.encode(template.render([{"role": "user", "content": text}],
+                                             add_generation_prompt=True))
+            if len(ids) == PROMPT_TOKENS:
+                return text, ids
+    raise SystemExit(f"no question gives a {PROMPT_TOKENS}-token prompt with {export_dir}")
+
+
+def measure(spec: dict) -> dict:
+    """Run one system in a fresh process (runtime_speed_worker.py); its result or its error."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@result "):
+            return json.loads(line[len("@@result "):])
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+SYSTEMS = [  # label, worker kind, export precision (or graph variant)
+    ("transformers fp32 (eager)", "transformers", None),
+    ("ours fp32", "ours", "fp32"),
+    ("ours int8", "ours", "int8"),
+    ("ours int4", "ours", "int4"),
+    ("ours int4 accuracy_level=4 (experiment)", "ours", "int4-acc4"),
+    ("onnxruntime-genai int4 (text only)", "genai", None),
+]
+
+
+def prepare(name: str, root: Path, threads: int) -> dict:
+    """Model folder, exports, the acc4 variant, the genai model (or its error); built once."""
+    from edgevlm.export import ExportConfig, export
+
+    d = root / name
+    paths = {"model": d / "model", "genai": d / "genai_int4", "genai_error": None}
+    if not paths["model"].is_dir():
+        log(f"{name}: building the random model")
+        build_model(name, paths["model"])
+    for p in ("fp32", "int8", "int4"):
+        paths[p] = d / f"export_{p}"
+        if not paths[p].is_dir():
+            log(f"{name}: edgevlm export --precision {p}")
+            export(paths["model"], paths[p], ExportConfig(precision=p, validate=False))
+    paths["int4-acc4"] = d / "export_int4_acc4"
+    if not paths["int4-acc4"].is_dir():
+        int4_acc4_copy(paths["int4"], paths["int4-acc4"])
+    if not (paths["genai"] / "genai_config.json").is_file():
+        log(f"{name}: onnxruntime-genai builder, int4 cpu")
+        if not (d / "text_only").is_dir():
+            build_text_only(paths["model"], d / "text_only")
+        paths["genai_error"] = build_genai(d / "text_only", paths["genai"], threads)
+    return paths
+
+
+def derive(rows: dict, paths: dict, kv_bytes: int, bw: float) -> None:
+    """Weight bytes per token, the bandwidth bound and ratios to transformers, in place."""
+    ref = rows["transformers fp32 (eager)"]
+    for label, kind, variant in SYSTEMS:
+        r = rows[label]
+        if "error" in r:
+            continue
+        if kind == "ours":
+            graph = paths[variant] / "onnx" / {"fp32": "decoder_model_merged.onnx",
+                                               "int8": "decoder_model_merged_int8.onnx"}.get(
+                variant, "decoder_model_merged_q4.onnx")
+            r["weight_bytes_per_token"], r["graph_nodes"] = weight_bytes(graph)
+        elif kind == "genai":
+            r["weight_bytes_per_token"], r["graph_nodes"] = weight_bytes(
+                paths["genai"] / "model.onnx")
+        per_token = r["weight_bytes_per_token"] + kv_bytes
+        r["bound_tokens_per_s"] = bw / per_token
+        r["fraction_of_bound"] = r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
+        if "error" not in ref:
+            r["x_decode"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            r["x_prefill"] = r["prefill_ms"] / ref["prefill_ms"]
+            r["x_ttft_image"] = (r["ttft_image_ms"] / ref["ttft_image_ms"]
+                                 if r["ttft_image_ms"] else None)
+            r["x_peak_rss"] = r["peak_rss"] / ref["peak_rss"]
+            r["same_tokens_as_transformers"] = r["tokens"] == ref["tokens"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _f(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def targets(rows: dict) -> list[str]:
+    """The issue's targets for ours int4, each met or missed with the numbers."""
+    ours, ref = rows["ours int4"], rows["transformers fp32 (eager)"]
+    genai = rows["onnxruntime-genai int4 (text only)"]
+    if "error" in ours or "error" in ref:
+        return ["Targets: not evaluated (a system failed; see the table)."]
+
+    def line(ok: bool, what: str) -> str:
+        return f"- {'MET' if ok else 'MISSED'}: {what}"
+
+    d = ours["decode_tokens_per_s"]
+    out = ["Targets (ours int4):"]
+    if "error" in genai:
+        out.append("- NOT MEASURED: decode ≥ onnxruntime-genai int4 (genai failed)")
+    else:
+        g = genai["decode_tokens_per_s"]
+        out.append(line(d >= g, f"decode ≥ onnxruntime-genai int4: {d:.1f} vs {g:.1f} tok/s "
+                                f"({d / g:.2f}x)"))
+    out += [line(ours["x_decode"] >= 3, f"decode ≥ 3x transformers: {ours['x_decode']:.2f}x"),
+            line(ours["x_ttft_image"] <= 0.5, f"TTFT with image ≤ 0.5x transformers: "
+                 f"{ours['ttft_image_ms']:.1f} vs {ref['ttft_image_ms']:.1f} ms "
+                 f"({ours['x_ttft_image']:.2f}x)"),
+            line(ours["x_peak_rss"] <= 0.5, f"peak RSS ≤ 0.5x transformers: "
+                 f"{ours['peak_rss'] / 1e6:.0f} vs {ref['peak_rss'] / 1e6:.0f} MB "
+                 f"({ours['x_peak_rss']:.2f}x)")]
+    return out
+
+
+def markdown(results: dict) -> str:
+    bw = results["bandwidth_bytes_per_s"]
+    out = ["# Runtime speed", "", f"`{results['command']}` — {results['machine']['cpu']}, "
+           f"{results['threads']} threads, bandwidth {bw['1'] / 1e9:.1f} GB/s (1 thread) / "
+           f"{bw[str(results['threads'])] / 1e9:.1f} GB/s ({results['threads']} threads). "
+           f"Random weights; {PROMPT_TOKENS}-token text prompt, {NEW_TOKENS} new greedy tokens; "
+           "TTFT with image includes preprocessing and the vision encoder. × = ratio to "
+           "transformers (decode: higher is better; the others: lower is better).", ""]
+    for name, m in results["models"].items():
+        out += [f"## {name}", "", "| system | decode tok/s | × | prefill ms | × | TTFT image ms "
+                "| × | peak RSS MB | × | weights MB/token | bound tok/s | % of bound "
+                "| new tokens |", "|" + "---|" * 13]
+        for label, r in m["systems"].items():
+            if "error" in r:
+                out.append(f"| {label} | error: {r['error'][-300:].splitlines()[-1]} |")
+                continue
+            out.append(
+                f"| {label} | {r['decode_tokens_per_s']:.1f} | {_f(r.get('x_decode'), '.2f')} "
+                f"| {r['prefill_ms']:.1f} | {_f(r.get('x_prefill'), '.2f')} "
+                f"| {_f(r['ttft_image_ms'], '.1f')} | {_f(r.get('x_ttft_image'), '.2f')} "
+                f"| {r['peak_rss'] / 1e6:.0f} | {_f(r.get('x_peak_rss'), '.2f')} "
+                f"| {r['weight_bytes_per_token'] / 1e6:.1f} | {r['bound_tokens_per_s']:.0f} "
+                f"| {100 * r['fraction_of_bound']:.0f}% | {r['new_tokens']} |")
+        out += [""] + targets(m["systems"]) + ["", "Decode step, ours: the whole step against "
+                                                 "the decoder graph alone (plain session.run) "
+                                                 "and the embedding graph:", ""]
+        for label, r in m["systems"].items():
+            if "graph_nodes" in r and "decoder_graph_step_ms" in r:
+                other = r["step_ms"] - r["decoder_graph_step_ms"] - r["embed_graph_step_ms"]
+                out.append(f"- {label}: step {r['step_ms']:.2f} ms = decoder graph "
+                           f"{r['decoder_graph_step_ms']:.2f} + embed "
+                           f"{r['embed_graph_step_ms']:.2f} + other {other:.2f} ms; "
+                           f"{r['graph_nodes']} nodes in the decoder graph")
+            elif "graph_nodes" in r:
+                out.append(f"- {label}: {r['graph_nodes']} nodes in its graph")
+        out += ["", "onnxruntime profile (kernel time with profiling on, per run; nodes after "
+                "onnxruntime's graph optimizations):", ""]
+        for label, r in m["systems"].items():
+            if "profile_step" not in r:
+                continue
+            p = r["profile_step"]
+            mm = sum(v for k, v in p["by_op_ms"].items() if k.startswith(("MatMul", "Dynamic")))
+            out.append(f"- {label}, decode step: {p['kernel_ms']:.2f} ms in {p['nodes_run']} "
+                       f"nodes, of which MatMul-type {mm:.2f} ms; top ops "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in p["by_op_ms"].items()))
+            if "profile_image_prefill" in r:
+                q, v = r["profile_image_prefill"], r["profile_vision"]
+                out.append(f"  image prefill ({q['tokens']} tokens): {q['kernel_ms']:.1f} ms, "
+                           f"LM head over every position {q['lm_head_ms']:.1f} ms; vision "
+                           f"encoder {v['kernel_ms']:.1f} ms; top ops "
+                           + ", ".join(f"{k} {x:.1f}" for k, x in q["by_op_ms"].items()))
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgevlm_runtime_speed"))
+    parser.add_argument("--models", default="tiny-teacher,llama-150m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import numpy as np
+    from PIL import Image
+
+    from edgevlm.runtime.bench_report import machine_info
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    image = args.workdir / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8)).save(image)
+    bw = {str(n): bandwidth(n) for n in sorted({1, args.threads})}
+    log(f"bandwidth {', '.join(f'{k} thr {v / 1e9:.1f} GB/s' for k, v in bw.items())}")
+    machine = machine_info()
+    results = {"command": "nice " + shlex.join(["python", *sys.argv]),
+               "machine": machine.__dict__, "python": platform.python_version(),
+               "threads": args.threads, "repeats": args.repeats,
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+               "bandwidth_bytes_per_s": bw, "models": {}}
+    for name in args.models.split(","):
+        paths = prepare(name, args.workdir, args.threads)
+        text, ids = prompt_ids(paths["fp32"])
+        cfg = json.loads((paths["model"] / "config.json").read_text())["text_config"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        kv_bytes = (2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+                    * (PROMPT_TOKENS + NEW_TOKENS // 2))
+        rows = {}
+        for label, kind, variant in SYSTEMS:
+            if kind == "genai" and paths["genai_error"]:
+                rows[label] = {"error": paths["genai_error"]}
+                continue
+            log(f"{name}: {label}")
+            spec = {"kind": kind, "threads": args.threads, "repeats": args.repeats,
+                    "ids": ids, "text": text, "question": QUESTION, "new_tokens": NEW_TOKENS,
+                    "image": str(image), "model": str(paths["model"]),
+                    "export": str(paths.get(variant, "")), "genai": str(paths["genai"]),
+                    "precision": "int4" if variant == "int4-acc4" else variant}
+            rows[label] = measure(spec)
+        derive(rows, paths, kv_bytes, bw[str(args.threads)])
+        results["models"][name] = {"text_config": cfg, "kv_bytes_per_token": kv_bytes,
+                                   "systems": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "runtime_speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / "runtime_speed.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
