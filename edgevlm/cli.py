@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgevlm.cli_device import bench_, bench_table, run
 from edgevlm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -157,63 +158,6 @@ def eval_(
     _summary(f"eval {model}", rows, quiet)
 
 
-@app.command()
-def run(
-    target: Path = typer.Argument(..., help="Export folder made by `edgevlm export`"),
-    image: Optional[Path] = typer.Option(None, help="Image file (omit for a text-only prompt)"),
-    prompt: str = typer.Option(..., help="Question; the image goes before it unless it holds "
-                               "<image>"),
-    provider: str = typer.Option("auto", help="auto|cpu|cuda|tensorrt|coreml|nnapi|qnn|dml"),
-    max_new_tokens: int = typer.Option(64),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: ORT's)"),
-    precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8|int4 graphs of the "
-                                            "export (default: the manifest's)"),
-    temperature: float = typer.Option(0.0, help="0 is greedy"),
-    top_p: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
-    seed: Optional[int] = typer.Option(None),
-    stop: Optional[list[str]] = typer.Option(None, help="Stop before this text (repeatable)"),
-    quiet: bool = typer.Option(False, help="Only the answer, no timings"),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON, no stream"),
-) -> None:
-    """Answer a question about an image with the torch-free ONNX Runtime (streams the answer)."""
-    # The runtime only: this command must work on a device without torch or transformers.
-    from edgevlm.runtime import VLM
-
-    if not (target / "edgevlm.json").is_file() and (target / "config.json").is_file():
-        raise UserError(f"{target} is a model folder, not an export; run `edgevlm export "
-                        f"{target} --out DIR` and pass DIR")
-    vlm = VLM.load(target, provider=provider, threads=threads, precision=precision)
-    stream = vlm.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, stop=stop)
-    for piece in stream:
-        if not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    result = stream.result
-    t = result.timings
-    if as_json:
-        print(json.dumps({"text": result.text, "token_ids": list(result.token_ids),
-                          "finish_reason": result.finish_reason, "provider": vlm.provider,
-                          "precision": vlm.info.precision, "timings": t.__dict__}, indent=1))
-        return
-    sys.stdout.write("\n")
-    if quiet:
-        return
-    table = Table(title=f"run {target.name} on {vlm.provider} ({vlm.info.precision})",
-                  show_header=False)
-    for label, value in (("prompt tokens", t.n_prompt_tokens), ("new tokens", t.n_new_tokens),
-                         ("finish", result.finish_reason),
-                         ("preprocess", f"{t.preprocess_s * 1e3:.1f} ms"),
-                         ("vision encoder", f"{t.vision_s * 1e3:.1f} ms"),
-                         ("prefill", f"{t.prefill_s * 1e3:.1f} ms"),
-                         ("time to first token", f"{t.ttft_s * 1e3:.1f} ms"),
-                         ("decode", f"{t.decode_tokens_per_s:.1f} tokens/s"),
-                         ("total", f"{t.total_s:.3f} s")):
-        table.add_row(label, str(value))
-    console.print(table)
-
-
 @app.command("quantize")
 def quantize_(
     model: Path = typer.Argument(..., help="Float model folder"),
@@ -293,102 +237,6 @@ def export_(
     _summary("export", rows, quiet, as_json)
 
 
-@app.command("bench")
-def bench_(
-    targets: Optional[list[Path]] = typer.Argument(
-        None, help="Export folders (runtime) or model folders (torch reference); with "
-        "--compare, bench.json files"),
-    data: Optional[Path] = typer.Option(None, help="LLaVA-format evaluation JSON"),
-    report: Optional[Path] = typer.Option(None, help="Write bench.json, bench.md and bench.png "
-                                          "into this folder"),
-    limit: Optional[int] = typer.Option(None, help="Accuracy over the first N samples"),
-    repeats: int = typer.Option(3, help="Timed answers per timing sample"),
-    warmup: int = typer.Option(1, help="Untimed answers first"),
-    max_new_tokens: int = typer.Option(16),
-    timing_samples: int = typer.Option(4, help="The first N samples are timed"),
-    provider: str = typer.Option("auto", help="auto|cpu|cuda|tensorrt|coreml|nnapi|qnn|dml"),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: the "
-                                          "library's)"),
-    precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8|int4 graphs of an "
-                                            "export (default: the manifest's)"),
-    image_root: Optional[Path] = typer.Option(None),
-    compare: bool = typer.Option(False, "--compare", help="Merge the bench.json files given as "
-                                 "TARGETs (one per device) into one table and plot"),
-    quiet: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
-) -> None:
-    """Accuracy, time to first token, prefill, decode rate, memory and size of each target."""
-    # The runtime's bench: torch is imported (in a worker process) only for model folders.
-    from edgevlm.runtime.bench import BenchConfig, bench
-    from edgevlm.runtime.bench_report import load_report, merge, write_report
-
-    targets = targets or []
-    if compare:
-        if not targets:
-            raise UserError("--compare needs the bench.json files to merge, e.g. `edgevlm bench "
-                            "--compare phone/bench.json laptop/bench.json --report DIR`")
-        result = merge([load_report(t) for t in targets], [str(t) for t in targets])
-    else:
-        if data is None:
-            raise UserError("--data EVAL.json is required: the LLaVA-format samples to answer")
-        cfg = BenchConfig(limit=limit, warmup=warmup, repeats=repeats,
-                          max_new_tokens=max_new_tokens, provider=provider, threads=threads,
-                          timing_samples=timing_samples, precision=precision)
-        result = _bench_with_progress(bench, targets, data, cfg, image_root, quiet or as_json)
-    written = write_report(result, report) if report else []
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=1, default=str))
-    elif not quiet:
-        _bench_table(result, written)
-
-
-def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    if quiet:
-        return bench(targets, data, cfg, image_root)
-    tasks: dict[str, int] = {}
-    with Progress(TextColumn("[bold]bench {task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), console=console) as bar:
-        def update(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done)
-
-        return bench(targets, data, cfg, image_root, on_progress=update)
-
-
-def _bench_table(result, written: list[Path]) -> None:
-    def ms(s):
-        return f"{s.median * 1e3:.1f}" if s.n else "–"
-
-    devices = len(result.machines) > 1
-    table = Table(title=f"bench on {result.data} ({result.n_samples} samples)")
-    for col in (["device"] if devices else []) + [
-            "target", "runs on", "precision", "accuracy", "TTFT ms", "vision ms",
-            "prefill ms", "decode tok/s", "peak MB", "disk MB"]:
-        table.add_column(col, justify="left" if col in ("device", "target") else "right")
-    for t in result.targets:
-        rate = t.decode_tokens_per_s
-        runs_on = f"{'torch' if t.backend == 'transformers' else 'ort'}:{t.provider}"
-        table.add_row(*([t.device] if devices else []), t.name, runs_on, t.precision,
-                      f"{t.accuracy:.3f}", ms(t.ttft_s), ms(t.vision_s),
-                      ms(t.prefill_s), f"{rate.median:.1f}" if rate.n else "–",
-                      f"{t.peak_rss_bytes / 1e6:.0f}" if t.peak_rss_bytes else "–",
-                      f"{t.disk_bytes / 1e6:.2f}")
-    Console().print(table)
-    for path in written:
-        console.print(f"wrote {path}")
-
-
 @app.command()
 def distill(
     teacher: Path = typer.Option(..., help="Teacher model folder (LLaVA-family)"),
@@ -465,10 +313,14 @@ def demo(
         print(json.dumps({"stages": result.stages, "bench": result.bench}, indent=1))
         return
     if not quiet:
-        _bench_table(load_report(out / "report" / "bench.json"), [out / "report"])
+        bench_table(load_report(out / "report" / "bench.json"), [out / "report"])
         if quick:
             console.print("[yellow]--quick: tiny settings; these accuracies are a smoke test, "
                           "not a result. Run `edgevlm demo` for the real numbers.[/yellow]")
+
+
+app.command()(run)
+app.command("bench")(bench_)
 
 
 def main() -> None:
