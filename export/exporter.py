@@ -44,11 +44,20 @@ class ParityError(UserError):
         self.parity = parity
 
 
+# Component precisions each profile picks when none is given (decoder, vision, embedding).
+# gpu: fp16 for the compute-bound vision tower, MatMulNBits int4 for the memory-bound decoder;
+# the fp16 graphs keep RoPE, RMSNorm statistics and softmax in float32 as torch computes them.
+PROFILE_PRECISIONS = {"default": ("fp32", None, None), "mobile": ("fp16", None, None),
+                      "gpu": ("int4", "fp16", "fp16")}
+MOBILE_PRECISIONS = ("fp16",)  # what NNAPI and CoreML run without CPU fallback for the math
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    precision: str = "fp32"  # decoder, and the default for the other components
-    vision_precision: str | None = None  # None: same as `precision`
-    embed_precision: str | None = None  # None: same as `precision`
+    precision: str | None = None  # decoder, and the default for the other components; None:
+    # the profile's (PROFILE_PRECISIONS)
+    vision_precision: str | None = None  # None: the profile's, else same as `precision`
+    embed_precision: str | None = None  # None: the profile's, else same as `precision`
     block_size: int | None = None  # int4: input channels per scale / zero point; None: the
     # quantized checkpoint's group size, else DEFAULT_BLOCK
     opset: int = 17
@@ -56,14 +65,31 @@ class ExportConfig:
     overwrite: bool = False
     external_data: bool | None = None  # None: weights in <graph>.onnx_data above 1 GB
     new_tokens: int = 32  # greedy tokens compared with torch when validating
+    profile: str = "default"  # default | mobile (static shapes, NPU ops) | gpu
+    max_context: int | None = None  # mobile: cache slots; None: min(model limit, 1024)
+    readiness: bool = True  # mobile: measure NNAPI/CoreML coverage (and the ORT-format files)
 
     def __post_init__(self):
+        if self.profile not in contract.PROFILES:
+            raise UserError(f"--profile {self.profile!r} is unknown; choose one of "
+                            f"{', '.join(contract.PROFILES)}")
+        if self.precision is None:  # the profile's choice, written down for the manifest
+            p, v, e = PROFILE_PRECISIONS[self.profile]
+            object.__setattr__(self, "precision", p)
+            object.__setattr__(self, "vision_precision", self.vision_precision or v)
+            object.__setattr__(self, "embed_precision", self.embed_precision or e)
         for name in ("precision", "vision_precision", "embed_precision"):
             value = getattr(self, name)
             if value is not None and value not in contract.PRECISIONS:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value!r} is not a precision; choose one of "
                                 f"{', '.join(contract.PRECISIONS)}")
+            if self.profile == "mobile" and value is not None and value not in MOBILE_PRECISIONS:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} {value} is not available with --profile mobile: its "
+                                f"graphs are {', '.join(MOBILE_PRECISIONS)} (int8 and int4 "
+                                "here are CPU kernels, MatMulInteger and MatMulNBits, that "
+                                "neither NNAPI nor CoreML runs); drop the flag")
         if self.block_size is not None:
             int4.check_block_size(self.block_size)
         if not 14 <= self.opset <= 21:
@@ -71,6 +97,11 @@ class ExportConfig:
                             "at least 14; 17 is the default)")
         if self.new_tokens < 1:
             raise UserError(f"new_tokens {self.new_tokens} must be at least 1")
+        if self.max_context is not None and self.profile != "mobile":
+            raise UserError("--max-context sets the mobile profile's fixed cache; use it with "
+                            "--profile mobile")
+        if self.max_context is not None and self.max_context < 2:
+            raise UserError(f"--max-context {self.max_context} must be at least 2")
 
     def precisions(self) -> dict[str, str]:
         return {"vision_encoder": self.vision_precision or self.precision,
@@ -168,17 +199,24 @@ def _check_int4(model, precisions: dict[str, str], block_size: int) -> None:
 
 
 def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
-           num_layers: int) -> tuple[Path, bool]:
+           num_layers: int, shapes=None) -> tuple[Path, bool]:
     """Trace one component and write its weights; int8/int4 ones go to a scratch float graph
-    that `_finish` quantizes. Returns the graph's path and whether its weights are external."""
-    from edgevlm.export import weights
-    from edgevlm.export.graphs import example_inputs, wrapper
+    that `_finish` quantizes. Returns the graph's path and whether its weights are external.
+    `shapes` (edgevlm.export.mobile.StaticShapes) traces the mobile graphs with every axis
+    fixed."""
+    from edgevlm.export import graphs, mobile, weights
 
     path = out / contract.graph_file(component, precision)
     traced = path if precision in ("fp32", "fp16") else out / ".float" / path.name
-    module = wrapper(component, model)
-    onnx_io.trace_to_onnx(module, example_inputs(component, model.config), traced,
-                          contract.graph_io(component, num_layers), cfg.opset)
+    if shapes is None:
+        module = graphs.wrapper(component, model)
+        args = graphs.example_inputs(component, model.config)
+    else:
+        module = mobile.wrapper(component, model)
+        args = mobile.example_inputs(component, model.config, shapes)
+    onnx_io.trace_to_onnx(module, args, traced,
+                          contract.graph_io(component, num_layers, cfg.profile), cfg.opset,
+                          static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)
 
 
@@ -201,6 +239,27 @@ def _finish(component: str, precision: str, traced: Path, external: bool, out: P
     data = onnx_io.data_file(path)
     return ComponentFile(path.relative_to(out).as_posix(), precision, onnx_io.graph_bytes(path),
                          data.relative_to(out).as_posix() if data.exists() else None, kept)
+
+
+def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
+                   config: ExportConfig) -> dict:
+    """The mobile profile's rotary table, readiness figures and ORT-format graphs, as manifest
+    entries."""
+    import numpy as np
+
+    from edgevlm.export import readiness
+
+    np.save(tmp / contract.ROPE_FILE, rope)
+    out = {"static_shapes": shapes.to_dict(), "rope_file": contract.ROPE_FILE}
+    if config.readiness:
+        graphs = {c: tmp / f.file for c, f in files.items()}
+        measured = readiness.measure(graphs)
+        for miss in measured.misses:
+            log.warning("mobile readiness: %s", miss)
+        out["readiness"] = measured.to_dict()
+        ort_files = readiness.to_ort_format(graphs)
+        out["ort_format"] = {c: p.relative_to(tmp).as_posix() for c, p in ort_files.items()}
+    return out
 
 
 def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
@@ -227,6 +286,13 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     dims = text_dims(model.config)
     precisions = config.precisions()
     _check_int4(model, precisions, config.block_size)
+    shapes = rope = None
+    if config.profile == "mobile":
+        from edgevlm.export import mobile
+
+        mobile.check_supported(model)
+        shapes = mobile.static_shapes(model.config, config.max_context)
+        rope = mobile.rope_table(model, shapes.context)
     checkpoint = ({} if group is None or "int4" not in precisions.values()
                   else _checkpoint_weights(model, model_dir, precisions))
     ref = torch_reference(loaded, config.new_tokens) if config.validate else None
@@ -244,7 +310,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             if precisions[component] == "fp16" and model.dtype != torch.float16:
                 model.half()
             traced[component] = _trace(model, component, precisions[component], tmp, config,
-                                       dims.num_layers)
+                                       dims.num_layers, shapes)
             bar.update(1)
         int4_source = (None if "int4" not in precisions.values()
                        else "checkpoint" if any(checkpoint.values()) else "rtn")
@@ -261,9 +327,12 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         shutil.rmtree(tmp / ".float", ignore_errors=True)
         manifest.copy_model_files(model_dir, tmp)
         info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
+        if shapes is not None:
+            info.update(_mobile_extras(tmp, files, shapes, rope, config))
         parity = None
         if ref is not None:
-            parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims)
+            parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims,
+                              rope)
             info["parity"] = parity.to_dict()
             bar.update(1)
         if parity is not None and not parity.passed:

@@ -77,11 +77,13 @@ def build(loaded, dims, config, int4_source: str | None) -> dict:
     gen = model.generation_config
     return {
         "format_version": contract.FORMAT_VERSION,
+        "profile": config.profile,
         "model_type": model.config.model_type,
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
         "components": None,
-        "io": {c: contract.graph_io(c, dims.num_layers).to_dict() for c in contract.COMPONENTS},
+        "io": {c: contract.graph_io(c, dims.num_layers, config.profile).to_dict()
+               for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,
         "num_layers": dims.num_layers,
         "num_kv_heads": dims.num_kv_heads,

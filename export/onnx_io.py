@@ -25,14 +25,16 @@ def data_file(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + "_data")
 
 
-def trace_to_onnx(module, args: tuple, path: Path, io: GraphIO, opset: int) -> None:
+def trace_to_onnx(module, args: tuple, path: Path, io: GraphIO, opset: int,
+                  static: bool = False) -> None:
     """The graph of `module`, weights left as named inputs (edgevlm.export.weights fills them).
 
     The TorchScript tracer (dynamo=False) handles transformers' DynamicCache and the contract's
     dynamic axes (batch, sequence, past length 0..n) robustly. Constant folding is off because
     it would copy every Linear weight; onnxruntime folds the remaining shape arithmetic when it
     loads the graph. The tracer's warnings are about Python values it freezes (config sizes),
-    which is what we want, so they are silenced.
+    which is what we want, so they are silenced. `static` fixes every axis at the size of
+    `args` (the mobile profile).
     """
     import torch
 
@@ -40,7 +42,8 @@ def trace_to_onnx(module, args: tuple, path: Path, io: GraphIO, opset: int) -> N
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=list(io.inputs),
-                          output_names=list(io.outputs), dynamic_axes=io.dynamic_axes(),
+                          output_names=list(io.outputs),
+                          dynamic_axes={} if static else io.dynamic_axes(),
                           opset_version=opset, export_params=False, do_constant_folding=False,
                           keep_initializers_as_inputs=True, dynamo=False)
 

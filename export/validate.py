@@ -137,27 +137,62 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _empty_past(num_layers: int, dims) -> dict[str, np.ndarray]:
-    shape = (1, dims.num_kv_heads, 0, dims.head_dim)
-    return {n: np.zeros(shape, np.float32) for n in contract.past_names(num_layers)}
+class _Dynamic:
+    """The default graphs: any batch, a past that grows with every pass."""
+
+    def __init__(self, sessions: dict, dims):
+        self.s, self.dims = sessions, dims
+        self.names = contract.past_names(dims.num_layers)
+
+    def vision(self, pixels: np.ndarray) -> np.ndarray:
+        return self.s["vision_encoder"].run(None, {"pixel_values": pixels})[0]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:  # (1, S) -> (1, S, D)
+        return self.s["embed_tokens"].run(None, {"input_ids": ids})[0]
+
+    def new_state(self) -> dict:
+        shape = (1, self.dims.num_kv_heads, 0, self.dims.head_dim)
+        return {n: np.zeros(shape, np.float32) for n in self.names}
+
+    def decode(self, embeds, start: int, past: dict):
+        total = start + embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
+                 "position_ids": np.arange(start, total, dtype=np.int64)[None], **past}
+        out = self.s["decoder_model_merged"].run(None, feeds)
+        return out[0], dict(zip(self.names, out[1:], strict=True))
 
 
-def _decode(session, embeds, past, total: int, start: int, num_layers: int):
-    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
-             "position_ids": np.arange(start, total, dtype=np.int64)[None], **past}
-    out = session.run(None, feeds)
-    return out[0], dict(zip(contract.past_names(num_layers), out[1:], strict=True))
+class _Static:
+    """The mobile graphs: batch 1, fixed passes over a fixed cache (edgevlm.runtime.static)."""
+
+    def __init__(self, sessions: dict, dims, rope: np.ndarray):
+        from edgevlm.runtime.static import StaticGraphs
+
+        self.s = sessions
+        self.g = StaticGraphs(sessions["embed_tokens"], sessions["decoder_model_merged"], rope,
+                              dims.num_layers)
+
+    def vision(self, pixels: np.ndarray) -> np.ndarray:
+        run = self.s["vision_encoder"].run
+        return np.concatenate([run(None, {"pixel_values": p[None]})[0] for p in pixels])
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.g.embed(ids[0])
+
+    def new_state(self):
+        return self.g.new_cache()
+
+    def decode(self, embeds, start: int, cache):
+        return self.g.decode(embeds, start, cache), cache
 
 
-def _greedy(sessions: dict, ref: Reference, dims) -> tuple[list[int], np.ndarray]:
+def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
     """The numpy generation loop over the three graphs; returns tokens and each step's logits."""
-    n_layers = dims.num_layers
-    feats = sessions["vision_encoder"].run(None, {"pixel_values": ref.pixel_values[:1]})[0]
-    embeds = sessions["embed_tokens"].run(None, {"input_ids": ref.input_ids})[0]
+    feats = graphs.vision(ref.pixel_values[:1])
+    embeds = graphs.embed(ref.input_ids)
     embeds[ref.input_ids == ref.image_token_id] = feats.reshape(-1, feats.shape[-1])
     total = ref.input_ids.shape[1]
-    logits, past = _decode(sessions["decoder_model_merged"], embeds, _empty_past(n_layers, dims),
-                           total, 0, n_layers)
+    logits, past = graphs.decode(embeds, 0, graphs.new_state())
     tokens, steps = [], []
     for _ in range(len(ref.tokens)):
         step = logits[0, -1]
@@ -165,26 +200,25 @@ def _greedy(sessions: dict, ref: Reference, dims) -> tuple[list[int], np.ndarray
         masked = step.copy()
         masked[ref.suppressed] = -np.inf
         tokens.append(int(masked.argmax()))
-        embeds = sessions["embed_tokens"].run(None, {"input_ids": np.array([[tokens[-1]]])})[0]
-        logits, past = _decode(sessions["decoder_model_merged"], embeds, past, total + 1, total,
-                               n_layers)
+        embeds = graphs.embed(np.array([[tokens[-1]]]))
+        logits, past = graphs.decode(embeds, total, past)
         total += 1
     return tokens, np.stack(steps)
 
 
-def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims) -> Parity:
-    """Compare the graphs at `paths` (one per component) with the torch reference."""
+def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims,
+             rope: np.ndarray | None = None) -> Parity:
+    """Compare the graphs at `paths` (one per component) with the torch reference. `rope`
+    (the mobile profile's cos/sin table) selects the static graphs' calling convention."""
     sessions = {c: _session(p) for c, p in paths.items()}
+    graphs = _Dynamic(sessions, dims) if rope is None else _Static(sessions, dims, rope)
     merged = ref.inputs_embeds.copy()
     merged[ref.input_ids == ref.image_token_id] = ref.image_features[0].reshape(
         -1, ref.image_features.shape[-1])
     outputs = {
-        "vision_encoder": sessions["vision_encoder"].run(
-            None, {"pixel_values": ref.pixel_values})[0],
-        "embed_tokens": sessions["embed_tokens"].run(None, {"input_ids": ref.input_ids})[0],
-        "decoder_model_merged": _decode(sessions["decoder_model_merged"], merged,
-                                        _empty_past(dims.num_layers, dims),
-                                        merged.shape[1], 0, dims.num_layers)[0],
+        "vision_encoder": graphs.vision(ref.pixel_values),
+        "embed_tokens": graphs.embed(ref.input_ids),
+        "decoder_model_merged": graphs.decode(merged, 0, graphs.new_state())[0],
     }
     wanted = {"vision_encoder": ref.image_features, "embed_tokens": ref.inputs_embeds,
               "decoder_model_merged": ref.prompt_logits}
@@ -192,7 +226,7 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     failures = [f"{c} ({e.precision}): max-abs error {e.max_abs:.3g} is over {e.tolerance:.3g}"
                 for c, e in errors.items() if not e.passed]
 
-    tokens, steps = _greedy(sessions, ref, dims)
+    tokens, steps = _greedy(graphs, ref)
     prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref.tokens, strict=True))
                    if a != b), len(tokens))
     compared = min(prefix + 1, len(tokens))  # the step that diverged still saw equal prefixes

@@ -10,6 +10,15 @@ transformers.js / SmolVLM ONNX releases:
       past_key_values.{i}.key|value [B,kv,P,hd]  -> logits [B,S,V], present.{i}.key|value
   edgevlm.json                    the manifest below
 The first decoder step passes a past of length P=0, so one graph serves prefill and decode.
+
+Profiles (edgevlm.json "profile"): "default" and "gpu" use the graphs above; "mobile" fixes
+every shape (batch 1, image S x S, K tokens per decoder pass, a cache of C slots) and feeds what
+the default decoder computes inside (mobile_decoder_io):
+  inputs_embeds [1,K,D], attention_mask [1,1,K,C+K] (additive float: 0 keeps, MASK_VALUE hides),
+  rope_cos|rope_sin [1,K,hd] (rows of ROPE_FILE at the K positions),
+  past_key_values.{i}.key|value [1,kv,C,hd] (slot p holds position p; unfilled slots masked)
+  -> logits [1,K,V], present.{i}.key|value [1,kv,K,hd] (the K new entries, for the caller to
+  write into its cache at their positions).
 Torch-free: standard library only.
 """
 
@@ -17,7 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the "profile" key and the mobile graphs; 1 (no profile) still reads
+PROFILES = ("default", "mobile", "gpu")
+ROPE_FILE = "onnx/rope_cos_sin.npy"  # mobile: float32 (2, C, hd), cos then sin per position
+MASK_VALUE = -65504.0  # mobile attention_mask for hidden slots: finite in float16 too
 MANIFEST = "edgevlm.json"
 ONNX_DIR = "onnx"
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
@@ -81,14 +93,28 @@ def decoder_io(num_layers: int) -> GraphIO:
         outputs={"logits": ("batch", "sequence", "vocab"), **present})
 
 
-def graph_io(component: str, num_layers: int) -> GraphIO:
-    """The declared IO of one component (the decoder's depends on its layer count)."""
+def mobile_decoder_io(num_layers: int) -> GraphIO:
+    """The mobile profile's decoder; every axis is fixed at export (see the module docstring)."""
+    past = {n: (1, "kv_heads", "context", "head_dim") for n in past_names(num_layers)}
+    present = {n: (1, "kv_heads", "step", "head_dim") for n in present_names(num_layers)}
+    return GraphIO(
+        inputs={"inputs_embeds": (1, "step", "hidden"),
+                "attention_mask": (1, 1, "step", "context_plus_step"),
+                "rope_cos": (1, "step", "head_dim"), "rope_sin": (1, "step", "head_dim"),
+                **past},
+        outputs={"logits": (1, "step", "vocab"), **present})
+
+
+def graph_io(component: str, num_layers: int, profile: str = "default") -> GraphIO:
+    """The declared IO of one component (the decoder's depends on its layer count). The mobile
+    profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
+    assert profile in PROFILES, f"unknown profile {profile}"
     if component == "vision_encoder":
         return vision_io()
     if component == "embed_tokens":
         return embed_io()
-    return decoder_io(num_layers)
+    return mobile_decoder_io(num_layers) if profile == "mobile" else decoder_io(num_layers)
 
 
 # Every graph takes and returns float32 tensors (int64 for ids, mask and positions) at every

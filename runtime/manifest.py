@@ -16,7 +16,15 @@ from typing import Any
 
 from edgevlm.errors import UserError
 from edgevlm.runtime.chat import special_tokens_from_config
-from edgevlm.runtime.contract import COMPONENTS, FORMAT_VERSION, MANIFEST, PRECISIONS, graph_file
+from edgevlm.runtime.contract import (
+    COMPONENTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    PRECISIONS,
+    PROFILES,
+    ROPE_FILE,
+    graph_file,
+)
 from edgevlm.runtime.preprocess import ImageProcessorConfig
 
 REEXPORT = "re-run `edgevlm export MODEL --out DIR`"
@@ -41,6 +49,14 @@ class ExportInfo:
     special_tokens: dict[str, str]
     image_processor: ImageProcessorConfig
     tokenizer_file: Path
+    profile: str = "default"  # contract.PROFILES; "mobile" runs the static graphs
+    context: int | None = None  # mobile: the fixed cache's positions (prompt + answer)
+    rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
+
+    @property
+    def max_tokens(self) -> int:
+        """Positions a prompt and its answer may take together."""
+        return self.context or self.max_position_embeddings
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_image_tokens",
@@ -53,6 +69,13 @@ class ExportInfo:
             raise UserError(f"{self.root}: no eos_token_id in edgevlm.json, generation_config.json "
                             f"or config.json, so generation could never stop; {REEXPORT}")
         assert set(self.graphs) == set(COMPONENTS), f"graphs for {sorted(self.graphs)}"
+        if self.profile not in PROFILES:
+            raise UserError(f"{self.root / MANIFEST}: profile {self.profile!r} is unknown to this "
+                            f"runtime (it knows {', '.join(PROFILES)}): pip install -U edgevlm")
+        if self.profile == "mobile" and (self.context is None or self.rope_file is None
+                                         or not self.rope_file.is_file()):
+            raise UserError(f"{self.root}: a mobile export needs static_shapes.context and "
+                            f"{ROPE_FILE} in {MANIFEST}; {REEXPORT} --profile mobile")
 
 
 def _json(path: Path, required: bool = False) -> dict:
@@ -176,7 +199,10 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         chat_template=_chat_template(root, m, tok_cfg),
         special_tokens=special_tokens_from_config(tok_cfg),
         image_processor=_image_processor(root, m),
-        tokenizer_file=tokenizer_file)
+        tokenizer_file=tokenizer_file,
+        profile=m.get("profile", "default"),
+        context=(m.get("static_shapes") or {}).get("context"),
+        rope_file=root / m["rope_file"] if m.get("rope_file") else None)
 
 
 

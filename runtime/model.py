@@ -30,9 +30,10 @@ from edgevlm.errors import UserError
 from edgevlm.runtime import contract
 from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
 from edgevlm.runtime.manifest import ExportInfo, read_export
-from edgevlm.runtime.preprocess import preprocess
+from edgevlm.runtime.preprocess import load_image, preprocess
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
 from edgevlm.runtime.session import Provider, SessionConfig, check_io, open_session, resolve
+from edgevlm.runtime.static import StaticGraphs
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -52,6 +53,8 @@ class Timings:
     total_s: float
     n_prompt_tokens: int  # after image-token expansion
     n_new_tokens: int
+    image_resized_from: tuple[int, int] | None = None  # (W, H) of an image that was resized
+    # to the vision encoder's input size (the fixed size of a mobile export)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class GenerationResult:
 class _Prepared:
     ids: np.ndarray  # (S,) int64, image tokens expanded
     pixels: np.ndarray | None  # (1, 3, H, W) float32
+    resized_from: tuple[int, int] | None  # (W, H) of the image when it was not the input size
     t0: float
     preprocess_s: float
 
@@ -118,6 +122,12 @@ class VLM:
             image_id = tokenizer.token_to_id("<image>")
         self.image_token_id = image_id
         self.image_tag = tokenizer.id_to_token(image_id) if image_id is not None else None
+        # A mobile export's static graphs: a fixed cache the runtime fills by position.
+        self._static = None
+        if info.profile == "mobile":
+            self._static = StaticGraphs(self._embed, self._decoder, np.load(info.rope_file),
+                                        info.num_layers)
+        self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[2:])
 
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
@@ -136,7 +146,7 @@ class VLM:
             path = info.graphs[component]
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto")
-            io = contract.graph_io(component, info.num_layers)
+            io = contract.graph_io(component, info.num_layers, info.profile)
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
@@ -195,22 +205,38 @@ class VLM:
             raise UserError(f"the prompt has {n_tags} image placeholder(s) but no image was "
                             "given; pass an image or remove the placeholder")
         ids = expand_image_tokens(ids, self.image_token_id, self.info.num_image_tokens)
-        limit = self.info.max_position_embeddings
+        limit = self.info.max_tokens
         if len(ids) >= limit:
             counted = f" (with the image's {self.info.num_image_tokens})" if n_tags else ""
-            raise UserError(f"the prompt is {len(ids)} tokens{counted} but the model's limit is "
-                            f"{limit} (max_position_embeddings); shorten the prompt")
-        pixels = None
+            what = (f"the mobile export's fixed context is {limit} (static_shapes.context); "
+                    "shorten the prompt or re-export with a larger --max-context"
+                    if self._static is not None else
+                    f"the model's limit is {limit} (max_position_embeddings); shorten the prompt")
+            raise UserError(f"the prompt is {len(ids)} tokens{counted} but {what}")
+        pixels = resized_from = None
         if image is not None:
-            pixels = preprocess(image, self.info.image_processor).astype(self._pixel_dtype)
-        return _Prepared(np.asarray(ids, dtype=np.int64), pixels, t0, time.perf_counter() - t0)
+            img = load_image(image)
+            pixels = preprocess(img, self.info.image_processor).astype(self._pixel_dtype)
+            fixed = self._image_size
+            if all(isinstance(d, int) for d in fixed) and pixels.shape[2:] != fixed:
+                raise UserError(f"the image processor settings give {pixels.shape[2:]} pixels but "
+                                f"the vision encoder takes {fixed}; re-export")
+            if (img.height, img.width) != pixels.shape[2:]:
+                resized_from = (img.width, img.height)
+        return _Prepared(np.asarray(ids, dtype=np.int64), pixels, resized_from, t0,
+                         time.perf_counter() - t0)
 
     def _embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        if self._static is not None:
+            return self._static.embed(ids)
         return self._embed.run(["inputs_embeds"], {"input_ids": ids[None]})[0]  # (1, S, D)
 
     def _decode(self, embeds: np.ndarray, start: int, past: list) -> tuple[np.ndarray, list]:
         """One decoder pass over `embeds` at positions start.. ; returns the last logits (V,)
-        and the presents (OrtValues, on the provider's device) to feed as the next past."""
+        and the presents (OrtValues, on the provider's device) to feed as the next past. A
+        mobile export's `past` is its StaticCache, filled in place."""
+        if self._static is not None:
+            return self._static.decode(embeds, start, past)[0, -1], past
         seq = embeds.shape[1]
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds.astype(self._embeds_dtype, copy=False))
@@ -252,12 +278,12 @@ class VLM:
                 raise UserError(f"the vision encoder gives {feats.shape[1]} image features but "
                                 f"the manifest says num_image_tokens={len(slots)}; re-export")
             embeds[0, slots] = feats[0].astype(embeds.dtype)  # (N_img, D) into the image slots
-        past = self._empty_past()
+        past = self._static.new_cache() if self._static is not None else self._empty_past()
         for start in range(0, embeds.shape[1], self.prefill_chunk):
             logits, past = self._decode(embeds[:, start: start + self.prefill_chunk], start, past)
         prefill_s = time.perf_counter() - t
         n_prompt = len(p.ids)
-        budget = min(cfg.max_new_tokens, self.info.max_position_embeddings - n_prompt)
+        budget = min(cfg.max_new_tokens, self.info.max_tokens - n_prompt)
         detok, stops = StreamDecoder(self.tokenizer), StopFilter(cfg.stop)
         ids, pieces, finish, ttft, steps = [], [], "length", 0.0, 0
         t_decode = time.perf_counter()
@@ -293,5 +319,5 @@ class VLM:
         n_new = len(ids)
         rate = steps / decode_s if steps and decode_s > 0 else float("nan")
         timings = Timings(p.preprocess_s, vision_s, prefill_s, ttft, decode_s, rate,
-                          end - p.t0, n_prompt, n_new)
+                          end - p.t0, n_prompt, n_new, p.resized_from)
         return GenerationResult("".join(pieces).strip(), tuple(ids), finish, timings)
