@@ -201,8 +201,9 @@ def quantize_(
 def export_(
     model: Path = typer.Argument(..., help="Model folder (a LLaVA checkpoint)"),
     out: Path = typer.Option(..., help="Export folder to create"),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 | int4: the decoder, and the "
-                                  "other components unless set below"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int4: the decoder, "
+                                            "and the other components unless set below "
+                                            "(default: the profile's)"),
     vision_precision: Optional[str] = typer.Option(None, help="Vision encoder precision"),
     embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
     block_size: Optional[int] = typer.Option(None, help="int4: input channels per scale and "
@@ -212,6 +213,12 @@ def export_(
                                   help="Check parity with the torch model before writing"),
     external_data: bool = typer.Option(False, help="Always keep weights in <graph>.onnx_data "
                                        "(default: only above 1 GB)"),
+    profile: str = typer.Option("default", help="default (fp32, dynamic shapes) | mobile (static "
+                                "shapes, NNAPI/CoreML ops, fp16, ORT format) | gpu (fp16 vision "
+                                "and embedding, int4 MatMulNBits decoder)"),
+    max_context: Optional[int] = typer.Option(None, help="--profile mobile: positions the fixed "
+                                              "KV cache holds, prompt with image tokens plus "
+                                              "answer (default: min(model limit, 1024))"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -222,9 +229,10 @@ def export_(
 
     cfg = ExportConfig(precision=precision, vision_precision=vision_precision,
                        embed_precision=embed_precision, block_size=block_size, validate=validate,
-                       overwrite=overwrite, external_data=True if external_data else None)
+                       overwrite=overwrite, external_data=True if external_data else None,
+                       profile=profile, max_context=max_context)
     result = export(model, out, cfg, quiet=quiet or as_json)
-    rows: dict = {"out": out}
+    rows: dict = {"out": out, "profile": profile}
     for name, f in result.components.items():
         rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
     if result.parity is not None:
@@ -235,6 +243,24 @@ def export_(
         rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
     rows["seconds"] = result.seconds
     _summary("export", rows, quiet, as_json)
+    if result.readiness is not None and not as_json:
+        _readiness_table(result.readiness, quiet)
+
+
+def _readiness_table(readiness, quiet: bool) -> None:
+    """Share of nodes and partitions per provider, the figures stored in edgevlm.json."""
+    from edgevlm.export.readiness import EP_TITLES
+
+    if not quiet:
+        table = Table(title="mobile readiness (onnxruntime check_onnx_model_mobile_usability)")
+        table.add_column("component")
+        for title in EP_TITLES.values():
+            table.add_column(title, justify="right")
+        for component, eps in readiness.components.items():
+            table.add_row(component, *(f"{r.share:.0%} in {r.partitions}" for r in eps.values()))
+        console.print(table)
+    for miss in readiness.misses:
+        console.print(f"[yellow]target missed:[/yellow] {miss}", highlight=False)
 
 
 @app.command()

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import UserError
-from edgevlm.export import int4, onnx_io
+from edgevlm.export import int4, onnx_io, readiness
 from edgevlm.export import precision as prec
 from edgevlm.export.validate import Parity
 from edgevlm.runtime import contract
@@ -124,6 +124,7 @@ class ExportResult:
     components: dict[str, ComponentFile]
     parity: Parity | None
     seconds: float
+    readiness: readiness.Readiness | None = None  # mobile: NNAPI/CoreML coverage per graph
 
 
 DEFAULT_BLOCK = 32
@@ -247,8 +248,6 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
     entries."""
     import numpy as np
 
-    from edgevlm.export import readiness
-
     np.save(tmp / contract.ROPE_FILE, rope)
     out = {"static_shapes": shapes.to_dict(), "rope_file": contract.ROPE_FILE}
     if config.readiness:
@@ -256,7 +255,7 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
         measured = readiness.measure(graphs)
         for miss in measured.misses:
             log.warning("mobile readiness: %s", miss)
-        out["readiness"] = measured.to_dict()
+        out["readiness"] = measured
         ort_files = readiness.to_ort_format(graphs)
         out["ort_format"] = {c: p.relative_to(tmp).as_posix() for c, p in ort_files.items()}
     return out
@@ -338,5 +337,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         if parity is not None and not parity.passed:
             raise ParityError(f"exported graphs do not match torch: {'; '.join(parity.failures)}"
                               " (nothing was written; --no-validate exports anyway)", parity)
+        measured = info.get("readiness")
+        if measured is not None:
+            info["readiness"] = measured.to_dict()
         (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-    return ExportResult(out, files, parity, time.time() - t0)
+    return ExportResult(out, files, parity, time.time() - t0, measured)

@@ -32,7 +32,14 @@ from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_
 from edgevlm.runtime.manifest import ExportInfo, read_export
 from edgevlm.runtime.preprocess import load_image, preprocess
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
-from edgevlm.runtime.session import Provider, SessionConfig, check_io, open_session, resolve
+from edgevlm.runtime.session import (
+    Provider,
+    SessionConfig,
+    TensorrtConfig,
+    check_io,
+    open_session,
+    resolve,
+)
 from edgevlm.runtime.static import StaticGraphs
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -131,21 +138,26 @@ class VLM:
 
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
-             precision: str | None = None, prefill_chunk: int = 512) -> VLM:
+             precision: str | None = None, prefill_chunk: int = 512,
+             trt_cache: str | Path | None = None, trt_fp16: bool = True) -> VLM:
         """Open an export directory made by `edgevlm export` (see `read_export` for the files).
 
         provider: "auto" (best available; `vlm.provider` says which) or cpu, cuda, tensorrt,
         coreml, nnapi, qnn, dml. threads: intra-op threads (None: onnxruntime's default).
-        precision: which graphs of the export (None: those the manifest names)."""
+        precision: which graphs of the export (None: those the manifest names).
+        trt_cache, trt_fp16: with provider "tensorrt", where its engines are kept (default:
+        EXPORT/trt_cache) and whether they are built in fp16."""
         t0 = time.perf_counter()
         cfg = SessionConfig(provider, threads)
         chosen = resolve(cfg.provider)
         info = read_export(export_dir, precision)
+        trt = TensorrtConfig(Path(trt_cache or Path(export_dir) / "trt_cache"), trt_fp16) \
+            if chosen.chosen == "tensorrt" else None
         sessions = {}
         for component in contract.COMPONENTS:
             path = info.graphs[component]
             session, chosen = open_session(path, chosen, cfg.threads,
-                                           strict=cfg.provider != "auto")
+                                           strict=cfg.provider != "auto", trt=trt)
             io = contract.graph_io(component, info.num_layers, info.profile)
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session

@@ -45,6 +45,36 @@ AUTO_ORDER = ("cuda", "coreml", "qnn", "dml", "nnapi", "cpu")
 # Where presents/pasts may stay between decoder steps (IOBinding device names).
 DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda"}
 
+# Providers behind the chosen one, for the nodes it does not take: TensorRT has no kernel for
+# onnxruntime's contrib ops (MatMulNBits of an int4 decoder), which then run on CUDA, not CPU.
+FALLBACKS = {"tensorrt": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+@dataclass(frozen=True)
+class TensorrtConfig:
+    """TensorRT builds an engine per graph (minutes for a large decoder): keep them in
+    `cache_dir` so the next load reuses them, and build them in fp16 unless told not to."""
+
+    cache_dir: Path
+    fp16: bool = True
+
+    def options(self) -> dict[str, str]:
+        """The TensorRT provider's options (onnxruntime's names; values as strings)."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(self.cache_dir),
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(self.cache_dir),
+                "trt_fp16_enable": str(self.fp16)}
+
+
+def provider_chain(provider: Provider, trt: TensorrtConfig | None = None) -> list:
+    """onnxruntime's `providers` list: the chosen provider (with its options) then fallbacks."""
+    first = provider.ort_name
+    if provider.chosen == "tensorrt" and trt is not None:
+        first = (provider.ort_name, trt.options())
+    if provider.chosen == "cpu":
+        return [first]
+    return [first, *FALLBACKS.get(provider.chosen, ("CPUExecutionProvider",))]
+
 
 @dataclass(frozen=True)
 class SessionConfig:
@@ -108,7 +138,8 @@ def options(threads: int | None, provider: str = "cpu") -> ort.SessionOptions:
 
 
 def open_session(path: str | Path, provider: Provider, threads: int | None = None,
-                 strict: bool = True) -> tuple[ort.InferenceSession, Provider]:
+                 strict: bool = True, trt: TensorrtConfig | None = None
+                 ) -> tuple[ort.InferenceSession, Provider]:
     """An InferenceSession on `provider` (CPU kept as fallback for ops the provider lacks) and
     the provider it really runs on. onnxruntime quietly drops a provider that fails to start
     (a missing CUDA library, say); `strict` turns that into a UserError, otherwise ("auto") the
@@ -116,7 +147,7 @@ def open_session(path: str | Path, provider: Provider, threads: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise UserError(f"graph {path} is missing; re-run `edgevlm export` to rebuild the export")
-    chain = [provider.ort_name] + (["CPUExecutionProvider"] if provider.chosen != "cpu" else [])
+    chain = provider_chain(provider, trt)
     try:
         session = ort.InferenceSession(str(path), sess_options=options(threads, provider.chosen),
                                        providers=chain)
