@@ -236,6 +236,8 @@ def _finish(component: str, precision: str, traced: Path, external: bool, out: P
         if kept:
             log.warning("%s %s: %d weight matri%s kept in float (%s)", component, precision,
                         len(kept), "x" if len(kept) == 1 else "ces", ", ".join(kept))
+    if cfg.profile == "mobile":
+        onnx_io.fold_constants(path, external)
     onnx_io.check(path)
     data = onnx_io.data_file(path)
     return ComponentFile(path.relative_to(out).as_posix(), precision, onnx_io.graph_bytes(path),

@@ -90,3 +90,27 @@ def gather_external_data(path: Path) -> None:
 def check(path: Path) -> None:
     """onnx.checker by path, so graphs with external data (and over 2 GB) are checked too."""
     onnx.checker.check_model(str(path))
+
+
+def fold_constants(path: Path, external: bool) -> None:
+    """Rewrite the graph at `path` as onnxruntime's basic-level optimizer leaves it: constant
+    shape arithmetic (Unsqueeze/Concat/ConstantOfShape of constants) folded into initializers,
+    no fused or device-specific ops. A static graph then holds only the ops it computes with,
+    which is what ORT Mobile and the readiness checker see after loading it anyway."""
+    import onnxruntime as ort
+
+    folded = path.with_name(path.stem + ".folded.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(folded)
+    opts.log_severity_level = 3
+    if external:
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      data_file(folded).name)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(folded))
+    folded.unlink()
+    data_file(folded).unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_file(path).name)
