@@ -1,0 +1,154 @@
+"""Mobile and gpu exports through the same VLM.load: same greedy answers as the default export
+on the shapes eval, the fixed context and image size of a mobile export, TensorRT options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from edgevlm.errors import UserError
+from edgevlm.runtime import VLM
+from edgevlm.runtime.metrics import Score
+from edgevlm.runtime.session import TensorrtConfig, provider_chain, resolve
+
+NEW_TOKENS = 8
+CONTEXT = 48  # the prompts are ~33 tokens with the 9 image tokens
+
+
+def _export(root, model_dir, profile: str, **kw):
+    from edgevlm.export import ExportConfig, export
+
+    out = root / profile
+    export(model_dir, out, ExportConfig(profile=profile, validate=False, readiness=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, model_dir, export_dir):
+    root = tmp_path_factory.mktemp("profiles")
+    return {"default": export_dir,
+            "mobile": _export(root, model_dir, "mobile", max_context=CONTEXT),
+            "gpu": _export(root, model_dir, "gpu")}
+
+
+@pytest.fixture(scope="module")
+def exports_fp16_gpu(tmp_path_factory, model_dir):
+    return _export(tmp_path_factory.mktemp("gpu16"), model_dir, "gpu", precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def answers(exports, eval_samples):
+    out = {}
+    for profile, path in exports.items():
+        vlm = VLM.load(path, provider="cpu", threads=1)
+        results = [vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS)
+                   for s in eval_samples]
+        score = Score()
+        for s, r in zip(eval_samples, results, strict=True):
+            score.add(r.text, s.answer)
+        out[profile] = (vlm, results, score.accuracy)
+    return out
+
+
+def test_mobile_gives_the_default_exports_greedy_answers(answers):
+    _, default, acc = answers["default"]
+    vlm, mobile, mobile_acc = answers["mobile"]
+    assert vlm.info.profile == "mobile" and vlm.info.context == CONTEXT
+    assert len({r.token_ids for r in default}) > 1, "answers should differ between images"
+    assert [r.token_ids for r in mobile] == [r.token_ids for r in default]
+    assert abs(mobile_acc - acc) <= 0.01
+
+
+def test_gpu_export_keeps_the_default_exports_answers(answers):
+    _, default, acc = answers["default"]
+    vlm, gpu, gpu_acc = answers["gpu"]
+    assert vlm.info.precision == "mixed"  # fp16 vision and embedding, int4 decoder
+    assert abs(gpu_acc - acc) <= 0.01
+    # Rounding a random model's decoder to int4 moves its near-tied logits; the first token,
+    # chosen from the image and prompt alone, must still agree on most images.
+    first = sum(g.token_ids[:1] == d.token_ids[:1] for g, d in zip(gpu, default, strict=True))
+    assert first >= len(default) - 2, first
+
+
+def test_gpu_profile_with_fp16_decoder_gives_the_same_answers(exports_fp16_gpu, answers,
+                                                               eval_samples):
+    _, default, _ = answers["default"]
+    vlm = VLM.load(exports_fp16_gpu, provider="cpu", threads=1)
+    got = [vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS).token_ids
+           for s in eval_samples]
+    assert sum(g == d.token_ids for g, d in zip(got, default, strict=True)) >= len(default) - 1
+
+
+def test_mobile_rejects_a_prompt_longer_than_its_context(answers, eval_samples):
+    vlm = answers["mobile"][0]
+    long = "Describe every shape. " * 10
+    with pytest.raises(UserError, match=f"fixed context is {CONTEXT}.*--max-context"):
+        vlm.generate(eval_samples[0].image, long)
+    # The answer stops at the last cache slot instead of overrunning it.
+    out = vlm.generate(eval_samples[0].image, eval_samples[0].question, max_new_tokens=100)
+    assert out.timings.n_prompt_tokens + out.timings.n_new_tokens <= CONTEXT
+    assert out.finish_reason in ("length", "eos")
+
+
+def test_mobile_resizes_another_image_size_and_says_so(answers, eval_samples):
+    vlm = answers["mobile"][0]
+    sample = eval_samples[0]
+    native = vlm.generate(sample.image, sample.question, max_new_tokens=2)
+    assert native.timings.image_resized_from is None  # shapes images are 48 px, the fixed size
+    big = Image.new("RGB", (96, 64), "blue")
+    out = vlm.generate(big, sample.question, max_new_tokens=2)
+    assert out.timings.image_resized_from == (96, 64)
+    assert len(out.token_ids) == 2
+
+
+def test_mobile_export_reads_back_its_manifest(exports):
+    manifest = json.loads((exports["mobile"] / "edgevlm.json").read_text())
+    assert manifest["profile"] == "mobile" and manifest["static_shapes"]["context"] == CONTEXT
+    broken = dict(manifest, rope_file="onnx/missing.npy")
+    (exports["mobile"] / "edgevlm.json").write_text(json.dumps(broken))
+    try:
+        with pytest.raises(UserError, match="rope_cos_sin.npy"):
+            VLM.load(exports["mobile"], provider="cpu")
+    finally:
+        (exports["mobile"] / "edgevlm.json").write_text(json.dumps(manifest))
+
+
+def test_tensorrt_options_cache_engines_and_fall_back_to_cuda(tmp_path):
+    trt = TensorrtConfig(tmp_path / "engines", fp16=True)
+    provider = resolve("cpu")
+    assert provider_chain(provider, trt) == ["CPUExecutionProvider"]
+    from edgevlm.runtime.session import PROVIDERS, Provider
+
+    chain = provider_chain(Provider("tensorrt", PROVIDERS["tensorrt"]), trt)
+    name, options = chain[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_enable"] == "True"
+    assert options["trt_engine_cache_path"] == str(tmp_path / "engines")
+    assert options["trt_fp16_enable"] == "True"
+    assert (tmp_path / "engines").is_dir()
+    assert chain[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "TensorrtExecutionProvider" in ort.get_all_providers()
+
+
+def test_gpu_export_on_a_missing_provider_names_the_package(exports):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(UserError, match="onnxruntime-gpu"):
+            VLM.load(exports["gpu"], provider=provider)
+
+
+def test_kv_cache_stays_in_ort_values_between_steps(answers, eval_samples):
+    """The gpu path binds presents as OrtValues on the provider's device; on CPU the same code
+    runs, and a decode step's past is the previous step's present, never copied to numpy."""
+    vlm = answers["gpu"][0]
+    embeds = vlm._embed_ids(np.asarray([1, 2, 3], np.int64))
+    logits, past = vlm._decode(embeds, 0, vlm._empty_past())
+    assert all(isinstance(p, ort.OrtValue) for p in past)
+    assert past[0].shape()[2] == 3 and past[0].device_name() == "cpu"
+    _, past2 = vlm._decode(vlm._embed_ids(np.asarray([4], np.int64)), 3, past)
+    assert past2[0].shape()[2] == 4 and logits.ndim == 1 and np.isfinite(logits).all()
