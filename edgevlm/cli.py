@@ -98,7 +98,7 @@ def init(
 @app.command()
 def train(
     model: Path = typer.Argument(..., help="Model folder to start from"),
-    data: Path = typer.Argument(..., help="LLaVA-format JSON"),
+    data: list[Path] = typer.Argument(..., help="LLaVA-format JSON; several files are mixed"),
     out: Path = typer.Option(..., help="Trained model folder to create"),
     stage: str = typer.Option("sft", help="pretrain (projector) | sft (projector + LLM)"),
     steps: int = typer.Option(1000),
@@ -123,11 +123,12 @@ def train(
     cfg = training.TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr,
                                warmup=warmup, save_every=save_every, seed=seed,
                                train_vision=train_vision)
-    samples = load_samples(data, image_root)
+    samples = [s for path in data for s in load_samples(path, image_root)]
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
                           overwrite=overwrite, quiet=quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        _summary("train", {"out": out, "stage": stage, "steps": result.steps,
+        _summary("train", {"out": out, "stage": stage, "samples": len(samples),
+                           "steps": result.steps,
                            "resumed from": result.resumed_from, "final loss": result.final_loss,
                            "seconds": result.seconds}, quiet, as_json)
 
@@ -147,10 +148,10 @@ def eval_(
     _quiet_libraries()
     from edgevlm.data import load_samples
     from edgevlm.evaluate import evaluate
-    from edgevlm.models import load_model
+    from edgevlm.quant.act import load_for_eval
 
     samples = load_samples(data, image_root)[:limit]
-    result = evaluate(load_model(model), samples, max_new_tokens, batch_size, quiet)
+    result = evaluate(load_for_eval(model), samples, max_new_tokens, batch_size, quiet)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=1))
     rows = {"accuracy": result.accuracy, "samples": result.score.total}
@@ -167,10 +168,12 @@ def quantize_(
     group_size: int = typer.Option(128, help="32 | 64 | 128, or -1 for one group per row"),
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric integers (no zero "
                                    "point)"),
-    act_bits: int = typer.Option(16, help="16 = weight-only"),
+    act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
+                                 "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
     calib_samples: int = typer.Option(128),
     max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
+    partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
     no_vision_opt: bool = typer.Option(False, "--no-vision-opt",
                                        help="Q-VLM: skip the vision-side optimization"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
@@ -187,6 +190,7 @@ def quantize_(
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                       act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
+                      partition=partition,
                       vision_opt=not no_vision_opt, quantize_vision=quantize_vision,
                       act_order=act_order, seed=seed)
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,

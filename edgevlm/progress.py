@@ -1,7 +1,11 @@
-"""Rich progress bars with rate, ETA and the latest loss terms; silent when disabled."""
+"""Rich progress bars with rate, ETA and the latest loss terms; silent when disabled.
+
+Bars go to stderr, so `--json` output on stdout stays machine-readable.
+"""
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,7 +30,7 @@ class Progress:
             self._bar = _RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), transient=False)
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False)
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total,
                                             completed=self.completed, info="")

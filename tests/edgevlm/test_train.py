@@ -108,6 +108,18 @@ def test_two_process_training(micro_model_dir, shapes_dir, tmp_path):
     load_model(out)
 
 
+def test_train_mixes_several_data_files(micro_model_dir, shapes_dir, tmp_path):
+    files = [shapes_dir / "train.json", shapes_dir / "pretrain.json"]
+    r = subprocess.run([*CLI, "train", str(micro_model_dir), *map(str, files), "--out",
+                        str(tmp_path / "o"), "--steps", "2", "--batch-size", "2", "--json"],
+                       capture_output=True, text=True, check=True)
+    n = sum(len(json.loads(f.read_text())) for f in files)
+    assert json.loads(r.stdout)["samples"] == n
+    r = subprocess.run([*CLI, "train", str(micro_model_dir), str(files[0]), str(tmp_path / "x.json"),
+                        "--out", str(tmp_path / "o2"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "x.json" in r.stderr and not (tmp_path / "o2").exists()
+
+
 def test_eval_cli_writes_json(micro_model_dir, shapes_dir, tmp_path):
     res = tmp_path / "res.json"
     subprocess.run([*CLI, "eval", str(micro_model_dir), str(shapes_dir / "eval.json"),
