@@ -5,6 +5,9 @@ sizes, calibration data), walks the decoder with `calibrate.walk` using the meth
 function, and writes a compressed-tensors checkpoint plus quant_report.json atomically.
 With `quantize_vision`, the vision tower's Linears are rounded to nearest (data-free; calibrated
 vision quantization is not implemented yet) and the report says so.
+With `act_bits` < 16 the decoder Linears' inputs are quantized too (edgevlm.quant.act): the weights
+are written as always, the activation quantizers (bits, clip per Linear) go to quant_report.json
+under "activations", and `edgevlm eval` puts them back on the loaded model.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 import torch
 
 from edgevlm.errors import UserError
-from edgevlm.quant import gptq, qvlm, rtn
+from edgevlm.quant import act, gptq, qvlm, rtn
 from edgevlm.quant.calibrate import (
     BlockResult,
     Calibration,
     check_finite,
     decoder_layers,
+    layer_forward,
     layer_stats,
     linears,
     prepare,
@@ -63,7 +67,9 @@ def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig, image_roo
     from edgevlm.data import Collator, load_samples
 
     if calib is None:
-        raise UserError(f"--method {cfg.method} needs calibration data: pass --calib DATA.json "
+        what = (f"--method {cfg.method}" if cfg.method in NEEDS_CALIB
+                else f"--act-bits {cfg.act_bits} (its clipping search)")
+        raise UserError(f"{what} needs calibration data: pass --calib DATA.json "
                         "(LLaVA format, image + text)")
     samples = load_samples(calib, image_root)  # every entry must name an existing image
     if len(samples) < MIN_CALIB_SAMPLES:
@@ -130,6 +136,35 @@ def _qvlm_block(model, cfg: QuantConfig, weights: dict):
     return quantize_block
 
 
+def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.ActHooks):
+    """Wrap a method's block function: once the block's weights are quantized, choose each
+    Linear's activation clip layer by layer and install the quantizers (act.py, choice 3)."""
+    layers = decoder_layers(model)
+    grid = cfg.act_clip_grid if cfg.act_bits in act.SEARCHED_BITS else (1.0,)
+
+    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
+        targets = {i: linears(layers[i], f"model.language_model.layers.{i}", cfg.skip)
+                   for i in block}
+        fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
+        result = block_fn(block, xs, calib)
+        h = xs
+        for i in block:
+            errors = act.search_layer(layers[i], targets[i], fp, h, calib.layer_kwargs[i],
+                                      calib.masks, cfg.act_bits, grid)
+            spec = act.ActQuantSpec(cfg.act_bits, {n: act.best_clip(e) for n, e in errors.items()},
+                                    {n: {str(a): v for a, v in e.items()}
+                                     for n, e in errors.items()})
+            hooks.install(dict(layers[i].named_modules(prefix=f"model.language_model.layers.{i}")),
+                          spec)
+            for n, clip in spec.clip.items():
+                found[n] = (clip, spec.errors[n])
+                result.records[n].update(act_clip=clip, act_error=errors[n][clip])
+            h = layer_forward(layers[i], h, calib.layer_kwargs[i])
+        return result
+
+    return quantize_block
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
              calib: str | Path | None = None, image_root: str | Path | None = None,
              overwrite: bool = False, quiet: bool = True) -> QuantResult:
@@ -148,9 +183,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     if "quantization_config" in read_config(model_dir):
         raise UserError(f"{model_dir} is already quantized (quantization_config in config.json); "
                         "quantize the float model it was made from")
-    if cfg.act_bits != 16:
-        raise UserError(f"--act-bits {cfg.act_bits}: activation quantization (W8A8, W4A4) is "
-                        "not implemented yet; use weight-only (--act-bits 16)")
     torch.manual_seed(cfg.seed)
     loaded = load_model(model_dir)
     model = loaded.model
@@ -160,14 +192,18 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         n for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n not in targets)}
 
-    needs = cfg.method in NEEDS_CALIB
+    needs = cfg.method in NEEDS_CALIB or cfg.act_bits in act.SEARCHED_BITS
     batches = _calibration_batches(loaded, calib, cfg, image_root) if (
         needs or calib is not None) else None
-    if batches is None and cfg.method not in NEEDS_CALIB:
-        for name, m in targets.items():  # data-free RTN
+    act_found: dict[str, tuple[float, dict]] = {}
+    hooks = act.ActHooks()
+    if batches is None:
+        for name, m in targets.items():  # data-free RTN (W8A8 keeps clip 1: nothing to search)
             qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
             m.weight.data = qw.dequantize().to(m.weight.dtype)
             weights[name] = qw
+            if cfg.act_bits != 16 and not name.startswith("model.vision_tower"):
+                act_found[name] = (1.0, {})
         layers, blocks, block_info = {}, [], []
     else:
         if cfg.method == "qvlm" and cfg.vision_opt:
@@ -175,9 +211,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         with torch.no_grad():
             calib_data = prepare(model, batches)
         n_layers = len(decoder_layers(model))
-        blocks = (qvlm.partition(calib_data.input_entropy, cfg.max_block)
+        blocks = (qvlm.blocks(calib_data.input_entropy, cfg.max_block, cfg.partition)
                   if cfg.method == "qvlm" else [[i] for i in range(n_layers)])
         fn = (_qvlm_block if cfg.method == "qvlm" else _layerwise_block)(model, cfg, weights)
+        if cfg.act_bits != 16:
+            fn = _with_act_search(fn, model, cfg, act_found, hooks)
         layers, block_info = {}, []
         with Progress(f"quantize {cfg.method}", len(blocks), enabled=not quiet) as bar:
             def on_block(result: BlockResult, seconds: float) -> None:
@@ -187,7 +225,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                 bar.update(1, err=max((r["error"] for r in result.records.values()),
                                       default=0.0))
 
-            walk(model, calib_data, blocks, fn, on_block)
+            try:
+                walk(model, calib_data, blocks, fn, on_block)
+            finally:
+                hooks.remove()
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
                                  "layer_input_entropy": calib_data.input_entropy}
         if cfg.quantize_vision:
@@ -200,9 +241,15 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     missing = set(targets) - set(weights)
     assert not missing, f"layers left unquantized: {sorted(missing)[:3]}"
     errors = [r["error"] for r in layers.values()]
+    if cfg.act_bits != 16:
+        spec = act.ActQuantSpec(cfg.act_bits, {n: c for n, (c, _) in act_found.items()},
+                                {n: e for n, (_, e) in act_found.items()})
+        report["activations"] = spec.to_dict()
     seconds = time.time() - t0
     report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
-                   "symmetric": cfg.symmetric, "blocks": blocks, "block_search": block_info,
+                   "symmetric": cfg.symmetric, "act_bits": cfg.act_bits,
+                   "partition": cfg.partition if cfg.method == "qvlm" else None,
+                   "blocks": blocks, "block_search": block_info,
                    "layers": layers, "mean_error": sum(errors) / len(errors) if errors else None,
                    "seconds": seconds, "layers_quantized": len(weights),
                    "load_note": None if cfg.symmetric else (

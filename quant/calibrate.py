@@ -154,6 +154,31 @@ def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear]
     return stats, outs
 
 
+def visit_inputs(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
+                 visit: Callable[[str, torch.Tensor], None]) -> list[torch.Tensor]:
+    """Run `layer` on its inputs; `visit(name, x)` sees each target's input rows of real tokens
+    (T, K), one batch at a time, so nothing is stored. Returns the layer's outputs."""
+    current = {}
+
+    def hook(name):
+        def fn(module, args):
+            visit(name, args[0].detach()[current["mask"]])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    outs = []
+    try:
+        with torch.no_grad():
+            for x, kw, mask in zip(xs, kws, masks):
+                current["mask"] = mask
+                o = layer(x, **kw)
+                outs.append(o[0] if isinstance(o, tuple) else o)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
 def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """‖(W − Ŵ)X‖ / ‖WX‖ from H ∝ XXᵀ, without the inputs."""
     D = (W - Wq).double()

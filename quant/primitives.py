@@ -26,6 +26,7 @@ from edgevlm.errors import UserError
 METHOD_NAMES = ("rtn", "gptq", "qvlm", "nf4")
 GROUP_SIZES = (32, 64, 128, -1)
 ACT_BITS = (16, 8, 6, 4)
+PARTITIONS = ("entropy", "uniform")
 MIN_CALIB_SAMPLES = 2
 
 
@@ -136,6 +137,7 @@ class QuantConfig:
     act_bits: int = 16  # 16 = weight-only
     calib_samples: int = 128
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
+    partition: str = "entropy"  # Q-VLM: cut blocks at low entropy, or equal sizes (same count)
     vision_opt: bool = True  # Q-VLM: optimise projector/norms to lower visual-token entropy
     quantize_vision: bool = False
     skip: tuple[str, ...] = ("multi_modal_projector", "lm_head")
@@ -145,6 +147,8 @@ class QuantConfig:
     gptq_block: int = 128  # GPTQ: columns updated lazily per block
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # Q-VLM clip candidates
     clip_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # Q-VLM β candidates
+    # Activation clip ratios searched per Linear at act_bits 6 and 4 (8 keeps 1.0, as onnxruntime)
+    act_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
     batch_size: int = 8  # calibration samples per forward pass
     vision_opt_steps: int = 20
 
@@ -159,12 +163,15 @@ class QuantConfig:
         if self.group_size not in GROUP_SIZES:
             bad("group_size", self.group_size, "use 32, 64, 128, or -1 for one group per row")
         if self.act_bits not in ACT_BITS:
-            bad("act_bits", self.act_bits, f"use one of {', '.join(map(str, ACT_BITS))}")
+            bad("act_bits", self.act_bits, "use 16 (weight-only), 8 (W8A8, deployable through "
+                "onnxruntime int8) or 6 / 4 (simulated, research mode)")
         if self.calib_samples < MIN_CALIB_SAMPLES:
             bad("calib_samples", self.calib_samples,
                 f"calibration needs at least {MIN_CALIB_SAMPLES} samples")
         if self.max_block < 1:
             bad("max_block", self.max_block, "a block holds at least one decoder layer")
+        if self.partition not in PARTITIONS:
+            bad("partition", self.partition, f"use one of {', '.join(PARTITIONS)}")
         if not 0 < self.percdamp < 1:
             bad("percdamp", self.percdamp, "use a small fraction such as 0.01")
         if self.gptq_block < 1 or (self.group_size > 0 and self.gptq_block % self.group_size):
@@ -173,11 +180,13 @@ class QuantConfig:
             bad("clip_grid", self.clip_grid, "clip ratios must lie in (0, 1]")
         if not self.clip_strengths or any(not 0 <= b <= 1 for b in self.clip_strengths):
             bad("clip_strengths", self.clip_strengths, "strengths must lie in [0, 1]")
+        if not self.act_clip_grid or any(not 0 < c <= 1 for c in self.act_clip_grid):
+            bad("act_clip_grid", self.act_clip_grid, "clip ratios must lie in (0, 1]")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "use at least 1")
         if isinstance(self.skip, list):  # from JSON
             object.__setattr__(self, "skip", tuple(self.skip))
-        for name in ("clip_grid", "clip_strengths"):
+        for name in ("clip_grid", "clip_strengths", "act_clip_grid"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 

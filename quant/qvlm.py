@@ -11,6 +11,10 @@ Choices made here, each one a place where the paper leaves room:
    Blocks hold at most `max_block` layers; among partitions with the fewest blocks (search cost is
    bounded by the largest block, quality improves with fewer cuts) we take the one whose cuts
    have the lowest total entropy — an exact dynamic program over the L layers.
+   `partition="uniform"` (`--partition uniform`, for the ablation) keeps the same number of
+   blocks but makes them equal in size (sizes differ by at most one, larger blocks first), so
+   the entropy-chosen cuts can be compared with cuts that ignore entropy. The report records
+   which partition was used under "partition".
 3. Block search (`search_block`). Inputs are the hidden states produced by the already-quantized
    previous blocks; the target is the float block applied to those same inputs (the block is
    asked to reproduce its own float function, as in GPTQ and BRECQ, not to undo earlier error).
@@ -29,7 +33,9 @@ Choices made here, each one a place where the paper leaves room:
    parameters are saved in the checkpoint (they are not quantized).
 5. Decisions are data: `BlockDecision` holds the block, β, the per-Linear clip scales, the
    candidates' errors and the resulting integers; `apply_decision` writes them into the model.
-Activation quantization (W8A8, W4A4) is not implemented yet.
+6. Activation quantization (act_bits 8/6/4) is the same for every method (edgevlm.quant.act): the
+   β search above sees float activations inside the block; the activation clipping is searched
+   after it, layer by layer, against the float layer's outputs.
 """
 
 from __future__ import annotations
@@ -70,6 +76,27 @@ def partition(input_entropy: list[float], max_block: int) -> list[list[int]]:
         blocks.append(list(range(i, j)))
         j = i
     return blocks[::-1]
+
+
+def uniform(n_layers: int, n_blocks: int) -> list[list[int]]:
+    """`n_layers` consecutive layers in `n_blocks` blocks of equal size (±1, larger first)."""
+    assert 1 <= n_blocks <= n_layers, f"{n_blocks} blocks for {n_layers} layers"
+    size, extra = divmod(n_layers, n_blocks)
+    out, start = [], 0
+    for b in range(n_blocks):
+        stop = start + size + (b < extra)
+        out.append(list(range(start, stop)))
+        start = stop
+    return out
+
+
+def blocks(input_entropy: list[float], max_block: int, how: str = "entropy") -> list[list[int]]:
+    """The blocks the search walks: entropy cuts, or uniform ones of the same count."""
+    chosen = partition(input_entropy, max_block)
+    if how == "uniform":
+        return uniform(len(input_entropy), len(chosen))
+    assert how == "entropy", f"unknown partition {how!r}"
+    return chosen
 
 
 def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
