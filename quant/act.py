@@ -22,7 +22,8 @@ Choices, each written down because the issue leaves room:
    installed before the next layer is searched. Q-VLM's block search (β) itself sees float
    activations inside the block.
 4. W8A8 keeps α = 1 (no search): it stands for onnxruntime's dynamic quantization, which does not
-   clip (`DEPLOYMENT`). Its per-channel int8 weights come from the chosen method as usual.
+   clip (`DEPLOYMENT` says what maps and what is simulated). Its per-channel int8 weights come
+   from the chosen method as usual; `edgevlm export --precision int8` re-rounds the float model.
 5. Decisions are data: `ActQuantSpec` (bits and α per Linear) is saved under "activations" in
    quant_report.json; `install_from_checkpoint` puts the forward pre-hooks back on a loaded
    model, which is what `edgevlm eval` does, so it measures the quantized-activation model.
@@ -43,13 +44,15 @@ from edgevlm.quant.primitives import choose_qparams, fake_quantize
 SEARCHED_BITS = (6, 4)
 SCHEME = "per-token dynamic asymmetric (each token's min/max input range times the clip ratio)"
 DEPLOYMENT = (
-    "W8A8 maps to `edgevlm export --precision int8`: onnxruntime quantize_dynamic turns each "
-    "MatMul into int8 per-channel symmetric weights (re-derived by onnxruntime from the weights "
-    "this checkpoint dequantizes to) and DynamicQuantizeLinear activations (uint8 asymmetric, "
-    "min/max range without clipping, as here). Simulated here in torch: the integer matmul (fake "
-    "quantization in float32), and the range granularity: onnxruntime takes one range per "
-    "tensor, equal to ours when one token passes (decoding at batch 1) and coarser at prefill; "
-    "it also quantizes lm_head and the vision encoder's MatMuls, which stay float here.")
+    "W8A8 maps to `edgevlm export --precision int8`: onnxruntime quantize_dynamic gives each "
+    "MatMul int8 per-channel symmetric weights, rounded to nearest from the float weights, and "
+    "DynamicQuantizeLinear activations (uint8 asymmetric, min/max range without clipping, as "
+    "here). The exporter takes the float model for int8 (it accepts only 4-bit checkpoints), so "
+    "what ships is the RTN W8A8 model; GPTQ / Q-VLM int8 weights are measured in torch only. "
+    "Simulated here in torch: the integer matmul (fake quantization in float32) and the range "
+    "granularity: onnxruntime takes one range per tensor, equal to ours when one token passes "
+    "(decoding at batch 1) and coarser at prefill; it also quantizes lm_head and the vision "
+    "encoder's MatMuls, which stay float here.")
 RESEARCH = ("simulated (research mode): no runtime edgevlm targets executes 4- or 6-bit "
             "activations; the numbers are fake quantization in torch")
 
