@@ -33,6 +33,7 @@ Choices, each written down because the issue leaves room:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +182,10 @@ def load_for_eval(model_dir: str | Path):
     from edgevlm.models import load_model
     from edgevlm.quant.checkpoint import is_quantized
 
-    loaded = load_model(model_dir, dequantize=is_quantized(model_dir))
+    with warnings.catch_warnings():
+        # transformers warns that the checkpoint's own quantization_config wins; only its
+        # `dequantize` flag matters here, and that one is applied.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        loaded = load_model(model_dir, dequantize=is_quantized(model_dir))
     install_from_checkpoint(loaded.model, model_dir)
     return loaded
