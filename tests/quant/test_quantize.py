@@ -120,3 +120,18 @@ def test_nan_stops_with_layer_name_and_leaves_no_out(micro_model_dir, shapes_dir
                  calib=shapes_dir / "train.json")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_vision_opt_stays_inside_its_kl_budget(micro_model_dir, shapes_dir, monkeypatch):
+    from edgevlm.models import load_model
+    from edgevlm.quant import api, qvlm
+
+    # An entropy weight this large would move the answers far within a few Adam steps: the
+    # trust region must undo the step that leaves the budget and stop there.
+    monkeypatch.setattr(qvlm, "ENTROPY_WEIGHT", 1e4)
+    loaded = load_model(micro_model_dir)
+    cfg = QuantConfig(method="qvlm", **{**FAST, "vision_opt_steps": 30})
+    batches = api._calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
+    rep = qvlm.optimize_vision(loaded.model, batches, cfg)
+    assert rep["final_kl"] <= rep["kl_budget"] == qvlm.KL_BUDGET
+    assert rep["steps_kept"] < 30
