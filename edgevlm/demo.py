@@ -1,8 +1,9 @@
 """`edgevlm demo`: the whole pipeline on the project's own data and tiny models, no download.
 
-shapes data -> tiny teacher (init + SFT) -> tiny student distilled (LLaVA-KD DPT, SFT, DFT)
--> quantized (Q-VLM W4) -> exported (int4 decoder, int8 vision) -> bench of the torch teacher,
-the torch student and the runtime on the export, side by side.
+shapes data -> tiny teacher (init + SFT on questions and captions mixed) -> tiny student
+distilled (LLaVA-KD DPT, SFT, DFT) -> quantized (Q-VLM W4) -> exported (int4 decoder, int8
+vision) -> bench of the torch teacher, the torch student and the runtime on the export, side by
+side.
 
 Every stage writes its own folder inside DIR (atomically), so a rerun skips each finished stage
 and resumes at the first missing one. `--quick` uses small settings: a smoke test whose
@@ -99,7 +100,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
                                 batch_size=cfg.batch_size, train_vision=True,
                                 warmup=min(50, cfg.teacher_steps // 5 + 1))
     _stage("teacher train", teacher, stages, lambda: training.run(
-        load_model(teacher_init), load_samples(train_json), teacher, tcfg, quiet=quiet), log)
+        load_model(teacher_init), load_samples(train_json) + load_samples(pretrain_json), teacher,
+        tcfg, quiet=quiet), log)
 
     student_init = out / "student-init"
     _stage("student init", student_init, stages, lambda: create(

@@ -1,0 +1,92 @@
+"""Whole-eval-set agreement of the runtime with torch, on a trained model.
+
+For each pair (torch model folder, export of it), answers every eval question greedily with both
+(transformers `generate` and edgevlm.runtime.VLM, the same code `edgevlm bench` times) and
+reports: answers identical in text and token count, and each side's accuracy. Pairs:
+
+  fp32   MODEL                        vs  export of MODEL at fp32      (must agree on every answer)
+  int4   MODEL quantized (gptq W4 g128) vs export of that checkpoint at int4 (the same integers;
+         accuracy within 0.5 points is the export issue's bar)
+
+    python benchmarks/trained_parity.py --model runs/teacher --data runs/shapes
+
+Writes benchmarks/results/trained_parity_<model name>.json. Heavy steps run through the CLI so the
+commands are the ones a user types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+
+def sh(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def compare(model: Path, export: Path, samples, max_new_tokens: int) -> dict:
+    from edgevlm.bench_torch import TorchTarget
+    from edgevlm.runtime.bench import BenchConfig, ExportTarget
+    from edgevlm.runtime.metrics import Score
+
+    cfg = BenchConfig(provider="cpu", threads=2)
+    torch_t, ort_t = TorchTarget(model, cfg), ExportTarget(export, cfg)
+    scores, same, diffs = {"torch": Score(), "runtime": Score()}, 0, []
+    for s in samples:
+        a, b = torch_t.answer(s, max_new_tokens), ort_t.answer(s, max_new_tokens)
+        scores["torch"].add(a.text, s.answer, s.type)
+        scores["runtime"].add(b.text, s.answer, s.type)
+        if (a.text, a.n_new_tokens) == (b.text, b.n_new_tokens):
+            same += 1
+        else:
+            diffs.append({"id": s.id, "torch": a.text, "runtime": b.text})
+    return {"model": str(model), "export": str(export), "samples": len(samples),
+            "identical_answers": same, "torch_accuracy": scores["torch"].accuracy,
+            "runtime_accuracy": scores["runtime"].accuracy,
+            "accuracy_gap_points": 100 * (scores["runtime"].accuracy
+                                          - scores["torch"].accuracy),
+            "differences": diffs[:20]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="shapes folder (eval/train.json)")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="first N eval questions only")
+    args = ap.parse_args()
+    from edgevlm.data import load_samples
+
+    work = args.work or args.model.parent / f"{args.model.name}-parity"
+    work.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(args.data / "eval.json")[:args.limit]
+    fp32, w4, w4x = work / "export-fp32", work / "gptq-w4", work / "export-int4"
+    t0 = time.time()
+    if not fp32.exists():
+        sh("edgevlm", "export", str(args.model), "--out", str(fp32), "--precision", "fp32",
+           "--quiet")
+    if not w4.exists():
+        sh("edgevlm", "quantize", str(args.model), "--out", str(w4), "--method", "gptq",
+           "--bits", "4", "--group-size", "128", "--symmetric", "--calib",
+           str(args.data / "train.json"), "--calib-samples", "128", "--quiet")
+    if not w4x.exists():
+        sh("edgevlm", "export", str(w4), "--out", str(w4x), "--precision", "int4", "--quiet")
+    record = {"fp32": compare(args.model, fp32, samples, args.max_new_tokens),
+              "int4": compare(w4, w4x, samples, args.max_new_tokens),
+              "seconds": round(time.time() - t0, 1)}
+    out = Path(__file__).parent / "results" / f"trained_parity_{args.model.name}.json"
+    out.write_text(json.dumps(record, indent=1))
+    for k in ("fp32", "int4"):
+        r = record[k]
+        print(f"{k}: {r['identical_answers']}/{r['samples']} identical answers, torch "
+              f"{100 * r['torch_accuracy']:.1f}%, runtime {100 * r['runtime_accuracy']:.1f}% "
+              f"(gap {r['accuracy_gap_points']:+.1f} points)")
+
+
+if __name__ == "__main__":
+    main()
