@@ -5,8 +5,9 @@ For each pair (torch model folder, export of it), answers every eval question gr
 reports: answers identical in text and token count, and each side's accuracy. Pairs:
 
   fp32   MODEL                        vs  export of MODEL at fp32      (must agree on every answer)
-  int4   MODEL quantized (gptq W4 g128) vs export of that checkpoint at int4 (the same integers;
-         accuracy within 0.5 points is the export issue's bar)
+  int4   MODEL quantized (gptq W4 g128) vs export of that checkpoint, int4 decoder (the same
+         integers), vision and embeddings fp32 as in the checkpoint (accuracy within 0.5
+         points is the export issue's bar)
 
     python benchmarks/trained_parity.py --model runs/teacher --data runs/shapes
 
@@ -75,7 +76,8 @@ def main() -> None:
            "--bits", "4", "--group-size", "128", "--symmetric", "--calib",
            str(args.data / "train.json"), "--calib-samples", "128", "--quiet")
     if not w4x.exists():
-        sh("edgevlm", "export", str(w4), "--out", str(w4x), "--precision", "int4", "--quiet")
+        sh("edgevlm", "export", str(w4), "--out", str(w4x), "--precision", "int4",
+           "--vision-precision", "fp32", "--embed-precision", "fp32", "--quiet")
     record = {"fp32": compare(args.model, fp32, samples, args.max_new_tokens),
               "int4": compare(w4, w4x, samples, args.max_new_tokens),
               "seconds": round(time.time() - t0, 1)}
