@@ -115,8 +115,9 @@ def test_train_mixes_several_data_files(micro_model_dir, shapes_dir, tmp_path):
                        capture_output=True, text=True, check=True)
     n = sum(len(json.loads(f.read_text())) for f in files)
     assert json.loads(r.stdout)["samples"] == n
-    r = subprocess.run([*CLI, "train", str(micro_model_dir), str(files[0]), str(tmp_path / "x.json"),
-                        "--out", str(tmp_path / "o2"), "--quiet"], capture_output=True, text=True)
+    r = subprocess.run([*CLI, "train", str(micro_model_dir), str(files[0]),
+                        str(tmp_path / "x.json"), "--out", str(tmp_path / "o2"), "--quiet"],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "x.json" in r.stderr and not (tmp_path / "o2").exists()
 
 
