@@ -276,10 +276,16 @@ def _run_isolated(path: Path, kind: str, name: str, data: Path, image_root: Path
     return TargetReport.from_dict({**payload["result"], "name": name})
 
 
+# Folder names that say which stage wrote them, not which model they hold (`edgevlm distill`
+# writes OUT/dpt, OUT/sft, OUT/dft and OUT/final): labelled with their parent.
+_STAGE_NAMES = ("final", "dpt", "sft", "dft")
+
+
 def _names(paths: Sequence[Path]) -> list[str]:
-    """Short labels: the folder name, with its parent where two targets share a name."""
+    """Short labels: the folder name, with its parent where two targets share a name or the
+    name is only a distillation stage's."""
     names = [p.name or str(p) for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(n) > 1 else n
+    return [f"{p.parent.name}/{p.name}" if names.count(n) > 1 or n in _STAGE_NAMES else n
             for p, n in zip(paths, names)]
 
 

@@ -217,3 +217,13 @@ def test_bench_of_an_export_needs_no_torch(export_dir, bench_data, shapes_dir, t
     # ... and the blocker works: a model folder fails for want of torch.
     proc = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
     assert proc.returncode != 0
+
+
+def test_target_labels_name_the_model_not_the_stage():
+    from pathlib import Path
+
+    from edgevlm.runtime.bench import _names
+
+    paths = [Path("runs/teacher"), Path("runs/student-distill/final"), Path("a/export"),
+             Path("b/export")]
+    assert _names(paths) == ["teacher", "student-distill/final", "a/export", "b/export"]
