@@ -222,7 +222,7 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig) -> dict:
         for step in range(cfg.vision_opt_steps):
             b = step % len(batches)
             kl = _kl(model, batches[b], refs[b], store)
-            if float(kl) > KL_BUDGET:
+            if float(kl.detach()) > KL_BUDGET:
                 stopped = True
                 break
             kept = [p.detach().clone() for p in params]
