@@ -166,6 +166,8 @@ def bench_table(result, written: list[Path]) -> None:
                       ms(t.prefill_s), f"{rate.median:.1f}" if rate.n else "–",
                       f"{t.peak_rss_bytes / 1e6:.0f}" if t.peak_rss_bytes else "–",
                       f"{t.disk_bytes / 1e6:.2f}")
-    Console().print(table)
+    # Piped or logged output has no terminal width; rich would squeeze 10 columns into 80 and
+    # cut every label, so give it room there (a real terminal keeps its own width).
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     for path in written:
         console.print(f"wrote {path}")
