@@ -133,24 +133,8 @@ def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear]
     """Run `layer` on its inputs with hooks on `targets`; returns their stats and the outputs."""
     stats = {n: LinearStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64))
              for n, m in targets.items()}
-    current = {}
-
-    def hook(name):
-        def fn(module, args):
-            stats[name].add(args[0].detach(), current["mask"])
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
-    outs = []
-    try:
-        with torch.no_grad():
-            for x, kw, mask in zip(xs, kws, masks):
-                current["mask"] = mask
-                o = layer(x, **kw)
-                outs.append(o[0] if isinstance(o, tuple) else o)
-    finally:
-        for h in handles:
-            h.remove()
+    outs = _run_hooked(layer, xs, kws, masks, targets,
+                       lambda name, x, mask: stats[name].add(x, mask))
     return stats, outs
 
 
@@ -158,11 +142,19 @@ def visit_inputs(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
                  visit: Callable[[str, torch.Tensor], None]) -> list[torch.Tensor]:
     """Run `layer` on its inputs; `visit(name, x)` sees each target's input rows of real tokens
     (T, K), one batch at a time, so nothing is stored. Returns the layer's outputs."""
+    return _run_hooked(layer, xs, kws, masks, targets,
+                       lambda name, x, mask: visit(name, x[mask]))
+
+
+def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
+                seen: Callable[[str, torch.Tensor, torch.Tensor], None]) -> list[torch.Tensor]:
+    """Run `layer` batch by batch without gradients; `seen(name, x, mask)` gets each target's
+    input (B, S, K) and the batch's real-token mask (B, S). Returns the layer's outputs."""
     current = {}
 
     def hook(name):
         def fn(module, args):
-            visit(name, args[0].detach()[current["mask"]])
+            seen(name, args[0].detach(), current["mask"])
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]

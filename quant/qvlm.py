@@ -214,19 +214,16 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig) -> dict:
         before = sum(entropy(store_tokens(model, b)) for b in batches) / len(batches)
     opt = torch.optim.Adam(params, lr=1e-3)
     torch.manual_seed(cfg.seed)
-    kl = torch.tensor(0.0)
     kept = [p.detach().clone() for p in params]  # the last parameters known to be in budget
-    steps_kept, stopped = 0, False
+    kept_step = 0  # Adam steps behind `kept`
     try:
         model.train(False)
         for step in range(cfg.vision_opt_steps):
             b = step % len(batches)
             kl = _kl(model, batches[b], refs[b], store)
             if float(kl.detach()) > KL_BUDGET:
-                stopped = True
                 break
-            kept = [p.detach().clone() for p in params]
-            steps_kept = step
+            kept, kept_step = [p.detach().clone() for p in params], step
             tok = store["tokens"].reshape(-1, store["tokens"].shape[-1])
             var = tok.var(0) + 1e-8
             h_rel = 0.5 * (torch.log(var).mean() - torch.log(var.mean()))
@@ -234,26 +231,20 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        else:
-            with torch.no_grad():
-                final = max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs))
-            if final > KL_BUDGET:
-                stopped = True
-            else:
-                steps_kept = cfg.vision_opt_steps
     finally:
         for p, r in saved:
             p.requires_grad_(r)
-    if stopped:
-        with torch.no_grad():
+    with torch.no_grad():
+        kl = max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs))
+        steps_kept = step + 1 if cfg.vision_opt_steps else 0
+        if kl > KL_BUDGET:  # the step the loop stopped at, or its last one, left the budget
             for p, k in zip(params, kept):
                 p.copy_(k)
-    with torch.no_grad():
-        kl = torch.tensor(max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs)))
-    with torch.no_grad():
+            kl = max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs))
+            steps_kept = kept_step
         after = sum(entropy(store_tokens(model, b)) for b in batches) / len(batches)
     return {"visual_entropy_before": before, "visual_entropy_after": after,
-            "final_kl": float(kl), "steps": cfg.vision_opt_steps, "steps_kept": steps_kept,
+            "final_kl": kl, "steps": cfg.vision_opt_steps, "steps_kept": steps_kept,
             "kl_budget": KL_BUDGET,
             "parameters": sum(p.numel() for p in params)}
 
