@@ -78,6 +78,8 @@ def init(
     config: Optional[Path] = typer.Option(None, help="A LlavaConfig JSON"),
     tokenizer_data: Optional[list[Path]] = typer.Option(None, help="Train a BPE on this data"),
     tokenizer_from: Optional[Path] = typer.Option(None, help="Reuse this model's tokenizer"),
+    vision_from: Optional[Path] = typer.Option(
+        None, help="Start the vision tower from this model's (e.g. the teacher's)"),
     vocab_size: int = typer.Option(512),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
@@ -88,7 +90,8 @@ def init(
     _quiet_libraries()
     from edgevlm.models import create
 
-    lm = create(out, preset, config, tokenizer_data, tokenizer_from, vocab_size, seed, overwrite)
+    lm = create(out, preset, config, tokenizer_data, tokenizer_from, vocab_size, seed, overwrite,
+                vision_from)
     n = sum(p.numel() for p in lm.model.parameters())
     _summary("init", {"out": out, "parameters": f"{n / 1e6:.2f}M",
                       "vocab": lm.model.config.text_config.vocab_size,

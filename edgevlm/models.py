@@ -228,8 +228,11 @@ def save_model(loaded: LoadedModel, out_dir: str | Path) -> None:
 
 def create(out: str | Path, preset: str | None = None, config_path: str | Path | None = None,
            tokenizer_data: list[str | Path] | None = None, tokenizer_from: str | Path | None = None,
-           vocab_size: int = 512, seed: int = 0, overwrite: bool = False) -> LoadedModel:
-    """`edgevlm init`: a new random model directory from a preset or a LlavaConfig JSON."""
+           vocab_size: int = 512, seed: int = 0, overwrite: bool = False,
+           vision_from: str | Path | None = None) -> LoadedModel:
+    """`edgevlm init`: a new random model directory from a preset or a LlavaConfig JSON.
+    `vision_from`: start the vision tower from that model's weights (same vision config), as a
+    LLaVA student starts from the pretrained encoder its teacher uses."""
     from edgevlm.atomic import atomic_dir
     from edgevlm.data import load_samples
     from edgevlm.tokenizer import train_tokenizer
@@ -257,6 +260,44 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
                  for turn in s.turns for t in turn]
         tokenizer = train_tokenizer(texts, vocab_size)
     loaded = init_model(cfg, tokenizer, seed)
+    if vision_from is not None:
+        copy_vision_tower(loaded.model, vision_from)
     with atomic_dir(out, overwrite) as tmp:
         save_model(loaded, tmp)
     return loaded
+
+
+def copy_vision_tower(model, src_dir: str | Path) -> int:
+    """Load the vision tower weights of the checkpoint in `src_dir` into `model`, reading only
+    those tensors (a 7B teacher is never loaded whole). Returns the number of tensors copied."""
+    import torch
+    from safetensors import safe_open
+
+    src_cfg = read_config(src_dir)["vision_config"]
+    ours = model.config.vision_config.to_dict()
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "image_size", "patch_size", "num_channels"):
+        if key in src_cfg and src_cfg[key] != ours.get(key):
+            raise UserError(f"--vision-from {src_dir}: its vision_config.{key} is {src_cfg[key]}, "
+                            f"this model's is {ours.get(key)}; give both the same vision tower")
+    files = sorted(Path(src_dir).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--vision-from {src_dir}: no *.safetensors weights in that folder")
+    wanted = model.model.vision_tower.state_dict()
+    found = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if "vision_tower." in name:
+                    found[name.split("vision_tower.", 1)[1]] = st.get_tensor(name)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise UserError(f"--vision-from {src_dir}: the checkpoint lacks vision tower weights such "
+                        f"as {missing[0]}; is it a LLaVA model with the same vision tower?")
+    with torch.no_grad():
+        for name, t in wanted.items():
+            if found[name].shape != t.shape:
+                raise UserError(f"--vision-from {src_dir}: vision weight {name} has shape "
+                                f"{tuple(found[name].shape)}, this model needs {tuple(t.shape)}")
+            t.copy_(found[name].to(t.dtype))
+    return len(wanted)

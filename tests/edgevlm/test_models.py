@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from edgevlm.errors import UserError
 from edgevlm.models import create, load_model, num_image_tokens
@@ -35,6 +36,32 @@ def test_presets_are_small_and_share_vision(shapes_dir, tmp_path):
     loaded = load_model(tmp_path / "s")
     assert loaded.num_image_tokens == 9 and loaded.image_token_id == t.image_token_id
     assert loaded.model.config.text_config.vocab_size == len(loaded.processor.tokenizer)
+
+
+def test_vision_from_copies_the_teachers_tower_only(shapes_dir, tmp_path):
+    create(tmp_path / "t", preset="tiny-teacher", tokenizer_data=[shapes_dir / "train.json"])
+    plain = create(tmp_path / "p", preset="tiny-student", tokenizer_from=tmp_path / "t", seed=3)
+    s = create(tmp_path / "s", preset="tiny-student", tokenizer_from=tmp_path / "t", seed=3,
+               vision_from=tmp_path / "t")
+    teacher = load_model(tmp_path / "t").model.model.vision_tower.state_dict()
+    saved = load_model(tmp_path / "s").model
+    for name, w in saved.model.vision_tower.state_dict().items():
+        assert torch.equal(w, teacher[name]), name
+    # everything else is the plain random init of the same seed
+    assert torch.equal(saved.model.multi_modal_projector.linear_1.weight,
+                       plain.model.model.multi_modal_projector.linear_1.weight)
+    assert not torch.equal(s.model.model.vision_tower.embeddings.patch_embedding.weight,
+                           plain.model.model.vision_tower.embeddings.patch_embedding.weight)
+
+
+def test_vision_from_a_different_tower_is_refused(shapes_dir, tmp_path):
+    cfg = tmp_path / "clip.json"
+    cfg.write_text(json.dumps(CLIP_LLAMA))
+    create(tmp_path / "c", config_path=cfg, tokenizer_data=[shapes_dir / "train.json"])
+    with pytest.raises(UserError, match="vision_config.model_type"):
+        create(tmp_path / "s", preset="tiny-student", tokenizer_from=tmp_path / "c",
+               vision_from=tmp_path / "c")
+    assert not (tmp_path / "s").exists()
 
 
 def test_clip_llama_config_and_processor_agree(shapes_dir, tmp_path):
