@@ -105,7 +105,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
 
     student_init = out / "student-init"
     _stage("student init", student_init, stages, lambda: create(
-        student_init, preset="tiny-student", tokenizer_from=teacher), log)
+        student_init, preset="tiny-student", tokenizer_from=teacher, vision_from=teacher), log)
     student_run = out / "student-distill"
     dpt, sft, dft = cfg.distill_steps
     dcfg = DistillConfig(dpt_steps=dpt, sft_steps=sft, dft_steps=dft, lr=cfg.distill_lr,
