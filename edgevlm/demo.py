@@ -27,8 +27,8 @@ class DemoConfig:
     n_eval: int = 300
     teacher_steps: int = 1200
     teacher_lr: float = 5e-4
-    distill_steps: tuple[int, int, int] = (200, 400, 400)  # dpt, sft, dft
-    distill_lr: float = 5e-4
+    distill_steps: tuple[int, int, int] = (300, 450, 450)  # dpt, sft, dft: row (e) of kd_ablation
+    distill_lr: float = 1e-3
     batch_size: int = 32
     calib_samples: int = 64
     bench_limit: int | None = None

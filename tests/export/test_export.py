@@ -55,7 +55,7 @@ def test_layout_and_manifest(teacher_fp32, teacher_dir):
         assert manifest["io"][component] == io.to_dict()
     config = json.loads((teacher_dir / "config.json").read_text())
     tc = config["text_config"]
-    assert manifest["num_layers"] == tc["num_hidden_layers"] == 4
+    assert manifest["num_layers"] == tc["num_hidden_layers"] == 2
     assert manifest["num_kv_heads"] == tc["num_key_value_heads"] == 2
     assert manifest["head_dim"] == tc["hidden_size"] // tc["num_attention_heads"] == 64
     assert manifest["vocab_size"] == tc["vocab_size"]
