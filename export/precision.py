@@ -4,7 +4,8 @@
   fp16  traced from the model in half precision (torch keeps RoPE and RMSNorm statistics in
         float32, which a blind graph-level float16 cast would not); IO stays float32.
   int8  onnxruntime quantize_dynamic: int8 weights per output channel, activations quantized on
-        the fly (MatMulInteger); embedding tables as int8 Gather.
+        the fly (MatMulInteger); embedding tables as int8 Gather. The layers of an 8-bit
+        checkpoint then get its integers and scales back (edgevlm.export.int8).
   int4  MatMulNBits with 4-bit weights in blocks of `block_size` input channels (edgevlm.export
         .int4), GatherBlockQuantized for embedding tables; the layers of a quantized checkpoint
         keep its integers, the rest are rounded to nearest.
@@ -20,7 +21,7 @@ import math
 import warnings
 from pathlib import Path
 
-from edgevlm.export import int4
+from edgevlm.export import int4, int8
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ QUANT_OPS = {"vision_encoder": ("MatMul",), "embed_tokens": ("Gather",),
 
 
 def quantize(component: str, precision: str, src: Path, dst: Path, block_size: int,
-             external: bool, checkpoint: dict[str, int4.Int4Weight] | None = None) -> None:
-    """Write `dst`, the int8 or int4 version of the fp32 graph `src`; int4 takes the layers in
-    `checkpoint` (weight name -> integers) as they are and rounds the rest to nearest."""
+             external: bool,
+             checkpoint: dict[str, int4.Int4Weight | int8.Int8Weight] | None = None) -> None:
+    """Write `dst`, the int8 or int4 version of the fp32 graph `src`; the layers in `checkpoint`
+    (weight name -> integers of the same precision) keep them as they are, the rest are rounded
+    to nearest."""
     ops = QUANT_OPS[component]
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_root_logger():
@@ -51,6 +54,8 @@ def _quantize(component, precision, src, dst, block_size, external, ops, checkpo
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(ops),
                              per_channel=component != "embed_tokens",
                              weight_type=QuantType.QInt8, use_external_data_format=external)
+        if checkpoint:
+            int8.use_checkpoint(dst, checkpoint, external)
     elif precision == "int4":
         int4.rtn(src, dst, block_size, ops, external, checkpoint)
     else:

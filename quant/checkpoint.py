@@ -9,8 +9,10 @@ back our integers, so the stored int32 words hold exactly what the search chose.
 stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1) (symmetric: no zero point), and
 dequantizes (q_ct − z_ct)·s, bit-identical to our (q − z)·s.
 
-In (`read_int4_layers`): the packed integers, scales and zero points by Hugging Face module name,
-converted back to our unsigned convention, for the int4 ONNX exporter.
+In (`read_int4_layers`, `read_int8_layers`): the packed integers, scales and zero points by
+Hugging Face module name, unpacked by compressed-tensors; int4 converted back to our unsigned
+convention (MatMulNBits stores unsigned nibbles), int8 kept signed (onnxruntime's MatMulInteger
+takes int8 weights).
 """
 
 from __future__ import annotations
@@ -101,13 +103,10 @@ def is_quantized(model_dir: str | Path) -> bool:
     return path.is_file() and "quantization_config" in json.loads(path.read_text())
 
 
-def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
-    """{module name: (q (N, K) uint8 in [0, 2^b − 1], scale (N, G) float32, zero_point (N, G)
-    uint8, group_size)} for every packed Linear of a checkpoint written by `write_checkpoint`.
-
-    Module names are the Hugging Face ones (`model.language_model.layers.0.self_attn.q_proj`);
-    the float weight is `{name}.weight`. Values follow edgevlm.quant.primitives: W = (q − z)·s.
-    """
+def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
+    """(the weights' QuantizationArgs as a dict, {module name: (q_ct (N, K) int8, scale (N, G)
+    float32, z_ct (N, G) int8 or None when symmetric)}) in compressed-tensors' signed convention,
+    W = (q_ct − z_ct)·s."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
@@ -117,11 +116,10 @@ def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
         raise UserError(f"{model_dir} is not a pack-quantized checkpoint (no quantization_config "
                         "with format pack-quantized); make one with `edgevlm quantize`")
     (args,) = [g["weights"] for g in qcfg["config_groups"].values()]
-    bits, symmetric = args["num_bits"], args["symmetric"]
+    bits = args["num_bits"]
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    offset = 1 << (bits - 1)
     out = {}
     for key in tensors:
         if not key.endswith(".weight_packed"):
@@ -129,13 +127,47 @@ def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
         name = key[: -len(".weight_packed")]
         shape = tuple(tensors[f"{name}.weight_shape"].tolist())
         scale = tensors[f"{name}.weight_scale"].float()
-        q = unpack_from_int32(tensors[key], bits, torch.Size(shape)).to(torch.int32) + offset
-        if symmetric:
-            zp = torch.full(scale.shape, offset, dtype=torch.int32)
-        else:
-            zp_shape = (shape[0], scale.shape[-1])
+        q = unpack_from_int32(tensors[key], bits, torch.Size(shape))
+        zp = None
+        if not args["symmetric"]:
             zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits,
-                                   torch.Size(zp_shape), packed_dim=0).to(torch.int32) + offset
-        out[module_name(name)] = (q.to(torch.uint8).numpy(), scale.numpy(),
-                                  zp.to(torch.uint8).numpy(), shape[1] // scale.shape[-1])
+                                   torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
+        out[module_name(name)] = (q, scale, zp)
+    return args, out
+
+
+def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
+    """{module name: (q (N, K) uint8 in [0, 2^b − 1], scale (N, G) float32, zero_point (N, G)
+    uint8, group_size)} for every packed Linear of a checkpoint written by `write_checkpoint`.
+
+    Module names are the Hugging Face ones (`model.language_model.layers.0.self_attn.q_proj`);
+    the float weight is `{name}.weight`. Values follow edgevlm.quant.primitives: W = (q − z)·s.
+    """
+    args, layers = _packed_layers(model_dir)
+    offset = 1 << (args["num_bits"] - 1)
+    out = {}
+    for name, (q, scale, zp) in layers.items():
+        q = q.to(torch.int32) + offset
+        zp = (torch.full(scale.shape, offset, dtype=torch.int32) if zp is None
+              else zp.to(torch.int32) + offset)
+        out[name] = (q.to(torch.uint8).numpy(), scale.numpy(), zp.to(torch.uint8).numpy(),
+                     q.shape[1] // scale.shape[-1])
+    return out
+
+
+def read_int8_layers(model_dir: str | Path) -> dict[str, tuple]:
+    """{module name: (q (N, K) int8, scale (N,) float32, zero_point (N,) int8)} for every packed
+    Linear of an 8-bit per-channel checkpoint: compressed-tensors' signed integers as they are,
+    W = (q − z)·s per output row (z = 0 when symmetric), the layout of onnxruntime's int8
+    weights. Names as in `read_int4_layers`."""
+    args, layers = _packed_layers(model_dir)
+    if args["num_bits"] != 8 or args.get("strategy") != "channel":
+        raise UserError(f"{model_dir} holds {args['num_bits']}-bit weights with strategy "
+                        f"{args.get('strategy')!r}; int8 needs 8 bits per channel (`edgevlm "
+                        "quantize --bits 8 --group-size -1`)")
+    out = {}
+    for name, (q, scale, zp) in layers.items():
+        scale = scale.reshape(-1)  # (N, 1) -> (N,)
+        zp = torch.zeros(scale.shape, dtype=torch.int8) if zp is None else zp.reshape(-1)
+        out[name] = (q.to(torch.int8).numpy(), scale.numpy(), zp.to(torch.int8).numpy())
     return out
