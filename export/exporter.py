@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import UserError
-from edgevlm.export import int4, int8, onnx_io, readiness
+from edgevlm.export import int4, onnx_io, readiness
 from edgevlm.export import precision as prec
+from edgevlm.export import source as ckpt
 from edgevlm.export.validate import Parity
 from edgevlm.runtime import contract
 
@@ -130,128 +131,6 @@ class ExportResult:
     readiness: readiness.Readiness | None = None  # mobile: NNAPI/CoreML coverage per graph
 
 
-DEFAULT_BLOCK = 32
-QUANTIZED = ("int8", "int4")  # precisions whose graphs carry integer weights
-
-
-@dataclass(frozen=True)
-class Source:
-    """What a quantized checkpoint's integers can be exported as."""
-
-    precision: str  # "int4" (MatMulNBits) or "int8" (MatMulInteger)
-    bits: int
-    group_size: int | None  # int4: the block size; int8: None (one scale per output channel)
-
-
-def _check_source(model_dir: Path) -> Source | None:
-    """The kind of quantized checkpoint (None for a float model), which must be one that
-    `edgevlm quantize` writes and MatMulNBits or MatMulInteger can carry as it is."""
-    from edgevlm.models import read_config
-
-    qcfg = read_config(model_dir).get("quantization_config")
-    if qcfg is None:
-        return None
-    groups = qcfg.get("config_groups") or {}
-    args = [g.get("weights") or {} for g in groups.values()]
-    a = args[0] if len(args) == 1 else {}
-    group = a.get("group_size")
-    packed = (qcfg.get("quant_method") == "compressed-tensors"
-              and qcfg.get("format") == "pack-quantized" and a.get("type", "int") == "int")
-    if (packed and a.get("num_bits") == 4 and a.get("strategy") == "group"
-            and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):
-        return Source("int4", 4, group)
-    if packed and a.get("num_bits") == 8 and a.get("strategy") == "channel" and a.get("symmetric"):
-        return Source("int8", 8, None)
-    raise UserError(f"{model_dir}/config.json: quantization_config is not supported; export "
-                    "needs a 4-bit pack-quantized checkpoint (compressed-tensors, one group of "
-                    f"4-bit int weights, strategy group, group_size a power of two >= "
-                    f"{int4.MIN_BLOCK}) as `edgevlm quantize --bits 4` writes, an 8-bit one "
-                    "(strategy channel, symmetric) as `edgevlm quantize --bits 8 --group-size -1 "
-                    "--symmetric` writes, or the unquantized model")
-
-
-def _block_size(config: ExportConfig, group: int | None, model_dir: Path) -> int:
-    if group is None:
-        return config.block_size or DEFAULT_BLOCK
-    if config.block_size not in (None, group):
-        raise UserError(f"--block-size {config.block_size} conflicts with the group size {group} "
-                        f"of the quantized checkpoint {model_dir}; drop --block-size or give "
-                        f"--block-size {group}")
-    return group
-
-
-def _read_checkpoint(model_dir: Path, source: Source) -> dict:
-    """{module name: Int4Weight | Int8Weight}: the checkpoint's integers per layer."""
-    from edgevlm.quant.checkpoint import read_int4_layers, read_int8_layers
-
-    if source.precision == "int4":
-        return {n: int4.Int4Weight(*v) for n, v in read_int4_layers(model_dir).items()}
-    return {n: int8.Int8Weight(*v) for n, v in read_int8_layers(model_dir).items()}
-
-
-def _check_precision(component: str, precision: str, source: Source, layer: str,
-                     model_dir: Path) -> None:
-    """A component holding checkpoint layers must carry their integers (the checkpoint's
-    precision) or their dequantized floats: the other integer precision would re-round them and
-    throw away what the search chose."""
-    if precision not in QUANTIZED or precision == source.precision:
-        return
-    flag = {"decoder_model_merged": "--precision", "vision_encoder": "--vision-precision",
-            "embed_tokens": "--embed-precision"}[component]
-    raise UserError(f"{model_dir} holds {source.bits}-bit weights, but {flag} {precision} would "
-                    f"re-round its {component} layers ({layer} ...) to {precision}; export them "
-                    f"with {flag} {source.precision} (its integers as they are) or fp32/fp16 "
-                    "(its dequantized weights), or quantize the float model with --bits "
-                    f"{precision[3:]}")
-
-
-def _checkpoint_weights(model, model_dir: Path, precisions: dict[str, str],
-                        source: Source) -> dict[str, dict]:
-    """{component: {graph weight name: Int4Weight | Int8Weight}} for the components exported at
-    the checkpoint's precision: its integers under the names the traced graph gives those
-    layers' weights."""
-    from edgevlm.export.graphs import wrapper
-
-    if not any(p in QUANTIZED for p in precisions.values()):
-        return {}
-    layers = _read_checkpoint(model_dir, source)
-    hf_names = {id(m): n for n, m in model.named_modules()}
-    out, used = {}, set()
-    for component, p in precisions.items():
-        if p not in QUANTIZED:
-            continue
-        held = {f"{name}.weight": hf_names[id(m)]
-                for name, m in wrapper(component, model).named_modules()
-                if hf_names.get(id(m)) in layers}
-        if held:
-            _check_precision(component, p, source, min(held.values()), model_dir)
-        out[component] = {w: layers[hf] for w, hf in held.items()}
-        used.update(held.values())
-    left = sorted(set(layers) - used)
-    if left:  # e.g. vision layers of a checkpoint exported with --vision-precision fp16
-        log.warning("%d checkpoint layer(s) exported from their dequantized float weights, not "
-                    "as %s (%s ...)", len(left), source.precision, left[0])
-    return out
-
-
-def _weight_sources(precisions: dict[str, str],
-                    checkpoint: dict[str, dict]) -> dict[str, str | None]:
-    """{"int4_source" / "int8_source": "checkpoint" or "rtn"} for the manifest: where each
-    quantized precision's integers came from; None when no component has that precision."""
-    return {f"{q}_source": None if q not in precisions.values() else
-            "checkpoint" if any(checkpoint.get(c) for c, p in precisions.items() if p == q)
-            else "rtn" for q in QUANTIZED}
-
-
-def _check_int4(model, precisions: dict[str, str], block_size: int) -> None:
-    from edgevlm.export.graphs import wrapper
-
-    for component, p in precisions.items():
-        if p == "int4":
-            widths = prec.quant_widths(component, wrapper(component, model))
-            int4.check_widths(widths, block_size, component)
-
-
 def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
            num_layers: int, shapes=None) -> tuple[Path, bool]:
     """Trace one component and write its weights; int8/int4 ones go to a scratch float graph
@@ -330,9 +209,9 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
 
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out_dir)
-    source = _check_source(model_dir)
+    source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
-    config = replace(config, block_size=_block_size(config, group, model_dir))
+    config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
     check_new(out, config.overwrite)  # before minutes of loading and tracing
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
     # traced from, and validated against, the model its integers define.
@@ -341,8 +220,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     dims = text_dims(model.config)
     precisions = config.precisions()
     checkpoint = ({} if source is None
-                  else _checkpoint_weights(model, model_dir, precisions, source))
-    _check_int4(model, precisions, config.block_size)
+                  else ckpt.checkpoint_weights(model, model_dir, precisions, source))
+    ckpt.check_int4(model, precisions, config.block_size)
     shapes = rope = None
     if config.profile == "mobile":
         from edgevlm.export import mobile
@@ -367,7 +246,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             traced[component] = _trace(model, component, precisions[component], tmp, config,
                                        dims.num_layers, shapes)
             bar.update(1)
-        sources = _weight_sources(precisions, checkpoint)
+        sources = ckpt.weight_sources(precisions, checkpoint)
         info = manifest.build(loaded, dims, config, sources["int4_source"])
         info["int8_source"] = sources["int8_source"]  # int8: "rtn" is quantize_dynamic's rounding
         # Every graph is written: free the torch weights before the quantizers and onnxruntime

@@ -1,0 +1,141 @@
+"""What a quantized checkpoint brings to an export: which kind it is, its integers under the
+traced graphs' weight names, and the checks that keep them from being re-rounded.
+
+`edgevlm quantize` writes compressed-tensors pack-quantized checkpoints. Two kinds can reach a
+graph as they are: 4 bits in groups (MatMulNBits, block size = group size) and 8 bits per
+channel, symmetric (MatMulInteger). Layers the checkpoint kept in float take the ordinary path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevlm.errors import UserError
+from edgevlm.export import int4, int8
+from edgevlm.export import precision as prec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK = 32
+QUANTIZED = ("int8", "int4")  # precisions whose graphs carry integer weights
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a quantized checkpoint's integers can be exported as."""
+
+    precision: str  # "int4" (MatMulNBits) or "int8" (MatMulInteger)
+    bits: int
+    group_size: int | None  # int4: the block size; int8: None (one scale per output channel)
+
+
+def check_source(model_dir: Path) -> Source | None:
+    """The kind of quantized checkpoint (None for a float model), which must be one that
+    `edgevlm quantize` writes and MatMulNBits or MatMulInteger can carry as it is."""
+    from edgevlm.models import read_config
+
+    qcfg = read_config(model_dir).get("quantization_config")
+    if qcfg is None:
+        return None
+    groups = qcfg.get("config_groups") or {}
+    args = [g.get("weights") or {} for g in groups.values()]
+    a = args[0] if len(args) == 1 else {}
+    group = a.get("group_size")
+    packed = (qcfg.get("quant_method") == "compressed-tensors"
+              and qcfg.get("format") == "pack-quantized" and a.get("type", "int") == "int")
+    if (packed and a.get("num_bits") == 4 and a.get("strategy") == "group"
+            and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):
+        return Source("int4", 4, group)
+    if packed and a.get("num_bits") == 8 and a.get("strategy") == "channel" and a.get("symmetric"):
+        return Source("int8", 8, None)
+    raise UserError(f"{model_dir}/config.json: quantization_config is not supported; export "
+                    "needs a 4-bit pack-quantized checkpoint (compressed-tensors, one group of "
+                    f"4-bit int weights, strategy group, group_size a power of two >= "
+                    f"{int4.MIN_BLOCK}) as `edgevlm quantize --bits 4` writes, an 8-bit one "
+                    "(strategy channel, symmetric) as `edgevlm quantize --bits 8 --group-size -1 "
+                    "--symmetric` writes, or the unquantized model")
+
+
+def block_size(config, group: int | None, model_dir: Path) -> int:
+    """The int4 block size: the checkpoint's group size, else --block-size or the default."""
+    if group is None:
+        return config.block_size or DEFAULT_BLOCK
+    if config.block_size not in (None, group):
+        raise UserError(f"--block-size {config.block_size} conflicts with the group size {group} "
+                        f"of the quantized checkpoint {model_dir}; drop --block-size or give "
+                        f"--block-size {group}")
+    return group
+
+
+def _read_checkpoint(model_dir: Path, source: Source) -> dict:
+    """{module name: Int4Weight | Int8Weight}: the checkpoint's integers per layer."""
+    from edgevlm.quant.checkpoint import read_int4_layers, read_int8_layers
+
+    if source.precision == "int4":
+        return {n: int4.Int4Weight(*v) for n, v in read_int4_layers(model_dir).items()}
+    return {n: int8.Int8Weight(*v) for n, v in read_int8_layers(model_dir).items()}
+
+
+def _check_precision(component: str, precision: str, source: Source, layer: str,
+                     model_dir: Path) -> None:
+    """A component holding checkpoint layers must carry their integers (the checkpoint's
+    precision) or their dequantized floats: the other integer precision would re-round them and
+    throw away what the search chose."""
+    if precision not in QUANTIZED or precision == source.precision:
+        return
+    flag = {"decoder_model_merged": "--precision", "vision_encoder": "--vision-precision",
+            "embed_tokens": "--embed-precision"}[component]
+    raise UserError(f"{model_dir} holds {source.bits}-bit weights, but {flag} {precision} would "
+                    f"re-round its {component} layers ({layer} ...) to {precision}; export them "
+                    f"with {flag} {source.precision} (its integers as they are) or fp32/fp16 "
+                    "(its dequantized weights), or quantize the float model with --bits "
+                    f"{precision[3:]}")
+
+
+def checkpoint_weights(model, model_dir: Path, precisions: dict[str, str],
+                        source: Source) -> dict[str, dict]:
+    """{component: {graph weight name: Int4Weight | Int8Weight}} for the components exported at
+    the checkpoint's precision: its integers under the names the traced graph gives those
+    layers' weights."""
+    from edgevlm.export.graphs import wrapper
+
+    if not any(p in QUANTIZED for p in precisions.values()):
+        return {}
+    layers = _read_checkpoint(model_dir, source)
+    hf_names = {id(m): n for n, m in model.named_modules()}
+    out, used = {}, set()
+    for component, p in precisions.items():
+        if p not in QUANTIZED:
+            continue
+        held = {f"{name}.weight": hf_names[id(m)]
+                for name, m in wrapper(component, model).named_modules()
+                if hf_names.get(id(m)) in layers}
+        if held:
+            _check_precision(component, p, source, min(held.values()), model_dir)
+        out[component] = {w: layers[hf] for w, hf in held.items()}
+        used.update(held.values())
+    left = sorted(set(layers) - used)
+    if left:  # e.g. vision layers of a checkpoint exported with --vision-precision fp16
+        log.warning("%d checkpoint layer(s) exported from their dequantized float weights, not "
+                    "as %s (%s ...)", len(left), source.precision, left[0])
+    return out
+
+
+def weight_sources(precisions: dict[str, str],
+                    checkpoint: dict[str, dict]) -> dict[str, str | None]:
+    """{"int4_source" / "int8_source": "checkpoint" or "rtn"} for the manifest: where each
+    quantized precision's integers came from; None when no component has that precision."""
+    return {f"{q}_source": None if q not in precisions.values() else
+            "checkpoint" if any(checkpoint.get(c) for c, p in precisions.items() if p == q)
+            else "rtn" for q in QUANTIZED}
+
+
+def check_int4(model, precisions: dict[str, str], block_size: int) -> None:
+    from edgevlm.export.graphs import wrapper
+
+    for component, p in precisions.items():
+        if p == "int4":
+            widths = prec.quant_widths(component, wrapper(component, model))
+            int4.check_widths(widths, block_size, component)
