@@ -3,7 +3,8 @@ transformers and onnxruntime-genai, side by side on one machine.
 
 Two models, both with RANDOM weights (speed does not depend on the values; no accuracy is
 claimed here):
-  tiny-teacher  the preset (SigLIP 48 px -> 9 image tokens, Qwen2 decoder hidden 256, 4 layers)
+  tiny-teacher  the preset (SigLIP 48 px -> 9 image tokens, Qwen2 decoder hidden 256; 4 layers
+                when the committed results were measured, 2 since)
   llama-150m    a Llama-style decoder, vocab 32000, hidden 768, MLP 2048, 12 layers, 12 heads
                 (4 KV heads), with a SigLIP tower at 224 px (384 wide, 6 layers, 196 tokens)
 Systems, each measured in its own fresh process (so peak RSS is its own):
