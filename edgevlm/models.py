@@ -268,9 +268,9 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
     return loaded
 
 
-def copy_vision_tower(model, src_dir: str | Path) -> int:
+def copy_vision_tower(model, src_dir: str | Path) -> None:
     """Load the vision tower weights of the checkpoint in `src_dir` into `model`, reading only
-    those tensors (a 7B teacher is never loaded whole). Returns the number of tensors copied."""
+    those tensors (a 7B teacher is never loaded whole)."""
     import torch
     from safetensors import safe_open
 
@@ -301,4 +301,3 @@ def copy_vision_tower(model, src_dir: str | Path) -> int:
                 raise UserError(f"--vision-from {src_dir}: vision weight {name} has shape "
                                 f"{tuple(found[name].shape)}, this model needs {tuple(t.shape)}")
             t.copy_(found[name].to(t.dtype))
-    return len(wanted)

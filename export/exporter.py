@@ -246,9 +246,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             traced[component] = _trace(model, component, precisions[component], tmp, config,
                                        dims.num_layers, shapes)
             bar.update(1)
-        sources = ckpt.weight_sources(precisions, checkpoint)
-        info = manifest.build(loaded, dims, config, sources["int4_source"])
-        info["int8_source"] = sources["int8_source"]  # int8: "rtn" is quantize_dynamic's rounding
+        info = manifest.build(loaded, dims, config, ckpt.weight_sources(precisions, checkpoint))
         # Every graph is written: free the torch weights before the quantizers and onnxruntime
         # load the graphs, so those never sit beside a torch copy.
         del loaded, model

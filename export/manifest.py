@@ -68,9 +68,11 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build(loaded, dims, config, int4_source: str | None) -> dict:
-    """The manifest dict; the exporter fills in "components" (name -> {"file", "precision",
-    "bytes", "external_data"}) and "parity" once the graphs are written and checked."""
+def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
+    """The manifest dict. `weight_sources` ({"int4_source", "int8_source"}) says where each
+    integer precision's weights came from; the exporter fills in "components" (name -> {"file",
+    "precision", "bytes", "external_data"}) and "parity" once the graphs are written and
+    checked."""
     model, proc = loaded.model, loaded.processor
     tok = proc.tokenizer
     tc = model.config.text_config
@@ -99,7 +101,7 @@ def build(loaded, dims, config, int4_source: str | None) -> dict:
         "bos_token_id": tok.bos_token_id,
         "chat_template": getattr(proc, "chat_template", None) or tok.chat_template,
         "image_processor": image_settings(proc.image_processor),
-        "int4_source": int4_source,
+        **weight_sources,
         "config": asdict(config),
         "command": shlex.join(sys.argv),
         "versions": versions(),
