@@ -69,6 +69,37 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu",
     },
+    # SmolLM2-135M (SmolVLM-256M's decoder) under a small SigLIP-style tower at 224 px: 196
+    # image tokens, as a LLaVA of that resolution sees. Meant for `--text-from` the real LM
+    # (benchmarks/smollm2.py); alone it is a random model of the same shape.
+    "llava-smollm2": {
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 3,
+            "image_size": 224,
+            "patch_size": 16,
+            "num_channels": 3,
+        },
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "head_dim": 64,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "tie_word_embeddings": True,
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "projector_hidden_act": "gelu",
+    },
 }
 
 
@@ -230,42 +261,73 @@ def save_model(loaded: LoadedModel, out_dir: str | Path) -> None:
 def create(out: str | Path, preset: str | None = None, config_path: str | Path | None = None,
            tokenizer_data: list[str | Path] | None = None, tokenizer_from: str | Path | None = None,
            vocab_size: int = 512, seed: int = 0, overwrite: bool = False,
-           vision_from: str | Path | None = None) -> LoadedModel:
-    """`edgevlm init`: a new random model directory from a preset or a LlavaConfig JSON.
+           vision_from: str | Path | None = None,
+           text_from: str | Path | None = None) -> LoadedModel:
+    """`edgevlm init`: a new model directory from a preset or a LlavaConfig JSON.
     `vision_from`: start the vision tower from that model's weights (same vision config), as a
-    LLaVA student starts from the pretrained encoder its teacher uses."""
-    from edgevlm.atomic import atomic_dir
-    from edgevlm.data import load_samples
-    from edgevlm.tokenizer import train_tokenizer
+    LLaVA student starts from the pretrained encoder its teacher uses. `text_from`: a pretrained
+    causal LM (HF folder or .gguf) becomes the language model, with its own tokenizer; the
+    vision part then comes from the preset, the config or `vision_from` (edgevlm.text_lm)."""
+    from edgevlm.atomic import atomic_dir, check_new
 
-    if (preset is None) == (config_path is None):
-        raise UserError("give exactly one of --preset or --config")
-    if (not tokenizer_data) == (tokenizer_from is None):
+    cfg = _vision_source_config(preset, config_path, vision_from, text_from)
+    if text_from is not None:
+        if tokenizer_data or tokenizer_from is not None:
+            raise UserError("--text-from brings the LM's own tokenizer; drop --tokenizer-data / "
+                            "--tokenizer-from")
+    elif (not tokenizer_data) == (tokenizer_from is None):
         raise UserError("give exactly one of --tokenizer-data or --tokenizer-from")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        cfg = PRESETS[preset]
-    else:
-        try:
-            cfg = json.loads(Path(config_path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read LlavaConfig JSON {config_path} ({e})") from e
-    if tokenizer_from is not None:
+    check_new(Path(out), overwrite)  # before minutes of loading, not after
+    lm = None
+    if text_from is not None:
+        from edgevlm.text_lm import graft, load_text_lm, text_config_of
+
+        lm = load_text_lm(text_from)
+        cfg = {**cfg, "text_config": text_config_of(lm)}
+        tokenizer = lm.tokenizer
+    elif tokenizer_from is not None:
         from transformers import AutoTokenizer
 
         read_config(tokenizer_from)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
     else:
+        from edgevlm.data import load_samples
+        from edgevlm.tokenizer import train_tokenizer
+
         texts = [t for path in tokenizer_data for s in load_samples(path)
                  for turn in s.turns for t in turn]
         tokenizer = train_tokenizer(texts, vocab_size)
     loaded = init_model(cfg, tokenizer, seed)
+    if lm is not None:
+        graft(loaded, lm)
     if vision_from is not None:
         copy_vision_tower(loaded.model, vision_from)
     with atomic_dir(out, overwrite) as tmp:
         save_model(loaded, tmp)
     return loaded
+
+
+def _vision_source_config(preset, config_path, vision_from, text_from) -> dict:
+    """The LlavaConfig dict `init` starts from. With `text_from` only its vision part counts, and
+    a `vision_from` model alone may supply it."""
+    if preset is not None and config_path is not None:
+        raise UserError("give only one of --preset or --config")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return copy.deepcopy(PRESETS[preset])
+    if config_path is not None:
+        try:
+            return json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read LlavaConfig JSON {config_path} ({e})") from e
+    if text_from is not None and vision_from is not None:
+        src = read_config(vision_from)
+        return {k: src[k] for k in ("vision_config", "vision_feature_layer",
+                                    "vision_feature_select_strategy", "projector_hidden_act")
+                if k in src}
+    raise UserError("give --preset or --config" + (" (or --vision-from) for the vision tower"
+                                                   if text_from is not None else ""))
 
 
 def copy_vision_tower(model, src_dir: str | Path) -> None:
