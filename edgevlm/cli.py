@@ -71,27 +71,50 @@ def data_shapes(
                         "eval": s.n_eval}, quiet, as_json)
 
 
+@data_app.command("pydoc")
+def data_pydoc(
+    out: Path = typer.Argument(..., help="Text file to write"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Write the English help text that ships with Python (pydoc_data.topics): the real text
+    `edgevlm eval --text` scores."""
+    from edgevlm.atomic import check_new
+    from edgevlm.perplexity import pydoc_text
+
+    check_new(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = pydoc_text()
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.rename(out)
+    _summary("pydoc", {"out": out, "characters": len(text)})
+
+
 @app.command()
 def init(
     out: Path = typer.Argument(..., help="Model folder to create"),
-    preset: Optional[str] = typer.Option(None, help="tiny-teacher | tiny-student"),
+    preset: Optional[str] = typer.Option(None, help="tiny-teacher | tiny-student | "
+                                         "llava-smollm2 (SigLIP 224 px, for --text-from)"),
     config: Optional[Path] = typer.Option(None, help="A LlavaConfig JSON"),
     tokenizer_data: Optional[list[Path]] = typer.Option(None, help="Train a BPE on this data"),
     tokenizer_from: Optional[Path] = typer.Option(None, help="Reuse this model's tokenizer"),
     vision_from: Optional[Path] = typer.Option(
         None, help="Start the vision tower from this model's (e.g. the teacher's)"),
+    text_from: Optional[Path] = typer.Option(
+        None, help="A pretrained causal LM (Hugging Face folder or .gguf) as the language model, "
+        "with its own tokenizer and chat template"),
     vocab_size: int = typer.Option(512),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Create a randomly initialised LLaVA model with its tokenizer and processor."""
+    """Create a LLaVA model with its tokenizer and processor: random, or around a pretrained LM."""
     _quiet_libraries()
     from edgevlm.models import create
 
     lm = create(out, preset, config, tokenizer_data, tokenizer_from, vocab_size, seed, overwrite,
-                vision_from)
+                vision_from, text_from)
     n = sum(p.numel() for p in lm.model.parameters())
     _summary("init", {"out": out, "parameters": f"{n / 1e6:.2f}M",
                       "vocab": lm.model.config.text_config.vocab_size,
@@ -139,7 +162,11 @@ def train(
 @app.command("eval")
 def eval_(
     model: Path = typer.Argument(..., help="Model folder"),
-    data: Path = typer.Argument(..., help="LLaVA-format evaluation JSON"),
+    data: Optional[Path] = typer.Argument(None, help="LLaVA-format evaluation JSON"),
+    text: Optional[Path] = typer.Option(None, help="Also (or only) the language model's "
+                                        "perplexity on this UTF-8 text (`edgevlm data pydoc`)"),
+    max_tokens: Optional[int] = typer.Option(8192, help="--text: score the first N tokens"),
+    context: int = typer.Option(512, help="--text: tokens per scored window"),
     limit: Optional[int] = typer.Option(None, help="First N entries only"),
     batch_size: int = typer.Option(16),
     max_new_tokens: int = typer.Option(16),
@@ -147,18 +174,32 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results to this file"),
     quiet: bool = typer.Option(False),
 ) -> None:
-    """Greedy answers with the torch model; normalized exact match, per question type."""
+    """Greedy answers with the torch model, normalized exact match per question type; with
+    --text, the language model's perplexity on real text (float or quantized checkpoints)."""
     _quiet_libraries()
     from edgevlm.data import load_samples
     from edgevlm.evaluate import evaluate
+    from edgevlm.perplexity import perplexity, read_text
     from edgevlm.quant.act import load_for_eval
 
-    samples = load_samples(data, image_root)[:limit]
-    result = evaluate(load_for_eval(model), samples, max_new_tokens, batch_size, quiet)
+    if data is None and text is None:
+        raise UserError("give an evaluation DATA.json, --text FILE, or both")
+    samples = load_samples(data, image_root)[:limit] if data is not None else None
+    body = read_text(text) if text is not None else None  # bad input fails before the load
+    loaded = load_for_eval(model)
+    out, rows = {}, {}
+    if samples is not None:
+        result = evaluate(loaded, samples, max_new_tokens, batch_size, quiet)
+        out = result.to_dict()
+        rows = {"accuracy": result.accuracy, "samples": result.score.total}
+        rows.update({f"  {t}": a for t, a in result.score.type_accuracy().items()})
+    if body is not None:
+        ppl = perplexity(loaded, body, context, max_tokens, where=str(text), quiet=quiet)
+        out["perplexity"] = {**ppl.to_dict(), "text": str(text)}
+        rows.update({"perplexity": ppl.perplexity, "  tokens scored": ppl.tokens_scored,
+                     "  context": context})
     if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=1))
-    rows = {"accuracy": result.accuracy, "samples": result.score.total}
-    rows.update({f"  {t}": a for t, a in result.score.type_accuracy().items()})
+        json_out.write_text(json.dumps(out, indent=1))
     _summary(f"eval {model}", rows, quiet)
 
 
