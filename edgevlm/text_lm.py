@@ -110,7 +110,7 @@ def _with_image_token(tokenizer, where: str):
                             "as a special token")
     with tempfile.TemporaryDirectory() as tmp:
         # Reloading with extra_special_tokens is transformers' own way to name an image token:
-        # the saved tokenizer_config then carries it, and LlavaProcessor reads tokenizer.image_token.
+        # the saved tokenizer_config carries it, and LlavaProcessor reads tokenizer.image_token.
         tokenizer.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp, extra_special_tokens={"image_token": IMAGE_TOKEN})
     if tok.pad_token_id is None:
