@@ -12,6 +12,8 @@ algorithm reaches its first column (as in the reference). With act-order (column
 decreasing diag H), groups must still be contiguous in the stored format, so their qparams are
 fixed up front from the original weights ("static groups" of the reference implementation).
 `clip` (an (N, G) tensor or a float) shrinks each group's range; Q-VLM passes its search result.
+A group size that does not divide K leaves a ragged last group (K mod group_size columns, G =
+ceil(K / group_size)) whose qparams are chosen from its own columns only, like any other group.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from edgevlm.quant.primitives import (
     QuantizedWeight,
     choose_qparams,
     dequantize,
+    n_groups,
     quantize,
 )
 
@@ -41,8 +44,10 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     H = H.detach().double().clone()
     n, k = W.shape
     gs = k if cfg.group_size == -1 else cfg.group_size
-    assert k % gs == 0, f"group size {gs} does not divide {k} columns"
-    clip = torch.as_tensor(clip, dtype=torch.float32).expand(n, k // gs)
+    G = n_groups(k, gs)  # the last group holds k - (G - 1)·gs columns
+    assert cfg.gptq_block % gs == 0 or gs == k, \
+        f"gptq_block {cfg.gptq_block} does not start on group boundaries of {gs}"
+    clip = torch.as_tensor(clip, dtype=torch.float32).expand(n, G)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -58,8 +63,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros((n, k), dtype=torch.int32)
-    scales = torch.zeros((n, k // gs), dtype=torch.float32)
-    zeros = torch.zeros((n, k // gs), dtype=torch.int32)
+    scales = torch.zeros((n, G), dtype=torch.float32)
+    zeros = torch.zeros((n, G), dtype=torch.int32)
     if static is not None:
         scales, zeros = static.scale, static.zero_point
 
@@ -72,11 +77,12 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
             col = int(perm[i1 + i])  # original column index
             g = col // gs
             if static is None and col % gs == 0:  # first column of a group: choose its qparams
-                stop = min(i + gs, i2 - i1)  # i1 and gs are aligned, so the group is in W1
+                # i1 and gs are aligned, so the group is in W1; a ragged last group ends at K
+                stop = min(i + gs, i2 - i1)
                 qp = choose_qparams(W1[:, i:stop].float(), cfg.bits, -1, cfg.symmetric,
                                     clip[:, g: g + 1])
                 scales[:, g: g + 1], zeros[:, g: g + 1] = qp.scale, qp.zero_point
-            qp = QParams(scales[:, g: g + 1], zeros[:, g: g + 1], cfg.bits)
+            qp = QParams(scales[:, g: g + 1], zeros[:, g: g + 1], cfg.bits, gs)
             w = W1[:, i: i + 1]
             q = quantize(w.float(), qp)
             Q[:, col: col + 1] = q
@@ -84,4 +90,4 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
             W1[:, i:] -= err @ U1[i: i + 1, i:]
             E1[:, i: i + 1] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return QuantizedWeight(Q, scales.contiguous(), zeros.contiguous(), cfg.bits)
+    return QuantizedWeight(Q, scales.contiguous(), zeros.contiguous(), cfg.bits, gs)

@@ -13,30 +13,45 @@ each (row, group) has a float scale s and an integer zero point z in [0, 2^bits 
 
 Symmetric quantization is the special case z = 2^(bits-1) for every group (the signed range
 [-2^(b-1), 2^(b-1) - 1] shifted to unsigned), so one code path serves both.
+
+Ragged groups: a row of K columns holds G = ceil(K / group_size) groups and the last one holds
+the K mod group_size columns left over (when group_size does not divide K), with qparams of its
+own, as onnxruntime's MatMulNBits lays out its blocks and compressed-tensors shapes its scales
+(N, ceil(K / group_size)). Ranges always include 0, so padding the last group with zeros to a
+whole group changes neither its min/max nor its scale: that is how the primitives compute it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from edgevlm.errors import UserError
 
 METHOD_NAMES = ("rtn", "gptq", "qvlm", "nf4")
-GROUP_SIZES = (32, 64, 128, -1)
+MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
 ACT_BITS = (16, 8, 6, 4)
 PARTITIONS = ("entropy", "uniform")
 MIN_CALIB_SAMPLES = 2
 
 
+def n_groups(k: int, group_size: int) -> int:
+    """Groups per row of `k` columns: ceil(k / group_size); the last may be ragged."""
+    return 1 if group_size == -1 else math.ceil(k / group_size)
+
+
 @dataclass(frozen=True)
 class QParams:
-    """Per (output row, group) scale and zero point; group size is K // scale.shape[1]."""
+    """Per (output row, group) scale and zero point, groups of `group_size` columns (the last
+    one of a row may hold fewer: K mod group_size)."""
 
     scale: torch.Tensor  # (N, G) float32, > 0
     zero_point: torch.Tensor  # (N, G) int32 in [0, 2^bits - 1]
     bits: int
+    group_size: int  # columns per group; G = ceil(K / group_size)
 
     @property
     def maxq(self) -> int:
@@ -44,28 +59,40 @@ class QParams:
 
     def column(self, g: int) -> QParams:
         """The qparams of group g as a (N, 1) QParams (for column-at-a-time algorithms)."""
-        return QParams(self.scale[:, g: g + 1], self.zero_point[:, g: g + 1], self.bits)
+        return QParams(self.scale[:, g: g + 1], self.zero_point[:, g: g + 1], self.bits,
+                       self.group_size)
+
+    def per_column(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point), each (N, k): every column's own group's values."""
+        g = self.scale.shape[1]
+        assert g == math.ceil(k / self.group_size), \
+            f"{g} groups of {self.group_size} do not cover {k} columns"
+        return (self.scale.repeat_interleave(self.group_size, dim=1)[:, :k],
+                self.zero_point.repeat_interleave(self.group_size, dim=1)[:, :k])
 
 
-def _groups(w: torch.Tensor, n_groups: int) -> torch.Tensor:
+def _padded_groups(w: torch.Tensor, gs: int) -> torch.Tensor:
+    """(N, K) -> (N, G, gs), the ragged last group padded with zeros."""
     n, k = w.shape
-    assert k % n_groups == 0, f"{k} columns do not split into {n_groups} equal groups"
-    return w.reshape(n, n_groups, k // n_groups)  # (N, G, gs)
+    g = math.ceil(k / gs)
+    return F.pad(w, (0, g * gs - k)).reshape(n, g, gs)
 
 
 def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                    clip: float | torch.Tensor = 1.0) -> QParams:
-    """Min/max qparams of `w` (N, K) per row and group of `group_size` columns (-1: whole row).
+    """Min/max qparams of `w` (N, K) per row and group of `group_size` columns (-1: whole row;
+    a group size that does not divide K leaves a ragged last group with its own qparams).
 
     `clip` (a float or an (N, G) tensor in (0, 1]) shrinks each group's range before the scale
     is computed: the clipping scale that AWQ-style and Q-VLM searches choose. Ranges always
-    include 0 (as in the GPTQ reference), so an all-zero group dequantizes to exact zeros.
+    include 0 (as in the GPTQ reference), so an all-zero group dequantizes to exact zeros (and
+    the zeros that pad a ragged group change nothing).
     """
     w = w.detach().float()
     n, k = w.shape
     gs = k if group_size == -1 else group_size
-    assert k % gs == 0, f"group size {gs} does not divide {k} columns"
-    g = _groups(w, k // gs)
+    assert gs >= 1, f"group size {group_size}"
+    g = _padded_groups(w, gs)
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     xmin = torch.minimum(g.amin(-1), zero)
     xmax = torch.maximum(g.amax(-1), zero)  # (N, G)
@@ -81,24 +108,21 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         zp = torch.round(-xmin / torch.where(scale > 0, scale, 1.0))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a flat zero group
     zp = zp.clamp(0, maxq).to(torch.int32)
-    return QParams(scale.contiguous(), zp.contiguous(), bits)
+    return QParams(scale.contiguous(), zp.contiguous(), bits, gs)
 
 
 def quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integers q (N, K) int32 in [0, 2^bits - 1] for `w` under `qp`."""
     w = w.detach().float()
-    n, k = w.shape
-    g = _groups(w, qp.scale.shape[1])
-    q = torch.round(g / qp.scale.unsqueeze(-1)) + qp.zero_point.unsqueeze(-1)
-    return q.clamp(0, qp.maxq).to(torch.int32).reshape(n, k)
+    scale, zp = qp.per_column(w.shape[1])
+    q = torch.round(w / scale) + zp
+    return q.clamp(0, qp.maxq).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Float weights (q - z) * s (N, K) float32; exactly what compressed-tensors computes."""
-    n, k = q.shape
-    g = _groups(q, qp.scale.shape[1]).to(qp.scale.dtype)
-    w = (g - qp.zero_point.unsqueeze(-1).to(qp.scale.dtype)) * qp.scale.unsqueeze(-1)
-    return w.reshape(n, k)
+    scale, zp = qp.per_column(q.shape[1])
+    return (q.to(scale.dtype) - zp.to(scale.dtype)) * scale
 
 
 def fake_quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -110,17 +134,18 @@ class QuantizedWeight:
     """One linear layer's weight as integers plus qparams: W ≈ dequantize(q, qparams)."""
 
     q: torch.Tensor  # (N, K) int32
-    scale: torch.Tensor  # (N, G) float32
+    scale: torch.Tensor  # (N, G) float32, G = ceil(K / group_size)
     zero_point: torch.Tensor  # (N, G) int32
     bits: int
+    group_size: int  # columns per group; the last group of a row holds K mod group_size if ragged
 
     @property
     def qparams(self) -> QParams:
-        return QParams(self.scale, self.zero_point, self.bits)
+        return QParams(self.scale, self.zero_point, self.bits, self.group_size)
 
     @property
-    def group_size(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
+    def ragged(self) -> bool:
+        return self.q.shape[1] % self.group_size != 0
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.qparams)
@@ -160,8 +185,10 @@ class QuantConfig:
             bad("method", self.method, f"use one of {', '.join(METHOD_NAMES)}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             bad("bits", self.bits, "the pack-quantized format stores 2..8 bits (e.g. --bits 4)")
-        if self.group_size not in GROUP_SIZES:
-            bad("group_size", self.group_size, "use 32, 64, 128, or -1 for one group per row")
+        gs = self.group_size
+        if not isinstance(gs, int) or (gs != -1 and (gs < MIN_GROUP or gs & (gs - 1))):
+            bad("group_size", gs, f"use a power of two >= {MIN_GROUP} (32, 64, 128, ...; "
+                "MatMulNBits' block sizes), or -1 for one group per row")
         if self.act_bits not in ACT_BITS:
             bad("act_bits", self.act_bits, "use 16 (weight-only), 8 (W8A8, deployable through "
                 "onnxruntime int8) or 6 / 4 (simulated, research mode)")
@@ -174,8 +201,12 @@ class QuantConfig:
             bad("partition", self.partition, f"use one of {', '.join(PARTITIONS)}")
         if not 0 < self.percdamp < 1:
             bad("percdamp", self.percdamp, "use a small fraction such as 0.01")
+        # GPTQ chooses a group's qparams at its first column, so a lazy block must start on a
+        # group boundary: a multiple of the group size (a ragged last group then ends the last
+        # block, which is cut short at K).
         if self.gptq_block < 1 or (self.group_size > 0 and self.gptq_block % self.group_size):
-            bad("gptq_block", self.gptq_block, "use a multiple of the group size, e.g. 128")
+            bad("gptq_block", self.gptq_block, "use a multiple of the group size, e.g. "
+                f"{max(128, self.group_size)}")
         if not self.clip_grid or any(not 0 < c <= 1 for c in self.clip_grid):
             bad("clip_grid", self.clip_grid, "clip ratios must lie in (0, 1]")
         if not self.clip_strengths or any(not 0 <= b <= 1 for b in self.clip_strengths):

@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from edgevlm.quant import gptq
 from edgevlm.quant.calibrate import (
@@ -60,7 +61,13 @@ from edgevlm.quant.calibrate import (
     linears,
     relative_error,
 )
-from edgevlm.quant.primitives import QuantConfig, QuantizedWeight, choose_qparams, fake_quantize
+from edgevlm.quant.primitives import (
+    QuantConfig,
+    QuantizedWeight,
+    choose_qparams,
+    fake_quantize,
+    n_groups,
+)
 
 ENTROPY_WEIGHT = 0.1  # λ in the vision-side loss
 KL_BUDGET = 1e-3  # nats per answer token the vision-side optimization may move the answers
@@ -106,16 +113,21 @@ def blocks(input_entropy: list[float], max_block: int, how: str = "entropy") -> 
 
 
 def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Per (row, group) clip ratio from cfg.clip_grid minimising e_g H_gg e_gᵀ; (N, G)."""
+    """Per (row, group) clip ratio from cfg.clip_grid minimising e_g H_gg e_gᵀ; (N, G).
+
+    A ragged last group (K mod gs columns) is scored on its own columns: the error and H are
+    padded with zeros to whole groups, so the padding adds nothing to eᵀHe."""
     n, k = W.shape
     gs = k if cfg.group_size == -1 else cfg.group_size
-    G = k // gs
-    Hg = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)]).float()
+    G = n_groups(k, gs)
+    pad = G * gs - k
+    Hp = F.pad(H.float(), (0, pad, 0, pad))
+    Hg = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])
     best_err = torch.full((n, G), float("inf"))
     best = torch.ones((n, G))
     for a in cfg.clip_grid:
         D = (W - fake_quantize(W, choose_qparams(W, cfg.bits, gs, cfg.symmetric, a)))
-        D = D.reshape(n, G, gs)
+        D = F.pad(D, (0, pad)).reshape(n, G, gs)
         err = torch.einsum("ngi,gij,ngj->ng", D, Hg, D)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -80,3 +80,43 @@ def test_config_round_trips_json():
     cfg = QuantConfig(method="gptq", bits=3, group_size=64, skip=("lm_head",))
     again = QuantConfig(**json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_ragged_last_group_gets_its_own_qparams(symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(8, 96)
+    w[:, 64:] *= 10  # the ragged group (96 mod 64 = 32 columns) has a range of its own
+    qp = choose_qparams(w, 4, 64, symmetric)
+    assert qp.scale.shape == (8, 2) and qp.group_size == 64
+    # Each group's qparams are those of its own columns alone: the ragged one sees 32 columns.
+    for g, cols in enumerate((slice(0, 64), slice(64, 96))):
+        alone = choose_qparams(w[:, cols], 4, -1, symmetric)
+        assert torch.equal(qp.scale[:, g:g + 1], alone.scale)
+        assert torch.equal(qp.zero_point[:, g:g + 1], alone.zero_point)
+    assert (qp.scale[:, 1] > 3 * qp.scale[:, 0]).all()
+    q = quantize(w, qp)
+    deq = dequantize(q, qp)
+    assert q.shape == (8, 96) and torch.equal(quantize(deq, qp), q)
+    step = torch.cat([qp.scale[:, :1].expand(8, 64), qp.scale[:, 1:].expand(8, 32)], dim=1)
+    err = (w - deq).abs() / step
+    if symmetric:  # the signed grid's top end is one step short of +amax
+        assert err.max() <= 1.0 + 1e-5 and (err <= 0.5 + 1e-5).float().mean() > 0.97
+    else:
+        assert err.max() <= 0.5 + 1e-5
+    # Dequantization is (q − z)·s column by column, with the ragged group's own s and z.
+    ref = torch.cat([(q[:, :64] - qp.zero_point[:, :1]) * qp.scale[:, :1],
+                     (q[:, 64:] - qp.zero_point[:, 1:]) * qp.scale[:, 1:]], dim=1)
+    assert torch.equal(deq, ref.float())
+
+
+@pytest.mark.parametrize("group_size", [16, 256, 1024, -1])
+def test_group_size_is_a_power_of_two_of_at_least_16(group_size):
+    assert QuantConfig(group_size=group_size, gptq_block=max(128, group_size)).group_size \
+        == group_size
+    for bad in (8, 48, 96, 0, -2):
+        with pytest.raises(UserError, match=r"QuantConfig\.group_size=.*power of two >= 16"):
+            QuantConfig(group_size=bad)
+    with pytest.raises(UserError, match=r"QuantConfig\.gptq_block=128 .*multiple of the group "
+                                        r"size, e.g\. 256"):
+        QuantConfig(group_size=256)
