@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ from edgevlm.quant.calibrate import (
     prepare,
     relative_error,
 )
-from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, QuantConfig, QuantizedWeight
+from edgevlm.quant.checkpoint import storable_group_size
+from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, MIN_GROUP, QuantConfig, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,15 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
     out = linears(model.model.language_model, "model.language_model", cfg.skip)
     if cfg.quantize_vision:
         out.update(linears(model.model.vision_tower, "model.vision_tower", cfg.skip))
+    # A group size that does not divide a width is fine (storable_group_size); one wider than a
+    # layer would make the whole row one ragged group, which is --group-size -1 said unclearly.
     for name, m in out.items():
         k = m.in_features
-        if cfg.group_size != -1 and k % cfg.group_size:
-            fits = [g for g in (128, 64, 32) if all(t.in_features % g == 0 for t in out.values())]
-            hint = f"use --group-size {fits[0]}" if fits else "use --group-size -1 (per channel)"
-            raise UserError(f"group size {cfg.group_size} does not divide the input width {k} of "
-                            f"{name}; {hint}")
+        if cfg.group_size > k:
+            fit = 1 << (k.bit_length() - 1)
+            smaller = f" or --group-size {fit}" if fit >= MIN_GROUP else ""
+            raise UserError(f"--group-size {cfg.group_size} is larger than the input width {k} "
+                            f"of {name}; choose --group-size -1 (one group per row){smaller}")
     return out
 
 
@@ -191,6 +194,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     report: dict = {"config": cfg.to_dict(), "skipped": sorted(
         n for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n not in targets)}
+    stored, note = storable_group_size({n: m.in_features for n, m in targets.items()},
+                                       cfg.group_size)
+    if note:  # the methods search the integers the checkpoint will hold
+        log.warning("%s", note)
+        report.update(group_size_requested=cfg.group_size, group_size_note=note)
+        cfg = replace(cfg, group_size=stored)
 
     needs = cfg.method in NEEDS_CALIB or cfg.act_bits in act.SEARCHED_BITS
     batches = _calibration_batches(loaded, calib, cfg, image_root) if (

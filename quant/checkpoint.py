@@ -9,6 +9,16 @@ back our integers, so the stored int32 words hold exactly what the search chose.
 stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1) (symmetric: no zero point), and
 dequantizes (q_ct − z_ct)·s, bit-identical to our (q − z)·s.
 
+Group sizes: compressed-tensors sizes group scales (N, ceil(K / group_size)) when it sets a
+module up (initialize.py, `strategy_cdiv`, only a warning when the division is not exact), but
+its quantize and dequantize (forward_helpers.py `_process_group`) raise "tensor column shape
+must be divisble by the given group_size" for a ragged last group, so neither packing nor any
+load can pass one. One group size per layer would need one config group per size, and
+transformers' dequantize-on-load (`CompressedTensorsDequantize` → `get_dense_scheme`) decompresses
+every dense layer with the first group's scheme. So a checkpoint holds one group size that
+divides every quantized layer's width (`storable_group_size`), and quant_report.json says when
+that is smaller than the one asked for.
+
 In (`read_int4_layers`, `read_int8_layers`): the packed integers, scales and zero points by
 Hugging Face module name, unpacked by compressed-tensors; int4 converted back to our unsigned
 convention (MatMulNBits stores unsigned nibbles), int8 kept signed (onnxruntime's MatMulInteger
@@ -23,7 +33,7 @@ from pathlib import Path
 import torch
 
 from edgevlm.errors import UserError
-from edgevlm.quant.primitives import QuantizedWeight
+from edgevlm.quant.primitives import MIN_GROUP, QuantizedWeight
 
 REPORT = "quant_report.json"
 # transformers 5 saves LLaVA in the legacy key layout; these give back the module names.
@@ -39,6 +49,27 @@ def module_name(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+def storable_group_size(widths: dict[str, int], group_size: int) -> tuple[int, str | None]:
+    """The group size a checkpoint can hold for Linears of these input widths when
+    `group_size` was asked for, and why it differs (None when it does not): the largest power
+    of two <= group_size, >= MIN_GROUP, that divides every width; one group per row (-1)
+    when none does."""
+    if group_size == -1 or all(w % group_size == 0 for w in widths.values()):
+        return group_size, None
+    name, width = next((n, w) for n, w in widths.items() if w % group_size)
+    g = group_size // 2
+    while g >= MIN_GROUP and any(w % g for w in widths.values()):
+        g //= 2
+    used = g if g >= MIN_GROUP else -1
+    what = (f"group size {used}, the largest power of two below {group_size} that divides "
+            "every quantized layer's width" if used != -1 else
+            f"one group per row (-1): no power of two >= {MIN_GROUP} divides every width")
+    return used, (f"group size {group_size} leaves a ragged last group in {name} ({width} wide, "
+                  f"{width % group_size} columns left over); compressed-tensors cannot store "
+                  f"ragged groups and transformers reads one group size for all layers, so the "
+                  f"checkpoint uses {what}")
 
 
 def _scheme_args(bits: int, group_size: int, symmetric: bool):
@@ -80,6 +111,9 @@ def write_checkpoint(loaded, weights: dict[str, QuantizedWeight], out_dir: Path,
     for name, qw in weights.items():
         m = linears[name]
         assert qw.bits == bits, f"{name}: {qw.bits}-bit weight in a {bits}-bit checkpoint"
+        assert group_size == -1 or (qw.group_size == group_size and not qw.ragged), \
+            f"{name}: groups of {qw.group_size} over {qw.q.shape[1]} columns in a checkpoint " \
+            f"of group size {group_size} (see storable_group_size)"
         with torch.no_grad():
             m.weight.data = qw.dequantize().to(m.weight.dtype)
             m.weight_scale.data = qw.scale.to(m.weight_scale.dtype).reshape(
@@ -150,8 +184,8 @@ def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
         q = q.to(torch.int32) + offset
         zp = (torch.full(scale.shape, offset, dtype=torch.int32) if zp is None
               else zp.to(torch.int32) + offset)
-        out[name] = (q.to(torch.uint8).numpy(), scale.numpy(), zp.to(torch.uint8).numpy(),
-                     q.shape[1] // scale.shape[-1])
+        group = args.get("group_size") or q.shape[1]  # channel strategy: one group per row
+        out[name] = (q.to(torch.uint8).numpy(), scale.numpy(), zp.to(torch.uint8).numpy(), group)
     return out
 
 

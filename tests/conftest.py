@@ -22,6 +22,15 @@ MICRO_CONFIG = {
     "vision_feature_select_strategy": "full",
 }
 
+# SmolLM2-135M's shape problem in small: a Llama text model 96 wide (as 576 = 4.5 x 128), so a
+# group or block of 64 leaves a ragged last group of 32 columns in every layer reading it.
+RAGGED_CONFIG = {
+    **MICRO_CONFIG,
+    "text_config": {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256,
+                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "max_position_embeddings": 256},
+}
+
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
@@ -48,4 +57,13 @@ def micro_model_dir(tmp_path_factory, tokenizer):
 
     out = tmp_path_factory.mktemp("micro") / "model"
     save_model(init_model(MICRO_CONFIG, tokenizer, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ragged_model_dir(tmp_path_factory, tokenizer):
+    from edgevlm.models import init_model, save_model
+
+    out = tmp_path_factory.mktemp("ragged") / "model"
+    save_model(init_model(RAGGED_CONFIG, tokenizer, seed=0), out)
     return out

@@ -86,7 +86,8 @@ def test_bad_inputs_are_named(micro_model_dir, shapes_dir, results, tmp_path):
         quantize(micro_model_dir, results["rtn"].out_dir, cfg, calib=calib)
     with pytest.raises(UserError, match="already quantized"):
         quantize(results["rtn"].out_dir, tmp_path / "a", cfg, calib=calib)
-    with pytest.raises(UserError, match=r"group size 128 does not divide .* of model\.language"):
+    with pytest.raises(UserError, match=r"--group-size 128 is larger than the input width 64 of "
+                                        r"model\.language.*--group-size -1"):
         quantize(micro_model_dir, tmp_path / "b", QuantConfig(method="rtn"), calib=calib)
     rows = json.loads(calib.read_text())
     one = tmp_path / "one.json"
