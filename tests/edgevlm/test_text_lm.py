@@ -41,11 +41,13 @@ def lm_tokenizer(with_image: bool = False):
 
 
 def save_lm(path, model_type="llama", tied=True, tokenizer=None):
+    """A random causal LM and its tokenizer saved as a Hugging Face folder (ffn_down 256 wide,
+    so a GGUF of it can hold a Q8_K tensor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = tokenizer or lm_tokenizer()
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64,
-                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, max_position_embeddings=256,
                                tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
@@ -147,3 +149,40 @@ def test_existing_out_is_refused_before_loading(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         create(tmp_path / "out", config_path=vision_config(tmp_path), text_from=tmp_path / "x")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def write_gguf(tmp_path, **kw):
+    from tests.edgevlm.gguf_file import write_llama_gguf
+
+    lm, tok = save_lm(tmp_path / "hf", tied=True)
+    (tmp_path / "gguf").mkdir()
+    path = write_llama_gguf(lm, tok, tmp_path / "gguf" / "lm.gguf", **kw)
+    return lm, tok, path
+
+
+def test_a_gguf_lm_is_dequantized_once_and_keeps_its_logits(tmp_path):
+    lm, tok, path = write_gguf(tmp_path, tensor_type="F32")
+    create(tmp_path / "vlm", config_path=vision_config(tmp_path), text_from=path)
+    assert sorted(p.name for p in (tmp_path / "vlm").glob("*.safetensors")) == ["model.safetensors"]
+    vlm = load_model(tmp_path / "vlm")
+    assert vlm.model.config.text_config.tie_word_embeddings is True
+    ids = tok("the red circle is left of the blue square", add_special_tokens=False)["input_ids"]
+    assert vlm.processor.tokenizer("the red circle is left of the blue square",
+                                   add_special_tokens=False)["input_ids"] == ids
+    ours, ref = text_logits(vlm.model, ids), text_logits(lm, ids)
+    assert (ours[:, : ref.shape[-1]] - ref).abs().max() < 1e-5
+
+
+def test_gguf_quant_types_and_architectures_it_cannot_read_are_named(tmp_path):
+    from tests.edgevlm.gguf_file import REFUSED_TYPE
+
+    vision = vision_config(tmp_path)
+    _, _, bad_type = write_gguf(tmp_path / "a", tensor_types={"blk.0.ffn_down.weight":
+                                                              REFUSED_TYPE})
+    with pytest.raises(UserError, match=f"blk.0.ffn_down.weight is {REFUSED_TYPE}, which the "
+                                        "gguf package cannot dequantize"):
+        create(tmp_path / "out", config_path=vision, text_from=bad_type)
+    _, _, bad_arch = write_gguf(tmp_path / "b", architecture="edgevlm-unknown")
+    with pytest.raises(UserError, match="GGUF architecture 'edgevlm-unknown' is not supported"):
+        create(tmp_path / "out", config_path=vision, text_from=bad_arch)
+    assert not (tmp_path / "out").exists()
