@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from edgevlm.data import Sample, open_image
+from edgevlm.data import Sample, pixel_values
 from edgevlm.errors import UserError
 from edgevlm.evaluate import prompt_text
 from edgevlm.models import load_model
@@ -86,25 +86,25 @@ class TorchTarget:
         t0 = time.perf_counter()
         ids = tok(prompt_text(loaded, sample), add_special_tokens=False,
                   return_tensors="pt")["input_ids"].to(self.device)  # (1, S)
-        pixels = loaded.processor.image_processor(
-            images=[open_image(sample.image)], return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, model.dtype)  # (1, 3, H, W)
+        pixels = pixel_values(loaded.processor.image_processor, [sample])  # (1, 3, H, W) | None
+        images = {} if pixels is None else {"pixel_values": pixels.to(self.device, model.dtype)}
         mask = torch.ones_like(ids)
         preprocess_s = time.perf_counter() - t0
         with torch.inference_mode():
             t = time.perf_counter()
-            feats = self._image_features(pixels)  # (N_img, D)
-            vision_s = self._since(t)
+            feats = self._image_features(images["pixel_values"]) if images else None  # (N_img, D)
+            vision_s = self._since(t) if images else 0.0  # as the runtime: 0 without an image
             t = time.perf_counter()
             slots = ids == loaded.image_token_id
             # Image slots embed as token 0 first: the image token id may lie past the table.
             embeds = model.get_input_embeddings()(torch.where(slots, 0, ids))  # (1, S, D)
-            embeds[slots] = feats.to(embeds.dtype)
+            if feats is not None:
+                embeds[slots] = feats.to(embeds.dtype)
             model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
             prefill_s = self._since(t)
             clock = TokenClock()
             t = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+            out = model.generate(input_ids=ids, attention_mask=mask, **images,
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                  streamer=clock)

@@ -4,13 +4,21 @@ Format (LLaVA-Pretrain / LLaVA-665k): a JSON list of
   {"id", "image": "rel/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                     {"from": "gpt", "value": "..."}, ...]}
 Image paths are relative to the JSON file's folder (or `image_root`) and may not leave it.
+An entry without "image" (or with "image": null) is text-only, as LLaVA-665k's ShareGPT
+conversations are; it has no `<image>` tag, and a batch may mix both kinds (pixel_values then
+holds one row per image sample, None when the batch has none).
 Labels cover only the assistant answers (and the end-of-turn token that closes each), so the
 loss teaches answering, not repeating the prompt.
+
+Over-long samples (LLaVA's `model_max_length`): `fit_samples` measures every sample once before
+training; one longer than max_length is truncated after its image-token run and first prompt
+(labels cut at the same place), or skipped when even those do not fit, or in "skip" mode.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +28,17 @@ IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IGNORE = -100
 
+log = logging.getLogger(__name__)
+
+
+LONG_SAMPLES = ("truncate", "skip")  # what happens to a sample over max_length
+DEFAULT_MAX_LENGTH = 1024
+
 
 @dataclass(frozen=True)
 class Sample:
     id: str
-    image: Path
+    image: Path | None  # None: a text-only conversation (no <image> tag)
     turns: tuple[tuple[str, str], ...]  # (question, answer); the first question holds <image>
     type: str
 
@@ -51,25 +65,42 @@ def load_samples(json_path: str | Path, image_root: str | Path | None = None) ->
         raise UserError(f"{path} must hold a JSON list of entries, found {type(rows).__name__}")
     if not rows:
         raise UserError(f"{path} holds no entries; give a data set with at least one sample")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise UserError(f"--image-root {image_root} is not a folder; give the folder the "
+                        f"image paths in {path} are relative to")
     root = Path(image_root or path.parent).resolve()
     return [_parse(row, i, path, root) for i, row in enumerate(rows)]
+
+
+def _image_path(row: dict, where: str, root: Path) -> Path | None:
+    """The entry's image file, or None for a text-only entry (no "image", or null)."""
+    rel = row.get("image")
+    if rel is None:
+        return None
+    if isinstance(rel, list):
+        raise UserError(f"{where}: 'image' lists {len(rel)} images; edgevlm's LLaVA models "
+                        "take one image per conversation: give one path, or null for text-only")
+    if not isinstance(rel, str) or not rel.strip():
+        raise UserError(f"{where}: 'image' is {rel!r}; give a relative image path, or null "
+                        "(or no 'image' key) for a text-only conversation")
+    image = (root / rel).resolve()
+    if not image.is_relative_to(root):
+        raise UserError(f"{where}: image path {rel!r} leaves the data folder {root}; "
+                        "keep images inside it or pass --image-root")
+    if not image.is_file():
+        raise UserError(f"{where}: image {image} does not exist; fix the path, or pass "
+                        "--image-root with the folder the image paths are relative to")
+    return image
 
 
 def _parse(row, i: int, path: Path, root: Path) -> Sample:
     where = f"{path} entry {i}"
     if not isinstance(row, dict):
-        raise UserError(f"{where}: must be an object with 'image' and 'conversations'")
+        raise UserError(f"{where}: must be an object with 'conversations' (and 'image')")
     conv = row.get("conversations")
     if not isinstance(conv, list) or len(conv) < 2:
         raise UserError(f"{where}: 'conversations' must be a list of human/gpt turns")
-    if "image" not in row:
-        raise UserError(f"{where}: has no 'image'; every entry needs an image path")
-    image = (root / str(row["image"])).resolve()
-    if not image.is_relative_to(root):
-        raise UserError(f"{where}: image path {row['image']!r} leaves the data folder {root}; "
-                        "keep images inside it or pass --image-root")
-    if not image.is_file():
-        raise UserError(f"{where}: image {image} does not exist")
+    image = _image_path(row, where, root)
     turns, n_tags = [], 0
     for k in range(0, len(conv) - 1, 2):
         q, a = conv[k], conv[k + 1]
@@ -81,9 +112,12 @@ def _parse(row, i: int, path: Path, root: Path) -> Sample:
         qv, av = str(q.get("value", "")), str(a.get("value", ""))
         n_tags += qv.count(IMAGE_TAG) + av.count(IMAGE_TAG)
         turns.append((qv, av))
-    if n_tags != 1:
-        raise UserError(f"{where}: has {n_tags} '<image>' tags; a conversation needs exactly "
-                        "one, in the first human turn")
+    if image is None and n_tags:
+        raise UserError(f"{where}: has {n_tags} '<image>' tag(s) but no 'image'; add the image "
+                        "path, or remove the tag for a text-only conversation")
+    if image is not None and n_tags != 1:
+        raise UserError(f"{where}: has {n_tags} '<image>' tags; a conversation with an image "
+                        "needs exactly one, in the first human turn")
     return Sample(str(row.get("id", i)), image, tuple(turns), str(row.get("type", "all")))
 
 
@@ -98,6 +132,14 @@ def open_image(path: Path):
         raise UserError(f"cannot read image {path} ({e}); replace or remove that entry") from e
 
 
+def pixel_values(image_processor, samples: list[Sample]):
+    """(N_images, 3, H, W) for the samples that have an image, in order; None when none has."""
+    images = [open_image(s.image) for s in samples if s.image is not None]
+    if not images:
+        return None
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 def to_messages(turns, with_last_answer: bool = True) -> list[dict]:
     """Chat-template messages for a sample's turns."""
     msgs = []
@@ -108,20 +150,45 @@ def to_messages(turns, with_last_answer: bool = True) -> list[dict]:
     return msgs
 
 
+def resolve_max_length(requested: int | None, positions: int | None) -> int:
+    """The token limit a run uses: `requested` (--max-length), checked against the model's
+    max_position_embeddings; by default the smaller of 1024 and that."""
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    if positions and requested > positions:
+        raise UserError(f"--max-length {requested} is more than the model's "
+                        f"max_position_embeddings {positions}; give --max-length {positions} "
+                        "or less")
+    return requested
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    labels: list[int]
+    keep: int  # the fewest tokens a truncation may leave: first prompt, image run, one more
+
+
 class Collator:
     """Samples -> padded batch (input_ids, attention_mask, pixel_values, labels).
 
     `<image>` is expanded to the model's image-token count, as LlavaProcessor does; labels are
-    the token ids inside the assistant answers, IGNORE elsewhere.
+    the token ids inside the assistant answers, IGNORE elsewhere. A sample over max_length is
+    cut to it ("truncate", when its `keep` fits) or refused: `fit_samples` sorts those out
+    before training, so a refusal here means a caller skipped that step.
     """
 
-    def __init__(self, processor, num_image_tokens: int, max_length: int = 1024):
+    def __init__(self, processor, num_image_tokens: int, max_length: int = DEFAULT_MAX_LENGTH,
+                 long_samples: str = "truncate"):
+        assert long_samples in LONG_SAMPLES, long_samples
         self.tok = processor.tokenizer
         self.image_processor = processor.image_processor
         self.n_img = num_image_tokens
         self.max_length = max_length
+        self.long_samples = long_samples
 
-    def encode(self, sample: Sample) -> tuple[list[int], list[int]]:
+    def encode(self, sample: Sample) -> Encoded:
+        """The whole sample's ids and labels, never truncated."""
         render = self.tok.apply_chat_template
         expand = IMAGE_TAG * self.n_img
         spans, text = [], ""
@@ -135,18 +202,34 @@ class Collator:
             spans.append((len(prompt), len(full.rstrip("\n"))))
             text = full
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [t if any(s <= a and b <= e for s, e in spans) else IGNORE
-                  for t, (a, b) in zip(ids, enc["offset_mapping"])]
-        if len(ids) > self.max_length:
-            raise UserError(f"sample {sample.id} is {len(ids)} tokens, over the limit "
-                            f"{self.max_length}; shorten it or raise --max-length")
-        return ids, labels
+                  for t, (a, b) in zip(ids, offsets)]
+        first_prompt = sum(1 for a, _ in offsets if a < spans[0][0])  # tokens before answer 1
+        image_end = max((j + 1 for j, (a, b) in enumerate(offsets)
+                         if IMAGE_TAG in text[a:b]), default=0)
+        return Encoded(ids, labels, max(first_prompt, image_end) + 1)
+
+    def fits(self, enc: Encoded) -> bool:
+        """Whether the sample trains under max_length (whole, or truncated)."""
+        n = len(enc.ids)
+        return n <= self.max_length or (self.long_samples == "truncate"
+                                        and enc.keep <= self.max_length)
+
+    def fit(self, sample: Sample) -> tuple[list[int], list[int]]:
+        enc = self.encode(sample)
+        if not self.fits(enc):
+            raise UserError(f"sample {sample.id} is {len(enc.ids)} tokens, over --max-length "
+                            f"{self.max_length}, and cannot be truncated (its first prompt with "
+                            f"the image needs {enc.keep}); raise --max-length or drop it")
+        # Cut after the image run and the first prompt (keep <= max_length): labels stay
+        # aligned with ids, so a cut answer teaches its first tokens only.
+        return enc.ids[: self.max_length], enc.labels[: self.max_length]
 
     def __call__(self, samples: list[Sample]) -> dict:
         import torch
 
-        encoded = [self.encode(s) for s in samples]
+        encoded = [self.fit(s) for s in samples]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tok.pad_token_id
         input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
@@ -156,7 +239,65 @@ class Collator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
-        images = [open_image(s.image) for s in samples]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels,
-                "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": mask,
+                "pixel_values": pixel_values(self.image_processor, samples), "labels": labels}
+
+
+@dataclass
+class FitReport:
+    """What `fit_samples` did to a data set under one max_length; listed in the run's report."""
+
+    samples: list[Sample]  # those that train, in order
+    total: int  # samples given
+    text_only: int  # of those that train
+    truncated: list[str]  # ids of samples cut to max_length
+    skipped: list[str]  # ids of samples left out: too long even when truncated (or "skip")
+    longest: int  # tokens of the longest sample, before truncation
+    max_length: int
+    long_samples: str
+
+    def to_dict(self, ids: int = 100) -> dict:
+        return {"samples": self.total, "trained": len(self.samples),
+                "text_only": self.text_only, "max_length": self.max_length,
+                "long_samples": self.long_samples, "longest": self.longest,
+                "truncated": len(self.truncated), "skipped": len(self.skipped),
+                "truncated_ids": self.truncated[:ids], "skipped_ids": self.skipped[:ids]}
+
+
+def fit_samples(samples: list[Sample], collator: Collator, where: str = "the data",
+                quiet: bool = True) -> FitReport:
+    """Measure every sample under `collator.max_length`: keep, truncate or skip (counted).
+
+    A limit that no sample fits is a UserError naming --max-length and the smallest that works.
+    """
+    from edgevlm.progress import Progress
+
+    kept, truncated, skipped, need, longest = [], [], [], [], 0
+    limit, mode = collator.max_length, collator.long_samples
+    with Progress(f"lengths of {where}", len(samples), enabled=not quiet) as bar:
+        for s in samples:
+            enc = collator.encode(s)
+            longest = max(longest, len(enc.ids))
+            need.append(len(enc.ids) if mode == "skip" else min(len(enc.ids), enc.keep))
+            if not collator.fits(enc):
+                skipped.append(s.id)
+            else:
+                kept.append(s)
+                if len(enc.ids) > limit:
+                    truncated.append(s.id)
+            bar.update(1)
+    if not kept:
+        what = ("the shortest sample" if mode == "skip" else
+                "the shortest first prompt (image tokens included, plus one answer token)")
+        raise UserError(f"--max-length {limit} is too small for every sample of {where}: "
+                        f"{what} needs {min(need)} tokens; give --max-length {min(need)} or "
+                        f"more (all {len(samples)} fit whole at {longest})")
+    if skipped:
+        log.warning("%s: %d of %d samples are over --max-length %d and were skipped (%s); "
+                    "raise --max-length to keep them", where, len(skipped), len(samples), limit,
+                    "--long-samples skip" if mode == "skip" else "even their first prompt "
+                    "is too long")
+    if truncated:
+        log.info("%s: %d samples truncated to --max-length %d", where, len(truncated), limit)
+    return FitReport(kept, len(samples), sum(s.image is None for s in kept), truncated,
+                     skipped, longest, limit, mode)

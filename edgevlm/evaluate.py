@@ -1,7 +1,8 @@
 """Greedy answers from the torch model, scored by normalized exact match per question type.
 
 This is the torch reference every later stage (quantized model, ONNX export, runtime) is
-compared against: transformers `generate`, greedy, on the same chat-template prompt.
+compared against: transformers `generate`, greedy, on the same chat-template prompt. A batch
+may mix image and text-only samples (pixel_values has one row per image); accuracy is over all.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edgevlm.data import IMAGE_TAG, Sample, open_image, to_messages
+from edgevlm.data import IMAGE_TAG, Sample, pixel_values, to_messages
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
 from edgevlm.runtime.metrics import Score
@@ -66,12 +67,12 @@ def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens:
         for j, row in enumerate(ids):  # left padding, so every row ends where generation starts
             input_ids[j, width - len(row):] = torch.tensor(row)
             mask[j, width - len(row):] = 1
-        pixels = loaded.processor.image_processor(
-            images=[open_image(s.image) for s in chunk], return_tensors="pt")["pixel_values"]
+        pixels = pixel_values(loaded.processor.image_processor, chunk)
+        # generate must not see pixel_values=None (it would run the vision tower on it).
+        images = {} if pixels is None else {"pixel_values": pixels.to(device, model.dtype)}
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 pixel_values=pixels.to(device, model.dtype),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 **images, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for row in gen[:, width:].tolist():
             if tok.eos_token_id in row:

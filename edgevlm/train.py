@@ -19,7 +19,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgevlm.data import Collator, Sample
+from edgevlm.data import (
+    LONG_SAMPLES,
+    Collator,
+    FitReport,
+    Sample,
+    fit_samples,
+    resolve_max_length,
+)
 from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
@@ -38,7 +45,8 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     train_vision: bool = False
-    max_length: int = 1024
+    max_length: int | None = None  # tokens per sample; None: min(1024, max_position_embeddings)
+    long_samples: str = "truncate"  # over max_length: "truncate" after the image, or "skip"
     workers: int = 0
 
     def __post_init__(self):
@@ -49,6 +57,25 @@ class TrainConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        check_length_options(self.max_length, self.long_samples)
+
+
+def check_length_options(max_length, long_samples) -> None:
+    if max_length is not None and max_length < 1:
+        raise UserError(f"--max-length must be at least 1, got {max_length}")
+    if long_samples not in LONG_SAMPLES:
+        raise UserError(f"--long-samples {long_samples!r} is not one of {', '.join(LONG_SAMPLES)}")
+
+
+def make_collator(loaded: LoadedModel, max_length: int | None, long_samples: str,
+                  also: tuple[LoadedModel, ...] = ()) -> Collator:
+    """The training collator, its limit checked against the positions of the model and of
+    `also` (a teacher that reads the same batches)."""
+    limits = [getattr(m.model.config.text_config, "max_position_embeddings", None)
+              for m in (loaded, *also)]
+    positions = min((n for n in limits if n), default=None)
+    return Collator(loaded.processor, loaded.num_image_tokens,
+                    resolve_max_length(max_length, positions), long_samples)
 
 
 @dataclass
@@ -59,6 +86,7 @@ class TrainResult:
     seconds: float
     resumed_from: int
     history: list[dict] = field(default_factory=list)
+    data: FitReport | None = None  # what was truncated or skipped to fit max_length
 
 
 def set_trainable(model, stage: str, train_vision: bool = False) -> int:
@@ -76,6 +104,12 @@ def set_trainable(model, stage: str, train_vision: bool = False) -> int:
     for p in parts:
         p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def image_params(model) -> list:
+    """Trainable parameters a batch without images leaves out of the graph."""
+    parts = (model.model.multi_modal_projector, model.model.vision_tower)
+    return [p for m in parts for p in m.parameters() if p.requires_grad]
 
 
 def ce_loss(model, batch) -> tuple:
@@ -126,10 +160,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainConfig,
         loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, extra_files: dict[str, dict] | None = None,
-        label: str | None = None) -> TrainResult:
+        label: str | None = None, fitted: FitReport | None = None) -> TrainResult:
     """Train `loaded.model` on `samples` and write the trained model directory `out`.
 
     `label` names the run in the progress bar (default: the stage), e.g. distillation's "dft".
+    Samples over cfg.max_length are truncated or skipped first (`fit_samples`); `fitted` is
+    that done already (distillation checks every stage's data before the first trains).
     """
     import torch
     from accelerate import Accelerator
@@ -140,6 +176,12 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     if not samples:
         raise UserError("the training data set is empty")
+    collate = make_collator(loaded, cfg.max_length, cfg.long_samples)
+    if fitted is None:
+        fitted = fit_samples(samples, collate, "the training data", quiet)
+    assert (fitted.max_length, fitted.long_samples) == (collate.max_length, cfg.long_samples), \
+        "fitted under other length settings"
+    samples = fitted.samples
     work = work_dir(out)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -153,6 +195,7 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     set_seed(cfg.seed)
     model = loaded.model
     n_train = set_trainable(model, cfg.stage, cfg.train_vision)
+    unused_without_image = image_params(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -165,7 +208,6 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     elif accel.is_main_process and work.exists():
         shutil.rmtree(work)  # a stale run's leftovers; we start from scratch
     accel.wait_for_everyone()
-    collate = Collator(loaded.processor, loaded.num_image_tokens, cfg.max_length)
     sampler = StepBatches(len(samples), cfg.batch_size, accel.num_processes,
                           accel.process_index, cfg.seed, start, cfg.steps)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
@@ -175,9 +217,14 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     with Progress(f"{label or cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
                   enabled=show) as bar:
         for step, batch in enumerate(loader, start=start):
-            batch = {k: v.to(accel.device) for k, v in batch.items()}
+            batch = {k: v if v is None else v.to(accel.device) for k, v in batch.items()}
             with accel.autocast():
                 loss, terms = loss_fn(model, batch)
+            if batch["pixel_values"] is None and unused_without_image:
+                # A text-only batch leaves the projector out of the graph: a zero term keeps
+                # it in, so DDP's reducer gets every gradient it waits for on each process and
+                # a projector-only stage still has something to backward.
+                loss = loss + 0.0 * sum(p.sum() for p in unused_without_image)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
             accel.backward(loss)
@@ -193,9 +240,10 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
                 _save_checkpoint(accel, work, step + 1)
     accel.wait_for_everyone()
     if accel.is_main_process:
-        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra_files)
+        extra = {"train_data.json": fitted.to_dict(), **(extra_files or {})}
+        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra)
     accel.wait_for_everyone()
-    return TrainResult(out, cfg.steps, loss_val, time.time() - t0, start, history)
+    return TrainResult(out, cfg.steps, loss_val, time.time() - t0, start, history, fitted)
 
 
 def _schedule(cfg: TrainConfig):

@@ -20,9 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgevlm.data import FitReport, fit_samples
 from edgevlm.distill.checks import STAGE_ORDER, check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import LossWeights, distill_terms
 from edgevlm.errors import UserError
+from edgevlm.train import check_length_options
 
 # Which of train.py's trainability rules each stage uses: DPT trains the projector only.
 TRAIN_STAGE = {"dpt": "pretrain", "sft": "sft", "dft": "sft"}
@@ -47,7 +49,8 @@ class DistillConfig:
     temperature: float = 1.0
     rel_per_sample: bool = True
     vocab_chunk: int = 8192
-    max_length: int = 1024
+    max_length: int | None = None  # None: min(1024, the models' max_position_embeddings)
+    long_samples: str = "truncate"  # over max_length: "truncate" after the image, or "skip"
 
     def __post_init__(self):
         object.__setattr__(self, "stages", parse_stages(self.stages))
@@ -64,6 +67,7 @@ class DistillConfig:
             raise UserError(f"temperature must be positive, got {self.temperature}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        check_length_options(self.max_length, self.long_samples)
 
     def stage_steps(self, stage: str) -> int:
         return getattr(self, f"{stage}_steps") or self.steps
@@ -93,6 +97,7 @@ class DistillResult:
     stages: list[StageResult]
     warnings: list[str]
     seconds: float
+    data: dict[str, FitReport] = field(default_factory=dict)  # "dpt" / "sft": what was cut
 
 
 class TeacherLoss:
@@ -113,10 +118,11 @@ class TeacherLoss:
         device = batch["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
+        pixels = batch["pixel_values"]  # (N_images, 3, H, W), None for a text-only batch
         with torch.no_grad():
             t_logits = self.teacher(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"].to(self.teacher.dtype)).logits
+                pixel_values=None if pixels is None else pixels.to(self.teacher.dtype)).logits
         return distill_terms(out.loss, out.logits, t_logits, batch, self.image_token_id,
                              self.weights)
 
@@ -169,7 +175,18 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
             raise UserError("stages sft and dft train on instruction data: pass --data DATA.json")
         samples["sft"] = samples["dft"] = load_samples(data, image_root)
     teacher = load_teacher(teacher_dir)
-    warnings = check_pair(teacher, load_model(student_dir))
+    student = load_model(student_dir)
+    warnings = check_pair(teacher, student)
+    # Every data set measured under the limit both models can read, before any stage trains.
+    collate = train.make_collator(student, cfg.max_length, cfg.long_samples, also=(teacher,))
+    fits = {}
+    if "dpt" in samples:
+        fits["dpt"] = fit_samples(samples["dpt"], collate, f"--pretrain-data {pretrain_data}",
+                                  quiet)
+    if "sft" in samples:
+        fits["sft"] = fits["dft"] = fit_samples(samples["sft"], collate, f"--data {data}",
+                                                quiet)
+    del student
     if not any(DISTILLS[s] for s in cfg.stages) or not cfg.weights.uses_teacher:
         teacher = None  # no stage needs its logits; free the memory
     results, src = [], Path(student_dir)
@@ -183,7 +200,8 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
         tcfg = train.TrainConfig(stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
                                  batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
                                  save_every=cfg.save_every, seed=cfg.seed,
-                                 max_length=cfg.max_length)
+                                 max_length=collate.max_length,
+                                 long_samples=cfg.long_samples)
         loss_fn = train.ce_loss
         if DISTILLS[stage] and teacher is not None:
             loss_fn = TeacherLoss(teacher.model, teacher.image_token_id, cfg.weights)
@@ -192,7 +210,7 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
         r = train.run(load_model(src), samples[stage], stage_out, tcfg, loss_fn=loss_fn,
                       resume=resume and train.latest_checkpoint(stage_out) is not None,
                       overwrite=overwrite, quiet=quiet, label=stage,
-                      extra_files={"distill_config.json": meta})
+                      extra_files={"distill_config.json": meta}, fitted=fits[stage])
         results.append(StageResult(stage, stage_out, r.steps, r.final_loss, r.seconds,
                                    resumed_from=r.resumed_from, history=r.history))
         src = stage_out
@@ -201,11 +219,13 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
         _write_final(src, final)
         report = {"teacher": str(teacher_dir), "student": str(student_dir),
                   "config": _jsonable(asdict(cfg)), "warnings": warnings,
+                  "data": {k: f.to_dict() for k, f in fits.items() if k != "dft"},
                   "stages": [{k: v for k, v in _jsonable(asdict(r)).items() if k != "history"}
                              for r in results]}
         (out / "distill.json").write_text(json.dumps(report, indent=1))
     _barrier()
-    return DistillResult(out, final, results, warnings, time.time() - t0)
+    return DistillResult(out, final, results, warnings, time.time() - t0,
+                         {k: f for k, f in fits.items() if k != "dft"})
 
 
 def _write_final(src: Path, final: Path) -> None:
