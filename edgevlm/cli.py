@@ -26,6 +26,13 @@ data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
+IMAGE_ROOT_HELP = ("Folder the data file's image paths are relative to (default: the folder of "
+                   "the JSON file)")
+MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or the model's "
+                   "max_position_embeddings if smaller)")
+LONG_SAMPLES_HELP = ("A sample over --max-length: truncate (after its image tokens and first "
+                     "prompt; skipped if even those do not fit) | skip")
+
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,7 +141,9 @@ def train(
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
     seed: int = typer.Option(0),
     train_vision: bool = typer.Option(False, help="Also train the vision tower"),
-    image_root: Optional[Path] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
+    long_samples: str = typer.Option("truncate", help=LONG_SAMPLES_HELP),
+    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
@@ -148,15 +157,23 @@ def train(
 
     cfg = training.TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr,
                                warmup=warmup, save_every=save_every, seed=seed,
-                               train_vision=train_vision)
+                               train_vision=train_vision, max_length=max_length,
+                               long_samples=long_samples)
     samples = [s for path in data for s in load_samples(path, image_root)]
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
                           overwrite=overwrite, quiet=quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         _summary("train", {"out": out, "stage": stage, "samples": len(samples),
-                           "steps": result.steps,
+                           **_fit_rows(result.data), "steps": result.steps,
                            "resumed from": result.resumed_from, "final loss": result.final_loss,
                            "seconds": result.seconds}, quiet, as_json)
+
+
+def _fit_rows(fit, prefix: str = "") -> dict:
+    """Summary rows of a FitReport: what the length limit did to the data."""
+    return {f"{prefix}text-only": fit.text_only, f"{prefix}max length": fit.max_length,
+            f"{prefix}truncated": len(fit.truncated),
+            f"{prefix}skipped (too long)": len(fit.skipped)}
 
 
 @app.command("eval")
@@ -170,7 +187,7 @@ def eval_(
     limit: Optional[int] = typer.Option(None, help="First N entries only"),
     batch_size: int = typer.Option(16),
     max_new_tokens: int = typer.Option(16),
-    image_root: Optional[Path] = typer.Option(None),
+    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results to this file"),
     quiet: bool = typer.Option(False),
 ) -> None:
@@ -223,7 +240,7 @@ def quantize_(
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
     seed: int = typer.Option(0),
-    image_root: Optional[Path] = typer.Option(None),
+    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -332,7 +349,10 @@ def distill(
     temperature: float = typer.Option(1.0, help="KL temperature"),
     rel_batch: bool = typer.Option(False, help="RDist over the whole batch's image tokens at "
                                    "once (the reference) instead of per sample"),
-    image_root: Optional[Path] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
+    long_samples: str = typer.Option("truncate", help=LONG_SAMPLES_HELP),
+    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP + "; --data and "
+                                              "--pretrain-data alike"),
     resume: bool = typer.Option(False, help="Continue OUT: skip finished stages, resume the "
                                 "unfinished one from its last checkpoint"),
     overwrite: bool = typer.Option(False, help="Redo every stage into an existing OUT"),
@@ -346,13 +366,16 @@ def distill(
 
     cfg = DistillConfig(stages=stages, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         save_every=save_every, seed=seed, w_res=w_res, w_vis=w_vis, w_rel=w_rel,
-                        temperature=temperature, rel_per_sample=not rel_batch)
+                        temperature=temperature, rel_per_sample=not rel_batch,
+                        max_length=max_length, long_samples=long_samples)
     result = run_distill(teacher, student, data, out, cfg, pretrain_data=pretrain_data,
                          image_root=image_root, resume=resume, overwrite=overwrite,
                          quiet=quiet or as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows: dict = {"out": out, "final": result.final_dir}
+    for name, fit in result.data.items():
+        rows.update(_fit_rows(fit, f"{'pretrain' if name == 'dpt' else 'instruction'} data "))
     for r in result.stages:
         rows[r.stage] = ("skipped (finished before)" if r.skipped else
                          f"{r.steps} steps, loss {r.final_loss:.4g}, {r.seconds:.1f} s"

@@ -93,7 +93,8 @@ def bench_(
                                           "library's)"),
     precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8|int4 graphs of an "
                                             "export (default: the manifest's)"),
-    image_root: Optional[Path] = typer.Option(None),
+    image_root: Optional[Path] = typer.Option(None, help="Folder the data file's image paths are "
+                                              "relative to (default: the JSON file's folder)"),
     compare: bool = typer.Option(False, "--compare", help="Merge the bench.json files given as "
                                  "TARGETs (one per device) into one table and plot"),
     quiet: bool = typer.Option(False),
