@@ -64,26 +64,46 @@ def _check_nf4() -> None:
                     "machine has no CUDA device. Use --method qvlm, gptq or rtn on CPU")
 
 
-def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig, image_root) -> list:
-    from edgevlm.data import Collator, load_samples
+@dataclass
+class CalibrationData:
+    batches: list[dict]
+    report: dict  # what was read, left out and truncated, for quant_report.json
+
+
+def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig,
+                         image_root) -> CalibrationData:
+    from edgevlm.data import Collator, fit_samples, load_samples, resolve_max_length
 
     if calib is None:
         what = (f"--method {cfg.method}" if cfg.method in NEEDS_CALIB
                 else f"--act-bits {cfg.act_bits} (its clipping search)")
         raise UserError(f"{what} needs calibration data: pass --calib DATA.json "
                         "(LLaVA format, image + text)")
-    samples = load_samples(calib, image_root)  # every entry must name an existing image
+    read = load_samples(calib, image_root)  # every image entry must name an existing image
+    # Calibration measures image + text activations (Q-VLM's vision side needs the images), so
+    # LLaVA-665k's text-only conversations are left out, and counted.
+    samples = [s for s in read if s.image is not None]
+    if len(samples) < len(read):
+        log.warning("%s: %d text-only entries left out of calibration, which needs images",
+                    calib, len(read) - len(samples))
     if len(samples) < MIN_CALIB_SAMPLES:
-        raise UserError(f"{calib} holds {len(samples)} sample(s); calibration needs at least "
-                        f"{MIN_CALIB_SAMPLES} (ask for --calib-samples {cfg.calib_samples})")
+        raise UserError(f"{calib} holds {len(samples)} sample(s) with an image; calibration "
+                        f"needs at least {MIN_CALIB_SAMPLES} (ask for --calib-samples "
+                        f"{cfg.calib_samples})")
     if len(samples) < cfg.calib_samples:
         log.warning("%s holds %d samples, fewer than --calib-samples %d; using all of them",
                     calib, len(samples), cfg.calib_samples)
     random.Random(cfg.seed).shuffle(samples)
     samples = samples[: cfg.calib_samples]
-    collate = Collator(loaded.processor, loaded.num_image_tokens)
-    return [collate(samples[i: i + cfg.batch_size])
-            for i in range(0, len(samples), cfg.batch_size)]
+    positions = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    collate = Collator(loaded.processor, loaded.num_image_tokens,
+                       resolve_max_length(None, positions))
+    fit = fit_samples(samples, collate, f"--calib {calib}")
+    report = {"text_only_left_out": len(read) - sum(s.image is not None for s in read),
+              "truncated": len(fit.truncated), "skipped_too_long": len(fit.skipped),
+              "max_length": fit.max_length}
+    return CalibrationData([collate(fit.samples[i: i + cfg.batch_size])
+                            for i in range(0, len(fit.samples), cfg.batch_size)], report)
 
 
 def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
@@ -202,8 +222,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         cfg = replace(cfg, group_size=stored)
 
     needs = cfg.method in NEEDS_CALIB or cfg.act_bits in act.SEARCHED_BITS
-    batches = _calibration_batches(loaded, calib, cfg, image_root) if (
+    calib_read = _calibration_batches(loaded, calib, cfg, image_root) if (
         needs or calib is not None) else None
+    batches = calib_read.batches if calib_read is not None else None
     act_found: dict[str, tuple[float, dict]] = {}
     hooks = act.ActHooks()
     if batches is None:
@@ -239,6 +260,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
             finally:
                 hooks.remove()
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
+                                 **calib_read.report,
                                  "layer_input_entropy": calib_data.input_entropy}
         if cfg.quantize_vision:
             for name, m in targets.items():

@@ -132,7 +132,7 @@ def test_vision_opt_stays_inside_its_kl_budget(micro_model_dir, shapes_dir, monk
     monkeypatch.setattr(qvlm, "ENTROPY_WEIGHT", 1e4)
     loaded = load_model(micro_model_dir)
     cfg = QuantConfig(method="qvlm", **{**FAST, "vision_opt_steps": 30})
-    batches = api._calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
+    batches = api._calibration_batches(loaded, shapes_dir / "train.json", cfg, None).batches
     rep = qvlm.optimize_vision(loaded.model, batches, cfg)
     assert rep["final_kl"] <= rep["kl_budget"] == qvlm.KL_BUDGET
     assert rep["steps_kept"] < 30
