@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -230,6 +231,75 @@ def test_two_process_distillation(teacher_dir, micro_model_dir, shapes_dir, tmp_
     log = json.loads((out / "dft" / "train_log.json").read_text())
     assert len(log) == 6 and all(h["res_kl"] > 0 for h in log)
     load_model(out / "final")
+
+
+def _mixed_data(shapes_dir, tmp_path, n_text=6, n_image=2):
+    """Shapes conversations, most of them made text-only (no image key, no <image>) as
+    LLaVA-665k's ShareGPT entries are."""
+    rows = json.loads((shapes_dir / "train.json").read_text())[: n_text + n_image]
+    for row in rows[:n_text]:
+        del row["image"]
+        first = row["conversations"][0]
+        first["value"] = first["value"].replace("<image>\n", "")
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_teacher_loss_with_text_only_samples(teacher_dir, micro_model_dir, shapes_dir,
+                                             tmp_path):
+    from edgevlm.data import Collator
+
+    teacher, student = load_model(teacher_dir), load_model(micro_model_dir)
+    teacher.model.requires_grad_(False)
+    text, image = load_samples(_mixed_data(shapes_dir, tmp_path, n_text=1, n_image=1),
+                               shapes_dir)
+    collate = Collator(student.processor, student.num_image_tokens)
+    loss_fn = TeacherLoss(teacher.model, teacher.image_token_id, LossWeights())
+    _, alone = loss_fn(student.model, collate([image]))
+    mixed_batch = collate([text, image])
+    assert mixed_batch["pixel_values"].shape[0] == 1
+    _, mixed = loss_fn(student.model, mixed_batch)
+    # the visual terms are over the image sample's tokens only, whatever shares its batch
+    for k in ("vis_kl", "rdist"):
+        assert float(mixed[k]) == pytest.approx(float(alone[k]), rel=1e-4), k
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in mixed.values())
+    train.set_trainable(student.model, "sft")
+    loss, terms = loss_fn(student.model, collate([text, text]))
+    assert float(terms["vis_kl"]) == float(terms["rdist"]) == 0.0
+    assert float(terms["ce"]) > 0 and float(terms["res_kl"]) > 0
+    loss.backward()
+    assert _grad_parts(student.model) == {"llm"}
+
+
+def test_two_process_distillation_with_text_only_batches(teacher_dir, micro_model_dir,
+                                                         shapes_dir, tmp_path):
+    """DPT trains the projector alone; a process whose batch has no image must still join
+    DDP's gradient reduction (and have a loss to backward)."""
+    data = _mixed_data(shapes_dir, tmp_path)  # beside no images: --image-root for both files
+    samples = load_samples(data, shapes_dir)
+    text_only_steps = [step for step in range(4) if {
+        samples[i].image is None for i in train.batch_indices(len(samples), 2, 0, step)}
+        == {True, False}]
+    assert text_only_steps  # a step where one process has only text, the other an image
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29549", "-m", "edgevlm.cli",
+           "distill", "--teacher", str(teacher_dir), "--student", str(micro_model_dir),
+           "--data", str(data), "--pretrain-data", str(data), "--out", str(out),
+           "--stages", "dpt,dft", "--steps", "4", "--batch-size", "1", "--save-every", "10",
+           "--warmup", "1", "--lr", "3e-3", "--image-root", str(shapes_dir), "--quiet"]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    report = json.loads((out / "distill.json").read_text())
+    assert report["data"]["dpt"]["text_only"] == report["data"]["sft"]["text_only"] == 6
+    for stage in ("dpt", "dft"):
+        log = json.loads((out / stage / "train_log.json").read_text())
+        assert len(log) == 4 and all(math.isfinite(h["loss"]) for h in log)
+    before, after = load_model(micro_model_dir).model, load_model(out / "dpt").model
+    moved = [not torch.equal(a, b) for a, b in zip(
+        before.model.multi_modal_projector.parameters(),
+        after.model.multi_modal_projector.parameters())]
+    assert any(moved)
 
 
 # ---- bad input, named -------------------------------------------------------------------------
