@@ -136,3 +136,26 @@ def test_vision_opt_stays_inside_its_kl_budget(micro_model_dir, shapes_dir, monk
     rep = qvlm.optimize_vision(loaded.model, batches, cfg)
     assert rep["final_kl"] <= rep["kl_budget"] == qvlm.KL_BUDGET
     assert rep["steps_kept"] < 30
+
+
+def test_calibration_leaves_out_text_only_entries(micro_model_dir, shapes_dir, tmp_path):
+    """LLaVA-665k's text-only conversations in --calib (images found through --image-root):
+    calibration, which measures image + text activations, uses the image entries only."""
+    from edgevlm.models import load_model
+    from edgevlm.quant import api
+
+    rows = json.loads((shapes_dir / "train.json").read_text())[:9]
+    for row in rows[:3]:
+        del row["image"]
+        row["conversations"][0]["value"] = row["conversations"][0]["value"].replace(
+            "<image>\n", "")
+    (tmp_path / "mix.json").write_text(json.dumps(rows))
+    cfg = QuantConfig(method="gptq", **{**FAST, "calib_samples": 8})
+    read = api._calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg,
+                                    shapes_dir)
+    assert read.report["text_only_left_out"] == 3
+    assert (read.report["truncated"], read.report["skipped_too_long"]) == (0, 0)
+    assert sum(b["pixel_values"].shape[0] for b in read.batches) == 6
+    assert sum(b["input_ids"].shape[0] for b in read.batches) == 6
+    with pytest.raises(UserError, match="--image-root"):
+        api._calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg, None)
