@@ -154,6 +154,26 @@ def test_cli_bench_export(export_dir, bench_data, shapes_dir, tmp_path):
     assert t.total == 2 and t.timed_runs == 1
 
 
+def test_text_only_samples_are_answered_by_both_backends(model_dir, export_dir, bench_data,
+                                                         shapes_dir, tmp_path):
+    """LLaVA-665k's text-only conversations: the runtime answers them with no image (vision 0
+    ms), token for token as the torch reference does, and they count in the accuracy."""
+    rows = json.loads(bench_data[0].read_text())[:2]
+    rows.insert(0, {"id": "sharegpt-1", "conversations": [
+        {"from": "human", "value": "What color is the square?"},
+        {"from": "gpt", "value": "red"}]})
+    (tmp_path / "mix.json").write_text(json.dumps(rows))
+    cfg = replace(CFG, repeats=1, timing_samples=1)  # the timed sample is the text-only one
+    result = bench([model_dir, export_dir], tmp_path / "mix.json", cfg, image_root=shapes_dir)
+    torch_t, export_t = result.targets
+    assert result.n_samples == 3 and torch_t.total == export_t.total == 3
+    assert [p["prediction"] for p in export_t.predictions] == [
+        p["prediction"] for p in torch_t.predictions]
+    assert [p["id"] for p in export_t.predictions][0] == "sharegpt-1"
+    assert torch_t.vision_s.median == 0.0 and export_t.vision_s.median < 1e-4  # no encoder run
+    assert export_t.accuracy == torch_t.accuracy
+
+
 def test_bad_input(tmp_path, export_dir, bench_data, shapes_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither edgevlm.json nor config.json"):
