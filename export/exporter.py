@@ -221,7 +221,6 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     precisions = config.precisions()
     checkpoint = ({} if source is None
                   else ckpt.checkpoint_weights(model, model_dir, precisions, source))
-    ckpt.check_int4(model, precisions, config.block_size)
     shapes = rope = None
     if config.profile == "mobile":
         from edgevlm.export import mobile

@@ -9,8 +9,13 @@ Two sources of the 4-bit numbers:
     initializers. The float graph's MatMul weights carry their Hugging Face parameter names
     (edgevlm.export.weights), so `replace_matmuls` finds each layer's MatMul by name; layers
     the checkpoint left in float (lm_head, say) are then rounded as in "rtn".
-MatMulNBits layout (onnxruntime contrib op spec): B is uint8 (N, K/block, block/2) with two
-4-bit values per byte, low nibble first; scales (N * K/block); zero points packed the same way.
+MatMulNBits layout (onnxruntime contrib op spec): K is padded to whole blocks, B is uint8
+(N, ceil(K/block), block/2) with two 4-bit values per byte, low nibble first; scales
+(N * ceil(K/block)); zero points packed the same way. So a block size that does not divide K is
+a ragged last block holding K mod block columns, the layout of edgevlm.quant.primitives' ragged
+last group; its padding is written as the block's zero point, so it dequantizes to 0. The
+"rtn" path gets the same from MatMulNBitsQuantizer, which pads the float weight with zeros to
+whole blocks before rounding (and GatherBlockQuantized takes ceil(D/block) scales per row).
 """
 
 from __future__ import annotations
@@ -29,17 +34,6 @@ def check_block_size(block_size: int) -> None:
     if block_size < MIN_BLOCK or block_size & (block_size - 1):
         raise UserError(f"block_size {block_size} is not supported; MatMulNBits needs a power of "
                         f"two of at least {MIN_BLOCK} (e.g. 32, 64, 128)")
-
-
-def check_widths(widths: dict[str, int], block_size: int, component: str) -> None:
-    """Every quantized layer's input width must be a whole number of blocks."""
-    bad = {name: w for name, w in widths.items() if w % block_size}
-    if bad:
-        name, width = next(iter(bad.items()))
-        fits = [b for b in (16, 32, 64, 128, 256) if all(w % b == 0 for w in widths.values())]
-        hint = f"use --block-size {max(fits)}" if fits else "export this component as int8"
-        raise UserError(f"{component}: block_size {block_size} does not divide the input width "
-                        f"{width} of {name} ({len(bad)} layer(s) affected); {hint}")
 
 
 def rtn(src: Path, dst: Path, block_size: int, ops: tuple[str, ...], external: bool,
@@ -74,14 +68,17 @@ class Int4Weight:
     """
 
     q: np.ndarray  # (N, K) integers in [0, 15]
-    scales: np.ndarray  # (N, K // block_size) float32
-    zero_points: np.ndarray  # (N, K // block_size) integers in [0, 15]
+    scales: np.ndarray  # (N, ceil(K / block_size)) float32; the last block may be ragged
+    zero_points: np.ndarray  # (N, ceil(K / block_size)) integers in [0, 15]
     block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.q.shape[1] // self.block_size)
 
     def __post_init__(self):
         n, k = self.q.shape
-        blocks = (n, k // self.block_size)
-        assert k % self.block_size == 0, f"K={k} is not a multiple of block {self.block_size}"
+        blocks = (n, self.blocks)
         assert self.scales.shape == blocks, f"scales {self.scales.shape} != {blocks}"
         assert self.zero_points.shape == blocks, f"zero points {self.zero_points.shape} != {blocks}"
         assert self.q.min() >= 0 and self.q.max() <= 15, "q must be 4-bit unsigned"
@@ -98,8 +95,12 @@ def matmul_nbits(weight: Int4Weight, x: str, y: str, prefix: str):
     from onnx import helper, numpy_helper
 
     n, k = weight.q.shape
-    blocks = k // weight.block_size
-    packed = _pack_nibbles(weight.q.reshape(n, blocks, weight.block_size))  # (N, blocks, bs/2)
+    blocks, bs = weight.blocks, weight.block_size
+    q = weight.q
+    if blocks * bs > k:  # a ragged last block: pad with its zero point, (q - z)·s = 0 there
+        pad = np.repeat(weight.zero_points[:, -1:], blocks * bs - k, axis=1)
+        q = np.concatenate([q, pad.astype(q.dtype)], axis=1)
+    packed = _pack_nibbles(q.reshape(n, blocks, bs))  # (N, blocks, bs/2)
     zp = weight.zero_points
     if blocks % 2:  # zero points pack per row of N, padded to whole bytes
         zp = np.concatenate([zp, np.zeros((n, 1), zp.dtype)], axis=1)

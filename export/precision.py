@@ -89,13 +89,3 @@ def _quiet_root_logger():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-
-
-def quant_widths(component: str, module) -> dict[str, int]:
-    """Input width of every layer an int4 graph of `component` cuts into blocks: Linear layers,
-    or the embedding rows for embed_tokens."""
-    from torch import nn
-
-    kind = nn.Embedding if component == "embed_tokens" else nn.Linear
-    return {name: (m.embedding_dim if kind is nn.Embedding else m.in_features)
-            for name, m in module.named_modules() if isinstance(m, kind)}

@@ -2,8 +2,10 @@
 traced graphs' weight names, and the checks that keep them from being re-rounded.
 
 `edgevlm quantize` writes compressed-tensors pack-quantized checkpoints. Two kinds can reach a
-graph as they are: 4 bits in groups (MatMulNBits, block size = group size) and 8 bits per
-channel, symmetric (MatMulInteger). Layers the checkpoint kept in float take the ordinary path.
+graph as they are: 4 bits in groups (MatMulNBits, block size = group size; a group size that
+does not divide a layer's width is a ragged last block there, which MatMulNBits takes as it is)
+and 8 bits per channel, symmetric (MatMulInteger). Layers the checkpoint kept in float take the
+ordinary path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 
 from edgevlm.errors import UserError
 from edgevlm.export import int4, int8
-from edgevlm.export import precision as prec
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,3 @@ def weight_sources(precisions: dict[str, str],
     return {f"{q}_source": None if q not in precisions.values() else
             "checkpoint" if any(checkpoint.get(c) for c, p in precisions.items() if p == q)
             else "rtn" for q in QUANTIZED}
-
-
-def check_int4(model, precisions: dict[str, str], block_size: int) -> None:
-    from edgevlm.export.graphs import wrapper
-
-    for component, p in precisions.items():
-        if p == "int4":
-            widths = prec.quant_widths(component, wrapper(component, model))
-            int4.check_widths(widths, block_size, component)

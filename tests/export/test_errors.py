@@ -47,14 +47,6 @@ def test_out_exists(teacher_dir, tmp_path):
     assert _entries(tmp_path) == ["out"] and _entries(out) == ["keep.txt"]
 
 
-def test_block_size_must_divide_width(teacher_dir, tmp_path):
-    # The tiny-teacher vision tower is 96 wide: blocks of 64 do not fit, 32 would.
-    with pytest.raises(UserError, match=r"vision_encoder: block_size 64 does not divide the input "
-                                        r"width 96 .*--block-size 32"):
-        export(teacher_dir, tmp_path / "out", ExportConfig(precision="int4", block_size=64))
-    assert _entries(tmp_path) == []
-
-
 @pytest.mark.parametrize("field,value,message", [
     ("block_size", 48, "power of two"),
     ("precision", "int3", "--precision 'int3' is not a precision"),
