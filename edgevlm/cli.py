@@ -226,7 +226,10 @@ def quantize_(
     out: Path = typer.Option(..., help="Quantized model folder to create"),
     method: str = typer.Option("qvlm", help="qvlm | gptq | rtn | nf4"),
     bits: int = typer.Option(4, help="Weight bits, 2..8"),
-    group_size: int = typer.Option(128, help="32 | 64 | 128, or -1 for one group per row"),
+    group_size: int = typer.Option(128, help="Power of two >= 16 (32 | 64 | 128 ...), or -1 for "
+                                   "one group per row; where it does not divide every width "
+                                   "the checkpoint holds the largest that does (see "
+                                   "quant_report.json)"),
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric integers (no zero "
                                    "point)"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
@@ -257,7 +260,7 @@ def quantize_(
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
                  quiet=quiet or as_json)
     _summary("quantize", {"out": r.out_dir, "method": r.method, "bits": bits,
-                          "group_size": group_size, "layers": r.layers_quantized,
+                          "group_size": r.report["group_size"], "layers": r.layers_quantized,
                           "blocks": r.blocks, "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
 
