@@ -1,0 +1,184 @@
+"""Linear layers of the built decoder, by precision, and the integers they carry.
+
+    fp32 / fp16   x ──MatMul(W (K, N))──► y
+    int4 / int8   x ──MatMulNBits(q, scales, zero points; bits, block_size, accuracy_level)──► y
+
+The integers of every quantized layer are decided once, before the graph is written, as a plan
+{graph weight name: NBitsWeight}: a quantized checkpoint's own integers where it has them
+(edgevlm.export.source, unchanged), and round-to-nearest through edgevlm.quant.primitives
+(choose_qparams / quantize, asymmetric, one scale and zero point per block of `block_size` input
+channels) for the rest. `carry` then puts exactly those integers, dequantized, into the torch
+model, which is the reference the graph is validated against: the check is of the graph, not of
+the rounding.
+
+8 bits: MatMulNBits bits=8 holds one byte per weight; an 8-bit per-channel checkpoint becomes
+blocks that all repeat their row's scale, which is the same W = (q - z)·s.
+accuracy_level: 0 computes in the activations' float type; 4 quantizes the activations to int8
+per block on the fly (CPU kernels; several times faster decode on x86 and Arm). The value is
+chosen per provider (ACCURACY_LEVELS) and recorded in edgevlm.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgevlm.export import int4, int8
+from edgevlm.export.builder.graph import MS_DOMAIN, Graph
+
+BITS = {"int4": 4, "int8": 8}
+# MatMulNBits accuracy_level per export profile: the default (CPU) profile takes int8
+# activations; the gpu profile's CUDA kernels ignore it, so it keeps the float compute type.
+ACCURACY_LEVELS = {"default": 4, "gpu": 0}
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """y = x @ W.T with W = (q - zero_point) · scale per (row, block of input channels)."""
+
+    q: np.ndarray  # (N, K) uint8 in [0, 2^bits - 1]
+    scales: np.ndarray  # (N, ceil(K / block_size)) float32
+    zero_points: np.ndarray  # (N, ceil(K / block_size)) uint8
+    bits: int
+    block_size: int
+
+    def dequantize(self) -> np.ndarray:
+        """W (N, K) float32."""
+        k = self.q.shape[1]
+        s = np.repeat(self.scales, self.block_size, axis=1)[:, :k]
+        z = np.repeat(self.zero_points.astype(np.float32), self.block_size, axis=1)[:, :k]
+        return (self.q.astype(np.float32) - z) * s
+
+
+def from_int4(w: int4.Int4Weight) -> NBitsWeight:
+    return NBitsWeight(w.q.astype(np.uint8), w.scales.astype(np.float32),
+                       w.zero_points.astype(np.uint8), 4, w.block_size)
+
+
+def from_int8(w: int8.Int8Weight, block_size: int) -> NBitsWeight:
+    """An 8-bit per-channel checkpoint layer as MatMulNBits blocks (signed -> unsigned by +128;
+    each block repeats its row's scale and zero point)."""
+    n, k = w.q.shape
+    blocks = -(-k // block_size)
+    q = (w.q.astype(np.int16) + 128).astype(np.uint8)
+    zp = np.repeat((w.zero_point.astype(np.int16) + 128).astype(np.uint8)[:, None], blocks, 1)
+    scales = np.repeat(w.scale.astype(np.float32)[:, None], blocks, 1)
+    return NBitsWeight(q, scales, zp, 8, block_size)
+
+
+def rtn(weight, bits: int, block_size: int) -> NBitsWeight:
+    """Round-to-nearest of a float weight (N, K) with the project's primitives."""
+    import torch
+
+    from edgevlm.quant.primitives import choose_qparams, quantize
+
+    qp = choose_qparams(weight, bits, block_size, symmetric=False)
+    q = quantize(weight, qp)
+    return NBitsWeight(q.to(torch.uint8).cpu().numpy(), qp.scale.float().cpu().numpy(),
+                       qp.zero_point.to(torch.uint8).cpu().numpy(), bits, block_size)
+
+
+def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> tuple[dict, set]:
+    """The integers of every Linear of the decoder wrapper (edgevlm.export.graphs.Decoder) at
+    `precision`: ({graph weight name: NBitsWeight}, names rounded here rather than read from
+    the checkpoint)."""
+    from torch import nn
+
+    bits = BITS[precision]
+    checkpoint = checkpoint or {}
+    out, rounded = {}, set()
+    for name, module in decoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        key = f"{name}.weight"
+        held = checkpoint.get(key)
+        if isinstance(held, int4.Int4Weight):
+            out[key] = from_int4(held)
+        elif isinstance(held, int8.Int8Weight):
+            out[key] = from_int8(held, block_size)
+        else:
+            out[key] = rtn(module.weight.detach(), bits, block_size)
+            rounded.add(key)
+    return out, rounded
+
+
+def carry(decoder, weights: dict, names: set) -> None:
+    """Put the dequantized integers of `names` into the decoder's Linears, in place: the torch
+    model then computes with exactly the weights the graph holds. A tied lm_head is untied first,
+    so the token embedding keeps its float table."""
+    import torch
+
+    modules = dict(decoder.named_modules())
+    for key in sorted(names):
+        module = modules[key.removesuffix(".weight")]
+        value = torch.from_numpy(weights[key].dequantize()).to(module.weight.dtype)
+        module.weight = torch.nn.Parameter(value, requires_grad=False)
+
+
+def nbits_node(g: Graph, w: NBitsWeight, x: str, name: str, prefix: str,
+               accuracy_level: int, dtype=np.float32) -> str:
+    """MatMulNBits `name` computing x @ W.T; initializers `<prefix>.qweight|scales|zero_points`
+    (scales in the activations' float type `dtype`, as the op requires)."""
+    from onnx import numpy_helper
+
+    n, k = w.q.shape
+    if w.bits == 4:
+        node, inits = int4.matmul_nbits(int4.Int4Weight(w.q, w.scales, w.zero_points,
+                                                        w.block_size), x, f"{name}/output_0",
+                                        prefix)
+        for t in inits:
+            array = numpy_helper.to_array(t)
+            g.weight(t.name, array.astype(dtype) if t.name.endswith(".scales") else array)
+        return g.node("MatMulNBits", list(node.input), name, domain=MS_DOMAIN, K=k, N=n,
+                      bits=4, block_size=w.block_size, accuracy_level=accuracy_level)[0]
+    blocks, bs = w.scales.shape[1], w.block_size
+    q = w.q
+    if blocks * bs > k:  # a ragged last block, padded with its zero point: (q - z)·s = 0
+        q = np.concatenate([q, np.repeat(w.zero_points[:, -1:], blocks * bs - k, 1)], axis=1)
+    inputs = [x, g.weight(f"{prefix}.qweight", q.reshape(n, blocks, bs)),
+              g.weight(f"{prefix}.scales", w.scales.reshape(-1).astype(dtype)),
+              g.weight(f"{prefix}.zero_points", w.zero_points.reshape(-1))]
+    return g.node("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=k, N=n, bits=8,
+                  block_size=bs, accuracy_level=accuracy_level)[0]
+
+
+def concat_rows(ws: list[NBitsWeight]) -> NBitsWeight:
+    """Several layers that read the same input as one (q, k and v into one MatMulNBits): their
+    rows stacked, each row keeping its own scales."""
+    if len(ws) == 1:
+        return ws[0]
+    assert len({(w.bits, w.block_size, w.q.shape[1]) for w in ws}) == 1, "mixed layouts"
+    return NBitsWeight(*(np.concatenate([getattr(w, f) for w in ws])
+                         for f in ("q", "scales", "zero_points")), ws[0].bits, ws[0].block_size)
+
+
+@dataclass(frozen=True)
+class Linears:
+    """How this graph writes its Linear layers: float MatMuls in `dtype`, or MatMulNBits from
+    `weights` (the plan)."""
+
+    dtype: np.dtype  # float weights and activations
+    weights: dict | None = None  # {graph weight name: NBitsWeight}; None for float graphs
+    accuracy_level: int = 0
+
+    def __call__(self, g: Graph, x: str, name: str, prefix: str, layers: list) -> str:
+        """x @ W.T (+ b) as node `<name>/MatMul` (or `/MatMulNBits`) for `layers`, a list of
+        (graph weight name, nn.Linear) that read x, stacked along the output dimension when
+        more than one; initializers are named after `prefix`."""
+        import torch
+
+        if self.weights is not None:
+            w = concat_rows([self.weights[key] for key, _ in layers])
+            y = nbits_node(g, w, x, f"{name}/MatMulNBits", prefix, self.accuracy_level,
+                           self.dtype)
+        else:
+            w = torch.cat([m.weight.detach().float().cpu() for _, m in layers])  # (N, K)
+            w = np.ascontiguousarray(w.numpy().T.astype(self.dtype))  # (K, N)
+            y = g.node("MatMul", [x, g.weight(f"{prefix}.weight", w)], f"{name}/MatMul")[0]
+        if any(m.bias is not None for _, m in layers):
+            b = torch.cat([m.bias.detach().float().cpu() if m.bias is not None
+                           else torch.zeros(m.out_features) for _, m in layers])
+            bias = g.weight(f"{prefix}.bias", b.numpy().astype(self.dtype))
+            y = g.node("Add", [y, bias], f"{name}/Add")[0]
+        return y
