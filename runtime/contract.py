@@ -19,6 +19,18 @@ the default decoder computes inside (mobile_decoder_io):
   past_key_values.{i}.key|value [1,kv,C,hd] (slot p holds position p; unfilled slots masked)
   -> logits [1,K,V], present.{i}.key|value [1,kv,K,hd] (the K new entries, for the caller to
   write into its cache at their positions).
+Decoder kinds (edgevlm.json "decoder.kind"): "traced" is the decoder above (torch.onnx over
+transformers' modules). "builder" (edgevlm.export.builder, format version 3) is written from the
+weights with onnxruntime's contrib ops, in onnxruntime-genai's IO (builder_decoder_io):
+  inputs_embeds [B,S,D], attention_mask [B,P+S] (ones; its row sums and width give
+  GroupQueryAttention's seqlens_k = P+S-1 [B] int32 and total_sequence_length = P+S int32,
+  computed inside the graph, so genai can feed the same graph), no position_ids (rotary inside
+  GroupQueryAttention, at positions P..P+S-1),
+  past_key_values.{i}.key|value [B,kv,L,hd]: KV buffers of L = decoder.max_context positions
+  -> logits [B,1,V] (last position only), present.{i}.key|value [B,kv,L,hd].
+  The caller binds each present to the OrtValue of its past (IOBinding), so the step writes its
+  S new entries into the buffer at P.. and nothing is copied; P+S may not exceed L. The KV
+  dtype is the graph's (float16 in fp16-activation graphs), read from the session.
 Torch-free: standard library only.
 """
 
@@ -26,11 +38,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMAT_VERSION = 2  # 2: the "profile" key and the mobile graphs; 1 (no profile) still reads
+FORMAT_VERSION = 3  # 3: the "decoder" key and builder decoders; 2: the "profile" key and the
+# mobile graphs; 1 (no profile). Older versions still read (as traced decoders).
+DECODER_KINDS = ("traced", "builder")
 PROFILES = ("default", "mobile", "gpu")
 ROPE_FILE = "onnx/rope_cos_sin.npy"  # mobile: float32 (2, C, hd), cos then sin per position
 MASK_VALUE = -65504.0  # mobile attention_mask for hidden slots: finite in float16 too
 MANIFEST = "edgevlm.json"
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's config, beside a builder decoder
 ONNX_DIR = "onnx"
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int4": "_q4"}
@@ -62,6 +77,13 @@ def graph_file(component: str, precision: str) -> str:
     assert component in COMPONENTS, f"unknown component {component}"
     assert precision in SUFFIXES, f"unknown precision {precision}"
     return f"{ONNX_DIR}/{component}{SUFFIXES[precision]}.onnx"
+
+
+def genai_graph_file(precision: str) -> str:
+    """The text-only graph onnxruntime-genai runs (input_ids in; edgevlm.export.builder.genai),
+    beside the builder decoder whose weights file it shares."""
+    assert precision in SUFFIXES, f"unknown precision {precision}"
+    return f"{ONNX_DIR}/genai_decoder{SUFFIXES[precision]}.onnx"
 
 
 def vision_io() -> GraphIO:
@@ -105,15 +127,29 @@ def mobile_decoder_io(num_layers: int) -> GraphIO:
         outputs={"logits": (1, "step", "vocab"), **present})
 
 
-def graph_io(component: str, num_layers: int, profile: str = "default") -> GraphIO:
-    """The declared IO of one component (the decoder's depends on its layer count). The mobile
-    profile's vision and embedding graphs have the default names with every axis fixed."""
+def builder_decoder_io(num_layers: int) -> GraphIO:
+    """The builder's decoder (see the module docstring): shared KV buffers, last logits only."""
+    kv = ("batch", "kv_heads", "max_context", "head_dim")
+    return GraphIO(
+        inputs={"inputs_embeds": ("batch", "sequence", "hidden"),
+                "attention_mask": ("batch", "total_sequence"),
+                **{n: kv for n in past_names(num_layers)}},
+        outputs={"logits": ("batch", 1, "vocab"), **{n: kv for n in present_names(num_layers)}})
+
+
+def graph_io(component: str, num_layers: int, profile: str = "default",
+             decoder: str = "traced") -> GraphIO:
+    """The declared IO of one component (the decoder's depends on its layer count and kind). The
+    mobile profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert profile in PROFILES, f"unknown profile {profile}"
+    assert decoder in DECODER_KINDS, f"unknown decoder kind {decoder}"
     if component == "vision_encoder":
         return vision_io()
     if component == "embed_tokens":
         return embed_io()
+    if decoder == "builder":
+        return builder_decoder_io(num_layers)
     return mobile_decoder_io(num_layers) if profile == "mobile" else decoder_io(num_layers)
 
 

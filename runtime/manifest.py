@@ -18,6 +18,7 @@ from edgevlm.errors import UserError
 from edgevlm.runtime.chat import special_tokens_from_config
 from edgevlm.runtime.contract import (
     COMPONENTS,
+    DECODER_KINDS,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -50,8 +51,10 @@ class ExportInfo:
     image_processor: ImageProcessorConfig
     tokenizer_file: Path
     profile: str = "default"  # contract.PROFILES; "mobile" runs the static graphs
-    context: int | None = None  # mobile: the fixed cache's positions (prompt + answer)
+    context: int | None = None  # mobile: the fixed cache's positions; builder decoder: its KV
+    # buffers' (prompt + answer either way)
     rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
+    decoder: str = "traced"  # contract.DECODER_KINDS; exports before version 3 are "traced"
 
     @property
     def max_tokens(self) -> int:
@@ -72,6 +75,13 @@ class ExportInfo:
         if self.profile not in PROFILES:
             raise UserError(f"{self.root / MANIFEST}: profile {self.profile!r} is unknown to this "
                             f"runtime (it knows {', '.join(PROFILES)}): pip install -U edgevlm")
+        if self.decoder not in DECODER_KINDS:
+            raise UserError(f"{self.root / MANIFEST}: decoder.kind {self.decoder!r} is unknown to "
+                            f"this runtime (it knows {', '.join(DECODER_KINDS)}): pip install -U "
+                            "edgevlm")
+        if self.decoder == "builder" and (not isinstance(self.context, int) or self.context < 2):
+            raise UserError(f"{self.root / MANIFEST}: a builder decoder needs decoder.max_context "
+                            f"(its KV buffer length); {REEXPORT}")
         if self.profile == "mobile" and (self.context is None or self.rope_file is None
                                          or not self.rope_file.is_file()):
             raise UserError(f"{self.root}: a mobile export needs static_shapes.context and "
@@ -173,6 +183,7 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         raise UserError(f"{root} is format version {version}, made by a newer edgevlm; this "
                         f"runtime reads up to version {FORMAT_VERSION}: pip install -U edgevlm")
     chosen, graphs = _graphs(root, m, precision)
+    decoder = m.get("decoder") if isinstance(m.get("decoder"), dict) else {}
     config = _json(root / "config.json")
     text: dict[str, Any] = config.get("text_config") or {}
     gen = _json(root / "generation_config.json")
@@ -201,9 +212,9 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         image_processor=_image_processor(root, m),
         tokenizer_file=tokenizer_file,
         profile=m.get("profile", "default"),
-        context=(m.get("static_shapes") or {}).get("context"),
-        rope_file=root / m["rope_file"] if m.get("rope_file") else None)
-
+        context=_first((m.get("static_shapes") or {}).get("context"), decoder.get("max_context")),
+        rope_file=root / m["rope_file"] if m.get("rope_file") else None,
+        decoder=decoder.get("kind", "traced"))
 
 
 def _added_token_id(tokenizer_file: Path, token) -> int | None:

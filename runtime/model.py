@@ -9,8 +9,9 @@ One call runs: chat template -> token ids (each image token expanded to the imag
 the prompt (prefill: from a past of length 0, in chunks of `prefill_chunk` tokens) -> one
 decoder pass per new token, feeding only that token and the cache the previous pass returned
 (presents become the next pasts, kept as OrtValues through IOBinding, so on a GPU they never
-leave the device). Greedy by default, matching the torch reference (edgevlm.evaluate) token for
-token on an fp32 export.
+leave the device; a builder decoder's KV buffers are bound as both, edgevlm.runtime.kv_buffer,
+so a step writes its entries in place). Greedy by default, matching the torch reference
+(edgevlm.evaluate) token for token on an fp32 export.
 
 Each call keeps its state (ids, cache, rng) in locals; ONNX Runtime sessions run concurrently,
 so one VLM serves several threads.
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from edgevlm.errors import UserError
 from edgevlm.runtime import contract
 from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
+from edgevlm.runtime.kv_buffer import SharedKV
 from edgevlm.runtime.manifest import ExportInfo, read_export
 from edgevlm.runtime.preprocess import load_image, preprocess
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
@@ -134,6 +136,9 @@ class VLM:
         if info.profile == "mobile":
             self._static = StaticGraphs(self._embed, self._decoder, np.load(info.rope_file),
                                         info.num_layers)
+        # A builder decoder: KV buffers of info.context positions that every pass writes in place.
+        self._kv = (SharedKV(self._decoder, info.num_layers, self._device)
+                    if info.decoder == "builder" else None)
         self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[2:])
 
     @classmethod
@@ -158,7 +163,7 @@ class VLM:
             path = info.graphs[component]
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto", trt=trt)
-            io = contract.graph_io(component, info.num_layers, info.profile)
+            io = contract.graph_io(component, info.num_layers, info.profile, info.decoder)
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
@@ -223,6 +228,9 @@ class VLM:
             what = (f"the mobile export's fixed context is {limit} (static_shapes.context); "
                     "shorten the prompt or re-export with a larger --max-context"
                     if self._static is not None else
+                    f"the export's KV buffer holds {limit} positions (decoder.max_context); "
+                    "shorten the prompt or re-export with a larger --max-context"
+                    if self._kv is not None else
                     f"the model's limit is {limit} (max_position_embeddings); shorten the prompt")
             raise UserError(f"the prompt is {len(ids)} tokens{counted} but {what}")
         pixels = resized_from = None
@@ -249,6 +257,8 @@ class VLM:
         mobile export's `past` is its StaticCache, filled in place."""
         if self._static is not None:
             return self._static.decode(embeds, start, past)[0, -1], past
+        if self._kv is not None:
+            return self._kv.decode(embeds, start, past)[0, -1].astype(np.float32), past
         seq = embeds.shape[1]
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds.astype(self._embeds_dtype, copy=False))
@@ -265,6 +275,15 @@ class VLM:
         assert len(outputs) == 1 + len(self._present_names), "one output per bound name"
         logits = outputs[0].numpy()  # (1, S, V)
         return logits[0, -1].astype(np.float32), list(outputs[1:])
+
+    def _new_cache(self):
+        """The state a generation starts from: a mobile export's StaticCache, a builder
+        decoder's KV buffers, or a traced decoder's empty past."""
+        if self._static is not None:
+            return self._static.new_cache()
+        if self._kv is not None:
+            return self._kv.new_cache(self.info.context)
+        return self._empty_past()
 
     def _empty_past(self) -> list:
         shape = (1, self.info.num_kv_heads, 0, self.info.head_dim)
@@ -290,7 +309,7 @@ class VLM:
                 raise UserError(f"the vision encoder gives {feats.shape[1]} image features but "
                                 f"the manifest says num_image_tokens={len(slots)}; re-export")
             embeds[0, slots] = feats[0].astype(embeds.dtype)  # (N_img, D) into the image slots
-        past = self._static.new_cache() if self._static is not None else self._empty_past()
+        past = self._new_cache()
         for start in range(0, embeds.shape[1], self.prefill_chunk):
             logits, past = self._decode(embeds[:, start: start + self.prefill_chunk], start, past)
         prefill_s = time.perf_counter() - t

@@ -1,0 +1,55 @@
+"""Calling a builder decoder: one KV buffer per layer that past and present share.
+
+The builder's decoder (runtime/contract.py, builder_decoder_io) keeps its cache in buffers of
+`max_context` positions. Each pass binds every buffer as both `past_key_values.{i}.*` and
+`present.{i}.*` (IOBinding, on the provider's device), so GroupQueryAttention writes the new
+keys and values in place at positions start..start+S-1 and nothing is copied or reallocated from
+step to step; the attention mask of ones, (1, start + S), tells it how many positions are
+filled. The same calling convention serves the runtime (edgevlm.runtime.model) and the
+exporter's parity check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from edgevlm.runtime import contract
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class SharedKV:
+    """The builder decoder session and the shape of its KV buffers."""
+
+    def __init__(self, session: ort.InferenceSession, num_layers: int, device: str = "cpu"):
+        self.session = session
+        self.device = device
+        self.past = contract.past_names(num_layers)
+        self.present = contract.present_names(num_layers)
+        inputs = {i.name: i for i in session.get_inputs()}
+        first = inputs[self.past[0]]
+        self.kv_dtype = _NP_TYPES.get(first.type, np.float32)
+        self.embeds_dtype = _NP_TYPES.get(inputs["inputs_embeds"].type, np.float32)
+        _, heads, length, head_dim = first.shape
+        assert all(isinstance(d, int) for d in (heads, head_dim)), "kv heads and head size fixed"
+        self.shape = (1, heads, length, head_dim)  # length: symbolic until the buffer is made
+
+    def new_cache(self, max_context: int) -> list:
+        """Zeroed buffers of `max_context` positions, one per past input, on the device."""
+        zeros = np.zeros((1, self.shape[1], max_context, self.shape[3]), self.kv_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(zeros.copy() if self.device == "cpu" else zeros,
+                                                 self.device, 0) for _ in self.past]
+
+    def decode(self, embeds: np.ndarray, start: int, cache: list) -> np.ndarray:
+        """One pass over `embeds` (1, S, D) at positions start..; returns the last position's
+        logits (1, 1, V) and leaves the new entries in `cache`."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds.astype(self.embeds_dtype, copy=False))
+        binding.bind_cpu_input("attention_mask", np.ones((1, start + embeds.shape[1]), np.int64))
+        binding.bind_output("logits", "cpu")
+        for past, present, buffer in zip(self.past, self.present, cache, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
