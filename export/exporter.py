@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import UserError
+from edgevlm.export import decoder as dec
 from edgevlm.export import int4, onnx_io, readiness
 from edgevlm.export import precision as prec
 from edgevlm.export import source as ckpt
@@ -54,6 +55,9 @@ class ParityError(UserError):
 PROFILE_PRECISIONS = {"default": ("fp32", None, None), "mobile": ("fp16", None, None),
                       "gpu": ("int4", "fp16", "fp16")}
 MOBILE_PRECISIONS = ("fp16",)  # what NNAPI and CoreML run without CPU fallback for the math
+# The decoder each profile writes when --decoder is not given (edgevlm.export.decoder): built from
+# the weights with onnxruntime's fused ops, except on mobile, whose static graphs are traced.
+PROFILE_DECODERS = {"default": "builder", "mobile": "traced", "gpu": "builder"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,10 @@ class ExportConfig:
     profile: str = "default"  # default | mobile (static shapes, NPU ops) | gpu
     max_context: int | None = None  # mobile: cache slots; None: min(model limit, 1024)
     readiness: bool = True  # mobile: measure NNAPI/CoreML coverage (and the ORT-format files)
+    decoder: str | None = None  # traced | builder; None: the profile's (PROFILE_DECODERS), which
+    # falls back to traced for a text model the builder does not cover
+    accuracy_level: int | None = None  # builder int4/int8: MatMulNBits accuracy_level; None:
+    # the profile's (edgevlm.export.builder.linear.ACCURACY_LEVELS)
 
     def __post_init__(self):
         if self.profile not in contract.PROFILES:
@@ -101,11 +109,27 @@ class ExportConfig:
                             "at least 14; 17 is the default)")
         if self.new_tokens < 1:
             raise UserError(f"new_tokens {self.new_tokens} must be at least 1")
-        if self.max_context is not None and self.profile != "mobile":
-            raise UserError("--max-context sets the mobile profile's fixed cache; use it with "
-                            "--profile mobile")
+        if self.decoder not in (None, *contract.DECODER_KINDS):
+            raise UserError(f"--decoder {self.decoder!r} is unknown; choose one of "
+                            f"{', '.join(contract.DECODER_KINDS)}")
+        if self.decoder == "builder" and self.profile == "mobile":
+            raise UserError("--decoder builder is not available with --profile mobile (its "
+                            "static graphs are traced); drop --decoder")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UserError(f"--accuracy-level {self.accuracy_level} is not one of MatMulNBits' "
+                            "0 (float compute), 1 (fp32), 2 (fp16), 3 (bf16), 4 (int8)")
+        if self.max_context is not None and self.profile != "mobile" \
+                and self.decoder_kind != "builder":
+            raise UserError("--max-context sets the mobile profile's fixed cache or the builder "
+                            "decoder's KV buffer; use it with --profile mobile or --decoder "
+                            "builder")
         if self.max_context is not None and self.max_context < 2:
             raise UserError(f"--max-context {self.max_context} must be at least 2")
+
+    @property
+    def decoder_kind(self) -> str:
+        """The decoder asked for, with the profile's default resolved."""
+        return self.decoder or PROFILE_DECODERS[self.profile]
 
     def precisions(self) -> dict[str, str]:
         return {"vision_encoder": self.vision_precision or self.precision,
@@ -129,6 +153,7 @@ class ExportResult:
     parity: Parity | None
     seconds: float
     readiness: readiness.Readiness | None = None  # mobile: NNAPI/CoreML coverage per graph
+    decoder: dict | None = None  # edgevlm.json "decoder": kind, fallback reason, KV buffer, ...
 
 
 def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
@@ -154,8 +179,10 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
 
 
 def _finish(component: str, precision: str, traced: Path, external: bool, out: Path,
-            cfg: ExportConfig, checkpoint: dict | None = None) -> ComponentFile:
-    """Quantization (if any) and the checker for one traced graph."""
+            cfg: ExportConfig, checkpoint: dict | None = None, built: bool = False
+            ) -> ComponentFile:
+    """Quantization (if any) and the checker for one traced graph (a built one is checked by
+    onnxruntime, whose SimplifiedLayerNormalization the onnx checker does not know)."""
     path = out / contract.graph_file(component, precision)
     kept: tuple[str, ...] = ()
     if traced != path:
@@ -170,7 +197,7 @@ def _finish(component: str, precision: str, traced: Path, external: bool, out: P
                         len(kept), "x" if len(kept) == 1 else "ces", ", ".join(kept))
     if cfg.profile == "mobile":
         onnx_io.fold_constants(path, external)
-    onnx_io.check(path)
+    onnx_io.check(path, ort_ops=built)
     data = onnx_io.data_file(path)
     return ComponentFile(path.relative_to(out).as_posix(), precision, onnx_io.graph_bytes(path),
                          data.relative_to(out).as_posix() if data.exists() else None, kept)
@@ -229,6 +256,16 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         shapes = mobile.static_shapes(model.config, config.max_context)
         rope = mobile.rope_table(model, shapes.context)
     ref = torch_reference(loaded, config.new_tokens) if config.validate else None
+    choice = dec.choose(config, model.config)
+    if ref is not None:
+        dec.check_context(choice, ref)
+    plan = carried = None
+    if choice.kind == "builder" and precisions[dec.DECODER] in ckpt.QUANTIZED:
+        plan = dec.plan(model, precisions[dec.DECODER], config.block_size,
+                        checkpoint.get(dec.DECODER))
+        if ref is not None:  # the reference the built decoder is held to: the same integers
+            dec.carry(model, plan)
+            carried = torch_reference(loaded, config.new_tokens) if plan.rounded else ref
     # Trace attention as written out (matmul, softmax, matmul): the tracer's translation of
     # torch's fused SDPA turns fp16 attention into float32 and keeps o_proj weights in float32.
     # Same math; parity against the default (SDPA) model above shows it.
@@ -238,14 +275,22 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     order = sorted(contract.COMPONENTS, key=lambda c: precisions[c] == "fp16")
     with atomic_dir(out, config.overwrite) as tmp, \
             Progress("export", 2 * len(order) + config.validate, enabled=not quiet) as bar:
-        traced = {}
+        traced, built = {}, None
         for component in order:
             if precisions[component] == "fp16" and model.dtype != torch.float16:
                 model.half()
-            traced[component] = _trace(model, component, precisions[component], tmp, config,
-                                       dims.num_layers, shapes)
+            if component == dec.DECODER and choice.kind == "builder":
+                built = dec.build(model, tmp, precisions[component], choice, plan, config.opset)
+                traced[component] = built.path, True
+            else:
+                traced[component] = _trace(model, component, precisions[component], tmp,
+                                           config, dims.num_layers, shapes)
             bar.update(1)
         info = manifest.build(loaded, dims, config, ckpt.weight_sources(precisions, checkpoint))
+        info["io"][dec.DECODER] = contract.graph_io(dec.DECODER, dims.num_layers, config.profile,
+                                                    choice.kind).to_dict()
+        genai = dec.write_genai(model, built, tmp, info, config.profile) if built else None
+        info["decoder"] = dec.manifest_entry(choice, built, genai)
         # Every graph is written: free the torch weights before the quantizers and onnxruntime
         # load the graphs, so those never sit beside a torch copy.
         del loaded, model
@@ -253,7 +298,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         files: dict[str, ComponentFile] = {}
         for component in order:
             files[component] = _finish(component, precisions[component], *traced[component],
-                                       tmp, config, checkpoint.get(component))
+                                       tmp, config, checkpoint.get(component),
+                                       built is not None and component == dec.DECODER)
             bar.update(1)
         shutil.rmtree(tmp / ".float", ignore_errors=True)
         manifest.copy_model_files(model_dir, tmp)
@@ -263,7 +309,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         parity = None
         if ref is not None:
             parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims,
-                              rope)
+                              rope, choice.kind, carried, choice.accuracy_level)
             info["parity"] = parity.to_dict()
             bar.update(1)
         if parity is not None and not parity.passed:
@@ -273,4 +319,4 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         if measured is not None:
             info["readiness"] = measured.to_dict()
         (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-    return ExportResult(out, files, parity, time.time() - t0, measured)
+    return ExportResult(out, files, parity, time.time() - t0, measured, info["decoder"])

@@ -42,6 +42,7 @@ class Reference:
     step_logits: np.ndarray  # (new_tokens, V) raw logits of each greedy step
     image_token_id: int
     suppressed: list[int]  # end-of-sequence ids kept from being chosen
+    step_embeds: np.ndarray | None = None  # (new_tokens, D) token embeddings of `tokens`
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ComponentError:
     reference_max_abs: float
     tolerance: float  # on max_abs
     passed: bool
+    gated: bool = True  # False: reported only (a built int4/int8 decoder against the float
+    # model; its gate is the graph check against torch carrying the same integers)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class Parity:
     components: dict[str, ComponentError]
     greedy: GreedyResult
     failures: list[str] = field(default_factory=list)
+    graph_check: object | None = None  # edgevlm.export.graph_check.GraphCheck: a built int4/int8
+    # decoder against the torch model carrying its integers
 
     @property
     def passed(self) -> bool:
@@ -79,6 +84,7 @@ class Parity:
         return {"passed": self.passed, "failures": self.failures,
                 "components": {k: asdict(v) for k, v in self.components.items()},
                 "greedy": asdict(self.greedy),
+                "graph_check": asdict(self.graph_check) if self.graph_check else None,
                 "tolerances": {"fp32_max_abs": FP32_MAX_ABS, "relative": RELATIVE_TOLERANCE}}
 
 
@@ -120,15 +126,18 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     return Reference(
         pixels.numpy(), feats.float().numpy(), ids.numpy(), embeds.float().numpy(),
         logits.float().numpy(), gen.sequences[0, ids.shape[1]:].tolist(),
-        torch.cat(gen.logits).float().numpy(), loaded.image_token_id, eos)
+        torch.cat(gen.logits).float().numpy(), loaded.image_token_id, eos,
+        model.get_input_embeddings()(gen.sequences[0, ids.shape[1]:]).detach().float().numpy())
 
 
-def _error(precision: str, got: np.ndarray, want: np.ndarray) -> ComponentError:
+def _error(precision: str, got: np.ndarray, want: np.ndarray, gated: bool = True
+           ) -> ComponentError:
     diff = np.abs(got.astype(np.float64) - want)
     scale = float(np.abs(want).max())
     tol = FP32_MAX_ABS if precision == "fp32" else RELATIVE_TOLERANCE[precision] * scale
     max_abs = float(diff.max())
-    return ComponentError(precision, max_abs, float(diff.mean()), scale, tol, max_abs < tol)
+    return ComponentError(precision, max_abs, float(diff.mean()), scale, tol,
+                          max_abs < tol or not gated, gated)
 
 
 def _session(path: Path):
@@ -160,6 +169,24 @@ class _Dynamic:
                  "position_ids": np.arange(start, total, dtype=np.int64)[None], **past}
         out = self.s["decoder_model_merged"].run(None, feeds)
         return out[0], dict(zip(self.names, out[1:], strict=True))
+
+
+class _Built(_Dynamic):
+    """A builder decoder: KV buffers shared by past and present (edgevlm.runtime.kv_buffer),
+    long enough for the validation prompt and its answer."""
+
+    def __init__(self, sessions: dict, dims, positions: int):
+        from edgevlm.runtime.kv_buffer import SharedKV
+
+        super().__init__(sessions, dims)
+        self.kv, self.positions = SharedKV(sessions["decoder_model_merged"], dims.num_layers), \
+            positions
+
+    def new_state(self):
+        return self.kv.new_cache(self.positions)
+
+    def decode(self, embeds, start: int, cache):
+        return self.kv.decode(embeds.astype(np.float32), start, cache).astype(np.float32), cache
 
 
 class _Static:
@@ -207,11 +234,18 @@ def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
 
 
 def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims,
-             rope: np.ndarray | None = None) -> Parity:
+             rope: np.ndarray | None = None, decoder: str = "traced",
+             carried: Reference | None = None, accuracy_level: int | None = None) -> Parity:
     """Compare the graphs at `paths` (one per component) with the torch reference. `rope`
-    (the mobile profile's cos/sin table) selects the static graphs' calling convention."""
+    (the mobile profile's cos/sin table) selects the static graphs' calling convention,
+    `decoder` "builder" the shared KV buffers. `carried` (a built int4/int8 decoder): the
+    reference of the torch model carrying the decoder's integers, which the decoder is held to
+    (edgevlm.export.graph_check); against `ref` (float) its error is then only reported."""
     sessions = {c: _session(p) for c, p in paths.items()}
-    graphs = _Dynamic(sessions, dims) if rope is None else _Static(sessions, dims, rope)
+    positions = ref.input_ids.shape[1] + len(ref.tokens) + 1
+    graphs = (_Static(sessions, dims, rope) if rope is not None else
+              _Built(sessions, dims, positions) if decoder == "builder" else
+              _Dynamic(sessions, dims))
     merged = ref.inputs_embeds.copy()
     merged[ref.input_ids == ref.image_token_id] = ref.image_features[0].reshape(
         -1, ref.image_features.shape[-1])
@@ -220,11 +254,20 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
         "embed_tokens": graphs.embed(ref.input_ids),
         "decoder_model_merged": graphs.decode(merged, 0, graphs.new_state())[0],
     }
+    last = slice(-1, None) if decoder == "builder" else slice(None)  # built: last logits only
     wanted = {"vision_encoder": ref.image_features, "embed_tokens": ref.inputs_embeds,
-              "decoder_model_merged": ref.prompt_logits}
-    errors = {c: _error(precisions[c], outputs[c], wanted[c]) for c in contract.COMPONENTS}
+              "decoder_model_merged": ref.prompt_logits[:, last]}
+    errors = {c: _error(precisions[c], outputs[c], wanted[c],
+                        c != "decoder_model_merged" or carried is None)
+              for c in contract.COMPONENTS}
     failures = [f"{c} ({e.precision}): max-abs error {e.max_abs:.3g} is over {e.tolerance:.3g}"
                 for c, e in errors.items() if not e.passed]
+    check = None
+    if carried is not None:
+        from edgevlm.export.graph_check import check_graph
+
+        check = check_graph(paths["decoder_model_merged"], accuracy_level or 0, carried, dims)
+        failures += check.failures()
 
     tokens, steps = _greedy(graphs, ref)
     prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref.tokens, strict=True))
@@ -240,4 +283,4 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     if all_fp32 and greedy.logits_max_abs >= FP32_MAX_ABS:
         failures.append(f"greedy logits max-abs error {greedy.logits_max_abs:.3g} is over "
                         f"{FP32_MAX_ABS}")
-    return Parity(errors, greedy, failures)
+    return Parity(errors, greedy, failures, check)

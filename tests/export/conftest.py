@@ -50,3 +50,12 @@ def teacher_fp32(tmp_path_factory, teacher_dir):
     from edgevlm.export import ExportConfig, export
 
     return export(teacher_dir, tmp_path_factory.mktemp("fp32") / "out", ExportConfig())
+
+
+@pytest.fixture(scope="session")
+def teacher_fp32_traced(tmp_path_factory, teacher_dir):
+    """The traced decoder (torch.onnx over transformers' modules), the builder's reference."""
+    from edgevlm.export import ExportConfig, export
+
+    return export(teacher_dir, tmp_path_factory.mktemp("fp32_traced") / "out",
+                  ExportConfig(decoder="traced"))

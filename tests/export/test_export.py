@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import onnxruntime as ort
 import pytest
 
 from edgevlm.export import ExportConfig, export
+from edgevlm.export.onnx_io import check
 from edgevlm.runtime import contract
+
+DECODER = "decoder_model_merged"
 
 
 def _assert_fp32_parity(result):
@@ -41,15 +43,20 @@ def test_layout_and_manifest(teacher_fp32, teacher_dir):
     out = teacher_fp32.out_dir
     manifest = json.loads((out / contract.MANIFEST).read_text())
     assert manifest["format_version"] == contract.FORMAT_VERSION
+    assert manifest["decoder"]["kind"] == "builder"  # the default profile's decoder
     for component in contract.COMPONENTS:
         entry = manifest["components"][component]
+        built = component == DECODER  # the builder always writes <graph>.onnx_data
         assert entry["file"] == contract.graph_file(component, "fp32")
-        assert entry["precision"] == "fp32" and entry["external_data"] is None
+        assert entry["precision"] == "fp32"
+        assert entry["external_data"] == (entry["file"] + "_data" if built else None)
         path = out / entry["file"]
-        assert entry["bytes"] == path.stat().st_size > 0
-        onnx.checker.check_model(str(path))
+        data = out / entry["external_data"] if built else None
+        assert entry["bytes"] == path.stat().st_size + (data.stat().st_size if built else 0) > 0
+        check(path, ort_ops=built)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        io = contract.graph_io(component, manifest["num_layers"])
+        io = contract.graph_io(component, manifest["num_layers"],
+                               decoder="builder" if built else "traced")
         assert [i.name for i in session.get_inputs()] == list(io.inputs)
         assert [o.name for o in session.get_outputs()] == list(io.outputs)
         assert manifest["io"][component] == io.to_dict()
@@ -76,16 +83,22 @@ def test_layout_and_manifest(teacher_fp32, teacher_dir):
         assert (out / name).read_bytes() == (teacher_dir / name).read_bytes(), name
     assert not list(out.rglob("*.safetensors"))
     assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(
-        contract.graph_file(c, "fp32").split("/")[1] for c in contract.COMPONENTS)
+        [contract.graph_file(c, "fp32").split("/")[1] for c in contract.COMPONENTS]
+        + ["decoder_model_merged.onnx_data", "genai_decoder.onnx"])
+    assert (out / contract.GENAI_CONFIG).is_file()
 
 
 @pytest.mark.parametrize("batch,seq,past", [(1, 1, 0), (3, 4, 5)])
-def test_decoder_dynamic_axes(teacher_fp32, batch, seq, past):
-    """Batch, sequence and past length are free (past 0 is the first step)."""
+def test_decoder_dynamic_axes(teacher_fp32_traced, batch, seq, past):
+    """The traced decoder: batch, sequence and past length are free (past 0 is the first
+    step)."""
     import numpy as np
 
-    manifest = json.loads((teacher_fp32.out_dir / contract.MANIFEST).read_text())
-    path = teacher_fp32.out_dir / manifest["components"]["decoder_model_merged"]["file"]
+    out = teacher_fp32_traced.out_dir
+    manifest = json.loads((out / contract.MANIFEST).read_text())
+    assert manifest["decoder"] == {"kind": "traced", "requested": "traced",
+                                   "fallback_reason": None}
+    path = out / manifest["components"]["decoder_model_merged"]["file"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     n, kv, hd = manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]
@@ -113,5 +126,5 @@ def test_external_data_flag(teacher_dir, tmp_path):
         data = tmp_path / "out" / f.external_data
         assert graph.stat().st_size < data.stat().st_size
         assert f.bytes == graph.stat().st_size + data.stat().st_size
-        onnx.checker.check_model(str(graph))
-    assert len(list((tmp_path / "out" / "onnx").iterdir())) == 6
+        check(graph, ort_ops=f.file == result.components[DECODER].file)
+    assert len(list((tmp_path / "out" / "onnx").iterdir())) == 7  # and the genai graph

@@ -44,7 +44,10 @@ def case(request, shapes_dir, tmp_path_factory):
              QuantConfig(**{"method": "rtn", "group_size": 32, "calib_samples": 4,
                             "batch_size": 4, **qkw}),
              calib=shapes_dir / "train.json")
-    cfg = ExportConfig(precision="int4", embed_precision="fp32", new_tokens=16, **ekw)
+    # The traced decoder: onnxruntime's int4 of the traced graph, with the checkpoint's integers
+    # put in by name (the builder's are checked in test_builder_quantized.py).
+    cfg = ExportConfig(precision="int4", embed_precision="fp32", new_tokens=16,
+                       decoder="traced", **ekw)
     result = export(tmp / "ckpt", tmp / "onnx", cfg)
     return tmp / "ckpt", result, cfg
 
@@ -184,7 +187,7 @@ def test_float_model_int4_with_ragged_blocks(ragged_model_dir, tmp_path):
     """Blocks of 64 over 96-wide layers: every MatMulNBits (and the embedding's
     GatherBlockQuantized) holds ceil(96/64) = 2 blocks per row, the second ragged, and the
     graphs equal torch carrying those same integers to float rounding."""
-    cfg = ExportConfig(precision="int4", block_size=64, new_tokens=16)
+    cfg = ExportConfig(precision="int4", block_size=64, new_tokens=16, decoder="traced")
     result = export(ragged_model_dir, tmp_path / "onnx", cfg)
     assert result.parity.passed, result.parity.failures
     manifest = json.loads((result.out_dir / contract.MANIFEST).read_text())

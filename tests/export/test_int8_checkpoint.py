@@ -36,7 +36,7 @@ def ckpt(micro_model_dir, shapes_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     return export(ckpt, tmp_path_factory.mktemp("w8a8_onnx") / "out",
-                  ExportConfig(precision="int8", new_tokens=16))
+                  ExportConfig(precision="int8", new_tokens=16, decoder="traced"))
 
 
 def _int8_layers(path) -> dict[str, tuple]:
@@ -93,7 +93,8 @@ def test_parity_with_torch_on_the_checkpoint_weights(exported):
 def test_plain_quantize_dynamic_would_change_the_integers(ckpt, tmp_path):
     """Not vacuous: onnxruntime's own int8 of the same dequantized weights differs, since its
     scale is max|w|/127 and GPTQ leaves some channels short of the ends of the range."""
-    fp32 = export(ckpt, tmp_path / "fp32", ExportConfig(precision="fp32", validate=False))
+    fp32 = export(ckpt, tmp_path / "fp32", ExportConfig(precision="fp32", validate=False,
+                                                        decoder="traced"))
     plain = tmp_path / "plain.onnx"
     prec.quantize(DECODER, "int8", fp32.out_dir / fp32.components[DECODER].file, plain, 32, False)
     graph = _int8_layers(plain)

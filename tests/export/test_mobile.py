@@ -31,7 +31,7 @@ def mobile(tmp_path_factory, micro_model_dir):
 @pytest.fixture(scope="module")
 def plain_readiness(tmp_path_factory, micro_model_dir):
     out = tmp_path_factory.mktemp("plain") / "out"
-    result = export(micro_model_dir, out, ExportConfig(validate=False))
+    result = export(micro_model_dir, out, ExportConfig(validate=False, decoder="traced"))
     return readiness.measure({c: out / f.file for c, f in result.components.items()})
 
 
@@ -91,8 +91,10 @@ def test_ort_format_graphs_load_and_agree(mobile):
 def test_profile_errors_name_the_fix(micro_model_dir, tmp_path):
     with pytest.raises(UserError, match="not available with --profile mobile"):
         ExportConfig(profile="mobile", precision="int8")
-    with pytest.raises(UserError, match="--profile mobile"):
-        ExportConfig(max_context=128)
+    with pytest.raises(UserError, match="--profile mobile or --decoder builder"):
+        ExportConfig(max_context=128, decoder="traced")
+    with pytest.raises(UserError, match="--decoder builder is not available with --profile"):
+        ExportConfig(profile="mobile", decoder="builder")
     with pytest.raises(UserError, match="unknown"):
         ExportConfig(profile="phone")
     with pytest.raises(UserError, match="max_position_embeddings 256"):

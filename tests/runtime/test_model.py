@@ -104,8 +104,12 @@ def test_cache_feeds_one_token_per_step(vlm, eval_samples, monkeypatch):
     monkeypatch.setattr(vlm, "_decode", spy)
     out = vlm.generate(eval_samples[0].image, eval_samples[0].question, max_new_tokens=6)
     n = out.timings.n_prompt_tokens
-    assert seen[0] == (n, 0, 0)  # prefill: the whole prompt, empty past
-    assert seen[1:] == [(1, n + k, n + k) for k in range(len(seen) - 1)]
+    # The builder decoder's KV buffers keep their length (the export's max_context); the
+    # attention mask's width, start + 1, says how many positions are filled.
+    size = vlm.info.context
+    assert vlm.info.decoder == "builder" and size == 256
+    assert seen[0] == (n, 0, size)  # prefill: the whole prompt from position 0
+    assert seen[1:] == [(1, n + k, size) for k in range(len(seen) - 1)]
 
 
 def test_chunked_prefill_is_exact(export_dir, vlm, eval_samples, torch_reference):
@@ -176,8 +180,10 @@ def test_bad_call_inputs(vlm, eval_samples, tmp_path):
     not_image.write_text("not a jpeg")
     with pytest.raises(UserError, match="answer.jpg"):
         vlm.generate(not_image, "What?")
-    limit = vlm.info.max_position_embeddings
-    with pytest.raises(UserError, match=rf"is \d+ tokens.*limit is {limit}"):
+    limit = vlm.info.max_tokens  # the builder's KV buffer: min(max_position_embeddings, 2048)
+    assert limit == vlm.info.context == 256
+    with pytest.raises(UserError, match=rf"is \d+ tokens.*KV buffer holds {limit} positions.*"
+                                        "--max-context"):
         vlm.generate(image, "circle " * limit)
     with pytest.raises(UserError, match="image placeholder"):
         vlm.generate(image, [{"role": "user", "content": "What color?"}])
@@ -228,7 +234,7 @@ def test_manifest_fallbacks(export_dir, tmp_path, eval_samples):
     """An export whose manifest lacks the optional keys still loads from the copied files."""
     lean = _copy(export_dir, tmp_path / "lean")
     m = json.loads((lean / MANIFEST).read_text())
-    keep = {"format_version", "components"}
+    keep = {"format_version", "components", "decoder"}  # a builder decoder's kind is required
     (lean / MANIFEST).write_text(json.dumps({k: v for k, v in m.items() if k in keep}))
     # The end token then comes from tokenizer_config.json, the image settings from
     # preprocessor_config.json.

@@ -145,12 +145,19 @@ def test_gpu_export_on_a_missing_provider_names_the_package(exports):
 
 
 def test_kv_cache_stays_in_ort_values_between_steps(answers, eval_samples):
-    """The gpu path binds presents as OrtValues on the provider's device; on CPU the same code
-    runs, and a decode step's past is the previous step's present, never copied to numpy."""
+    """The gpu path binds the KV buffers as OrtValues on the provider's device; on CPU the same
+    code runs: each step writes its keys and values into the buffers it was given, in place, and
+    hands back those same OrtValues (never a numpy copy)."""
     vlm = answers["gpu"][0]
+    assert vlm.info.decoder == "builder"
     embeds = vlm._embed_ids(np.asarray([1, 2, 3], np.int64))
-    logits, past = vlm._decode(embeds, 0, vlm._empty_past())
-    assert all(isinstance(p, ort.OrtValue) for p in past)
-    assert past[0].shape()[2] == 3 and past[0].device_name() == "cpu"
+    cache = vlm._new_cache()
+    logits, past = vlm._decode(embeds, 0, cache)
+    assert past is cache and all(isinstance(p, ort.OrtValue) for p in past)
+    assert past[0].shape()[2] == vlm.info.context and past[0].device_name() == "cpu"
+    keys = past[0].numpy()  # (1, kv, context, hd): positions 0..2 written, 3 still empty
+    assert np.abs(keys[0, :, :3]).min() > 0 and not keys[0, :, 3:].any()
     _, past2 = vlm._decode(vlm._embed_ids(np.asarray([4], np.int64)), 3, past)
-    assert past2[0].shape()[2] == 4 and logits.ndim == 1 and np.isfinite(logits).all()
+    assert past2 is cache and np.abs(past2[0].numpy()[0, :, 3]).min() > 0
+    assert np.array_equal(past2[0].numpy()[0, :, :3], keys[0, :, :3])
+    assert logits.ndim == 1 and np.isfinite(logits).all()

@@ -1,0 +1,135 @@
+"""Which decoder an export writes, traced or built, and the built one's integers and files.
+
+`--decoder builder` (the default of the default and gpu profiles) writes the decoder graph from
+the weights (edgevlm.export.builder) for the text families the builder covers; any other text
+model falls back to the traced decoder, with the reason in the export summary and edgevlm.json.
+Named explicitly, a builder the model cannot take is a UserError instead. `--decoder traced` is
+torch.onnx over transformers' modules (edgevlm.export.graphs), the parity reference.
+
+A built int4/int8 decoder's integers are decided here once (edgevlm.export.builder.linear.plan)
+and, when validating, carried into the torch model, so parity compares the graph with a torch
+model that holds the very same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevlm.errors import UserError
+from edgevlm.export.source import QUANTIZED
+from edgevlm.runtime import contract
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 2048  # builder KV buffer positions when --max-context is not given
+DECODER = "decoder_model_merged"
+
+
+@dataclass(frozen=True)
+class DecoderChoice:
+    kind: str  # "traced" | "builder"
+    requested: str  # what the config asked for
+    reason: str | None = None  # why the builder was not used
+    max_context: int | None = None  # builder: KV buffer positions
+    activations: str = "fp32"  # builder: float type inside the graph and of the KV buffer
+    accuracy_level: int | None = None  # builder int4/int8: MatMulNBits accuracy_level
+
+
+def choose(config, model_config) -> DecoderChoice:
+    """The decoder `config` (ExportConfig) gets for `model_config` (a LlavaConfig)."""
+    from edgevlm.export.builder.linear import ACCURACY_LEVELS
+    from edgevlm.export.builder.spec import unsupported
+
+    if config.decoder_kind == "traced":
+        return DecoderChoice("traced", "traced")
+    tc = model_config.text_config
+    reason = unsupported(tc)
+    if reason is not None:
+        if config.decoder == "builder":  # asked for by name
+            raise UserError(f"--decoder builder: {reason}; export with --decoder traced")
+        log.warning("decoder: traced, not built (%s)", reason)
+        return DecoderChoice("traced", "builder", reason)
+    limit = tc.max_position_embeddings
+    context = config.max_context or min(limit, DEFAULT_CONTEXT)
+    if context > limit:
+        raise UserError(f"--max-context {context} is over the model's max_position_embeddings "
+                        f"{limit}; use at most {limit}")
+    precision = config.precision
+    activations = "fp16" if precision == "fp16" or config.profile == "gpu" else "fp32"
+    level = None
+    if precision in QUANTIZED:
+        level = (config.accuracy_level if config.accuracy_level is not None
+                 else ACCURACY_LEVELS[config.profile])
+    return DecoderChoice("builder", "builder", None, context, activations, level)
+
+
+def check_context(choice: DecoderChoice, ref) -> None:
+    """Validation runs a prompt and its answer through the KV buffer: they must fit."""
+    need = ref.input_ids.shape[1] + len(ref.tokens)
+    if choice.kind == "builder" and need > choice.max_context:
+        raise UserError(f"validation needs {need} positions (its prompt and {len(ref.tokens)} "
+                        f"new tokens) but --max-context is {choice.max_context}; give at least "
+                        f"--max-context {need}, or --no-validate")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A built quantized decoder's integers: {graph weight name: NBitsWeight}, and the names
+    rounded here (the rest are the checkpoint's own)."""
+
+    weights: dict
+    rounded: frozenset
+
+
+def plan(model, precision: str, block_size: int, checkpoint: dict | None) -> Plan:
+    from edgevlm.export.builder import linear
+    from edgevlm.export.graphs import wrapper
+
+    weights, rounded = linear.plan(wrapper(DECODER, model), precision, block_size, checkpoint)
+    return Plan(weights, frozenset(rounded))
+
+
+def carry(model, p: Plan) -> None:
+    """The torch model computes with the plan's integers from here on (see linear.carry)."""
+    from edgevlm.export.builder import linear
+    from edgevlm.export.graphs import wrapper
+
+    linear.carry(wrapper(DECODER, model), p.weights, set(p.rounded))
+
+
+def build(model, out: Path, precision: str, choice: DecoderChoice, p: Plan | None,
+          opset: int):
+    """Write onnx/decoder_model_merged{sfx}.onnx (+ _data); returns the BuiltDecoder."""
+    from edgevlm.export.builder.linear import Linears
+    from edgevlm.export.builder.model import FLOAT_TYPES, build_decoder
+    from edgevlm.export.graphs import wrapper
+
+    dtype = FLOAT_TYPES[choice.activations][0]
+    linears = Linears(dtype) if p is None else Linears(dtype, p.weights, choice.accuracy_level)
+    path = out / contract.graph_file(DECODER, precision)
+    return build_decoder(wrapper(DECODER, model), path, precision, choice.max_context, linears,
+                         choice.activations, max(opset, 17))
+
+
+def write_genai(model, built, out: Path, info: dict, profile: str) -> str:
+    """genai_config.json and its text-only graph (edgevlm.export.builder.genai)."""
+    from edgevlm.export.builder import genai
+
+    options = [{"cuda": {}}] if profile == "gpu" else []
+    path = genai.write(built, model.get_input_embeddings().weight, out, info, options)
+    return path.relative_to(out).as_posix()
+
+
+def manifest_entry(choice: DecoderChoice, built=None, genai_config: str | None = None) -> dict:
+    """edgevlm.json "decoder": what was written and why."""
+    entry = {"kind": choice.kind, "requested": choice.requested, "fallback_reason": choice.reason}
+    if built is not None:
+        entry.update(max_context=built.max_context, activations=built.activations,
+                     accuracy_level=built.accuracy_level, block_size=built.block_size,
+                     nodes=built.nodes, genai_config=genai_config,
+                     genai_graph=contract.genai_graph_file(built.precision)
+                     if genai_config else None)
+    return entry
+
