@@ -246,6 +246,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     model = loaded.model
     dims = text_dims(model.config)
     precisions = config.precisions()
+    choice = dec.choose(config, model.config)  # before minutes of validating and tracing
     checkpoint = ({} if source is None
                   else ckpt.checkpoint_weights(model, model_dir, precisions, source))
     shapes = rope = None
@@ -256,7 +257,6 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         shapes = mobile.static_shapes(model.config, config.max_context)
         rope = mobile.rope_table(model, shapes.context)
     ref = torch_reference(loaded, config.new_tokens) if config.validate else None
-    choice = dec.choose(config, model.config)
     if ref is not None:
         dec.check_context(choice, ref)
     plan = carried = None

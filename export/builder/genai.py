@@ -105,9 +105,10 @@ def config(built, export_dir: Path, info: dict, provider_options: list | None = 
     eos = info.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
     gen_type = {"llama": "llama", "qwen2": "qwen2"}[spec.model_type]
+    bos = {} if info.get("bos_token_id") is None else {"bos_token_id": info["bos_token_id"]}
     return {
         "model": {
-            "bos_token_id": info.get("bos_token_id"),
+            **bos,  # genai takes a number or nothing
             "context_length": built.max_context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai",

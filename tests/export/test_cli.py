@@ -33,3 +33,21 @@ def test_export_command_bad_input(teacher_dir, tmp_path):
     result = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path / "o"),
                                       "--block-size", "24"])
     assert isinstance(result.exception, UserError) and "power of two" in str(result.exception)
+
+
+def test_export_command_decoder_choice(teacher_dir, tmp_path):
+    """--decoder picks the graph; the summary says which, with the built one's size and the
+    parity of a built int4 decoder against torch carrying its integers."""
+    built = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path / "b"),
+                                     "--precision", "int4", "--max-context", "96", "--json"])
+    assert built.exit_code == 0, built.output
+    rows = json.loads(built.stdout)
+    assert rows["decoder"] == "builder (34 nodes, KV buffer 96, accuracy_level 4)"
+    assert rows["  decoder vs torch, same integers"].endswith("tokens 32/32")
+    assert "  as shipped (accuracy_level 4)" in rows
+    traced = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path / "t"),
+                                      "--decoder", "traced", "--no-validate", "--json"])
+    assert traced.exit_code == 0, traced.output
+    assert json.loads(traced.stdout)["decoder"] == "traced"
+    manifest = json.loads((tmp_path / "t" / contract.MANIFEST).read_text())
+    assert manifest["decoder"]["kind"] == "traced" and manifest["config"]["decoder"] == "traced"
