@@ -5,8 +5,10 @@ The builder's decoder (runtime/contract.py, builder_decoder_io) keeps its cache 
 `present.{i}.*` (IOBinding, on the provider's device), so GroupQueryAttention writes the new
 keys and values in place at positions start..start+S-1 and nothing is copied or reallocated from
 step to step; the attention mask of ones, (1, start + S), tells it how many positions are
-filled. The same calling convention serves the runtime (edgevlm.runtime.model) and the
-exporter's parity check.
+filled. The binding itself lives with the cache: the buffers and the logits output (one
+preallocated (1, 1, V) row) are bound once, and a step rebinds only its two small inputs, so the
+Python cost of a step does not grow with the number of layers. The same calling convention
+serves the runtime (edgevlm.runtime.model) and the exporter's parity check.
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ import onnxruntime as ort
 from edgevlm.runtime import contract
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class KVCache:
+    """The KV buffers of one generation (iterate or index for the OrtValues) and the IOBinding
+    that holds them as both past and present."""
+
+    def __init__(self, buffers: list, binding: ort.IOBinding, logits: ort.OrtValue):
+        self.buffers = buffers
+        self.binding = binding
+        self.logits = logits  # (1, 1, V) float32 on the CPU, rewritten by every pass
+
+    def __iter__(self):
+        return iter(self.buffers)
+
+    def __getitem__(self, i: int) -> ort.OrtValue:
+        return self.buffers[i]
+
+    def __len__(self) -> int:
+        return len(self.buffers)
 
 
 class SharedKV:
@@ -34,22 +55,28 @@ class SharedKV:
         _, heads, length, head_dim = first.shape
         assert all(isinstance(d, int) for d in (heads, head_dim)), "kv heads and head size fixed"
         self.shape = (1, heads, length, head_dim)  # length: symbolic until the buffer is made
+        self.vocab = session.get_outputs()[0].shape[-1]
 
-    def new_cache(self, max_context: int) -> list:
-        """Zeroed buffers of `max_context` positions, one per past input, on the device."""
+    def new_cache(self, max_context: int) -> KVCache:
+        """Zeroed buffers of `max_context` positions, one per past input, on the device, bound
+        as past and present."""
         zeros = np.zeros((1, self.shape[1], max_context, self.shape[3]), self.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(zeros.copy() if self.device == "cpu" else zeros,
-                                                 self.device, 0) for _ in self.past]
-
-    def decode(self, embeds: np.ndarray, start: int, cache: list) -> np.ndarray:
-        """One pass over `embeds` (1, S, D) at positions start..; returns the last position's
-        logits (1, 1, V) and leaves the new entries in `cache`."""
+        buffers = [ort.OrtValue.ortvalue_from_numpy(zeros.copy() if self.device == "cpu"
+                                                    else zeros, self.device, 0)
+                   for _ in self.past]
         binding = self.session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds.astype(self.embeds_dtype, copy=False))
-        binding.bind_cpu_input("attention_mask", np.ones((1, start + embeds.shape[1]), np.int64))
-        binding.bind_output("logits", "cpu")
-        for past, present, buffer in zip(self.past, self.present, cache, strict=True):
+        logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.vocab), np.float32))
+        binding.bind_ortvalue_output("logits", logits)
+        for past, present, buffer in zip(self.past, self.present, buffers, strict=True):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
+        return KVCache(buffers, binding, logits)
+
+    def decode(self, embeds: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
+        """One pass over `embeds` (1, S, D) at positions start..; returns the last position's
+        logits (1, 1, V), a copy, and leaves the new entries in `cache`."""
+        binding = cache.binding
+        binding.bind_cpu_input("inputs_embeds", embeds.astype(self.embeds_dtype, copy=False))
+        binding.bind_cpu_input("attention_mask", np.ones((1, start + embeds.shape[1]), np.int64))
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return cache.logits.numpy().copy()
