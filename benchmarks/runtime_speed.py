@@ -1,17 +1,23 @@
 """Decode rate, prefill, time to first token and peak memory of the edgevlm runtime against
 transformers and onnxruntime-genai, side by side on one machine.
 
-Two models, both with RANDOM weights (speed does not depend on the values; no accuracy is
-claimed here):
-  tiny-teacher  the preset (SigLIP 48 px -> 9 image tokens, Qwen2 decoder hidden 256; 4 layers
-                when the committed results were measured, 2 since)
-  llama-150m    a Llama-style decoder, vocab 32000, hidden 768, MLP 2048, 12 layers, 12 heads
-                (4 KV heads), with a SigLIP tower at 224 px (384 wide, 6 layers, 196 tokens)
+Models (--models, comma separated):
+  smollm2       the real SmolLM2-135M weights under a SigLIP tower (runs/smollm2-llava0, made by
+                benchmarks/smollm2.py; --smollm2-dir), 30 layers, vocab 49153, 196 image tokens
+  tiny-teacher  the preset with RANDOM weights (SigLIP 48 px -> 9 image tokens, Qwen2 decoder
+                hidden 256, 2 layers)
+  llama-150m    a Llama-style decoder with RANDOM weights, vocab 32000, hidden 768, MLP 2048, 12
+                layers, 12 heads (4 KV heads), SigLIP tower at 224 px (384 wide, 6 layers, 196
+                tokens)
+Speed does not depend on the weights' values; no accuracy is claimed here.
 Systems, each measured in its own fresh process (so peak RSS is its own):
   transformers  LlavaForConditionalGeneration.generate, fp32, eager attention (the reference)
-  ours fp32 / int8 / int4   edgevlm.runtime.VLM on `edgevlm export --precision ...`
-  ours int4 acc4   EXPERIMENT: the int4 export with accuracy_level=4 set on its MatMulNBits
-                nodes (int8 activations, what onnxruntime-genai's builder does on CPU)
+  ours fp32 / int8 / int4   edgevlm.runtime.VLM on `edgevlm export --precision ...`: the built
+                decoder (edgevlm.export.builder; int8/int4 MatMulNBits at accuracy_level 4)
+  ours int4 accuracy_level=0   the same with float activations (`--accuracy-level 0`): what int8
+                activations buy on this CPU
+  ours int4 traced   `--decoder traced`, the torch.onnx decoder the builder replaced
+  genai on our int4   onnxruntime-genai running our int4 export's genai_config.json
   genai int4    onnxruntime-genai on `python -m onnxruntime_genai.models.builder -i <the text
                 decoder saved as a causal LM> -o <dir> -p int4 -e cpu` (text only)
 Decode and prefill use the same text-only prompt of exactly 64 token ids and 32 new greedy
@@ -21,7 +27,8 @@ The decode bound is memory bandwidth (numpy copy of a 256 MB array, read + write
 second) / bytes read per token (decoder weights except the embedding table, which is read one
 row at a time, plus the fp32 KV cache at the mean decode position).
 
-  nice python benchmarks/runtime_speed.py [--workdir DIR] [--threads 2] [--repeats 3]
+  nice python benchmarks/runtime_speed.py [--models smollm2,llama-150m] [--workdir DIR]
+      [--threads 2] [--repeats 3]
 Writes benchmarks/results/runtime_speed.json and .md.
 """
 
@@ -32,7 +39,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -101,21 +107,6 @@ def build_genai(text_dir: Path, out: Path, threads: int) -> str | None:
     return None
 
 
-def int4_acc4_copy(export_dir: Path, out: Path) -> None:
-    """A copy of an int4 export whose decoder MatMulNBits nodes compute with int8 activations."""
-    import onnx
-
-    shutil.copytree(export_dir, out)
-    path = out / "onnx" / "decoder_model_merged_q4.onnx"
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", 4)])
-    onnx.save(model, str(path))
-
-
 def weight_bytes(graph: Path) -> tuple[int, int]:
     """Bytes of a graph's initializers that every decode step reads (all but Gather tables),
     and the graph's node count."""
@@ -182,33 +173,39 @@ def measure(spec: dict) -> dict:
 
 # -- the run ----------------------------------------------------------------------------------
 
-SYSTEMS = [  # label, worker kind, export precision (or graph variant)
+SYSTEMS = [  # label, worker kind, export variant (VARIANTS)
     ("transformers fp32 (eager)", "transformers", None),
     ("ours fp32", "ours", "fp32"),
     ("ours int8", "ours", "int8"),
     ("ours int4", "ours", "int4"),
-    ("ours int4 accuracy_level=4 (experiment)", "ours", "int4-acc4"),
+    ("ours int4 accuracy_level=0", "ours", "int4-acc0"),
+    ("ours int4 traced decoder", "ours", "int4-traced"),
+    ("onnxruntime-genai on our int4 export (text only)", "genai", "int4"),
     ("onnxruntime-genai int4 (text only)", "genai", None),
 ]
+VARIANTS = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
+            "int4": {"precision": "int4"},
+            "int4-acc0": {"precision": "int4", "accuracy_level": 0},
+            "int4-traced": {"precision": "int4", "decoder": "traced"}}
 
 
-def prepare(name: str, root: Path, threads: int) -> dict:
-    """Model folder, exports, the acc4 variant, the genai model (or its error); built once."""
+def prepare(name: str, root: Path, threads: int, smollm2: Path) -> dict:
+    """Model folder, exports, the genai model (or its error); built once."""
     from edgevlm.export import ExportConfig, export
 
     d = root / name
-    paths = {"model": d / "model", "genai": d / "genai_int4", "genai_error": None}
+    paths = {"model": smollm2 if name == "smollm2" else d / "model", "genai": d / "genai_int4",
+             "genai_error": None}
     if not paths["model"].is_dir():
+        if name == "smollm2":
+            raise SystemExit(f"{smollm2} is missing; make it with benchmarks/smollm2.py")
         log(f"{name}: building the random model")
         build_model(name, paths["model"])
-    for p in ("fp32", "int8", "int4"):
-        paths[p] = d / f"export_{p}"
-        if not paths[p].is_dir():
-            log(f"{name}: edgevlm export --precision {p}")
-            export(paths["model"], paths[p], ExportConfig(precision=p, validate=False))
-    paths["int4-acc4"] = d / "export_int4_acc4"
-    if not paths["int4-acc4"].is_dir():
-        int4_acc4_copy(paths["int4"], paths["int4-acc4"])
+    for variant, kw in VARIANTS.items():
+        paths[variant] = d / f"export_{variant}"
+        if not paths[variant].is_dir():
+            log(f"{name}: edgevlm export {kw}")
+            export(paths["model"], paths[variant], ExportConfig(validate=False, **kw))
     if not (paths["genai"] / "genai_config.json").is_file():
         log(f"{name}: onnxruntime-genai builder, int4 cpu")
         if not (d / "text_only").is_dir():
@@ -225,13 +222,14 @@ def derive(rows: dict, paths: dict, kv_bytes: int, bw: float) -> None:
         if "error" in r:
             continue
         if kind == "ours":
-            graph = paths[variant] / "onnx" / {"fp32": "decoder_model_merged.onnx",
-                                               "int8": "decoder_model_merged_int8.onnx"}.get(
-                variant, "decoder_model_merged_q4.onnx")
+            manifest = json.loads((paths[variant] / "edgevlm.json").read_text())
+            graph = paths[variant] / manifest["components"]["decoder_model_merged"]["file"]
             r["weight_bytes_per_token"], r["graph_nodes"] = weight_bytes(graph)
         elif kind == "genai":
+            root = paths[variant] if variant else paths["genai"]
+            cfg = json.loads((root / "genai_config.json").read_text())
             r["weight_bytes_per_token"], r["graph_nodes"] = weight_bytes(
-                paths["genai"] / "model.onnx")
+                root / cfg["model"]["decoder"]["filename"])
         per_token = r["weight_bytes_per_token"] + kv_bytes
         r["bound_tokens_per_s"] = bw / per_token
         r["fraction_of_bound"] = r["decode_tokens_per_s"] / r["bound_tokens_per_s"]
@@ -267,9 +265,11 @@ def targets(rows: dict) -> list[str]:
     if "error" in genai:
         out.append("- NOT MEASURED: decode ≥ onnxruntime-genai int4 (genai failed)")
     else:
-        g = genai["decode_tokens_per_s"]
+        g, gp, p = genai["decode_tokens_per_s"], genai["prefill_ms"], ours["prefill_ms"]
         out.append(line(d >= g, f"decode ≥ onnxruntime-genai int4: {d:.1f} vs {g:.1f} tok/s "
                                 f"({d / g:.2f}x)"))
+        out.append(line(p <= gp, f"prefill of {PROMPT_TOKENS} tokens ≤ onnxruntime-genai's: "
+                                 f"{p:.1f} vs {gp:.1f} ms ({p / gp:.2f}x)"))
     out += [line(ours["x_decode"] >= 3, f"decode ≥ 3x transformers: {ours['x_decode']:.2f}x"),
             line(ours["x_ttft_image"] <= 0.5, f"TTFT with image ≤ 0.5x transformers: "
                  f"{ours['ttft_image_ms']:.1f} vs {ref['ttft_image_ms']:.1f} ms "
@@ -285,7 +285,8 @@ def markdown(results: dict) -> str:
     out = ["# Runtime speed", "", f"`{results['command']}` — {results['machine']['cpu']}, "
            f"{results['threads']} threads, bandwidth {bw['1'] / 1e9:.1f} GB/s (1 thread) / "
            f"{bw[str(results['threads'])] / 1e9:.1f} GB/s ({results['threads']} threads). "
-           f"Random weights; {PROMPT_TOKENS}-token text prompt, {NEW_TOKENS} new greedy tokens; "
+           f"smollm2: the real weights, the others random; {PROMPT_TOKENS}-token text "
+           f"prompt, {NEW_TOKENS} new greedy tokens; "
            "TTFT with image includes preprocessing and the vision encoder. × = ratio to "
            "transformers (decode: higher is better; the others: lower is better).", ""]
     for name, m in results["models"].items():
@@ -338,7 +339,9 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgevlm_runtime_speed"))
-    parser.add_argument("--models", default="tiny-teacher,llama-150m")
+    parser.add_argument("--models", default="smollm2,llama-150m")
+    parser.add_argument("--smollm2-dir", type=Path,
+                        default=Path(__file__).parents[1] / "runs" / "smollm2-llava0")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -360,7 +363,7 @@ def main() -> None:
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "bandwidth_bytes_per_s": bw, "models": {}}
     for name in args.models.split(","):
-        paths = prepare(name, args.workdir, args.threads)
+        paths = prepare(name, args.workdir, args.threads, args.smollm2_dir)
         text, ids = prompt_ids(paths["fp32"])
         cfg = json.loads((paths["model"] / "config.json").read_text())["text_config"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -368,15 +371,17 @@ def main() -> None:
                     * (PROMPT_TOKENS + NEW_TOKENS // 2))
         rows = {}
         for label, kind, variant in SYSTEMS:
-            if kind == "genai" and paths["genai_error"]:
+            if kind == "genai" and not variant and paths["genai_error"]:
                 rows[label] = {"error": paths["genai_error"]}
                 continue
             log(f"{name}: {label}")
             spec = {"kind": kind, "threads": args.threads, "repeats": args.repeats,
                     "ids": ids, "text": text, "question": QUESTION, "new_tokens": NEW_TOKENS,
                     "image": str(image), "model": str(paths["model"]),
-                    "export": str(paths.get(variant, "")), "genai": str(paths["genai"]),
-                    "precision": "int4" if variant == "int4-acc4" else variant}
+                    "export": str(paths.get(variant, "")),
+                    "genai": str(paths[variant] if kind == "genai" and variant
+                                 else paths["genai"]),
+                    "precision": VARIANTS[variant]["precision"] if variant else None}
             rows[label] = measure(spec)
         derive(rows, paths, kv_bytes, bw[str(args.threads)])
         results["models"][name] = {"text_config": cfg, "kv_bytes_per_token": kv_bytes,
