@@ -1,0 +1,123 @@
+"""The whole chain on the real LM: quantize, export, bench the trained SmolLM2-135M VQA model.
+
+    python benchmarks/smollm2_chain.py [--calib-samples 128]
+
+The subject is runs/smollm2-llava, the model `benchmarks/smollm2_vqa.py` trains (SmolLM2-135M
+under a SigLIP tower, 196 image tokens). Each step is the CLI command a user types, run as a
+subprocess and timed:
+
+  1. edgevlm quantize runs/smollm2-llava --out runs/smollm2-gptq4 --method gptq --bits 4
+         --symmetric --calib runs/shapes/train.json       (group 128: ragged on 576-wide layers)
+  2. edgevlm export runs/smollm2-gptq4 --out runs/smollm2-gptq4-onnx --precision int4
+         (the built decoder carrying the checkpoint's integers, validation on)
+  3. edgevlm export runs/smollm2-llava --out runs/smollm2-int4-onnx --precision int4
+         (the float model, rounded to nearest by the exporter: the no-calibration baseline)
+  4. edgevlm eval MODEL --text runs/pydoc.txt   for the float model and the GPTQ checkpoint
+         (perplexity needs every position's logits; a built decoder returns only the last)
+  5. edgevlm bench <the four> --data runs/shapes/eval.json --max-new-tokens 8
+         (accuracy on the 300 held-out questions, TTFT, decode rate, disk, peak RSS)
+
+Writes benchmarks/results/smollm2_chain.json (and the bench report beside it, smollm2_chain/).
+A rerun skips the folders that exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(cmd: list[str], out: Path | None) -> float | None:
+    """Run one CLI command unless its output folder exists; seconds taken (None if skipped)."""
+    if out is not None and out.exists():
+        print(f"skip (exists): {shlex.join(cmd)}", flush=True)
+        return None
+    print(f"+ {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t0
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=Path, default=Path("runs"))
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="Folder for the results")
+    args = ap.parse_args()
+    results = args.results
+    r = args.runs
+    model, data, text = r / "smollm2-llava", r / "shapes", r / "pydoc.txt"
+    if not model.is_dir():
+        raise SystemExit(f"{model} is missing; train it with benchmarks/smollm2_vqa.py")
+    gptq, gptq_onnx = r / "smollm2-gptq4", r / "smollm2-gptq4-onnx"
+    rtn_onnx = r / "smollm2-int4-onnx"
+    path = results / "smollm2_chain.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["command"] = f"python benchmarks/smollm2_chain.py --calib-samples {args.calib_samples}"
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    steps = {
+        "quantize": ([
+            "edgevlm", "quantize", str(model), "--out", str(gptq), "--method", "gptq",
+            "--bits", "4", "--symmetric", "--calib", str(data / "train.json"),
+            "--calib-samples", str(args.calib_samples), "--quiet"], gptq),
+        "export_gptq": ([
+            "edgevlm", "export", str(gptq), "--out", str(gptq_onnx), "--precision", "int4",
+            "--quiet"], gptq_onnx),
+        "export_float_int4": ([
+            "edgevlm", "export", str(model), "--out", str(rtn_onnx), "--precision", "int4",
+            "--quiet"], rtn_onnx),
+    }
+    for name, (cmd, out) in steps.items():
+        seconds = run(cmd, out)
+        if seconds is not None:
+            result[name] = {"command": shlex.join(cmd), "seconds": seconds}
+            save()
+    result["quant_report"] = json.loads((gptq / "quant_report.json").read_text())
+    for name, out in (("export_gptq", gptq_onnx), ("export_float_int4", rtn_onnx)):
+        manifest = json.loads((out / "edgevlm.json").read_text())
+        result.setdefault(name, {})["parity"] = manifest.get("parity")
+        result[name]["decoder"] = manifest.get("decoder")
+    save()
+
+    for name, folder in (("float", model), ("gptq4", gptq)):
+        key = f"perplexity_{name}"
+        if key in result:
+            continue
+        out = results / f".ppl_{name}.json"
+        cmd = ["edgevlm", "eval", str(folder), "--text", str(text), "--quiet", "--json", str(out)]
+        seconds = run(cmd, None)
+        result[key] = {**json.loads(out.read_text())["perplexity"], "seconds": seconds,
+                       "command": shlex.join(cmd)}
+        out.unlink()
+        save()
+
+    report = results / "smollm2_chain"
+    if "bench" not in result:
+        cmd = ["edgevlm", "bench", str(model), str(gptq), str(gptq_onnx), str(rtn_onnx),
+               "--data", str(data / "eval.json"), "--max-new-tokens", "8",
+               "--threads", str(args.threads), "--report", str(report), "--quiet"]
+        seconds = run(cmd, None)
+        bench = json.loads((report / "bench.json").read_text())
+        result["bench"] = {"command": shlex.join(cmd), "seconds": seconds, "targets": [
+            {k: t.get(k) for k in ("name", "backend", "precision", "accuracy", "per_type",
+                                   "ttft_s", "decode_tokens_per_s", "disk_bytes",
+                                   "peak_rss_bytes", "n_prompt_tokens")}
+            for t in bench["targets"]]}
+        save()
+    print(json.dumps({k: v for k, v in result.items() if k != "quant_report"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
