@@ -120,3 +120,21 @@ def test_group_size_is_a_power_of_two_of_at_least_16(group_size):
     with pytest.raises(UserError, match=r"QuantConfig\.gptq_block=128 .*multiple of the group "
                                         r"size, e.g\. 256"):
         QuantConfig(group_size=256)
+
+
+def test_batch_entropy_equals_per_sample_histograms():
+    """calibrate.batch_entropy (one bincount for the batch) gives each sample's own 256-bin
+    entropy over its real tokens, as the per-sample histc loop did; a constant sample is 0."""
+    from edgevlm.quant.calibrate import batch_entropy, entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 16, generator=g) * torch.tensor([1.0, 3.0, 0.1, 1.0])[:, None, None]
+    x[3] = 2.5  # constant sample
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[0, 5:] = False  # padding is left out
+    mask[1, :2] = False
+    got = batch_entropy(x, mask)
+    want = [entropy(x[b][mask[b]]) for b in range(4)]
+    assert got[3] == 0.0 and want[3] == 0.0
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (got, want)
+    assert min(got[:3]) > 5.0  # 16·5+ values spread over most of 256 bins
