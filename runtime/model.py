@@ -174,23 +174,27 @@ class VLM:
 
     def generate(self, image, prompt: str | Sequence[dict], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None
-                 ) -> GenerationResult:
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 min_new_tokens: int = 0) -> GenerationResult:
         """Answer `prompt` (a question, or chat messages) about `image` (path, PIL image, uint8
-        array, or None for text only). temperature 0 is greedy."""
-        stream = self.stream(image, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        array, or None for text only). temperature 0 is greedy; end-of-sequence is not picked
+        before `min_new_tokens` tokens (a fixed-length run, as for a benchmark)."""
+        stream = self.stream(image, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                             min_new_tokens)
         for _ in stream:
             pass
         return stream.result
 
     def stream(self, image, prompt: str | Sequence[dict], max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None, stop: str | Sequence[str] | None = None) -> Stream:
+               seed: int | None = None, stop: str | Sequence[str] | None = None,
+               min_new_tokens: int = 0) -> Stream:
         """Like `generate`, yielding text pieces as tokens arrive; bad input fails here, before
         the first piece."""
         t0 = time.perf_counter()
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed,
-                               (stop,) if isinstance(stop, str) else tuple(stop or ()))
+                               (stop,) if isinstance(stop, str) else tuple(stop or ()),
+                               min_new_tokens)
         prepared = self._prepare(image, prompt, t0)
         return Stream(self._steps(prepared, cfg))
 
@@ -319,6 +323,8 @@ class VLM:
         ids, pieces, finish, ttft, steps = [], [], "length", 0.0, 0
         t_decode = time.perf_counter()
         while True:
+            if len(ids) < cfg.min_new_tokens:
+                logits[list(self.info.eos_token_ids)] = -np.inf  # (V,), this call's own copy
             token = pick_token(logits, cfg, rng)
             if not ids:
                 ttft = time.perf_counter() - p.t0

@@ -25,6 +25,8 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    min_new_tokens: int = 0  # end-of-sequence ids are never picked before this many tokens
+    # (transformers' `min_new_tokens`, onnxruntime-genai's `min_length` less the prompt)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -35,6 +37,10 @@ class GenerationConfig:
             raise UserError(f"top_p={self.top_p!r} must be in (0, 1] (1 keeps every token)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise UserError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
+        if not isinstance(self.min_new_tokens, int) or not \
+                0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserError(f"min_new_tokens={self.min_new_tokens!r} must be an integer from 0 "
+                            f"to max_new_tokens ({self.max_new_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError(f"stop={self.stop!r} must be non-empty strings")
 

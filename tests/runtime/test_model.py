@@ -61,9 +61,21 @@ def test_end_of_sequence_stops(export_dir, tmp_path, eval_samples, vlm):
     m = json.loads((eos_dir / MANIFEST).read_text())
     (eos_dir / MANIFEST).write_text(json.dumps({**m, "eos_token_id": [m["eos_token_id"],
                                                                       full[3]]}))
-    out = VLM.load(eos_dir).generate(s.image, s.question, max_new_tokens=NEW_TOKENS)
+    eos_vlm = VLM.load(eos_dir)
+    out = eos_vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS)
     assert out.finish_reason == "eos"
     assert out.token_ids == full[: full.index(full[3])]
+    # min_new_tokens keeps end-of-sequence out of the first N picks: exactly N tokens, none of
+    # them an end-of-sequence id, the same prefix as before.
+    stop = full.index(full[3])
+    forced = eos_vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS)
+    assert len(forced.token_ids) == NEW_TOKENS and forced.finish_reason == "length"
+    assert forced.token_ids[:stop] == full[:stop]
+    assert full[3] not in forced.token_ids
+    with pytest.raises(UserError, match="min_new_tokens=11 must be an integer from 0 to "
+                                        "max_new_tokens"):
+        eos_vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS, min_new_tokens=11)
 
 
 def test_plain_prompt_gets_the_image_part(vlm, eval_samples, torch_reference):
