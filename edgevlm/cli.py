@@ -272,7 +272,9 @@ def export_(
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int4: the decoder, "
                                             "and the other components unless set below "
                                             "(default: the profile's)"),
-    vision_precision: Optional[str] = typer.Option(None, help="Vision encoder precision"),
+    vision_precision: Optional[str] = typer.Option(
+        None, help="Vision encoder precision (default: --precision's; int8 under --precision "
+        "int4, the faster kernel on CPU, unless the checkpoint quantized its vision layers)"),
     embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
     block_size: Optional[int] = typer.Option(None, help="int4: input channels per scale and "
                                              "zero point (default: the checkpoint's group "

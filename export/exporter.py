@@ -58,6 +58,11 @@ MOBILE_PRECISIONS = ("fp16",)  # what NNAPI and CoreML run without CPU fallback 
 # The decoder each profile writes when --decoder is not given (edgevlm.export.decoder): built from
 # the weights with onnxruntime's fused ops, except on mobile, whose static graphs are traced.
 PROFILE_DECODERS = {"default": "builder", "mobile": "traced", "gpu": "builder"}
+# The vision encoder of a `--precision int4` export when --vision-precision is not given: int8
+# (MatMulInteger) runs the SigLIP-224 tower of the SmolLM2 LLaVA in 4.2 ms against 12.1 ms as
+# int4 MatMulNBits on this AVX2 CPU (benchmarks/results/runtime_speed.json, "vision"), and rounds
+# less. A checkpoint that quantized its vision layers to 4 bits keeps them (its own integers).
+INT4_VISION = "int8"
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,10 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
+    if (config.precision == "int4" and config.vision_precision is None
+            and config.profile == "default"
+            and not (source is not None and ckpt.quantized_vision(model_dir))):
+        config = replace(config, vision_precision=INT4_VISION)
     check_new(out, config.overwrite)  # before minutes of loading and tracing
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
     # traced from, and validated against, the model its integers define.

@@ -59,6 +59,18 @@ def check_source(model_dir: Path) -> Source | None:
                     "--symmetric` writes, or the unquantized model")
 
 
+def quantized_vision(model_dir: Path) -> bool:
+    """Whether the checkpoint holds packed integers for vision-tower layers (`quantize
+    --quantize-vision`); read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            if any("vision_tower" in k and k.endswith("weight_packed") for k in h.keys()):
+                return True
+    return False
+
+
 def block_size(config, group: int | None, model_dir: Path) -> int:
     """The int4 block size: the checkpoint's group size, else --block-size or the default."""
     if group is None:

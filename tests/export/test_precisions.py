@@ -109,3 +109,18 @@ def test_quantized_ops(exported):
         assert manifest["components"][component]["float_weights"] == list(want)
     assert manifest["int4_source"] == ("rtn" if cfg.precision == "int4" else None)
     assert manifest["config"]["block_size"] == 32
+
+
+def test_int4_takes_the_faster_int8_vision_encoder(teacher_dir, tmp_path):
+    """`--precision int4` without --vision-precision writes an int8 vision encoder (the faster
+    kernel on CPU, runtime_speed.json); an explicit --vision-precision int4 is kept."""
+    plain = export(teacher_dir, tmp_path / "plain", ExportConfig(precision="int4", validate=False))
+    manifest = json.loads((plain.out_dir / "edgevlm.json").read_text())
+    got = {c: v["precision"] for c, v in manifest["components"].items()}
+    assert got == {"vision_encoder": "int8", "embed_tokens": "int4", DECODER: "int4"}
+    assert "MatMulInteger" in _ops(plain.out_dir / plain.components["vision_encoder"].file) or \
+        "DynamicQuantizeMatMul" in _ops(plain.out_dir / plain.components["vision_encoder"].file)
+    asked = export(teacher_dir, tmp_path / "asked",
+                   ExportConfig(precision="int4", vision_precision="int4", validate=False))
+    assert asked.components["vision_encoder"].precision == "int4"
+    assert "MatMulNBits" in _ops(asked.out_dir / asked.components["vision_encoder"].file)
