@@ -121,6 +121,11 @@ def _graphs(root: Path, manifest: dict, precision: str | None) -> tuple[str, dic
                             f"{', '.join(PRECISIONS)}")
         graphs = {c: root / graph_file(c, precision) for c in COMPONENTS}
         missing = [p for p in graphs.values() if not p.is_file()]
+        decoder = (manifest.get("components") or {}).get("decoder_model_merged")
+        if missing and isinstance(decoder, dict) and decoder.get("precision") == precision:
+            # the export as written, e.g. `--precision int4`'s int8 vision encoder beside the
+            # int4 decoder: asking for its decoder's precision asks for it
+            return _graphs(root, manifest, None)
         if missing:
             have = [p for p in PRECISIONS
                     if all((root / graph_file(c, p)).is_file() for c in COMPONENTS)]

@@ -263,3 +263,17 @@ def test_manifest_fallbacks(export_dir, tmp_path, eval_samples):
     b = VLM.load(export_dir).generate(s.image, s.question, max_new_tokens=4)
     assert a.token_ids == b.token_ids
     assert np.isfinite(a.timings.total_s)
+
+
+def test_precision_of_a_mixed_export_means_its_decoder(model_dir, tmp_path):
+    """`--precision int4` writes an int8 vision encoder beside the int4 decoder; asking the
+    runtime for int4 loads that export as written, another precision names what is there."""
+    from edgevlm.export import ExportConfig, export
+
+    out = export(model_dir, tmp_path / "q4", ExportConfig(precision="int4", validate=False))
+    vlm = VLM.load(out.out_dir, provider="cpu", precision="int4")
+    assert vlm.info.graphs["vision_encoder"].name == "vision_encoder_int8.onnx"
+    assert vlm.info.graphs["decoder_model_merged"].name == "decoder_model_merged_q4.onnx"
+    assert vlm.info.precision == "mixed"
+    with pytest.raises(UserError, match="has no fp16 graphs"):
+        VLM.load(out.out_dir, provider="cpu", precision="fp16")
