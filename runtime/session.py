@@ -124,13 +124,19 @@ def resolve(provider: str) -> Provider:
     return Provider(provider, PROVIDERS[provider])
 
 
-def options(threads: int | None, provider: str = "cpu") -> ort.SessionOptions:
+def options(threads: int | None, provider: str = "cpu", spin: bool = True) -> ort.SessionOptions:
+    """Session options; `spin` False: the intra-op threads sleep as soon as a run ends instead of
+    spinning for more work, so a session that runs once between another's runs (the vision
+    encoder before prefill, the embedding before each decode step) does not take the cores the
+    next session's threads need."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: a user should not see ORT's provider chatter
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if provider == "dml":  # DirectML supports neither memory patterns nor parallel execution
         opts.enable_mem_pattern = False
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -138,7 +144,7 @@ def options(threads: int | None, provider: str = "cpu") -> ort.SessionOptions:
 
 
 def open_session(path: str | Path, provider: Provider, threads: int | None = None,
-                 strict: bool = True, trt: TensorrtConfig | None = None
+                 strict: bool = True, trt: TensorrtConfig | None = None, spin: bool = True
                  ) -> tuple[ort.InferenceSession, Provider]:
     """An InferenceSession on `provider` (CPU kept as fallback for ops the provider lacks) and
     the provider it really runs on. onnxruntime quietly drops a provider that fails to start
@@ -149,7 +155,8 @@ def open_session(path: str | Path, provider: Provider, threads: int | None = Non
         raise UserError(f"graph {path} is missing; re-run `edgevlm export` to rebuild the export")
     chain = provider_chain(provider, trt)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options(threads, provider.chosen),
+        session = ort.InferenceSession(str(path), sess_options=options(threads, provider.chosen,
+                                                                      spin),
                                        providers=chain)
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -53,3 +53,22 @@ def test_session_reports_the_provider_it_runs_on(export_dir):
     graph = export_dir / "onnx" / "embed_tokens.onnx"
     sess, used = session.open_session(graph, session.resolve("auto"), threads=1)
     assert used.ort_name == sess.get_providers()[0]
+
+
+def test_sessions_that_run_between_decoder_runs_do_not_spin(export_dir):
+    """The vision encoder and the embedding give the cores back when a run ends (their spinning
+    threads slowed the decoder's prefill by a fifth on SmolLM2); the decoder keeps spinning."""
+    from edgevlm.runtime import VLM
+
+    def spinning(opts) -> str | None:
+        try:
+            return opts.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # not set: onnxruntime's default, which spins
+            return None
+
+    assert spinning(session.options(2, spin=False)) == "0"
+    assert spinning(session.options(2)) is None
+    vlm = VLM.load(export_dir, provider="cpu", threads=2)
+    assert spinning(vlm._vision.get_session_options()) == "0"
+    assert spinning(vlm._embed.get_session_options()) == "0"
+    assert spinning(vlm._decoder.get_session_options()) is None
