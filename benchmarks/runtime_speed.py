@@ -16,19 +16,21 @@ Systems, each measured in its own fresh process (so peak RSS is its own):
                 decoder (edgevlm.export.builder; int8/int4 MatMulNBits at accuracy_level 4)
   ours int4 accuracy_level=0   the same with float activations (`--accuracy-level 0`): what int8
                 activations buy on this CPU
+  ours int4 block 128   `--block-size 128` (the default is 32): fewer scales per weight row
   ours int4 traced   `--decoder traced`, the torch.onnx decoder the builder replaced
   genai on our int4   onnxruntime-genai running our int4 export's genai_config.json
   genai int4    onnxruntime-genai on `python -m onnxruntime_genai.models.builder -i <the text
                 decoder saved as a causal LM> -o <dir> -p int4 -e cpu` (text only)
-Decode and prefill use the same text-only prompt of exactly 64 token ids and 32 new greedy
-tokens for every system; TTFT with image is the image + a short question, 1 new token,
+Decode and prefill use the same text-only prompt of exactly 64 token ids and exactly 32 new
+greedy tokens for every system (end-of-sequence held off: min_new_tokens / genai's min_length;
+llama-bench always generates its -n); TTFT with image is the image + a short question, 1 new token,
 preprocessing included (ours and transformers only). `threads` intra-op threads everywhere.
 The decode bound is memory bandwidth (numpy copy of a 256 MB array, read + write bytes per
 second) / bytes read per token (decoder weights except the embedding table, which is read one
 row at a time, plus the fp32 KV cache at the mean decode position).
 
   nice python benchmarks/runtime_speed.py [--models smollm2,llama-150m] [--workdir DIR]
-      [--threads 2] [--repeats 3]
+      [--threads 2] [--repeats 3] [--rounds 3] [--llama-cpp BIN_DIR]
 Writes benchmarks/results/runtime_speed.json and .md.
 """
 
@@ -46,7 +48,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 WORKER = Path(__file__).parent / "runtime_speed_worker.py"
-PROMPT_TOKENS, NEW_TOKENS = 64, 32
+# the script's own folder is on sys.path when it runs as `python benchmarks/runtime_speed.py`
+import runtime_speed_llamacpp as llamacpp  # noqa: E402
+from runtime_speed_report import NEW_TOKENS, PROMPT_TOKENS, markdown  # noqa: E402
+
 WORDS = "is the red circle left of the blue square or above a green triangle".split()
 QUESTION = "<image>\nWhat color is the shape in the middle of the picture?"
 
@@ -179,6 +184,7 @@ SYSTEMS = [  # label, worker kind, export variant (VARIANTS)
     ("ours int8", "ours", "int8"),
     ("ours int4", "ours", "int4"),
     ("ours int4 accuracy_level=0", "ours", "int4-acc0"),
+    ("ours int4 block 128", "ours", "int4-b128"),
     ("ours int4 traced decoder", "ours", "int4-traced"),
     ("onnxruntime-genai on our int4 export (text only)", "genai", "int4"),
     ("onnxruntime-genai int4 (text only)", "genai", None),
@@ -186,6 +192,7 @@ SYSTEMS = [  # label, worker kind, export variant (VARIANTS)
 VARIANTS = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
             "int4": {"precision": "int4"},
             "int4-acc0": {"precision": "int4", "accuracy_level": 0},
+            "int4-b128": {"precision": "int4", "block_size": 128},
             "int4-traced": {"precision": "int4", "decoder": "traced"}}
 
 
@@ -214,11 +221,32 @@ def prepare(name: str, root: Path, threads: int, smollm2: Path) -> dict:
     return paths
 
 
+TIMED = ("decode_tokens_per_s", "prefill_ms", "ttft_image_ms", "peak_rss")
+
+
+def combine(runs: list[dict]) -> dict:
+    """One row from a system's rounds: the median of each timed figure (each round's kept under
+    "rounds"), the rest from the first round; an error if any round failed."""
+    import statistics
+
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    row = dict(runs[0])
+    for key in TIMED:
+        values = [r[key] for r in runs]
+        if all(v is not None for v in values):
+            row[key] = statistics.median(values)
+    row["rounds"] = {key: [r[key] for r in runs] for key in TIMED}
+    return row
+
+
 def derive(rows: dict, paths: dict, kv_bytes: int, bw: float) -> None:
     """Weight bytes per token, the bandwidth bound and ratios to transformers, in place."""
     ref = rows["transformers fp32 (eager)"]
-    for label, kind, variant in SYSTEMS:
-        r = rows[label]
+    kinds = {label: (kind, variant) for label, kind, variant in SYSTEMS}
+    for label, r in rows.items():
+        kind, variant = kinds.get(label, ("llama.cpp", None))  # llama.cpp rows: bytes measured
         if "error" in r:
             continue
         if kind == "ours":
@@ -239,101 +267,12 @@ def derive(rows: dict, paths: dict, kv_bytes: int, bw: float) -> None:
             r["x_ttft_image"] = (r["ttft_image_ms"] / ref["ttft_image_ms"]
                                  if r["ttft_image_ms"] else None)
             r["x_peak_rss"] = r["peak_rss"] / ref["peak_rss"]
-            r["same_tokens_as_transformers"] = r["tokens"] == ref["tokens"]
+            r["same_tokens_as_transformers"] = (r["tokens"] == ref["tokens"]
+                                                if r["tokens"] is not None else None)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _f(v, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def targets(rows: dict) -> list[str]:
-    """The issue's targets for ours int4, each met or missed with the numbers."""
-    ours, ref = rows["ours int4"], rows["transformers fp32 (eager)"]
-    genai = rows["onnxruntime-genai int4 (text only)"]
-    if "error" in ours or "error" in ref:
-        return ["Targets: not evaluated (a system failed; see the table)."]
-
-    def line(ok: bool, what: str) -> str:
-        return f"- {'MET' if ok else 'MISSED'}: {what}"
-
-    d = ours["decode_tokens_per_s"]
-    out = ["Targets (ours int4):"]
-    if "error" in genai:
-        out.append("- NOT MEASURED: decode ≥ onnxruntime-genai int4 (genai failed)")
-    else:
-        g, gp, p = genai["decode_tokens_per_s"], genai["prefill_ms"], ours["prefill_ms"]
-        out.append(line(d >= g, f"decode ≥ onnxruntime-genai int4: {d:.1f} vs {g:.1f} tok/s "
-                                f"({d / g:.2f}x)"))
-        out.append(line(p <= gp, f"prefill of {PROMPT_TOKENS} tokens ≤ onnxruntime-genai's: "
-                                 f"{p:.1f} vs {gp:.1f} ms ({p / gp:.2f}x)"))
-    out += [line(ours["x_decode"] >= 3, f"decode ≥ 3x transformers: {ours['x_decode']:.2f}x"),
-            line(ours["x_ttft_image"] <= 0.5, f"TTFT with image ≤ 0.5x transformers: "
-                 f"{ours['ttft_image_ms']:.1f} vs {ref['ttft_image_ms']:.1f} ms "
-                 f"({ours['x_ttft_image']:.2f}x)"),
-            line(ours["x_peak_rss"] <= 0.5, f"peak RSS ≤ 0.5x transformers: "
-                 f"{ours['peak_rss'] / 1e6:.0f} vs {ref['peak_rss'] / 1e6:.0f} MB "
-                 f"({ours['x_peak_rss']:.2f}x)")]
-    return out
-
-
-def markdown(results: dict) -> str:
-    bw = results["bandwidth_bytes_per_s"]
-    out = ["# Runtime speed", "", f"`{results['command']}` — {results['machine']['cpu']}, "
-           f"{results['threads']} threads, bandwidth {bw['1'] / 1e9:.1f} GB/s (1 thread) / "
-           f"{bw[str(results['threads'])] / 1e9:.1f} GB/s ({results['threads']} threads). "
-           f"smollm2: the real weights, the others random; {PROMPT_TOKENS}-token text "
-           f"prompt, {NEW_TOKENS} new greedy tokens; "
-           "TTFT with image includes preprocessing and the vision encoder. × = ratio to "
-           "transformers (decode: higher is better; the others: lower is better).", ""]
-    for name, m in results["models"].items():
-        out += [f"## {name}", "", "| system | decode tok/s | × | prefill ms | × | TTFT image ms "
-                "| × | peak RSS MB | × | weights MB/token | bound tok/s | % of bound "
-                "| new tokens |", "|" + "---|" * 13]
-        for label, r in m["systems"].items():
-            if "error" in r:
-                out.append(f"| {label} | error: {r['error'][-300:].splitlines()[-1]} |")
-                continue
-            out.append(
-                f"| {label} | {r['decode_tokens_per_s']:.1f} | {_f(r.get('x_decode'), '.2f')} "
-                f"| {r['prefill_ms']:.1f} | {_f(r.get('x_prefill'), '.2f')} "
-                f"| {_f(r['ttft_image_ms'], '.1f')} | {_f(r.get('x_ttft_image'), '.2f')} "
-                f"| {r['peak_rss'] / 1e6:.0f} | {_f(r.get('x_peak_rss'), '.2f')} "
-                f"| {r['weight_bytes_per_token'] / 1e6:.1f} | {r['bound_tokens_per_s']:.0f} "
-                f"| {100 * r['fraction_of_bound']:.0f}% | {r['new_tokens']} |")
-        out += [""] + targets(m["systems"]) + ["", "Decode step, ours: the whole step against "
-                                                 "the decoder graph alone (plain session.run) "
-                                                 "and the embedding graph:", ""]
-        for label, r in m["systems"].items():
-            if "graph_nodes" in r and "decoder_graph_step_ms" in r:
-                other = r["step_ms"] - r["decoder_graph_step_ms"] - r["embed_graph_step_ms"]
-                out.append(f"- {label}: step {r['step_ms']:.2f} ms = decoder graph "
-                           f"{r['decoder_graph_step_ms']:.2f} + embed "
-                           f"{r['embed_graph_step_ms']:.2f} + other {other:.2f} ms; "
-                           f"{r['graph_nodes']} nodes in the decoder graph")
-            elif "graph_nodes" in r:
-                out.append(f"- {label}: {r['graph_nodes']} nodes in its graph")
-        out += ["", "onnxruntime profile (kernel time with profiling on, per run; nodes after "
-                "onnxruntime's graph optimizations):", ""]
-        for label, r in m["systems"].items():
-            if "profile_step" not in r:
-                continue
-            p = r["profile_step"]
-            mm = sum(v for k, v in p["by_op_ms"].items() if k.startswith(("MatMul", "Dynamic")))
-            out.append(f"- {label}, decode step: {p['kernel_ms']:.2f} ms in {p['nodes_run']} "
-                       f"nodes, of which MatMul-type {mm:.2f} ms; top ops "
-                       + ", ".join(f"{k} {v:.2f}" for k, v in p["by_op_ms"].items()))
-            if "profile_image_prefill" in r:
-                q, v = r["profile_image_prefill"], r["profile_vision"]
-                out.append(f"  image prefill ({q['tokens']} tokens): {q['kernel_ms']:.1f} ms, "
-                           f"LM head over every position {q['lm_head_ms']:.1f} ms; vision "
-                           f"encoder {v['kernel_ms']:.1f} ms; top ops "
-                           + ", ".join(f"{k} {x:.1f}" for k, x in q["by_op_ms"].items()))
-        out.append("")
-    return "\n".join(out)
 
 
 def main() -> None:
@@ -343,7 +282,11 @@ def main() -> None:
     parser.add_argument("--smollm2-dir", type=Path,
                         default=Path(__file__).parents[1] / "runs" / "smollm2-llava0")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per system per round")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over every system, "
+                        "interleaved; the table gives each figure's median over rounds")
+    parser.add_argument("--llama-cpp", type=Path, default=None, help="Folder holding llama-bench "
+                        "and llama-quantize (smollm2 only; see runtime_speed_llamacpp.py)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
@@ -359,7 +302,7 @@ def main() -> None:
     machine = machine_info()
     results = {"command": "nice " + shlex.join(["python", *sys.argv]),
                "machine": machine.__dict__, "python": platform.python_version(),
-               "threads": args.threads, "repeats": args.repeats,
+               "threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "bandwidth_bytes_per_s": bw, "models": {}}
     for name in args.models.split(","):
@@ -369,20 +312,35 @@ def main() -> None:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         kv_bytes = (2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
                     * (PROMPT_TOKENS + NEW_TOKENS // 2))
-        rows = {}
-        for label, kind, variant in SYSTEMS:
-            if kind == "genai" and not variant and paths["genai_error"]:
-                rows[label] = {"error": paths["genai_error"]}
-                continue
-            log(f"{name}: {label}")
-            spec = {"kind": kind, "threads": args.threads, "repeats": args.repeats,
-                    "ids": ids, "text": text, "question": QUESTION, "new_tokens": NEW_TOKENS,
-                    "image": str(image), "model": str(paths["model"]),
-                    "export": str(paths.get(variant, "")),
-                    "genai": str(paths[variant] if kind == "genai" and variant
-                                 else paths["genai"]),
-                    "precision": VARIANTS[variant]["precision"] if variant else None}
-            rows[label] = measure(spec)
+        ggufs = {}
+        if name == "smollm2":
+            ggufs = (llamacpp.prepare(args.llama_cpp, args.workdir) if args.llama_cpp else
+                     dict.fromkeys(llamacpp.TYPES, "not measured: pass --llama-cpp BIN_DIR"))
+        # Every system once per round, rounds in turn: this VM's speed drifts by tens of
+        # percent over minutes, and interleaving puts each system through the same drift.
+        rounds: dict[str, list[dict]] = {}
+        for k in range(args.rounds):
+            for label, kind, variant in SYSTEMS:
+                if kind == "genai" and not variant and paths["genai_error"]:
+                    rounds[label] = [{"error": paths["genai_error"]}]
+                    continue
+                log(f"{name}: round {k + 1}/{args.rounds}: {label}")
+                spec = {"kind": kind, "threads": args.threads, "repeats": args.repeats,
+                        "ids": ids, "text": text, "question": QUESTION,
+                        "new_tokens": NEW_TOKENS, "image": str(image),
+                        "model": str(paths["model"]), "export": str(paths.get(variant, "")),
+                        "genai": str(paths[variant] if kind == "genai" and variant
+                                     else paths["genai"]),
+                        "precision": VARIANTS[variant]["precision"] if variant else None}
+                rounds.setdefault(label, []).append(measure(spec))
+            for t, gguf in ggufs.items():
+                label = f"llama.cpp {t} (text only)"
+                log(f"{name}: round {k + 1}/{args.rounds}: {label}")
+                rounds.setdefault(label, []).append(
+                    {"error": gguf} if isinstance(gguf, str) else
+                    {**llamacpp.measure(args.llama_cpp, gguf, args.threads, PROMPT_TOKENS,
+                                        NEW_TOKENS, args.repeats), "new_tokens": NEW_TOKENS})
+        rows = {label: combine(runs) for label, runs in rounds.items()}
         derive(rows, paths, kv_bytes, bw[str(args.threads)])
         results["models"][name] = {"text_config": cfg, "kv_bytes_per_token": kv_bytes,
                                    "systems": rows}

@@ -104,7 +104,8 @@ def run_transformers(spec: dict) -> dict:
         with torch.inference_mode():
             t = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=spec["new_tokens"], do_sample=False,
+                                 max_new_tokens=spec["new_tokens"],
+                                 min_new_tokens=spec["new_tokens"], do_sample=False,
                                  streamer=clock)
         new = clock.times[1:]  # the first put is the prompt
         if i:
@@ -130,7 +131,8 @@ def run_ours(spec: dict) -> dict:
     vlm = target.vlm
     prefill, decode = [], []
     for i in range(spec["repeats"] + 1):
-        r = vlm.generate(None, spec["text"], max_new_tokens=spec["new_tokens"])
+        r = vlm.generate(None, spec["text"], max_new_tokens=spec["new_tokens"],
+                         min_new_tokens=spec["new_tokens"])
         assert r.timings.n_prompt_tokens == len(spec["ids"]), r.timings.n_prompt_tokens
         if i:
             prefill.append(r.timings.ttft_s - r.timings.preprocess_s)
@@ -187,6 +189,7 @@ def run_genai(spec: dict) -> dict:
     for i in range(spec["repeats"] + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(spec["ids"]) + spec["new_tokens"],
+                                  min_length=len(spec["ids"]) + spec["new_tokens"],
                                   do_sample=False)
         gen = og.Generator(model, params)
         t = time.perf_counter()
