@@ -14,8 +14,10 @@ subprocess and timed:
          (the float model, rounded to nearest by the exporter: the no-calibration baseline)
   4. edgevlm eval MODEL --text runs/pydoc.txt   for the float model and the GPTQ checkpoint
          (perplexity needs every position's logits; a built decoder returns only the last)
-  5. edgevlm bench <the four> --data runs/shapes/eval.json --max-new-tokens 8
-         (accuracy on the 300 held-out questions, TTFT, decode rate, disk, peak RSS)
+  5. edgevlm bench <the GPTQ checkpoint and the two exports> --data runs/shapes/eval.json
+         --max-new-tokens 8 (accuracy on the 300 held-out questions, TTFT, decode rate, disk,
+         peak RSS; with --bench-float the float torch model too: its accuracy is also in
+         smollm2_vqa.json, from the same greedy evaluation)
 
 Writes benchmarks/results/smollm2_chain.json (and the bench report beside it, smollm2_chain/).
 A rerun skips the folders that exist.
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS, help="Folder for the results")
+    ap.add_argument("--bench-float", action="store_true", help="bench the float torch model "
+                    "too (about 12 min more on 2 cores)")
     args = ap.parse_args()
     results = args.results
     r = args.runs
@@ -105,7 +109,9 @@ def main() -> None:
 
     report = results / "smollm2_chain"
     if "bench" not in result:
-        cmd = ["edgevlm", "bench", str(model), str(gptq), str(gptq_onnx), str(rtn_onnx),
+        targets = ([str(model)] if args.bench_float else []) + [str(gptq), str(gptq_onnx),
+                                                                 str(rtn_onnx)]
+        cmd = ["edgevlm", "bench", *targets,
                "--data", str(data / "eval.json"), "--max-new-tokens", "8",
                "--threads", str(args.threads), "--report", str(report), "--quiet"]
         seconds = run(cmd, None)
@@ -115,6 +121,13 @@ def main() -> None:
                                    "ttft_s", "decode_tokens_per_s", "disk_bytes",
                                    "peak_rss_bytes", "n_prompt_tokens")}
             for t in bench["targets"]]}
+        # The GPTQ checkpoint (torch) against its int4 export: answers identical in text.
+        by_path = {t["path"]: [p["prediction"] for p in t["predictions"]]
+                   for t in bench["targets"]}
+        a, b = by_path.get(str(gptq)), by_path.get(str(gptq_onnx))
+        if a and b:
+            result["bench"]["gptq_torch_vs_export_identical"] = sum(x == y for x, y in zip(a, b))
+            result["bench"]["compared"] = len(a)
         save()
     print(json.dumps({k: v for k, v in result.items() if k != "quant_report"}, indent=1))
 
