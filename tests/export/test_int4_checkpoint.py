@@ -187,7 +187,8 @@ def test_float_model_int4_with_ragged_blocks(ragged_model_dir, tmp_path):
     """Blocks of 64 over 96-wide layers: every MatMulNBits (and the embedding's
     GatherBlockQuantized) holds ceil(96/64) = 2 blocks per row, the second ragged, and the
     graphs equal torch carrying those same integers to float rounding."""
-    cfg = ExportConfig(precision="int4", block_size=64, new_tokens=16, decoder="traced")
+    cfg = ExportConfig(precision="int4", vision_precision="int4", block_size=64, new_tokens=16,
+                       decoder="traced")
     result = export(ragged_model_dir, tmp_path / "onnx", cfg)
     assert result.parity.passed, result.parity.failures
     manifest = json.loads((result.out_dir / contract.MANIFEST).read_text())

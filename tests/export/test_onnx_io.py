@@ -71,9 +71,13 @@ def test_gather_external_data(tmp_path):
     onnx.save_model(model, str(path), save_as_external_data=True,
                     all_tensors_to_one_file=False, size_threshold=0)
     assert len(list(tmp_path.iterdir())) == 3
+    before = _run(path, x)
     onnx_io.gather_external_data(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx_data"]
     onnx_io.check(path)
-    np.testing.assert_array_equal(_run(path, x), x @ numpy_helper.to_array(w1)
-                                  @ numpy_helper.to_array(w2))
+    # The same weights: a bit-identical output. (Against numpy only to float rounding: the CPU's
+    # MatMul kernel sums in its own order, AVX2 and AVX-512 differently.)
+    np.testing.assert_array_equal(_run(path, x), before)
+    np.testing.assert_allclose(before, x @ numpy_helper.to_array(w1)
+                               @ numpy_helper.to_array(w2), rtol=1e-5, atol=1e-5)
     assert onnx_io.graph_bytes(path) == sum(p.stat().st_size for p in tmp_path.iterdir())
