@@ -455,12 +455,23 @@ app.command()(run)
 app.command("bench")(bench_)
 
 
+def _close_process_group() -> None:
+    """Leave a torchrun / accelerate process group before the interpreter exits: gloo's threads
+    torn down at exit instead sometimes abort a rank ("terminate called without an active
+    exception", SIGABRT) after its work is done and saved."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for other commands
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     try:
         app()
     except UserError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":
