@@ -44,13 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 QVLM_MAX_BLOCK = 3
+# Weight-only settings asymmetric, as the committed tables were measured (quantize's default has
+# since become symmetric).
 SETTINGS = {  # name -> QuantConfig fields
-    "W4 g128": dict(bits=4, group_size=128),
-    "W3 g128": dict(bits=3, group_size=128),
-    "W4 g32": dict(bits=4, group_size=32),
-    "W2 g32": dict(bits=2, group_size=32),  # extra: harder than the list asks
+    "W4 g128": dict(bits=4, group_size=128, symmetric=False),
+    "W3 g128": dict(bits=3, group_size=128, symmetric=False),
+    "W4 g32": dict(bits=4, group_size=32, symmetric=False),
+    "W2 g32": dict(bits=2, group_size=32, symmetric=False),  # extra: harder than asked
     "W8A8": dict(bits=8, group_size=-1, symmetric=True, act_bits=8),
-    "W4A4 (simulated)": dict(bits=4, group_size=128, act_bits=4),
+    "W4A4 (simulated)": dict(bits=4, group_size=128, act_bits=4, symmetric=False),
 }
 ABLATION_SETTING = "W3 g128"
 ABLATIONS = {  # name -> Q-VLM fields on top of ABLATION_SETTING

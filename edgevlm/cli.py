@@ -230,8 +230,11 @@ def quantize_(
                                    "one group per row; where it does not divide every width "
                                    "the checkpoint holds the largest that does (see "
                                    "quant_report.json)"),
-    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric integers (no zero "
-                                   "point)"),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Symmetric integers "
+                                   "(no zero point; the default, as llm-compressor's W4A16, "
+                                   "which transformers loads with a plain from_pretrained) or "
+                                   "a zero point per group (loads with "
+                                   "CompressedTensorsConfig(dequantize=True))"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),

@@ -158,7 +158,7 @@ class QuantConfig:
     method: str = "qvlm"
     bits: int = 4
     group_size: int = 128
-    symmetric: bool = False
+    symmetric: bool = True  # llm-compressor's W4A16 scheme; plain from_pretrained loads it
     act_bits: int = 16  # 16 = weight-only
     calib_samples: int = 128
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly

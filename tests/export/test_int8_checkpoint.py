@@ -122,6 +122,7 @@ def test_checkpoint_precision_mismatch(ckpt, micro_model_dir, tmp_path):
 
 def test_asymmetric_8bit_is_refused(micro_model_dir, tmp_path):
     asym = tmp_path / "asym"
-    quantize(micro_model_dir, asym, QuantConfig(method="rtn", bits=8, group_size=-1))
+    quantize(micro_model_dir, asym, QuantConfig(method="rtn", bits=8, group_size=-1,
+                                                symmetric=False))
     with pytest.raises(UserError, match=r"an 8-bit one \(strategy channel, symmetric\)"):
         export(asym, tmp_path / "out", ExportConfig(precision="int8"))

@@ -91,6 +91,7 @@ def test_qvlm_group_clip_scores_the_ragged_group_on_its_own_columns():
     # Brute force over the ragged group's 32 columns and H block alone.
     Wg, Hg = W[:, 64:], H[64:, 64:]
     errs = torch.stack([torch.einsum("ni,ij,nj->n", d, Hg, d) for d in (
-        Wg - fake_quantize(Wg, choose_qparams(Wg, 4, -1, False, a)) for a in cfg.clip_grid)])
+        Wg - fake_quantize(Wg, choose_qparams(Wg, 4, -1, cfg.symmetric, a))
+        for a in cfg.clip_grid)])
     best = torch.tensor(cfg.clip_grid)[errs.argmin(0)]
     assert torch.equal(clip[:, 1], best)
