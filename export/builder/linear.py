@@ -98,7 +98,12 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
         elif isinstance(held, int8.Int8Weight):
             out[key] = from_int8(held, block_size)
         else:
-            out[key] = rtn(module.weight.detach(), bits, block_size)
+            # A layer a quantized checkpoint left in float (its skip list: the LM head) was kept
+            # there on purpose; 8 bits keeps that choice nearly lossless. Rounding SmolLM2's tied
+            # head to 4 bits cost a GPTQ checkpoint 11 of its 44.7 points on the shapes eval
+            # (benchmarks/results/smollm2_chain.json).
+            held_bits = 8 if checkpoint else bits
+            out[key] = rtn(module.weight.detach(), held_bits, block_size)
             rounded.add(key)
     return out, rounded
 

@@ -111,6 +111,7 @@ def test_gptq_integers_reach_matmulnbits_unchanged(gptq):
         np.testing.assert_array_equal(gs, scale, err_msg=name)
         np.testing.assert_array_equal(gz, zp, err_msg=name)
     assert set(graph) == set(layers) | {"lm_head"}  # lm_head: float there, rounded here
+    assert graph["lm_head"][3] == 8  # at 8 bits: the checkpoint kept it out of its 4 bits
 
 
 def test_gptq_graph_equals_torch_carrying_its_integers(gptq):
