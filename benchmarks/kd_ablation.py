@@ -54,7 +54,7 @@ def run_row(row, seed, args, work: Path) -> dict:
     """One (row, seed) run from the seed's fresh student; runs in a worker process."""
     import torch
 
-    from edgevlm.cli import _quiet_libraries
+    from edgevlm.cli_common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.distill.measure import teacher_kl
@@ -63,7 +63,7 @@ def run_row(row, seed, args, work: Path) -> dict:
     from edgevlm.models import load_model
 
     torch.set_num_threads(1)
-    _quiet_libraries()
+    quiet_libraries()
     steps = stage_steps(row, args.total_steps)
     cfg = DistillConfig(stages=tuple(steps), steps=args.total_steps,
                         **{f"{s}_steps": n for s, n in steps.items()},
@@ -155,12 +155,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Tiny everything: proves it runs")
     args = p.parse_args()
 
-    from edgevlm.cli import _quiet_libraries
+    from edgevlm.cli_common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill.stages import load_teacher
     from edgevlm.evaluate import evaluate
 
-    _quiet_libraries()
+    quiet_libraries()
     work = args.work or Path(tempfile.mkdtemp(prefix="kd_ablation_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.quick:

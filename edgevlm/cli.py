@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from edgevlm.cli_common import console, quiet_libraries, summary
 from edgevlm.cli_device import bench_, bench_table, run
+from edgevlm.cli_export import export_
 from edgevlm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, quantize, export and run vision-language models on devices.")
 data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
 
 IMAGE_ROOT_HELP = ("Folder the data file's image paths are relative to (default: the folder of "
                    "the JSON file)")
@@ -32,26 +31,6 @@ MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or 
                    "max_position_embeddings if smaller)")
 LONG_SAMPLES_HELP = ("A sample over --max-length: truncate (after its image tokens and first "
                      "prompt; skipped if even those do not fit) | skip")
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _summary(title: str, rows: dict, quiet: bool = False, as_json: bool = False) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=1, default=str))
-        return
-    if quiet:
-        return
-    table = Table(title=title, show_header=False)
-    for k, v in rows.items():
-        table.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console().print(table)
 
 
 @data_app.command("shapes")
@@ -74,7 +53,7 @@ def data_shapes(
         raise UserError("--train and --eval must be at least 1")
     with atomic_dir(out, overwrite) as tmp:
         s = shapes.generate(tmp, train, eval, seed, image_size, blank)
-    _summary("shapes", {"out": out, "pretrain": s.n_pretrain, "train": s.n_train,
+    summary("shapes", {"out": out, "pretrain": s.n_pretrain, "train": s.n_train,
                         "eval": s.n_eval}, quiet, as_json)
 
 
@@ -94,7 +73,7 @@ def data_pydoc(
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.rename(out)
-    _summary("pydoc", {"out": out, "characters": len(text)})
+    summary("pydoc", {"out": out, "characters": len(text)})
 
 
 @app.command()
@@ -117,13 +96,13 @@ def init(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create a LLaVA model with its tokenizer and processor: random, or around a pretrained LM."""
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm.models import create
 
     lm = create(out, preset, config, tokenizer_data, tokenizer_from, vocab_size, seed, overwrite,
                 vision_from, text_from)
     n = sum(p.numel() for p in lm.model.parameters())
-    _summary("init", {"out": out, "parameters": f"{n / 1e6:.2f}M",
+    summary("init", {"out": out, "parameters": f"{n / 1e6:.2f}M",
                       "vocab": lm.model.config.text_config.vocab_size,
                       "image tokens": lm.num_image_tokens}, quiet, as_json)
 
@@ -150,7 +129,7 @@ def train(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a model (pretrain or SFT); runs under `accelerate launch` unchanged."""
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm import train as training
     from edgevlm.data import load_samples
     from edgevlm.models import load_model
@@ -163,7 +142,7 @@ def train(
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
                           overwrite=overwrite, quiet=quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        _summary("train", {"out": out, "stage": stage, "samples": len(samples),
+        summary("train", {"out": out, "stage": stage, "samples": len(samples),
                            **_fit_rows(result.data), "steps": result.steps,
                            "resumed from": result.resumed_from, "final loss": result.final_loss,
                            "seconds": result.seconds}, quiet, as_json)
@@ -193,7 +172,7 @@ def eval_(
 ) -> None:
     """Greedy answers with the torch model, normalized exact match per question type; with
     --text, the language model's perplexity on real text (float or quantized checkpoints)."""
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm.data import load_samples
     from edgevlm.evaluate import evaluate
     from edgevlm.perplexity import perplexity, read_text
@@ -217,7 +196,7 @@ def eval_(
                      "  context": context})
     if json_out:
         json_out.write_text(json.dumps(out, indent=1))
-    _summary(f"eval {model}", rows, quiet)
+    summary(f"eval {model}", rows, quiet)
 
 
 @app.command("quantize")
@@ -252,7 +231,7 @@ def quantize_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Post-training quantization into a compressed-tensors checkpoint (+ quant_report.json)."""
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm.quant import QuantConfig, quantize
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
@@ -262,108 +241,13 @@ def quantize_(
                       act_order=act_order, seed=seed)
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
                  quiet=quiet or as_json)
-    _summary("quantize", {"out": r.out_dir, "method": r.method, "bits": bits,
+    summary("quantize", {"out": r.out_dir, "method": r.method, "bits": bits,
                           "group_size": r.report["group_size"], "layers": r.layers_quantized,
                           "blocks": r.blocks, "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
 
 
-@app.command("export")
-def export_(
-    model: Path = typer.Argument(..., help="Model folder (a LLaVA checkpoint)"),
-    out: Path = typer.Option(..., help="Export folder to create"),
-    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int4: the decoder, "
-                                            "and the other components unless set below "
-                                            "(default: the profile's)"),
-    vision_precision: Optional[str] = typer.Option(
-        None, help="Vision encoder precision (default: --precision's; int8 under --precision "
-        "int4, the faster kernel on CPU, unless the checkpoint quantized its vision layers)"),
-    embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
-    block_size: Optional[int] = typer.Option(None, help="int4: input channels per scale and "
-                                             "zero point (default: the checkpoint's group "
-                                             "size, else 32)"),
-    validate: bool = typer.Option(True, "--validate/--no-validate",
-                                  help="Check parity with the torch model before writing"),
-    external_data: bool = typer.Option(False, help="Always keep weights in <graph>.onnx_data "
-                                       "(default: only above 1 GB)"),
-    profile: str = typer.Option("default", help="default (fp32, dynamic shapes) | mobile (static "
-                                "shapes, NNAPI/CoreML ops, fp16, ORT format) | gpu (fp16 vision "
-                                "and embedding, int4 MatMulNBits decoder)"),
-    max_context: Optional[int] = typer.Option(None, help="Positions the KV cache holds, prompt "
-                                              "with image tokens plus answer: the mobile "
-                                              "profile's fixed cache (default: min(model limit, "
-                                              "1024)) or the builder decoder's KV buffer "
-                                              "(default: min(model limit, 2048))"),
-    decoder: Optional[str] = typer.Option(None, help="builder (the graph written from the "
-                                          "weights with onnxruntime's fused ops; Llama and Qwen2 "
-                                          "text models, others fall back to traced) | traced "
-                                          "(torch.onnx; the parity reference) (default: builder, "
-                                          "traced with --profile mobile)"),
-    accuracy_level: Optional[int] = typer.Option(None, help="Builder int4/int8: MatMulNBits "
-                                                 "accuracy_level, 0 float activations, 4 int8 "
-                                                 "(default: 4, 0 with --profile gpu)"),
-    overwrite: bool = typer.Option(False),
-    quiet: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Export a model to ONNX graphs (vision encoder, token embedding, decoder with KV cache)."""
-    _quiet_libraries()
-    from edgevlm.export import ExportConfig, export
-
-    cfg = ExportConfig(precision=precision, vision_precision=vision_precision,
-                       embed_precision=embed_precision, block_size=block_size, validate=validate,
-                       overwrite=overwrite, external_data=True if external_data else None,
-                       profile=profile, max_context=max_context, decoder=decoder,
-                       accuracy_level=accuracy_level)
-    result = export(model, out, cfg, quiet=quiet or as_json)
-    rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
-    for name, f in result.components.items():
-        rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
-    if result.parity is not None:
-        greedy = result.parity.greedy
-        rows["parity"] = "passed"
-        rows.update({f"  {name} max-abs": e.max_abs
-                     for name, e in result.parity.components.items()})
-        rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
-        check = result.parity.graph_check
-        if check is not None:  # a built int4/int8 decoder: gated on the same integers
-            rows["  decoder vs torch, same integers"] = (
-                f"max-abs {check.max_abs:.2g}, tokens {check.matching_steps}/{check.steps}")
-            rows[f"  as shipped (accuracy_level {check.shipped_accuracy_level})"] = (
-                f"max-abs {check.shipped_max_abs:.2g}, tokens "
-                f"{check.shipped_matching_steps}/{check.steps}")
-    rows["seconds"] = result.seconds
-    _summary("export", rows, quiet, as_json)
-    if result.readiness is not None and not as_json:
-        _readiness_table(result.readiness, quiet)
-
-
-def _decoder_row(decoder: dict | None) -> str:
-    """How the decoder was made, and why not built when it fell back."""
-    if not decoder:
-        return "traced"
-    if decoder["kind"] == "builder":
-        level = decoder.get("accuracy_level")
-        return (f"builder ({decoder['nodes']} nodes, KV buffer {decoder['max_context']}"
-                + (f", accuracy_level {level}" if level is not None else "") + ")")
-    reason = decoder.get("fallback_reason")
-    return f"traced ({reason})" if reason else "traced"
-
-
-def _readiness_table(readiness, quiet: bool) -> None:
-    """Share of nodes and partitions per provider, the figures stored in edgevlm.json."""
-    from edgevlm.export.readiness import EP_TITLES
-
-    if not quiet:
-        table = Table(title="mobile readiness (onnxruntime check_onnx_model_mobile_usability)")
-        table.add_column("component")
-        for title in EP_TITLES.values():
-            table.add_column(title, justify="right")
-        for component, eps in readiness.components.items():
-            table.add_row(component, *(f"{r.share:.0%} in {r.partitions}" for r in eps.values()))
-        console.print(table)
-    for miss in readiness.misses:
-        console.print(f"[yellow]target missed:[/yellow] {miss}", highlight=False)
+app.command("export")(export_)
 
 
 @app.command()
@@ -398,7 +282,7 @@ def distill(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Distill a teacher into a student (LLaVA-KD: DPT, SFT, DFT); runs under accelerate."""
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm.distill import DistillConfig
     from edgevlm.distill import distill as run_distill
 
@@ -421,7 +305,7 @@ def distill(
     if result.warnings:
         rows["warnings"] = "; ".join(result.warnings)
     rows["seconds"] = result.seconds
-    _summary("distill", rows, quiet, as_json)
+    summary("distill", rows, quiet, as_json)
 
 
 @app.command()
@@ -435,7 +319,7 @@ def demo(
 
     Rerunning resumes from the last finished stage.
     """
-    _quiet_libraries()
+    quiet_libraries()
     from edgevlm.demo import DemoConfig, run_demo
     from edgevlm.runtime.bench_report import load_report
 

@@ -1,0 +1,112 @@
+"""`edgevlm export`: ONNX graphs from a model folder, their parity, and the mobile readiness table.
+
+Kept apart from edgevlm.cli (its longest command and the helpers only it uses); edgevlm.cli
+registers it on the app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from edgevlm.cli_common import console, quiet_libraries, summary
+
+
+def export_(
+    model: Path = typer.Argument(..., help="Model folder (a LLaVA checkpoint)"),
+    out: Path = typer.Option(..., help="Export folder to create"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int4: the decoder, "
+                                            "and the other components unless set below "
+                                            "(default: the profile's)"),
+    vision_precision: Optional[str] = typer.Option(
+        None, help="Vision encoder precision (default: --precision's; int8 under --precision "
+        "int4, the faster kernel on CPU, unless the checkpoint quantized its vision layers)"),
+    embed_precision: Optional[str] = typer.Option(None, help="Token embedding precision"),
+    block_size: Optional[int] = typer.Option(None, help="int4: input channels per scale and "
+                                             "zero point (default: the checkpoint's group "
+                                             "size, else 32)"),
+    validate: bool = typer.Option(True, "--validate/--no-validate",
+                                  help="Check parity with the torch model before writing"),
+    external_data: bool = typer.Option(False, help="Always keep weights in <graph>.onnx_data "
+                                       "(default: only above 1 GB)"),
+    profile: str = typer.Option("default", help="default (fp32, dynamic shapes) | mobile (static "
+                                "shapes, NNAPI/CoreML ops, fp16, ORT format) | gpu (fp16 vision "
+                                "and embedding, int4 MatMulNBits decoder)"),
+    max_context: Optional[int] = typer.Option(None, help="Positions the KV cache holds, prompt "
+                                              "with image tokens plus answer: the mobile "
+                                              "profile's fixed cache (default: min(model limit, "
+                                              "1024)) or the builder decoder's KV buffer "
+                                              "(default: min(model limit, 2048))"),
+    decoder: Optional[str] = typer.Option(None, help="builder (the graph written from the "
+                                          "weights with onnxruntime's fused ops; Llama and Qwen2 "
+                                          "text models, others fall back to traced) | traced "
+                                          "(torch.onnx; the parity reference) (default: builder, "
+                                          "traced with --profile mobile)"),
+    accuracy_level: Optional[int] = typer.Option(None, help="Builder int4/int8: MatMulNBits "
+                                                 "accuracy_level, 0 float activations, 4 int8 "
+                                                 "(default: 4, 0 with --profile gpu)"),
+    overwrite: bool = typer.Option(False),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a model to ONNX graphs (vision encoder, token embedding, decoder with KV cache)."""
+    quiet_libraries()
+    from edgevlm.export import ExportConfig, export
+
+    cfg = ExportConfig(precision=precision, vision_precision=vision_precision,
+                       embed_precision=embed_precision, block_size=block_size, validate=validate,
+                       overwrite=overwrite, external_data=True if external_data else None,
+                       profile=profile, max_context=max_context, decoder=decoder,
+                       accuracy_level=accuracy_level)
+    result = export(model, out, cfg, quiet=quiet or as_json)
+    rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
+    for name, f in result.components.items():
+        rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
+    if result.parity is not None:
+        greedy = result.parity.greedy
+        rows["parity"] = "passed"
+        rows.update({f"  {name} max-abs": e.max_abs
+                     for name, e in result.parity.components.items()})
+        rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
+        check = result.parity.graph_check
+        if check is not None:  # a built int4/int8 decoder: gated on the same integers
+            rows["  decoder vs torch, same integers"] = (
+                f"max-abs {check.max_abs:.2g}, tokens {check.matching_steps}/{check.steps}")
+            rows[f"  as shipped (accuracy_level {check.shipped_accuracy_level})"] = (
+                f"max-abs {check.shipped_max_abs:.2g}, tokens "
+                f"{check.shipped_matching_steps}/{check.steps}")
+    rows["seconds"] = result.seconds
+    summary("export", rows, quiet, as_json)
+    if result.readiness is not None and not as_json:
+        _readiness_table(result.readiness, quiet)
+
+
+def _decoder_row(decoder: dict | None) -> str:
+    """How the decoder was made, and why not built when it fell back."""
+    if not decoder:
+        return "traced"
+    if decoder["kind"] == "builder":
+        level = decoder.get("accuracy_level")
+        return (f"builder ({decoder['nodes']} nodes, KV buffer {decoder['max_context']}"
+                + (f", accuracy_level {level}" if level is not None else "") + ")")
+    reason = decoder.get("fallback_reason")
+    return f"traced ({reason})" if reason else "traced"
+
+
+def _readiness_table(readiness, quiet: bool) -> None:
+    """Share of nodes and partitions per provider, the figures stored in edgevlm.json."""
+    from edgevlm.export.readiness import EP_TITLES
+
+    if not quiet:
+        table = Table(title="mobile readiness (onnxruntime check_onnx_model_mobile_usability)")
+        table.add_column("component")
+        for title in EP_TITLES.values():
+            table.add_column(title, justify="right")
+        for component, eps in readiness.components.items():
+            table.add_row(component, *(f"{r.share:.0%} in {r.partitions}" for r in eps.values()))
+        console.print(table)
+    for miss in readiness.misses:
+        console.print(f"[yellow]target missed:[/yellow] {miss}", highlight=False)
