@@ -3,6 +3,8 @@ met or missed with their numbers."""
 
 from __future__ import annotations
 
+import statistics
+
 PROMPT_TOKENS, NEW_TOKENS = 64, 32
 
 
@@ -22,7 +24,7 @@ def _paired(a: dict, b: dict) -> str:
     if len(x) < 2 or len(x) != len(y):
         return ""
     r = sorted(u / v for u, v in zip(x, y))
-    return f"; per round {', '.join(f'{v:.2f}' for v in r)}, median {r[len(r) // 2]:.2f}x"
+    return f"; per round {', '.join(f'{v:.2f}' for v in r)}, median {statistics.median(r):.2f}x"
 
 
 def targets(rows: dict) -> list[str]:
@@ -58,8 +60,7 @@ def targets(rows: dict) -> list[str]:
         q, qp = q4["decode_tokens_per_s"], q4["prefill_ms"]
         out.append(line(d >= q, f"(goal) decode ≥ llama.cpp Q4_0: {d:.1f} vs {q:.1f} tok/s "
                                 f"({d / q:.2f}x){_paired(ours, q4)}; prefill {p:.1f} vs "
-                                f"{qp:.1f} ms "
-                                f"({p / qp:.2f}x)"))
+                                f"{qp:.1f} ms ({p / qp:.2f}x)"))
     out += [line(ours["x_decode"] >= 3, f"decode ≥ 3x transformers: {ours['x_decode']:.2f}x"),
             line(ours["x_ttft_image"] <= 0.5, f"TTFT with image ≤ 0.5x transformers: "
                  f"{ours['ttft_image_ms']:.1f} vs {ref['ttft_image_ms']:.1f} ms "

@@ -16,8 +16,9 @@ subprocess and timed:
          (perplexity needs every position's logits; a built decoder returns only the last)
   5. edgevlm bench <the GPTQ checkpoint and the two exports> --data runs/shapes/eval.json
          --max-new-tokens 8 (accuracy on the 300 held-out questions, TTFT, decode rate, disk,
-         peak RSS; with --bench-float the float torch model too: its accuracy is also in
-         smollm2_vqa.json, from the same greedy evaluation)
+         peak RSS; with --bench-float the float torch model too. smollm2_vqa.json holds the
+         float accuracy of the run that wrote it; a retrained model is not bit-identical on CPU,
+         so bench it here)
 
 Writes benchmarks/results/smollm2_chain.json (and the bench report beside it, smollm2_chain/).
 A rerun skips the folders that exist.

@@ -7,7 +7,8 @@ The integers of every quantized layer are decided once, before the graph is writ
 {graph weight name: NBitsWeight}: a quantized checkpoint's own integers where it has them
 (edgevlm.export.source, unchanged), and round-to-nearest through edgevlm.quant.primitives
 (choose_qparams / quantize, asymmetric, one scale and zero point per block of `block_size` input
-channels) for the rest. `carry` then puts exactly those integers, dequantized, into the torch
+channels) for the rest, at 8 bits where a checkpoint left the layer in float (its LM head).
+`carry` then puts exactly those integers, dequantized, into the torch
 model, which is the reference the graph is validated against: the check is of the graph, not of
 the rounding.
 
@@ -102,8 +103,7 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
             # there on purpose; 8 bits keeps that choice nearly lossless. Rounding SmolLM2's tied
             # head to 4 bits cost a GPTQ checkpoint 11 of its 44.7 points on the shapes eval
             # (benchmarks/results/smollm2_chain.json).
-            held_bits = 8 if checkpoint else bits
-            out[key] = rtn(module.weight.detach(), held_bits, block_size)
+            out[key] = rtn(module.weight.detach(), 8 if checkpoint else bits, block_size)
             rounded.add(key)
     return out, rounded
 
