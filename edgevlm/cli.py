@@ -168,6 +168,7 @@ def eval_(
     max_new_tokens: int = typer.Option(16),
     image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write results to this file"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: CUDA when torch sees it)"),
     quiet: bool = typer.Option(False),
 ) -> None:
     """Greedy answers with the torch model, normalized exact match per question type; with
@@ -175,6 +176,7 @@ def eval_(
     quiet_libraries()
     from edgevlm.data import load_samples
     from edgevlm.evaluate import evaluate
+    from edgevlm.models import resolve_device
     from edgevlm.perplexity import perplexity, read_text
     from edgevlm.quant.act import load_for_eval
 
@@ -182,7 +184,7 @@ def eval_(
         raise UserError("give an evaluation DATA.json, --text FILE, or both")
     samples = load_samples(data, image_root)[:limit] if data is not None else None
     body = read_text(text) if text is not None else None  # bad input fails before the load
-    loaded = load_for_eval(model)
+    loaded = load_for_eval(model, resolve_device(device))
     out, rows = {}, {}
     if samples is not None:
         result = evaluate(loaded, samples, max_new_tokens, batch_size, quiet)
@@ -203,7 +205,7 @@ def eval_(
 def quantize_(
     model: Path = typer.Argument(..., help="Float model folder"),
     out: Path = typer.Option(..., help="Quantized model folder to create"),
-    method: str = typer.Option("qvlm", help="qvlm | gptq | rtn | nf4"),
+    method: str = typer.Option("qvlm", help="qvlm | gptq | rtn"),
     bits: int = typer.Option(4, help="Weight bits, 2..8"),
     group_size: int = typer.Option(128, help="Power of two >= 16 (32 | 64 | 128 ...), or -1 for "
                                    "one group per row; where it does not divide every width "
@@ -220,11 +222,16 @@ def quantize_(
     calib_samples: int = typer.Option(128),
     max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
     partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
-    no_vision_opt: bool = typer.Option(False, "--no-vision-opt",
-                                       help="Q-VLM: skip the vision-side optimization"),
+    vision_opt: bool = typer.Option(True, "--vision-opt/--no-vision-opt",
+                                    help="Q-VLM: tune the projector and the tower's final norms "
+                                    "against the rounded decoder, kept only as far as held-out "
+                                    "calibration samples confirm"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
     seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: where each decoder block is "
+                               "searched (the model stays on the CPU; auto: CUDA when torch "
+                               "sees it)"),
     image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
@@ -237,11 +244,12 @@ def quantize_(
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                       act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
                       partition=partition,
-                      vision_opt=not no_vision_opt, quantize_vision=quantize_vision,
+                      vision_opt=vision_opt, quantize_vision=quantize_vision,
                       act_order=act_order, seed=seed)
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
-                 quiet=quiet or as_json)
-    summary("quantize", {"out": r.out_dir, "method": r.method, "bits": bits,
+                 quiet=quiet or as_json, device=device)
+    summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
+                          "bits": bits,
                           "group_size": r.report["group_size"], "layers": r.layers_quantized,
                           "blocks": r.blocks, "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)

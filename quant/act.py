@@ -114,7 +114,7 @@ def search_layer(layer, targets: dict[str, torch.nn.Linear], fp: dict[str, torch
 
     def visit(name: str, x: torch.Tensor) -> None:
         errs, ref = clip_errors(x, fp[name], targets[name].weight.detach(), bits, grid)
-        sums[name] += errs
+        sums[name] += errs.to(sums[name].device, torch.float64)
         energy[name] += ref
 
     visit_inputs(layer, xs, kws, masks, targets, visit)
@@ -176,10 +176,10 @@ def install_from_checkpoint(model, model_dir: str | Path) -> ActHooks | None:
     return hooks
 
 
-def load_for_eval(model_dir: str | Path):
+def load_for_eval(model_dir: str | Path, device: str | None = None):
     """The model `edgevlm eval` measures: a quantized checkpoint as plain Linears holding
     (q − z)·s exactly (the loader route that also reads asymmetric zero points), with its
-    activation quantizers installed; a float model as it is."""
+    activation quantizers installed; a float model as it is. On `device` (default the CPU)."""
     from edgevlm.models import load_model
     from edgevlm.quant.checkpoint import is_quantized
 
@@ -187,6 +187,6 @@ def load_for_eval(model_dir: str | Path):
         # transformers warns that the checkpoint's own quantization_config wins; only its
         # `dequantize` flag matters here, and that one is applied.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        loaded = load_model(model_dir, dequantize=is_quantized(model_dir))
+        loaded = load_model(model_dir, device=device, dequantize=is_quantized(model_dir))
     install_from_checkpoint(loaded.model, model_dir)
     return loaded

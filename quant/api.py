@@ -58,16 +58,14 @@ class QuantResult:
     weights: dict[str, QuantizedWeight] = field(repr=False, default_factory=dict)
 
 
-def _check_nf4() -> None:
-    raise UserError("--method nf4 uses bitsandbytes NF4 through transformers, which needs a CUDA "
-                    "GPU and `pip install bitsandbytes` (or `pip install edgevlm[nf4]`); this "
-                    "machine has no CUDA device. Use --method qvlm, gptq or rtn on CPU")
+HELDOUT_FRACTION = 0.25  # Q-VLM: calibration samples held out to judge its choices
 
 
 @dataclass
 class CalibrationData:
     batches: list[dict]
     report: dict  # what was read, left out and truncated, for quant_report.json
+    heldout: int = 0  # the last this many batches hold the held-out samples
 
 
 def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig,
@@ -87,8 +85,10 @@ def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig,
         log.warning("%s: %d text-only entries left out of calibration, which needs images",
                     calib, len(read) - len(samples))
     if len(samples) < MIN_CALIB_SAMPLES:
+        why = (" (Q-VLM fits on some and holds out at least one to judge its search)"
+               if cfg.method == "qvlm" else "")
         raise UserError(f"{calib} holds {len(samples)} sample(s) with an image; calibration "
-                        f"needs at least {MIN_CALIB_SAMPLES} (ask for --calib-samples "
+                        f"needs at least {MIN_CALIB_SAMPLES}{why} (ask for --calib-samples "
                         f"{cfg.calib_samples})")
     if len(samples) < cfg.calib_samples:
         log.warning("%s holds %d samples, fewer than --calib-samples %d; using all of them",
@@ -102,8 +102,19 @@ def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig,
     report = {"text_only_left_out": len(read) - sum(s.image is not None for s in read),
               "truncated": len(fit.truncated), "skipped_too_long": len(fit.skipped),
               "max_length": fit.max_length}
-    return CalibrationData([collate(fit.samples[i: i + cfg.batch_size])
-                            for i in range(0, len(fit.samples), cfg.batch_size)], report)
+    kept = fit.samples
+    n_held = round(len(kept) * HELDOUT_FRACTION) if cfg.method == "qvlm" else 0
+    if cfg.method == "qvlm":  # at least one of the >= MIN_CALIB_SAMPLES, and one left to fit
+        n_held = max(n_held, 1)
+        report["heldout_samples"] = n_held
+
+    def batched(samples):
+        return [collate(samples[i: i + cfg.batch_size])
+                for i in range(0, len(samples), cfg.batch_size)]
+
+    fitting = batched(kept[: len(kept) - n_held])
+    held = batched(kept[len(kept) - n_held:]) if n_held else []
+    return CalibrationData(fitting + held, report, len(held))
 
 
 def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
@@ -190,24 +201,31 @@ def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
              calib: str | Path | None = None, image_root: str | Path | None = None,
-             overwrite: bool = False, quiet: bool = True) -> QuantResult:
-    """Quantize a LLaVA-family model directory into a compressed-tensors checkpoint."""
+             overwrite: bool = False, quiet: bool = True, device: str = "auto",
+             dtype: torch.dtype | None = None) -> QuantResult:
+    """Quantize a LLaVA-family model directory into a compressed-tensors checkpoint.
+
+    device: where the decoder blocks are searched ("auto": CUDA when torch sees it); the model
+    stays on the CPU and one block at a time goes to the device. dtype: the weights' dtype while
+    quantizing (default: the checkpoint's own on CUDA, float32 on the CPU, where bf16 matmuls
+    are slow); the algorithms do their arithmetic in float32/float64 whatever it is."""
     from edgevlm.atomic import atomic_dir, check_new
-    from edgevlm.models import load_model, read_config
+    from edgevlm.models import checkpoint_dtype, load_model, read_config, resolve_device
     from edgevlm.progress import Progress
     from edgevlm.quant.calibrate import walk
     from edgevlm.quant.checkpoint import write_checkpoint
 
     t0 = time.time()
     out_dir = Path(out_dir)
-    if cfg.method == "nf4":
-        _check_nf4()
     check_new(out_dir, overwrite)
     if "quantization_config" in read_config(model_dir):
         raise UserError(f"{model_dir} is already quantized (quantization_config in config.json); "
                         "quantize the float model it was made from")
+    device = resolve_device(device)
     torch.manual_seed(cfg.seed)
-    loaded = load_model(model_dir)
+    if dtype is None:
+        dtype = checkpoint_dtype(model_dir) if device == "cuda" else torch.float32
+    loaded = load_model(model_dir, dtype=dtype)
     model = loaded.model
     targets = _targets(model, cfg)
     weights: dict[str, QuantizedWeight] = {}
@@ -237,9 +255,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         layers, blocks, block_info = {}, [], []
     else:
         if cfg.method == "qvlm" and cfg.vision_opt:
-            report["vision_opt"] = qvlm.optimize_vision(model, batches, cfg)
+            report["vision_opt"] = qvlm.optimize_vision(model, batches, cfg,
+                                                        calib_read.heldout)
         with torch.no_grad():
-            calib_data = prepare(model, batches)
+            calib_data = prepare(model, batches, calib_read.heldout)
         n_layers = len(decoder_layers(model))
         blocks = (qvlm.blocks(calib_data.input_entropy, cfg.max_block, cfg.partition)
                   if cfg.method == "qvlm" else [[i] for i in range(n_layers)])
@@ -256,7 +275,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                                       default=0.0))
 
             try:
-                walk(model, calib_data, blocks, fn, on_block)
+                walk(model, calib_data, blocks, fn, on_block, device)
             finally:
                 hooks.remove()
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
@@ -269,6 +288,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                     m.weight.data = qw.dequantize().to(m.weight.dtype)
                     weights[name] = qw
             report["vision_tower"] = "rtn (data-free)"
+    weights = {n: qw.to("cpu") for n, qw in weights.items()}
     missing = set(targets) - set(weights)
     assert not missing, f"layers left unquantized: {sorted(missing)[:3]}"
     errors = [r["error"] for r in layers.values()]
@@ -277,7 +297,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                                 {n: e for n, (_, e) in act_found.items()})
         report["activations"] = spec.to_dict()
     seconds = time.time() - t0
-    report.update({"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+    report.update({"device": device, "dtype": str(dtype).removeprefix("torch."),
+                   "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
                    "symmetric": cfg.symmetric, "act_bits": cfg.act_bits,
                    "partition": cfg.partition if cfg.method == "qvlm" else None,
                    "blocks": blocks, "block_search": block_info,

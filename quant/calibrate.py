@@ -80,13 +80,14 @@ class LinearStats:
     def entropy(self) -> float:
         return self.entropy_sum / max(self.samples, 1)
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, mask: torch.Tensor, with_entropy: bool = True) -> None:
         """x (B, S, K) inputs, mask (B, S) real tokens."""
         xm = x[mask].float()  # (T, K) real tokens of the whole batch
         self.H += (xm.T @ xm).double()
         self.tokens += xm.shape[0]
-        self.entropy_sum += sum(batch_entropy(x, mask))
-        self.samples += x.shape[0]
+        if with_entropy:
+            self.entropy_sum += sum(batch_entropy(x, mask))
+            self.samples += x.shape[0]
 
 
 @dataclass
@@ -98,13 +99,14 @@ class Calibration:
     masks: list[torch.Tensor]  # per batch: (B, S) bool, real tokens
     input_entropy: list[float]  # per layer: entropy of its (float-model) input hidden states
     samples: int
+    heldout: int = 0  # the last this many batches are held out (Q-VLM judges its search there)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.language_model.layers
 
 
-def prepare(model, batches: list[dict]) -> Calibration:
+def prepare(model, batches: list[dict], heldout: int = 0) -> Calibration:
     """One float forward pass over the batches, capturing what the layer loop needs."""
     layers = decoder_layers(model)
     hidden, kwargs = [], [[] for _ in layers]
@@ -136,7 +138,7 @@ def prepare(model, batches: list[dict]) -> Calibration:
         for h in handles:
             h.remove()
     n = sum(int(m.shape[0]) for m in masks)
-    return Calibration(hidden, kwargs, masks, [e / n for e in ent_sum], n)
+    return Calibration(hidden, kwargs, masks, [e / n for e in ent_sum], n, heldout)
 
 
 def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.Tensor]:
@@ -151,13 +153,30 @@ def linears(module, prefix: str, skip: tuple[str, ...]) -> dict[str, torch.nn.Li
             if isinstance(m, torch.nn.Linear) and not any(s in f"{prefix}.{n}" for s in skip)}
 
 
-def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear]
-                ) -> tuple[dict[str, LinearStats], list[torch.Tensor]]:
-    """Run `layer` on its inputs with hooks on `targets`; returns their stats and the outputs."""
-    stats = {n: LinearStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64))
-             for n, m in targets.items()}
-    outs = _run_hooked(layer, xs, kws, masks, targets,
-                       lambda name, x, mask: stats[name].add(x, mask))
+def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
+                with_entropy: bool = True) -> tuple[dict[str, LinearStats], list[torch.Tensor]]:
+    """Run `layer` on its inputs with hooks on `targets`; returns their stats and the outputs.
+
+    Linears that read the same tensor (q/k/v after the input norm, gate/up after the second)
+    share one LinearStats: their Hessians are equal, so it is accumulated once. Without
+    `with_entropy` the input histograms (only reported, never searched on) are skipped."""
+    stats: dict[str, LinearStats] = {}
+    # (data_ptr, shape) of an input seen in this batch -> (first Linear, the tensor): holding the
+    # tensor keeps its memory from being reused by a later, different input of the same shape
+    owner: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def seen(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
+        first = owner.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
+        if name not in stats:
+            stats[name] = stats[first] if first != name else LinearStats(
+                torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
+        if first == name:
+            stats[name].add(x, mask, with_entropy)
+
+    def batch_start() -> None:
+        owner.clear()
+
+    outs = _run_hooked(layer, xs, kws, masks, targets, seen, batch_start)
     return stats, outs
 
 
@@ -170,9 +189,11 @@ def visit_inputs(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
 
 
 def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
-                seen: Callable[[str, torch.Tensor, torch.Tensor], None]) -> list[torch.Tensor]:
+                seen: Callable[[str, torch.Tensor, torch.Tensor], None],
+                batch_start: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Run `layer` batch by batch without gradients; `seen(name, x, mask)` gets each target's
-    input (B, S, K) and the batch's real-token mask (B, S). Returns the layer's outputs."""
+    input (B, S, K) and the batch's real-token mask (B, S); `batch_start()`, if given, is called
+    before each batch. Returns the layer's outputs."""
     current = {}
 
     def hook(name):
@@ -186,6 +207,8 @@ def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
         with torch.no_grad():
             for x, kw, mask in zip(xs, kws, masks):
                 current["mask"] = mask
+                if batch_start is not None:
+                    batch_start()
                 o = layer(x, **kw)
                 outs.append(o[0] if isinstance(o, tuple) else o)
     finally:
@@ -220,20 +243,43 @@ class BlockResult:
 BlockFn = Callable[[list[int], list[torch.Tensor], Calibration], BlockResult]
 
 
+def to_device(obj, device):
+    """Tensors in `obj` (nested tuples, lists and dicts) moved to `device`; the rest as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: BlockFn,
-         on_block: Callable[[BlockResult, float], None] | None = None) -> list[BlockResult]:
+         on_block: Callable[[BlockResult, float], None] | None = None,
+         device: str = "cpu") -> list[BlockResult]:
     """The loop: for each block, `quantize_block(layer indices, inputs, calib)` quantizes those
-    layers in place; then the block's outputs are recomputed with the quantized weights."""
+    layers in place; then the block's outputs are recomputed with the quantized weights.
+
+    On a `device` other than the model's (a GPU), only the block being quantized is there: its
+    layers and their keyword arguments go to the device before it and the layers come back
+    after; the hidden states between blocks and the masks stay on the device."""
     layers = decoder_layers(model)
-    xs = calib.hidden
+    home = next(model.parameters()).device
+    calib.masks = [m.to(device) for m in calib.masks]
+    xs = [x.to(device) for x in calib.hidden]
     results = []
     for block in blocks:
         t0 = time.time()
+        for i in block:
+            layers[i].to(device)
+            calib.layer_kwargs[i] = to_device(calib.layer_kwargs[i], device)
         result = quantize_block(block, xs, calib)
         for i in block:
             xs = layer_forward(layers[i], xs, calib.layer_kwargs[i])
         for i in block:
             check_finite(f"decoder layer {i}", *xs)
+            layers[i].to(home)
+            calib.layer_kwargs[i] = to_device(calib.layer_kwargs[i], home)
         results.append(result)
         if on_block:
             on_block(result, time.time() - t0)

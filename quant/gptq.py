@@ -41,13 +41,13 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
                     clip: float | torch.Tensor = 1.0) -> QuantizedWeight:
     """W (N, K), H (K, K) -> integers and qparams chosen with GPTQ's error feedback."""
     W = W.detach().double().clone()
-    H = H.detach().double().clone()
+    H = H.detach().to(W.device, torch.float64).clone()
     n, k = W.shape
     gs = k if cfg.group_size == -1 else cfg.group_size
     G = n_groups(k, gs)  # the last group holds k - (G - 1)·gs columns
     assert cfg.gptq_block % gs == 0 or gs == k, \
         f"gptq_block {cfg.gptq_block} does not start on group boundaries of {gs}"
-    clip = torch.as_tensor(clip, dtype=torch.float32).expand(n, G)
+    clip = torch.as_tensor(clip, dtype=torch.float32, device=W.device).expand(n, G)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -56,15 +56,16 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     static = None
     if cfg.act_order or gs == k:
         static = choose_qparams(W.float(), cfg.bits, gs, cfg.symmetric, clip)
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(k)
+    perm = (torch.argsort(torch.diag(H), descending=True) if cfg.act_order
+            else torch.arange(k, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
 
-    H += cfg.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    H += cfg.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros((n, k), dtype=torch.int32)
-    scales = torch.zeros((n, G), dtype=torch.float32)
-    zeros = torch.zeros((n, G), dtype=torch.int32)
+    Q = torch.zeros((n, k), dtype=torch.int32, device=W.device)
+    scales = torch.zeros((n, G), dtype=torch.float32, device=W.device)
+    zeros = torch.zeros((n, G), dtype=torch.int32, device=W.device)
     if static is not None:
         scales, zeros = static.scale, static.zero_point
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from edgevlm.errors import UserError
 
-METHOD_NAMES = ("rtn", "gptq", "qvlm", "nf4")
+METHOD_NAMES = ("rtn", "gptq", "qvlm")
 MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
 ACT_BITS = (16, 8, 6, 4)
 PARTITIONS = ("entropy", "uniform")
@@ -150,6 +150,10 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.qparams)
 
+    def to(self, device) -> QuantizedWeight:
+        return QuantizedWeight(self.q.to(device), self.scale.to(device),
+                               self.zero_point.to(device), self.bits, self.group_size)
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -181,6 +185,11 @@ class QuantConfig:
         def bad(name: str, value, fix: str):
             raise UserError(f"QuantConfig.{name}={value!r} is not valid; {fix}")
 
+        if self.method == "nf4":
+            bad("method", self.method, "edgevlm no longer offers NF4 (it ran only through "
+                "bitsandbytes on CUDA and could not be exported or tested here); load the float "
+                "model with transformers' BitsAndBytesConfig(load_in_4bit=True, "
+                "bnb_4bit_quant_type='nf4') for that baseline, or use --method gptq, qvlm or rtn")
         if self.method not in METHOD_NAMES:
             bad("method", self.method, f"use one of {', '.join(METHOD_NAMES)}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from edgevlm.errors import UserError
 from edgevlm.quant import gptq
 from edgevlm.quant.calibrate import (
     Calibration,
@@ -70,7 +71,9 @@ from edgevlm.quant.primitives import (
 )
 
 ENTROPY_WEIGHT = 0.1  # λ in the vision-side loss
-KL_BUDGET = 1e-3  # nats per answer token the vision-side optimization may move the answers
+VISION_LRS = (1e-4, 1e-3)  # Adam step sizes the vision-side step tries
+VISION_BATCHES = 4  # at most this many fitting and held-out batches for the vision-side step
+SEARCH_BATCHES = 2  # at most this many fitting and held-out batches score each block's β
 
 
 def partition(input_entropy: list[float], max_block: int) -> list[list[int]]:
@@ -121,10 +124,10 @@ def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tens
     gs = k if cfg.group_size == -1 else cfg.group_size
     G = n_groups(k, gs)
     pad = G * gs - k
-    Hp = F.pad(H.float(), (0, pad, 0, pad))
+    Hp = F.pad(H.to(W.device, torch.float32), (0, pad, 0, pad))
     Hg = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])
-    best_err = torch.full((n, G), float("inf"))
-    best = torch.ones((n, G))
+    best_err = torch.full((n, G), float("inf"), device=W.device)
+    best = torch.ones((n, G), device=W.device)
     for a in cfg.clip_grid:
         D = (W - fake_quantize(W, choose_qparams(W, cfg.bits, gs, cfg.symmetric, a)))
         D = F.pad(D, (0, pad)).reshape(n, G, gs)
@@ -149,46 +152,86 @@ class BlockDecision:
         return self.candidate_errors[self.beta]
 
 
+def _subset(calib: Calibration, xs: list[torch.Tensor], idx: list[int], i: int):
+    """Layer i's inputs, keyword arguments and masks for the batches `idx`."""
+    return ([xs[b] for b in idx], [calib.layer_kwargs[i][b] for b in idx],
+            [calib.masks[b] for b in idx])
+
+
+def _quantize_block(layers, block: list[int], targets: dict, fp: dict, xs, calib: Calibration,
+                    idx: list[int], beta: float, cfg: QuantConfig, records: bool):
+    """GPTQ with clip strength β over the block's layers in order, Hessians from the batches
+    `idx` (each layer's taken after the block's earlier layers are quantized). Leaves the
+    quantized weights in the model; returns (weights, clips, records)."""
+    h = [xs[b] for b in idx]
+    weights, clips, recs = {}, {}, {}
+    for i in block:
+        kws, masks = [calib.layer_kwargs[i][b] for b in idx], [calib.masks[b] for b in idx]
+        stats, _ = layer_stats(layers[i], h, kws, masks, targets[i], with_entropy=records)
+        for name, m in targets[i].items():
+            W, H = fp[name].float(), stats[name].hessian
+            check_finite(name, W, H)
+            clip = 1 - beta * (1 - group_clip(W, H, cfg))
+            qw = gptq.quantize_weight(W, H, cfg, clip)
+            deq = qw.dequantize()
+            check_finite(name, deq)
+            m.weight.data = deq.to(m.weight.dtype)
+            weights[name], clips[name] = qw, clip
+            if records:
+                recs[name] = {"entropy": stats[name].entropy,
+                              "error": relative_error(W, deq, H)}
+        h = layer_forward(layers[i], h, kws)
+    check_finite(f"decoder layers {block}", *h)
+    return weights, clips, recs
+
+
+def _block_error(layers, block: list[int], xs, calib: Calibration, idx: list[int],
+                 ys: list[torch.Tensor]) -> float:
+    """‖Y_q − Y_fp‖ / ‖Y_fp‖ of the block's current weights on the batches `idx`."""
+    h = [xs[b] for b in idx]
+    for i in block:
+        h = layer_forward(layers[i], h, [calib.layer_kwargs[i][b] for b in idx])
+    norm = sum(float(y.double().pow(2).sum()) for y in ys)
+    err = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(h, ys))
+    return (err / max(norm, 1e-30)) ** 0.5
+
+
 def search_block(model, block: list[int], xs: list[torch.Tensor], calib: Calibration,
                  cfg: QuantConfig) -> BlockDecision:
-    """Search β (and so every Linear's clip scales) for one block; the model is left float."""
+    """Search β (and so every Linear's clip scales) for one block; the model is left float.
+
+    Each β is fitted on up to SEARCH_BATCHES of the fitting batches and judged on up to
+    SEARCH_BATCHES held-out ones (calib.heldout, the last batches); the chosen β is then
+    fitted on every batch, so β = 0 gives exactly GPTQ's integers."""
     layers = decoder_layers(model)
     prefix = "model.language_model.layers"
     targets = {i: linears(layers[i], f"{prefix}.{i}", cfg.skip) for i in block}
     fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
-    ys = xs
-    for i in block:
-        ys = layer_forward(layers[i], ys, calib.layer_kwargs[i])
-    norm = sum(float(y.double().pow(2).sum()) for y in ys)
 
-    best = None
-    errors = {}
-    for beta in cfg.clip_strengths:
-        h, weights, clips, records = xs, {}, {}, {}
-        for i in block:
-            stats, _ = layer_stats(layers[i], h, calib.layer_kwargs[i], calib.masks, targets[i])
-            for name, m in targets[i].items():
-                W, H = fp[name].float(), stats[name].hessian
-                check_finite(name, W, H)
-                clip = 1 - beta * (1 - group_clip(W, H, cfg))
-                qw = gptq.quantize_weight(W, H, cfg, clip)
-                deq = qw.dequantize()
-                check_finite(name, deq)
-                m.weight.data = deq.to(m.weight.dtype)
-                weights[name], clips[name] = qw, clip
-                records[name] = {"entropy": stats[name].entropy,
-                                 "error": relative_error(W, deq, H)}
-            h = layer_forward(layers[i], h, calib.layer_kwargs[i])
-        check_finite(f"decoder layers {block}", *h)
-        err = (sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(h, ys))
-               / max(norm, 1e-30)) ** 0.5
-        errors[beta] = err
-        if best is None or err < errors[best.beta]:
-            best = BlockDecision(list(block), beta, clips, errors, weights, records)
+    def restore():
         for name, m in ((n, m) for t in targets.values() for n, m in t.items()):
             m.weight.data = fp[name].clone()
-    best.candidate_errors = errors
-    return best
+
+    n = len(xs)
+    every = list(range(n))
+    held = every[n - calib.heldout:] if 0 < calib.heldout < n else every
+    fit = every[: n - calib.heldout] if 0 < calib.heldout < n else every
+    fit, held = fit[:SEARCH_BATCHES], held[:SEARCH_BATCHES]
+    errors: dict[float, float] = {}
+    if len(cfg.clip_strengths) > 1:
+        ys = [xs[b] for b in held]
+        for i in block:
+            ys = layer_forward(layers[i], ys, [calib.layer_kwargs[i][b] for b in held])
+        for beta in cfg.clip_strengths:
+            _quantize_block(layers, block, targets, fp, xs, calib, fit, beta, cfg, False)
+            errors[beta] = _block_error(layers, block, xs, calib, held, ys)
+            restore()
+    beta = min(errors, key=errors.get) if errors else cfg.clip_strengths[0]
+    weights, clips, records = _quantize_block(layers, block, targets, fp, xs, calib, every,
+                                              beta, cfg, True)
+    restore()
+    return BlockDecision(list(block), beta, clips, errors or {beta: float("nan")}, weights,
+                         records)
 
 
 def apply_decision(model, decision: BlockDecision) -> None:
@@ -199,76 +242,131 @@ def apply_decision(model, decision: BlockDecision) -> None:
         m.weight.data = qw.dequantize().to(m.weight.dtype)
 
 
-def _visual_tokens(model, batch, store: dict):
+def _answer_logp(model, batch: dict, store: dict) -> torch.Tensor:
+    """Log-probabilities the model gives at the positions that predict an answer token
+    (labels shifted by one), (T, V); the visual tokens of the pass go to store["tokens"]. The
+    LM head runs on those positions only: over every position of an image prompt it would
+    allocate B·S·V floats (8 × 250 × 49k for SmolLM2, 400 MB) per pass."""
     def hook(module, args, out):
         store["tokens"] = out
     handle = model.model.multi_modal_projector.register_forward_hook(hook)
     try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"].to(model.dtype), use_cache=False)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch["pixel_values"].to(model.dtype),
+                             use_cache=False).last_hidden_state
     finally:
         handle.remove()
-    return out.logits
-
-
-def optimize_vision(model, batches: list[dict], cfg: QuantConfig) -> dict:
-    """Lower the entropy of the visual tokens while keeping the float model's answers."""
-    params = list(model.model.multi_modal_projector.parameters())
-    params += [p for n, p in model.model.vision_tower.named_parameters()
-               if "post_layernorm" in n or "head.layernorm" in n]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    trainable = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    store: dict = {}
-    with torch.no_grad():
-        refs = [torch.log_softmax(_visual_tokens(model, b, store), -1) for b in batches]
-        before = sum(entropy(store_tokens(model, b)) for b in batches) / len(batches)
-    opt = torch.optim.Adam(params, lr=1e-3)
-    torch.manual_seed(cfg.seed)
-    kept = [p.detach().clone() for p in params]  # the last parameters known to be in budget
-    kept_step = 0  # Adam steps behind `kept`
-    try:
-        model.train(False)
-        for step in range(cfg.vision_opt_steps):
-            b = step % len(batches)
-            kl = _kl(model, batches[b], refs[b], store)
-            if float(kl.detach()) > KL_BUDGET:
-                break
-            kept, kept_step = [p.detach().clone() for p in params], step
-            tok = store["tokens"].reshape(-1, store["tokens"].shape[-1])
-            var = tok.var(0) + 1e-8
-            h_rel = 0.5 * (torch.log(var).mean() - torch.log(var.mean()))
-            loss = kl + ENTROPY_WEIGHT * h_rel
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        for p, r in saved:
-            p.requires_grad_(r)
-    with torch.no_grad():
-        kl = max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs))
-        steps_kept = step + 1 if cfg.vision_opt_steps else 0
-        if kl > KL_BUDGET:  # the step the loop stopped at, or its last one, left the budget
-            for p, k in zip(params, kept):
-                p.copy_(k)
-            kl = max(float(_kl(model, x, r, store)) for x, r in zip(batches, refs))
-            steps_kept = kept_step
-        after = sum(entropy(store_tokens(model, b)) for b in batches) / len(batches)
-    return {"visual_entropy_before": before, "visual_entropy_after": after,
-            "final_kl": kl, "steps": cfg.vision_opt_steps, "steps_kept": steps_kept,
-            "kl_budget": KL_BUDGET,
-            "parameters": sum(p.numel() for p in params)}
+    sel = batch["labels"][:, 1:] != -100
+    return torch.log_softmax(model.lm_head(hidden[:, :-1][sel]).float(), -1)
 
 
 def _kl(model, batch, ref, store) -> torch.Tensor:
     """KL(p_fp ‖ p) per answer token, for the current parameters."""
-    sel = batch["labels"] != -100
-    logp = torch.log_softmax(_visual_tokens(model, batch, store), -1)[sel]
-    return torch.nn.functional.kl_div(logp, ref[sel], log_target=True, reduction="batchmean")
+    return F.kl_div(_answer_logp(model, batch, store), ref, log_target=True,
+                    reduction="batchmean")
 
 
-def store_tokens(model, batch) -> torch.Tensor:
+def _h_rel(tokens: torch.Tensor) -> torch.Tensor:
+    """½·mean_f log var_f − ½·log mean_f var_f of the visual tokens: a differentiable,
+    scale-free stand-in for their histogram entropy (≤ 0; lower when the features' variances
+    are uneven)."""
+    var = tokens.reshape(-1, tokens.shape[-1]).float().var(0) + 1e-8
+    return 0.5 * (torch.log(var).mean() - torch.log(var.mean()))
+
+
+def _rounded_decoder(model, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """Round the decoder's Linears to nearest in place (the quantized decoder the vision side is
+    tuned against); returns their float weights, to put back."""
+    from edgevlm.quant import rtn
+
+    kept = {}
+    for name, m in linears(model.model.language_model, "model.language_model",
+                           cfg.skip).items():
+        kept[name] = m.weight.detach().clone()
+        m.weight.data = rtn.quantize_weight(kept[name].float(), cfg).dequantize().to(
+            m.weight.dtype)
+    return kept
+
+
+def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) -> dict:
+    """Tune the projector and the tower's final norms so that the quantized model answers like
+    the float one, with lower visual-token entropy; keep what held-out data confirms.
+
+    Loss on the fitting batches: KL(p_fp ‖ p_q) over answer tokens + λ·H_rel(visual tokens),
+    where p_q is the model with its decoder rounded to nearest at the target bits (a data-free
+    stand-in for the searched decoder, which does not exist yet). For each learning rate in
+    VISION_LRS the parameters are checkpointed at a quarter, half and all of
+    `vision_opt_steps` and scored by the same KL on the held-out batches (the last `heldout`);
+    the best checkpoint is kept, and the starting point is a candidate, so the step never makes
+    the held-out KL worse than leaving the vision side alone."""
+    n = len(batches)
+    if not 0 < heldout < n:
+        raise UserError(f"the vision-side step needs held-out calibration batches: {n} batch(es), "
+                        f"{heldout} held out; pass more --calib-samples or --no-vision-opt")
+    fit, held = batches[: n - heldout][:VISION_BATCHES], batches[n - heldout:][:VISION_BATCHES]
+    params = list(model.model.multi_modal_projector.parameters())
+    params += [p for name, p in model.model.vision_tower.named_parameters()
+               if "post_layernorm" in name or "head.layernorm" in name]
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    trainable = {id(p) for p in params}
     store: dict = {}
-    _visual_tokens(model, batch, store)
-    return store["tokens"]
+    with torch.no_grad():
+        refs = [_answer_logp(model, b, store) for b in fit]
+        held_refs = [_answer_logp(model, b, store) for b in held]
+    start = [p.detach().clone() for p in params]
+    decoder_fp = _rounded_decoder(model, cfg)
+    modules = dict(model.named_modules())
+
+    def held_out() -> tuple[float, float]:
+        """(mean KL to the float model, mean histogram entropy of the visual tokens)."""
+        with torch.no_grad():
+            kls, ents = [], []
+            for b, r in zip(held, held_refs):
+                kls.append(float(_kl(model, b, r, store)))
+                ents.append(entropy(store["tokens"]))
+        return sum(kls) / len(kls), sum(ents) / len(ents)
+
+    steps = cfg.vision_opt_steps
+    checkpoints = sorted({s for s in (steps // 4, steps // 2, steps) if s > 0})
+    best = (float("inf"), 0, None, start, float("nan"))  # (KL, steps, lr, params, entropy)
+    try:
+        model.train(False)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        kl0, ent0 = held_out()
+        best = (kl0, 0, None, start, ent0)
+        candidates = {}
+        for lr in VISION_LRS:
+            with torch.no_grad():
+                for p, s0 in zip(params, start):
+                    p.copy_(s0)
+            torch.manual_seed(cfg.seed)
+            opt = torch.optim.Adam(params, lr=lr)
+            for step in range(1, steps + 1):
+                b = (step - 1) % len(fit)
+                loss = _kl(model, fit[b], refs[b], store) + ENTROPY_WEIGHT * _h_rel(
+                    store["tokens"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step in checkpoints:
+                    kl, ent = held_out()
+                    candidates[f"lr={lr:g} steps={step}"] = kl
+                    if kl < best[0]:
+                        best = (kl, step, lr, [p.detach().clone() for p in params], ent)
+    finally:
+        with torch.no_grad():
+            for p, kept in zip(params, best[3]):
+                p.copy_(kept)
+            for name, w in decoder_fp.items():
+                modules[name].weight.data = w
+        for p, r in saved:
+            p.requires_grad_(r)
+    return {"objective": "KL(fp || decoder rounded to nearest) over answer tokens "
+                         f"+ {ENTROPY_WEIGHT} * H_rel(visual tokens)",
+            "fit_batches": len(fit), "heldout_batches": len(held),
+            "heldout_kl_before": kl0, "heldout_kl_after": best[0],
+            "visual_entropy_before": ent0, "visual_entropy_after": best[4],
+            "steps": steps, "steps_kept": best[1], "lr_kept": best[2],
+            "heldout_kl_candidates": candidates,
+            "parameters": sum(p.numel() for p in params)}

@@ -29,4 +29,5 @@ def test_cli_quantize_rtn_json_and_errors(micro_model_dir, shapes_dir, tmp_path)
     assert isinstance(bad.exception, UserError) and "2..8" in str(bad.exception)
     nf4 = runner.invoke(app, ["quantize", str(micro_model_dir), "--out", str(tmp_path / "n"),
                               "--method", "nf4"])
-    assert isinstance(nf4.exception, UserError) and "CUDA" in str(nf4.exception)
+    assert isinstance(nf4.exception, UserError) and "BitsAndBytesConfig" in str(nf4.exception)
+    assert not (tmp_path / "n").exists()
