@@ -359,11 +359,28 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+# What `pip install edgevlm[toolkit]` adds (pyproject.toml); the runtime install lacks them.
+TOOLKIT_MODULES = ("torch", "transformers", "accelerate", "safetensors", "onnx", "onnxscript",
+                   "compressed_tensors", "gguf", "matplotlib")
+
+
 def main() -> None:
     try:
         app()
     except UserError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TOOLKIT_MODULES:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "this command")
+        from rich.markup import escape
+
+        console.print("[red]error:[/red] " + escape(
+            f"`edgevlm {command}` needs the toolkit, and {e.name} is not installed: install the "
+            "torch build for your machine, then pip install 'edgevlm[toolkit]' (README, "
+            "Install); `edgevlm run` and `bench` on exports need only the runtime install"),
+            highlight=False, soft_wrap=True)
         sys.exit(2)
     finally:
         _close_process_group()
