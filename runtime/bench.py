@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgevlm.data import Sample, load_samples, to_messages
 from edgevlm.errors import UserError
 from edgevlm.runtime.bench_report import (
     BenchReport,
@@ -39,6 +38,7 @@ from edgevlm.runtime.bench_report import (
     machine_info,
 )
 from edgevlm.runtime.metrics import Score
+from edgevlm.runtime.samples import Sample, load_samples, to_messages
 
 PROGRESS_TAG = "@@edgevlm-bench "  # prefix of the worker's progress lines on its stdout
 
