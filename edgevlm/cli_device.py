@@ -135,8 +135,10 @@ def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
         TimeRemainingColumn,
     )
 
+    # The torch reference for model folders enters the runtime's bench here, from the toolkit.
+    model_target = "edgevlm.bench_torch:TorchTarget"
     if quiet:
-        return bench(targets, data, cfg, image_root)
+        return bench(targets, data, cfg, image_root, model_target=model_target)
     tasks: dict[str, int] = {}
     with Progress(TextColumn("[bold]bench {task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
@@ -146,7 +148,8 @@ def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
                 tasks[name] = bar.add_task(name, total=total)
             bar.update(tasks[name], completed=done)
 
-        return bench(targets, data, cfg, image_root, on_progress=update)
+        return bench(targets, data, cfg, image_root, on_progress=update,
+                     model_target=model_target)
 
 
 def bench_table(result, written: list[Path]) -> None:

@@ -1,7 +1,9 @@
 """`bench(targets, data, BenchConfig(...))`: accuracy and speed of exports and model folders.
 
 A TARGET is an export directory (edgevlm.json: run with this torch-free runtime) or a model
-directory (config.json: the torch reference, edgevlm.bench_torch, imported only then). For each:
+directory (config.json: the torch reference). The runtime does not know the torch reference: the
+caller names its class as "module:Class" (`model_target`; the CLI passes the toolkit's), and only
+the worker process that loads a model folder imports it. For each:
 
   accuracy   greedy answers to every sample (the first `limit`), normalized exact match,
              overall and per question type (runtime/metrics.py, as `edgevlm eval`)
@@ -15,7 +17,7 @@ directory (config.json: the torch reference, edgevlm.bench_torch, imported only 
   disk       bytes of the graphs the runtime loads (with their external data) or of the weights
 
 Timings follow the runtime's `Timings` (runtime/model.py); the torch side measures the same
-spans (edgevlm/bench_torch.py). Reports are written and merged by runtime/bench_report.py.
+spans. Reports are written and merged by runtime/bench_report.py.
 """
 
 from __future__ import annotations
@@ -182,14 +184,21 @@ def peak_rss() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; others: KiB
 
 
+def _load_class(spec: str):
+    """"package.module:Class" -> the class."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def measure(path: Path, kind: str, samples: list[Sample], cfg: BenchConfig,
-            progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+            progress: Callable[[int, int], None] = lambda done, total: None,
+            model_target: str | None = None) -> dict:
     """Load one target and answer the samples (see the module docstring); a TargetReport's
-    fields as a dict. Meant to run in a fresh process (`_worker`)."""
-    if kind == "export":
-        factory = ExportTarget
-    else:
-        from edgevlm.bench_torch import TorchTarget as factory  # torch only for model folders
+    fields as a dict. Meant to run in a fresh process (`_worker`). `model_target`: the
+    "module:Class" that loads a model folder."""
+    factory = ExportTarget if kind == "export" else _load_class(model_target)
     baseline = rss_now()  # interpreter + libraries, before any weights
     target = factory(path, cfg)
     loaded = rss_now()
@@ -242,19 +251,22 @@ def _worker(spec_file: str) -> None:
     try:
         cfg = BenchConfig(**spec["config"])
         samples = load_samples(spec["data"], spec["image_root"])[: cfg.limit]
-        payload = {"result": measure(Path(spec["path"]), spec["kind"], samples, cfg, progress)}
+        payload = {"result": measure(Path(spec["path"]), spec["kind"], samples, cfg, progress,
+                                     spec.get("model_target"))}
     except UserError as e:
         payload = {"error": str(e)}
     Path(spec["out"]).write_text(json.dumps(payload))
 
 
 def _run_isolated(path: Path, kind: str, name: str, data: Path, image_root: Path | None,
-                  cfg: BenchConfig, on_progress: ProgressFn | None) -> TargetReport:
+                  cfg: BenchConfig, on_progress: ProgressFn | None,
+                  model_target: str | None) -> TargetReport:
     with tempfile.TemporaryDirectory(prefix="edgevlm-bench-") as tmp:
         spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps({
             "path": str(path), "kind": kind, "data": str(data), "out": str(out),
-            "image_root": str(image_root) if image_root else None, "config": asdict(cfg)}))
+            "image_root": str(image_root) if image_root else None, "config": asdict(cfg),
+            "model_target": model_target}))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         with open(Path(tmp) / "stderr.txt", "w+") as err:
             proc = subprocess.Popen([sys.executable, "-m", "edgevlm.runtime.bench",
@@ -290,18 +302,26 @@ def _names(paths: Sequence[Path]) -> list[str]:
 
 
 def bench(targets: Sequence[str | Path], data: str | Path, config: BenchConfig = BenchConfig(),
-          image_root: str | Path | None = None,
-          on_progress: ProgressFn | None = None) -> BenchReport:
-    """Benchmark each target on `data` (LLaVA-format JSON); see the module docstring."""
+          image_root: str | Path | None = None, on_progress: ProgressFn | None = None,
+          model_target: str | None = None) -> BenchReport:
+    """Benchmark each target on `data` (LLaVA-format JSON); see the module docstring.
+    model_target: "module:Class" of the torch reference that loads model folders (the CLI
+    passes the toolkit's); without it only exports can be benchmarked."""
     if not targets:
         raise UserError("no bench target given; pass one or more export or model folders")
     paths = [Path(t) for t in targets]
     kinds = [target_kind(p) for p in paths]  # every target checked before minutes of work
+    models = [p for p, k in zip(paths, kinds) if k == "model"]
+    if models and model_target is None:
+        raise UserError(f"{models[0]} is a model folder, which runs on the toolkit's torch "
+                        "reference: benchmark it with `edgevlm bench` (pip install "
+                        "'edgevlm[toolkit]'), or pass model_target='edgevlm.bench_torch:"
+                        "TorchTarget' to bench()")
     data = Path(data)
     n_samples = len(load_samples(data, image_root)[: config.limit])  # bad data fails here
     image_root = Path(image_root) if image_root else None
     machine = machine_info()
-    reports = [_run_isolated(p, k, n, data, image_root, config, on_progress)
+    reports = [_run_isolated(p, k, n, data, image_root, config, on_progress, model_target)
                for p, k, n in zip(paths, kinds, _names(paths))]
     reports = [r.on_device(machine.label) for r in reports]
     return BenchReport(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), data=str(data),
@@ -310,7 +330,7 @@ def bench(targets: Sequence[str | Path], data: str | Path, config: BenchConfig =
 
 
 if __name__ == "__main__":
-    # Through the package module, so the worker's classes are the ones bench_torch imports.
+    # Through the package module, so the worker's classes are the ones the torch target imports.
     from edgevlm.runtime.bench import _worker as worker
 
     worker(sys.argv[1])

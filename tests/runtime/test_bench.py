@@ -23,6 +23,7 @@ NEW_TOKENS = 4
 N_SAMPLES = 6
 CFG = BenchConfig(warmup=1, repeats=2, max_new_tokens=NEW_TOKENS, provider="cpu", threads=1,
                   timing_samples=2)
+TORCH = "edgevlm.bench_torch:TorchTarget"  # what the CLI hands the runtime for model folders
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def bench_data(shapes_dir, model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(bench_data, model_dir, export_dir, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_report")
-    result = bench([model_dir, export_dir], bench_data[0], CFG, image_root=shapes_dir)
+    result = bench([model_dir, export_dir], bench_data[0], CFG, image_root=shapes_dir,
+                   model_target=TORCH)
     return result, out, write_report(result, out)
 
 
@@ -166,7 +168,8 @@ def test_text_only_samples_are_answered_by_both_backends(model_dir, export_dir, 
         {"from": "gpt", "value": "red"}]})
     (tmp_path / "mix.json").write_text(json.dumps(rows))
     cfg = replace(CFG, repeats=1, timing_samples=1)  # the timed sample is the text-only one
-    result = bench([model_dir, export_dir], tmp_path / "mix.json", cfg, image_root=shapes_dir)
+    result = bench([model_dir, export_dir], tmp_path / "mix.json", cfg, image_root=shapes_dir,
+                   model_target=TORCH)
     torch_t, export_t = result.targets
     assert result.n_samples == 3 and torch_t.total == export_t.total == 3
     assert [p["prediction"] for p in export_t.predictions] == [
@@ -176,7 +179,7 @@ def test_text_only_samples_are_answered_by_both_backends(model_dir, export_dir, 
     assert export_t.accuracy == torch_t.accuracy
 
 
-def test_bad_input(tmp_path, export_dir, bench_data, shapes_dir):
+def test_bad_input(tmp_path, export_dir, model_dir, bench_data, shapes_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither edgevlm.json nor config.json"):
         bench([tmp_path / "empty"], bench_data[0], CFG)
@@ -187,6 +190,8 @@ def test_bad_input(tmp_path, export_dir, bench_data, shapes_dir):
         bench([export_dir], tmp_path / "none.json", CFG)
     with pytest.raises(UserError, match="no bench target"):
         bench([], bench_data[0], CFG)
+    with pytest.raises(UserError, match="model folder, which runs on the toolkit's torch"):
+        bench([export_dir, model_dir], bench_data[0], CFG)  # no torch reference was handed in
     with pytest.raises(UserError, match="--repeats"):
         BenchConfig(repeats=0)
     with pytest.raises(UserError, match="tpu"):

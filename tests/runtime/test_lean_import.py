@@ -36,7 +36,12 @@ try:
     cli.main()
 except SystemExit as e:
     assert not e.code, e.code
-from edgevlm.runtime.bench import bench  # the device-side benchmark reads eval sets itself
+import importlib, pkgutil
+import edgevlm.runtime
+
+modules = [m.name for m in pkgutil.iter_modules(edgevlm.runtime.__path__, "edgevlm.runtime.")]
+for name in modules:  # every runtime module imports without torch or the toolkit
+    importlib.import_module(name)
 
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 toolkit = sorted(m for m in sys.modules if m in ("edgevlm.data", "edgevlm.bench_torch",
@@ -44,7 +49,7 @@ toolkit = sorted(m for m in sys.modules if m in ("edgevlm.data", "edgevlm.bench_
 with open(report, "w") as f:
     json.dump({"ids": list(result.token_ids), "provider": vlm.provider,
                "stream": "".join(pieces).strip() == result.text, "loaded": loaded,
-               "toolkit": toolkit}, f)
+               "toolkit": toolkit, "modules": modules}, f)
 """
 
 
@@ -57,6 +62,8 @@ def test_runtime_runs_without_torch(export_dir, eval_samples, vlm, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["loaded"] == []
     assert report["toolkit"] == []  # the runtime imports no toolkit module (DESIGN.md)
+    assert {"edgevlm.runtime.bench", "edgevlm.runtime.samples", "edgevlm.runtime.model",
+            "edgevlm.runtime.session"} <= set(report["modules"])
     assert report["stream"]
     expected = vlm.generate(image, "What color is the circle?", max_new_tokens=5).token_ids
     assert report["ids"] == list(expected)
