@@ -312,6 +312,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             bar.update(1)
         shutil.rmtree(tmp / ".float", ignore_errors=True)
         manifest.copy_model_files(model_dir, tmp)
+        manifest.write_processor_files(tmp, info)
         info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
         if shapes is not None:
             info.update(_mobile_extras(tmp, files, shapes, rope, config))

@@ -8,6 +8,7 @@ an image, and how the export was made and checked (command, versions, parity).
 from __future__ import annotations
 
 import enum
+import json
 import platform
 import shlex
 import shutil
@@ -37,6 +38,43 @@ def copy_model_files(model_dir: Path, out_dir: Path) -> list[str]:
             shutil.copy2(model_dir / name, out_dir / name)
             copied.append(name)
     return copied
+
+
+def write_processor_files(out_dir: Path, info: dict) -> None:
+    """Make the copied processor and tokenizer files open as an HF ONNX release does, in
+    transformers and in transformers.js alike:
+
+    - preprocessor_config.json names `processor_class` (transformers.js's AutoProcessor reads it
+      there, and without it returns an image processor with no tokenizer);
+    - tokenizer_config.json carries the chat template (transformers.js's tokenizer reads it only
+      there; transformers reads chat_template.jinja, which stays);
+    - processor_config.json states the image-token count so both processors expand `<image>` to
+      the `num_image_tokens` features the vision encoder gives: transformers counts patches +
+      num_additional_image_tokens, minus 1 under strategy "default"; transformers.js never
+      subtracts. So the count is written as patches + (num_image_tokens - patches) under
+      "full", which both read the same way. That strategy field only counts tokens; the model's
+      own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
+      unchanged and already inside the vision encoder graph."""
+    config = json.loads((out_dir / "config.json").read_text())
+    vision = config.get("vision_config") or {}
+    patch = int(vision.get("patch_size") or 1)
+    patches = (int(vision.get("image_size") or 0) // patch) ** 2
+    pre_path = out_dir / "preprocessor_config.json"
+    if pre_path.is_file():
+        pre = json.loads(pre_path.read_text())
+        pre["processor_class"] = "LlavaProcessor"
+        pre_path.write_text(json.dumps(pre, indent=2) + "\n")
+    proc_path = out_dir / "processor_config.json"
+    proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
+    proc.update(processor_class="LlavaProcessor", image_token=info["image_token"],
+                patch_size=patch, vision_feature_select_strategy="full",
+                num_additional_image_tokens=info["num_image_tokens"] - patches)
+    proc_path.write_text(json.dumps(proc, indent=2) + "\n")
+    tok_path = out_dir / "tokenizer_config.json"
+    if tok_path.is_file() and info.get("chat_template"):
+        tok = json.loads(tok_path.read_text())
+        tok["chat_template"] = info["chat_template"]
+        tok_path.write_text(json.dumps(tok, indent=2) + "\n")
 
 
 def _plain(value):

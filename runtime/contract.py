@@ -10,6 +10,10 @@ transformers.js / SmolVLM ONNX releases:
       past_key_values.{i}.key|value [B,kv,P,hd]  -> logits [B,S,V], present.{i}.key|value
   edgevlm.json                    the manifest below
 The first decoder step passes a past of length P=0, so one graph serves prefill and decode.
+Dynamic axes carry the names transformers.js and HF's ONNX releases use (batch_size,
+sequence_length, past_sequence_length, total_sequence_length): transformers.js sizes its empty
+first past from them, and reads an axis it does not know as 0. Exports before that used batch,
+sequence, ...; the runtime checks only IO names, so they still load.
 
 Profiles (edgevlm.json "profile"): "default" and "gpu" use the graphs above; "mobile" fixes
 every shape (batch 1, image S x S, K tokens per decoder pass, a cache of C slots) and feeds what
@@ -87,13 +91,13 @@ def genai_graph_file(precision: str) -> str:
 
 
 def vision_io() -> GraphIO:
-    return GraphIO(inputs={"pixel_values": ("batch", 3, "height", "width")},
-                   outputs={"image_features": ("batch", "image_tokens", "hidden")})
+    return GraphIO(inputs={"pixel_values": ("batch_size", 3, "height", "width")},
+                   outputs={"image_features": ("batch_size", "image_tokens", "hidden")})
 
 
 def embed_io() -> GraphIO:
-    return GraphIO(inputs={"input_ids": ("batch", "sequence")},
-                   outputs={"inputs_embeds": ("batch", "sequence", "hidden")})
+    return GraphIO(inputs={"input_ids": ("batch_size", "sequence_length")},
+                   outputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden")})
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -105,14 +109,14 @@ def present_names(num_layers: int) -> list[str]:
 
 
 def decoder_io(num_layers: int) -> GraphIO:
-    past = {n: ("batch", "kv_heads", "past_sequence", "head_dim") for n in past_names(num_layers)}
-    present = {n: ("batch", "kv_heads", "total_sequence", "head_dim")
+    past = {n: ("batch_size", "kv_heads", "past_sequence_length", "head_dim") for n in past_names(num_layers)}
+    present = {n: ("batch_size", "kv_heads", "total_sequence_length", "head_dim")
                for n in present_names(num_layers)}
     return GraphIO(
-        inputs={"inputs_embeds": ("batch", "sequence", "hidden"),
-                "attention_mask": ("batch", "total_sequence"),
-                "position_ids": ("batch", "sequence"), **past},
-        outputs={"logits": ("batch", "sequence", "vocab"), **present})
+        inputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden"),
+                "attention_mask": ("batch_size", "total_sequence_length"),
+                "position_ids": ("batch_size", "sequence_length"), **past},
+        outputs={"logits": ("batch_size", "sequence_length", "vocab"), **present})
 
 
 def mobile_decoder_io(num_layers: int) -> GraphIO:
@@ -129,12 +133,12 @@ def mobile_decoder_io(num_layers: int) -> GraphIO:
 
 def builder_decoder_io(num_layers: int) -> GraphIO:
     """The builder's decoder (see the module docstring): shared KV buffers, last logits only."""
-    kv = ("batch", "kv_heads", "max_context", "head_dim")
+    kv = ("batch_size", "kv_heads", "max_context", "head_dim")
     return GraphIO(
-        inputs={"inputs_embeds": ("batch", "sequence", "hidden"),
-                "attention_mask": ("batch", "total_sequence"),
+        inputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden"),
+                "attention_mask": ("batch_size", "total_sequence_length"),
                 **{n: kv for n in past_names(num_layers)}},
-        outputs={"logits": ("batch", 1, "vocab"), **{n: kv for n in present_names(num_layers)}})
+        outputs={"logits": ("batch_size", 1, "vocab"), **{n: kv for n in present_names(num_layers)}})
 
 
 def graph_io(component: str, num_layers: int, profile: str = "default",
