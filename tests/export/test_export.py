@@ -78,9 +78,16 @@ def test_layout_and_manifest(teacher_fp32, teacher_dir):
     assert manifest["parity"]["passed"] is True
     assert manifest["config"]["precision"] == "fp32" and manifest["command"]
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest["versions"])
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "processor_config.json", "preprocessor_config.json", "generation_config.json"):
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (teacher_dir / name).read_bytes(), name
+    # the processor files gain what transformers.js reads (manifest.write_processor_files)
+    for name, added in {"tokenizer_config.json": {"chat_template": manifest["chat_template"]},
+                        "preprocessor_config.json": {"processor_class": "LlavaProcessor"},
+                        "processor_config.json": {"processor_class": "LlavaProcessor",
+                                                  "vision_feature_select_strategy": "full",
+                                                  "num_additional_image_tokens": 0}}.items():
+        theirs, ours = (json.loads((d / name).read_text()) for d in (teacher_dir, out))
+        assert ours == {**theirs, **added}, name
     assert not list(out.rglob("*.safetensors"))
     assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(
         [contract.graph_file(c, "fp32").split("/")[1] for c in contract.COMPONENTS]
