@@ -135,8 +135,13 @@ def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
         TimeRemainingColumn,
     )
 
-    # The torch reference for model folders enters the runtime's bench here, from the toolkit.
+    # The torch reference for model folders enters the runtime's bench here, from the toolkit;
+    # importing it now names a missing toolkit in one line (main), not in a worker's traceback.
+    from edgevlm.runtime.bench import target_kind
+
     model_target = "edgevlm.bench_torch:TorchTarget"
+    if any(target_kind(t) == "model" for t in targets):
+        import edgevlm.bench_torch  # noqa: F401
     if quiet:
         return bench(targets, data, cfg, image_root, model_target=model_target)
     tasks: dict[str, int] = {}
