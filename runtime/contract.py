@@ -109,7 +109,8 @@ def present_names(num_layers: int) -> list[str]:
 
 
 def decoder_io(num_layers: int) -> GraphIO:
-    past = {n: ("batch_size", "kv_heads", "past_sequence_length", "head_dim") for n in past_names(num_layers)}
+    past = {n: ("batch_size", "kv_heads", "past_sequence_length", "head_dim")
+            for n in past_names(num_layers)}
     present = {n: ("batch_size", "kv_heads", "total_sequence_length", "head_dim")
                for n in present_names(num_layers)}
     return GraphIO(
@@ -138,7 +139,8 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
         inputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden"),
                 "attention_mask": ("batch_size", "total_sequence_length"),
                 **{n: kv for n in past_names(num_layers)}},
-        outputs={"logits": ("batch_size", 1, "vocab"), **{n: kv for n in present_names(num_layers)}})
+        outputs={"logits": ("batch_size", 1, "vocab"),
+                 **{n: kv for n in present_names(num_layers)}})
 
 
 def graph_io(component: str, num_layers: int, profile: str = "default",
