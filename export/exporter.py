@@ -319,7 +319,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         parity = None
         if ref is not None:
             parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims,
-                              rope, choice.kind, carried, choice.accuracy_level)
+                              rope, choice.kind, carried, choice.accuracy_level,
+                              choice.activations or "fp32")
             info["parity"] = parity.to_dict()
             bar.update(1)
         if parity is not None and not parity.passed:

@@ -235,7 +235,8 @@ def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
 
 def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims,
              rope: np.ndarray | None = None, decoder: str = "traced",
-             carried: Reference | None = None, accuracy_level: int | None = None) -> Parity:
+             carried: Reference | None = None, accuracy_level: int | None = None,
+             activations: str = "fp32") -> Parity:
     """Compare the graphs at `paths` (one per component) with the torch reference. `rope`
     (the mobile profile's cos/sin table) selects the static graphs' calling convention,
     `decoder` "builder" the shared KV buffers. `carried` (a built int4/int8 decoder): the
@@ -266,7 +267,8 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     if carried is not None:
         from edgevlm.export.graph_check import check_graph
 
-        check = check_graph(paths["decoder_model_merged"], accuracy_level or 0, carried, dims)
+        check = check_graph(paths["decoder_model_merged"], accuracy_level or 0, carried, dims,
+                            activations)
         failures += check.failures()
 
     tokens, steps = _greedy(graphs, ref)

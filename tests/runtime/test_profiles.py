@@ -12,18 +12,18 @@ from PIL import Image
 
 from edgevlm.errors import UserError
 from edgevlm.runtime import VLM
-from edgevlm.runtime.metrics import Score
 from edgevlm.runtime.session import TensorrtConfig, provider_chain, resolve
 
 NEW_TOKENS = 8
 CONTEXT = 48  # the prompts are ~33 tokens with the 9 image tokens
 
 
-def _export(root, model_dir, profile: str, **kw):
+def _export(root, model_dir, profile: str, validate: bool = False, **kw):
     from edgevlm.export import ExportConfig, export
 
     out = root / profile
-    export(model_dir, out, ExportConfig(profile=profile, validate=False, readiness=False, **kw))
+    export(model_dir, out, ExportConfig(profile=profile, validate=validate, readiness=False,
+                                         **kw))
     return out
 
 
@@ -32,7 +32,7 @@ def exports(tmp_path_factory, model_dir, export_dir):
     root = tmp_path_factory.mktemp("profiles")
     return {"default": export_dir,
             "mobile": _export(root, model_dir, "mobile", max_context=CONTEXT),
-            "gpu": _export(root, model_dir, "gpu")}
+            "gpu": _export(root, model_dir, "gpu", validate=True)}
 
 
 @pytest.fixture(scope="module")
@@ -47,38 +47,47 @@ def answers(exports, eval_samples):
         vlm = VLM.load(path, provider="cpu", threads=1)
         results = [vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS)
                    for s in eval_samples]
-        score = Score()
-        for s, r in zip(eval_samples, results, strict=True):
-            score.add(r.text, s.answer)
-        out[profile] = (vlm, results, score.accuracy)
+        out[profile] = (vlm, results)
     return out
 
 
 def test_mobile_gives_the_default_exports_greedy_answers(answers):
-    _, default, acc = answers["default"]
-    vlm, mobile, mobile_acc = answers["mobile"]
+    _, default = answers["default"]
+    vlm, mobile = answers["mobile"]
     assert vlm.info.profile == "mobile" and vlm.info.context == CONTEXT
     assert len({r.token_ids for r in default}) > 1, "answers should differ between images"
     assert [r.token_ids for r in mobile] == [r.token_ids for r in default]
-    assert abs(mobile_acc - acc) <= 0.01
 
 
-def test_gpu_export_keeps_the_default_exports_answers(answers):
-    _, default, acc = answers["default"]
-    vlm, gpu, gpu_acc = answers["gpu"]
+def test_gpu_export_matches_the_default_export_part_by_part(answers, exports, eval_samples):
+    """fp16 vision and embedding graphs against the default export's fp32 ones on the eval
+    images and prompts; the int4 decoder against torch carrying the same integers (the export's
+    own parity check, run here). Greedy tokens of this random model are not compared: rounding
+    its decoder to int4 moves near-tied logits (the trained teacher keeps 299 of 300 eval
+    answers, benchmarks/results/profiles_teacher/)."""
+    from edgevlm.runtime.preprocess import load_image, preprocess
+
+    base, _ = answers["default"]
+    vlm, _ = answers["gpu"]
     assert vlm.info.precision == "mixed"  # fp16 vision and embedding, int4 decoder
-    assert abs(gpu_acc - acc) <= 0.01
-    # Token agreement is not asserted here: rounding a random model's decoder to int4 moves its
-    # near-tied logits, so how many answers survive depends on the tokenizer and seed (the
-    # first token fell to 4 of 8 when the tokenizer learned the role names). The agreement
-    # that matters is measured on the trained teacher: 299 of 300 eval answers identical to
-    # the default export (benchmarks/results/profiles_teacher/). The decoder's int4 parity
-    # with torch is checked by the export itself (tests/export).
+    for s in eval_samples[:4]:
+        pixels = preprocess(load_image(s.image), vlm.info.image_processor)
+        ref = base._vision.run(None, {"pixel_values": pixels.astype(np.float32)})[0]
+        got = vlm._vision.run(None, {"pixel_values": pixels.astype(np.float32)})[0]
+        assert np.abs(got - ref).max() <= 5e-3 * np.abs(ref).max(), s.image
+        ids = np.asarray([vlm.tokenizer.encode(s.question)], np.int64)
+        ref = base._embed.run(None, {"input_ids": ids})[0]
+        got = vlm._embed.run(None, {"input_ids": ids})[0]
+        assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
+    parity = json.loads((exports["gpu"] / "edgevlm.json").read_text())["parity"]
+    check = parity["graph_check"]  # fp16 activations: fp16's tolerance, not fp32's
+    assert parity["passed"] and check["max_abs"] < check["tolerance"]
+    assert check["matching_steps"] == check["steps"] >= NEW_TOKENS
 
 
 def test_gpu_profile_with_fp16_decoder_gives_the_same_answers(exports_fp16_gpu, answers,
                                                                eval_samples):
-    _, default, _ = answers["default"]
+    _, default = answers["default"]
     vlm = VLM.load(exports_fp16_gpu, provider="cpu", threads=1)
     got = [vlm.generate(s.image, s.question, max_new_tokens=NEW_TOKENS).token_ids
            for s in eval_samples]
