@@ -8,7 +8,8 @@ Each row is the CLI a user types: `edgevlm quantize runs/smollm2-llava --method 
 --group-size G --symmetric --calib runs/shapes/train.json --calib-samples N --seed S`, timed,
 then `edgevlm eval` of the checkpoint for perplexity on the first 8192 tokens of runs/pydoc.txt
 (`edgevlm data pydoc`) and greedy accuracy on the first --limit questions of
-runs/shapes/eval.json. Group 128 does not divide SmolLM2's 576-wide layers, so the checkpoint
+runs/shapes/eval.json. Text calibration (`--calib-text runs/pydoc.txt`) takes its windows from
+the file's end, far from the 8192 scored tokens at its start. Group 128 does not divide SmolLM2's 576-wide layers, so the checkpoint
 holds group 64 there (quant_report.json says so). The float model is evaluated the same way.
 
 The weights came from a Q4_1 GGUF (asymmetric 4-bit, blocks of 32): symmetric g64 is off that
@@ -27,11 +28,16 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parents[1]
+IMAGES, TEXT = "{images}", "{text}"  # calibration: shapes train.json, or the text's end
 METHODS = {  # row name -> quantize arguments
     "RTN": ["--method", "rtn"],
-    "GPTQ": ["--method", "gptq"],
-    "Q-VLM, no vision step": ["--method", "qvlm", "--no-vision-opt"],
-    "Q-VLM, vision step": ["--method", "qvlm", "--vision-opt"],
+    "GPTQ": ["--method", "gptq", "--calib", IMAGES],
+    "Q-VLM, no vision step": ["--method", "qvlm", "--no-vision-opt", "--calib", IMAGES],
+    "Q-VLM, vision step": ["--method", "qvlm", "--vision-opt", "--calib", IMAGES],
+    "GPTQ, text calibration": ["--method", "gptq", "--calib-text", TEXT],
+    "Q-VLM, text calibration": ["--method", "qvlm", "--calib-text", TEXT],
+    "GPTQ, images + text": ["--method", "gptq", "--calib", IMAGES, "--calib-text", TEXT],
+    "Q-VLM, images + text": ["--method", "qvlm", "--calib", IMAGES, "--calib-text", TEXT],
 }
 
 
@@ -76,12 +82,13 @@ def main() -> None:
             if key in results["rows"]:
                 continue
             out = args.work / key.replace(" | ", "_").replace(" ", "-").replace(",", "")
-            cmd = ["edgevlm", "quantize", str(args.model), "--out", str(out), *METHODS[method],
+            fill = {IMAGES: str(args.data / "train.json"), TEXT: str(args.text)}
+            cmd = ["edgevlm", "quantize", str(args.model), "--out", str(out),
+                   *[fill.get(a, a) for a in METHODS[method]],
                    "--bits", str(args.bits), "--group-size", str(args.group_size),
                    "--symmetric", "--seed", str(seed), "--overwrite", "--quiet"]
             if method != "RTN":
-                cmd += ["--calib", str(args.data / "train.json"),
-                        "--calib-samples", str(args.calib_samples)]
+                cmd += ["--calib-samples", str(args.calib_samples)]
             print("+", shlex.join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True)
@@ -89,6 +96,9 @@ def main() -> None:
             report = json.loads((out / "quant_report.json").read_text())
             results["rows"][key] = {"command": shlex.join(cmd), "seconds": seconds,
                                     "vision_opt": report.get("vision_opt"),
+                                    "calibration": {k: v for k, v in report.get(
+                                        "calibration", {}).items() if k != "layer_input_entropy"},
+                                    "blocks": report.get("blocks"),
                                     "group_size_note": report.get("group_size_note"),
                                     "eval": evaluate(out, args, out.with_suffix(".eval.json"))}
             save()

@@ -219,7 +219,11 @@ def quantize_(
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
-    calib_samples: int = typer.Option(128),
+    calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration for the "
+                                              "language model (windows of 512 tokens from the "
+                                              "file's end), alone or beside --calib"),
+    calib_samples: int = typer.Option(128, help="Image samples of --calib, and windows of "
+                                      "--calib-text"),
     max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
     partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
     vision_opt: bool = typer.Option(True, "--vision-opt/--no-vision-opt",
@@ -247,7 +251,7 @@ def quantize_(
                       vision_opt=vision_opt, quantize_vision=quantize_vision,
                       act_order=act_order, seed=seed)
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
-                 quiet=quiet or as_json, device=device)
+                 quiet=quiet or as_json, device=device, calib_text=calib_text)
     summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
                           "bits": bits,
                           "group_size": r.report["group_size"], "layers": r.layers_quantized,

@@ -68,15 +68,71 @@ class CalibrationData:
     heldout: int = 0  # the last this many batches hold the held-out samples
 
 
-def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig,
-                         image_root) -> CalibrationData:
-    from edgevlm.data import Collator, fit_samples, load_samples, resolve_max_length
+TEXT_WINDOW = 512  # tokens per calibration window of --calib-text
 
-    if calib is None:
+
+def _text_batches(loaded, calib_text: Path, cfg: QuantConfig,
+                  hold_out: bool = False) -> tuple[list[dict], dict, int]:
+    """Up to `cfg.calib_samples` windows of TEXT_WINDOW tokens of plain text, taken from the
+    end of the file backwards (so the text's beginning, where `edgevlm eval --text` scores,
+    is the last to be used), as text-only batches: the language model's calibration without
+    images, as GPTQ is calibrated on WikiText or C4. With `hold_out` (Q-VLM on text alone) the
+    last HELDOUT_FRACTION of the windows (at least one) form the final, held-out batches;
+    returns (batches, report, held-out batch count)."""
+    import torch
+
+    from edgevlm.perplexity import read_text
+
+    text = read_text(calib_text)
+    ids = loaded.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = min(cfg.calib_samples, len(ids) // TEXT_WINDOW)
+    if n < 1:
+        raise UserError(f"--calib-text {calib_text} has {len(ids)} tokens, less than one "
+                        f"calibration window of {TEXT_WINDOW}; give a longer text")
+    wins = [ids[len(ids) - (i + 1) * TEXT_WINDOW: len(ids) - i * TEXT_WINDOW] for i in range(n)]
+    n_held = max(1, round(n * HELDOUT_FRACTION)) if hold_out else 0
+    if hold_out and n - n_held < 1:
+        raise UserError(f"--calib-text {calib_text} gives {n} window(s) of {TEXT_WINDOW} tokens; "
+                        "Q-VLM fits on some and holds out at least one: give a longer text or "
+                        "more --calib-samples")
+
+    def batched(part):
+        out = []
+        for i in range(0, len(part), cfg.batch_size):
+            x = torch.tensor(part[i: i + cfg.batch_size])
+            out.append({"input_ids": x, "attention_mask": torch.ones_like(x),
+                        "pixel_values": None, "labels": torch.full_like(x, -100)})
+        return out
+
+    held = batched(wins[n - n_held:]) if n_held else []
+    report = {"text_file": str(calib_text), "text_windows": n, "text_window_tokens": TEXT_WINDOW,
+              "text_tokens_used_from_end": n * TEXT_WINDOW, "text_tokens": len(ids)}
+    if n_held:
+        report["heldout_text_windows"] = n_held
+    return batched(wins[: n - n_held]) + held, report, len(held)
+
+
+def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig, image_root,
+                         calib_text: Path | None = None) -> CalibrationData:
+    if calib is None and calib_text is None:
         what = (f"--method {cfg.method}" if cfg.method in NEEDS_CALIB
                 else f"--act-bits {cfg.act_bits} (its clipping search)")
         raise UserError(f"{what} needs calibration data: pass --calib DATA.json "
-                        "(LLaVA format, image + text)")
+                        "(LLaVA format, image + text) and/or --calib-text FILE (plain text)")
+    alone = calib is None and cfg.method == "qvlm"  # text alone: Q-VLM holds out text windows
+    text, text_report, text_held = (_text_batches(loaded, calib_text, cfg, alone) if calib_text
+                                    else ([], {}, 0))
+    if calib is None:
+        return CalibrationData(text, text_report, text_held)
+    images = _image_batches(loaded, calib, cfg, image_root)
+    n = len(images.batches)  # text batches join the fitting part, before the held-out ones
+    batches = images.batches[: n - images.heldout] + text + images.batches[n - images.heldout:]
+    return CalibrationData(batches, {**images.report, **text_report}, images.heldout)
+
+
+def _image_batches(loaded, calib: Path, cfg: QuantConfig, image_root) -> CalibrationData:
+    from edgevlm.data import Collator, fit_samples, load_samples, resolve_max_length
+
     read = load_samples(calib, image_root)  # every image entry must name an existing image
     # Calibration measures image + text activations (Q-VLM's vision side needs the images), so
     # LLaVA-665k's text-only conversations are left out, and counted.
@@ -202,7 +258,8 @@ def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
              calib: str | Path | None = None, image_root: str | Path | None = None,
              overwrite: bool = False, quiet: bool = True, device: str = "auto",
-             dtype: torch.dtype | None = None) -> QuantResult:
+             dtype: torch.dtype | None = None,
+             calib_text: str | Path | None = None) -> QuantResult:
     """Quantize a LLaVA-family model directory into a compressed-tensors checkpoint.
 
     device: where the decoder blocks are searched ("auto": CUDA when torch sees it); the model
@@ -240,8 +297,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         cfg = replace(cfg, group_size=stored)
 
     needs = cfg.method in NEEDS_CALIB or cfg.act_bits in act.SEARCHED_BITS
-    calib_read = _calibration_batches(loaded, calib, cfg, image_root) if (
-        needs or calib is not None) else None
+    calib_read = _calibration_batches(loaded, calib, cfg, image_root, calib_text) if (
+        needs or calib is not None or calib_text is not None) else None
     batches = calib_read.batches if calib_read is not None else None
     act_found: dict[str, tuple[float, dict]] = {}
     hooks = act.ActHooks()
@@ -254,7 +311,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                 act_found[name] = (1.0, {})
         layers, blocks, block_info = {}, [], []
     else:
-        if cfg.method == "qvlm" and cfg.vision_opt:
+        if cfg.method == "qvlm" and cfg.vision_opt and calib is None:
+            report["vision_opt"] = "skipped: no image calibration (--calib)"
+        elif cfg.method == "qvlm" and cfg.vision_opt:
             report["vision_opt"] = qvlm.optimize_vision(model, batches, cfg,
                                                         calib_read.heldout)
         with torch.no_grad():

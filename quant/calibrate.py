@@ -133,12 +133,18 @@ def prepare(model, batches: list[dict], heldout: int = 0) -> Calibration:
             for batch, mask in zip(batches, masks):
                 current["mask"] = mask
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=batch["pixel_values"].to(model.dtype), use_cache=False)
+                      pixel_values=_pixels(batch, model), use_cache=False)
     finally:
         for h in handles:
             h.remove()
     n = sum(int(m.shape[0]) for m in masks)
     return Calibration(hidden, kwargs, masks, [e / n for e in ent_sum], n, heldout)
+
+
+def _pixels(batch: dict, model):
+    """The batch's images in the model's dtype; None for a text-only batch."""
+    pixels = batch.get("pixel_values")
+    return None if pixels is None else pixels.to(model.dtype)
 
 
 def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.Tensor]:

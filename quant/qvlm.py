@@ -303,7 +303,8 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) 
     if not 0 < heldout < n:
         raise UserError(f"the vision-side step needs held-out calibration batches: {n} batch(es), "
                         f"{heldout} held out; pass more --calib-samples or --no-vision-opt")
-    fit, held = batches[: n - heldout][:VISION_BATCHES], batches[n - heldout:][:VISION_BATCHES]
+    with_images = [b for b in batches[: n - heldout] if b.get("pixel_values") is not None]
+    fit, held = with_images[:VISION_BATCHES], batches[n - heldout:][:VISION_BATCHES]
     params = list(model.model.multi_modal_projector.parameters())
     params += [p for name, p in model.model.vision_tower.named_parameters()
                if "post_layernorm" in name or "head.layernorm" in name]

@@ -223,3 +223,49 @@ def test_device_cuda_without_a_gpu_is_named(micro_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="--device 'gpu': use one of auto, cpu, cuda"):
         quantize(micro_model_dir, tmp_path / "out", QuantConfig(method="rtn"), device="gpu")
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("prose") / "text.txt"
+    path.write_text("\n".join(topics[k] for k in sorted(topics))[:200_000])
+    return path
+
+
+def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, prose, tmp_path):
+    """--calib-text: plain-text windows calibrate the language model, alone or with images."""
+    from edgevlm.models import load_model
+    from edgevlm.quant import api
+
+    cfg = QuantConfig(method="gptq", **{**FAST, "calib_samples": 6})
+    loaded = load_model(micro_model_dir)
+    text = api._calibration_batches(loaded, None, cfg, None, prose)
+    assert [b["input_ids"].shape for b in text.batches] == [(4, api.TEXT_WINDOW),
+                                                             (2, api.TEXT_WINDOW)]
+    assert all(b["pixel_values"] is None for b in text.batches) and text.heldout == 0
+    assert text.report["text_windows"] == 6
+    mixed = api._calibration_batches(loaded, shapes_dir / "train.json",
+                                     QuantConfig(method="qvlm", **{**FAST, "calib_samples": 6}),
+                                     None, prose)
+    kinds = ["image" if b["pixel_values"] is not None else "text" for b in mixed.batches]
+    assert kinds == ["image", "text", "text", "image"] and mixed.heldout == 1  # images held out
+
+    runs = {name: quantize(micro_model_dir, tmp_path / name, QuantConfig(method=m, **{
+        **FAST, "calib_samples": 6}), calib_text=prose)
+        for name, m in (("gptq", "gptq"), ("qvlm", "qvlm"), ("rtn", "rtn"))}
+    rep = runs["qvlm"].report
+    assert rep["vision_opt"].startswith("skipped: no image calibration")
+    assert rep["calibration"]["heldout_text_windows"] == 2  # Q-VLM holds out text windows
+    assert runs["gptq"].report["calibration"]["text_windows"] == 6
+    # the Hessians came from the text: GPTQ's integers are not round-to-nearest's
+    name = "model.language_model.layers.0.mlp.down_proj"
+    changed = (runs["gptq"].weights[name].q != runs["rtn"].weights[name].q).float().mean()
+    assert changed > 0.05
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    with pytest.raises(UserError, match="less than one calibration window of 512"):
+        quantize(micro_model_dir, tmp_path / "s", QuantConfig(method="gptq", **FAST),
+                 calib_text=short)
+    assert not (tmp_path / "s").exists()
