@@ -9,8 +9,9 @@ Each row is the CLI a user types: `edgevlm quantize runs/smollm2-llava --method 
 then `edgevlm eval` of the checkpoint for perplexity on the first 8192 tokens of runs/pydoc.txt
 (`edgevlm data pydoc`) and greedy accuracy on the first --limit questions of
 runs/shapes/eval.json. Text calibration (`--calib-text runs/pydoc.txt`) takes its windows from
-the file's end, far from the 8192 scored tokens at its start. Group 128 does not divide SmolLM2's 576-wide layers, so the checkpoint
-holds group 64 there (quant_report.json says so). The float model is evaluated the same way.
+the file's end, far from the 8192 scored tokens at its start. Group 128 does not divide
+SmolLM2's 576-wide layers, so the checkpoint holds group 64 there (quant_report.json says so).
+The float model is evaluated the same way.
 
 The weights came from a Q4_1 GGUF (asymmetric 4-bit, blocks of 32): symmetric g64 is off that
 grid, so no method gets a free exact fit. Writes benchmarks/results/smollm2_quant.json (a rerun
