@@ -26,8 +26,8 @@ def _weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def _train_cmd(model, data, out, *extra):
-    return [*CLI, "train", str(model), str(data), "--out", str(out), "--steps", "12",
+def _train_cmd(model, data, out, *extra, steps: int = 12):
+    return [*CLI, "train", str(model), str(data), "--out", str(out), "--steps", str(steps),
             "--batch-size", "4", "--save-every", "4", "--lr", "3e-3", "--warmup", "2",
             "--quiet", *extra]
 
@@ -58,22 +58,24 @@ def test_bad_train_config():
 
 
 def test_resume_after_kill_matches_uninterrupted_run(micro_model_dir, shapes_dir, tmp_path):
+    # The run is killed as soon as its step-8 checkpoint appears; STEPS leaves it over a hundred
+    # more steps (about a second on a fast machine), so the kill always lands mid-run.
+    steps = 120
     data = shapes_dir / "train.json"
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(micro_model_dir, data, ref), check=True)
+    subprocess.run(_train_cmd(micro_model_dir, data, ref, steps=steps), check=True)
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(micro_model_dir, data, out))
+    proc = subprocess.Popen(_train_cmd(micro_model_dir, data, out, steps=steps))
     ckpts = tmp_path / ".run.work" / "checkpoints"
     deadline = time.time() + 120
     while not (ckpts / "step_8").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if out.exists():
-        pytest.skip("the run finished before it could be killed")
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not out.exists(), "a killed run must not leave OUT"
-    r = subprocess.run(_train_cmd(micro_model_dir, data, out, "--resume", "--json"),
+    r = subprocess.run(_train_cmd(micro_model_dir, data, out, "--resume", "--json", steps=steps),
                        check=True, capture_output=True, text=True)
     assert json.loads(r.stdout)["resumed from"] >= 4
     a, b = _weights(ref), _weights(out)
@@ -126,5 +128,14 @@ def test_eval_cli_writes_json(micro_model_dir, shapes_dir, tmp_path):
     subprocess.run([*CLI, "eval", str(micro_model_dir), str(shapes_dir / "eval.json"),
                     "--limit", "6", "--json", str(res), "--quiet"], check=True)
     d = json.loads(res.read_text())
-    assert d["total"] == 6 and 0 <= d["accuracy"] <= 1
+    assert d["total"] == 6 and len(d["predictions"]) == 6
     assert sum(p["correct"] for p in d["predictions"]) == d["correct"]
+    assert d["accuracy"] == pytest.approx(d["correct"] / 6)
+    # the JSON holds the model's own greedy answers: those of edgevlm.evaluate on the same model
+    from edgevlm.data import load_samples
+    from edgevlm.evaluate import evaluate
+
+    again = evaluate(load_model(micro_model_dir), load_samples(shapes_dir / "eval.json")[:6],
+                     16, 16, True)
+    assert [p["prediction"] for p in d["predictions"]] == [
+        p["prediction"] for p in again.to_dict()["predictions"]]
