@@ -276,9 +276,11 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
                        num_image_tokens(model.config))
 
 
-def save_model(loaded: LoadedModel, out_dir: str | Path) -> None:
-    """Write model + processor files into `out_dir` (which the caller made atomic)."""
-    loaded.model.save_pretrained(str(out_dir))
+def save_model(loaded: LoadedModel, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Write model + processor files into `out_dir` (which the caller made atomic).
+    `state_dict`: the weights to write instead of the module's own (a sharded run's gathered
+    full state dict)."""
+    loaded.model.save_pretrained(str(out_dir), state_dict=state_dict)
     loaded.processor.save_pretrained(str(out_dir))
     # transformers 5 nests the image processor in processor_config.json; older tools and the
     # runtime also look for the classic preprocessor_config.json.

@@ -239,9 +239,14 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(accel, work, step + 1)
     accel.wait_for_everyone()
+    # Every rank takes part: under FSDP this gathers the shards into one full state dict (on the
+    # main process); under DDP or a single process it is the unwrapped model's own.
+    state = accel.get_state_dict(model)
     if accel.is_main_process:
-        extra = {"train_data.json": fitted.to_dict(), **(extra_files or {})}
-        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra)
+        extra = {"train_data.json": fitted.to_dict(), **(extra_files or {}),
+                 "train_processes.json": {"distributed_type": str(accel.distributed_type),
+                                          "num_processes": accel.num_processes}}
+        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra, state)
     accel.wait_for_everyone()
     return TrainResult(out, cfg.steps, loss_val, time.time() - t0, start, history, fitted)
 
@@ -269,7 +274,8 @@ def _save_checkpoint(accel, work: Path, step: int, keep: int = 2) -> None:
     accel.wait_for_everyone()
 
 
-def _finish(model, loaded, out: Path, work: Path, cfg, history, extra_files) -> None:
+def _finish(model, loaded, out: Path, work: Path, cfg, history, extra_files,
+            state_dict: dict | None = None) -> None:
     from edgevlm.models import save_model
 
     model.eval()
@@ -277,7 +283,7 @@ def _finish(model, loaded, out: Path, work: Path, cfg, history, extra_files) -> 
     if final.exists():
         shutil.rmtree(final)
     save_model(LoadedModel(model, loaded.processor, loaded.image_token_id,
-                           loaded.num_image_tokens), final)
+                           loaded.num_image_tokens), final, state_dict)
     (final / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     (final / "train_log.json").write_text(json.dumps(history))
     for name, obj in (extra_files or {}).items():

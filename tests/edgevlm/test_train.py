@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,63 @@ def test_two_process_training(micro_model_dir, shapes_dir, tmp_path):
     key = next(k for k in before if k.endswith("layers.0.mlp.up_proj.weight"))
     assert not torch.equal(before[key], after[key])
     load_model(out)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_resume_after_kill(micro_model_dir, shapes_dir, tmp_path):
+    """DDP (2 gloo processes): killed at its step-8 checkpoint and resumed, the run ends where
+    an uninterrupted 2-process run ends. The model is saved through accelerate's
+    get_state_dict on every rank (under FSDP that gathers the shards; accelerate 1.16 turns
+    FSDP on only for GPU-type process groups, never MULTI_CPU, so FSDP itself is not run here)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 60
+
+    def cmd(out, port, *extra):
+        return ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+                "edgevlm.cli", *_train_cmd(micro_model_dir, shapes_dir / "train.json", out,
+                                           *extra, steps=steps)[3:]]
+
+    subprocess.run(cmd(tmp_path / "ref", 29534), check=True, env=env, timeout=300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cmd(out, 29535), env=env)
+    ckpt = tmp_path / ".run.work" / "checkpoints" / "step_8"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and its workers, which it
+        try:  # starts in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()
+    subprocess.run(cmd(out, 29536, "--resume"), check=True, env=env, timeout=300)
+    processes = json.loads((out / "train_processes.json").read_text())
+    assert processes == {"distributed_type": "DistributedType.MULTI_CPU", "num_processes": 2}
+    log = json.loads((out / "train_log.json").read_text())
+    assert [h["step"] for h in log][0] > 8 and log[-1]["step"] == steps  # resumed, not redone
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_train_mixes_several_data_files(micro_model_dir, shapes_dir, tmp_path):
