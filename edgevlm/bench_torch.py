@@ -30,6 +30,7 @@ from edgevlm.data import Sample, pixel_values
 from edgevlm.errors import UserError
 from edgevlm.evaluate import prompt_text
 from edgevlm.models import load_model
+from edgevlm.quant.checkpoint import read_scheme
 from edgevlm.runtime.bench import BenchConfig, Run
 
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -76,8 +77,8 @@ class TorchTarget:
         self.load_s = time.perf_counter() - t0
         self.provider = self.device
         model = self.loaded.model
-        quant = model.config.to_dict().get("quantization_config")
-        self.precision = (f"{quant.get('quant_method', 'quantized')}" if isinstance(quant, dict)
+        scheme = read_scheme(path)
+        self.precision = (f"{scheme.quant_method or 'quantized'}" if scheme is not None
                           else _PRECISIONS.get(model.dtype, str(model.dtype)))
 
     def answer(self, sample: Sample, max_new_tokens: int) -> Run:

@@ -36,20 +36,18 @@ def check_source(model_dir: Path) -> Source | None:
     """The kind of quantized checkpoint (None for a float model), which must be one that
     `edgevlm quantize` writes and MatMulNBits or MatMulInteger can carry as it is."""
     from edgevlm.models import read_config
+    from edgevlm.quant.checkpoint import read_scheme
 
-    qcfg = read_config(model_dir).get("quantization_config")
-    if qcfg is None:
+    read_config(model_dir)  # a model folder at all, or its own error
+    scheme = read_scheme(model_dir)
+    if scheme is None:
         return None
-    groups = qcfg.get("config_groups") or {}
-    args = [g.get("weights") or {} for g in groups.values()]
-    a = args[0] if len(args) == 1 else {}
-    group = a.get("group_size")
-    packed = (qcfg.get("quant_method") == "compressed-tensors"
-              and qcfg.get("format") == "pack-quantized" and a.get("type", "int") == "int")
-    if (packed and a.get("num_bits") == 4 and a.get("strategy") == "group"
+    group, packed = scheme.group_size, scheme.pack_quantized_int
+    if (packed and scheme.num_bits == 4 and scheme.strategy == "group"
             and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):
         return Source("int4", 4, group)
-    if packed and a.get("num_bits") == 8 and a.get("strategy") == "channel" and a.get("symmetric"):
+    if (packed and scheme.num_bits == 8 and scheme.strategy == "channel"
+            and scheme.symmetric):
         return Source("int8", 8, None)
     raise UserError(f"{model_dir}/config.json: quantization_config is not supported; export "
                     "needs a 4-bit pack-quantized checkpoint (compressed-tensors, one group of "
@@ -62,13 +60,9 @@ def check_source(model_dir: Path) -> Source | None:
 def quantized_vision(model_dir: Path) -> bool:
     """Whether the checkpoint holds packed integers for vision-tower layers (`quantize
     --quantize-vision`); read from the safetensors headers only."""
-    from safetensors import safe_open
+    from edgevlm.quant.checkpoint import packed_module_names
 
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            if any("vision_tower" in k and k.endswith("weight_packed") for k in h.keys()):
-                return True
-    return False
+    return any(".vision_tower." in f".{n}." for n in packed_module_names(model_dir))
 
 
 def block_size(config, group: int | None, model_dir: Path) -> int:

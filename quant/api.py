@@ -33,7 +33,7 @@ from edgevlm.quant.calibrate import (
     prepare,
     relative_error,
 )
-from edgevlm.quant.checkpoint import storable_group_size
+from edgevlm.quant.checkpoint import read_scheme, storable_group_size
 from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, MIN_GROUP, QuantConfig, QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     t0 = time.time()
     out_dir = Path(out_dir)
     check_new(out_dir, overwrite)
-    if "quantization_config" in read_config(model_dir):
+    read_config(model_dir)  # a LLaVA model folder, or its own error
+    if read_scheme(model_dir) is not None:
         raise UserError(f"{model_dir} is already quantized (quantization_config in config.json); "
                         "quantize the float model it was made from")
     device = resolve_device(device)

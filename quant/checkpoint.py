@@ -19,7 +19,10 @@ every dense layer with the first group's scheme. So a checkpoint holds one group
 divides every quantized layer's width (`storable_group_size`), and quant_report.json says when
 that is smaller than the one asked for.
 
-In (`read_int4_layers`, `read_int8_layers`): the packed integers, scales and zero points by
+In (`read_scheme`, `packed_module_names`, `read_int4_layers`, `read_int8_layers`): this is the
+one module that parses a compressed-tensors checkpoint; the exporter (edgevlm.export.source)
+asks it. The scheme from config.json's quantization_config, the packed layers' names from the
+safetensors headers, and the packed integers, scales and zero points by
 Hugging Face module name, unpacked by compressed-tensors; int4 converted back to our unsigned
 convention (MatMulNBits stores unsigned nibbles), int8 kept signed (onnxruntime's MatMulInteger
 takes int8 weights).
@@ -28,6 +31,7 @@ takes int8 weights).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,6 +141,52 @@ def is_quantized(model_dir: str | Path) -> bool:
     return path.is_file() and "quantization_config" in json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """A checkpoint's quantization_config, as far as edgevlm reads it: the weights' arguments
+    of its config group (`None` fields where there is not exactly one group)."""
+
+    quant_method: str | None
+    format: str | None
+    config_groups: int
+    num_bits: int | None
+    type: str | None
+    strategy: str | None  # "group" | "channel" | ...
+    group_size: int | None
+    symmetric: bool | None
+
+    @property
+    def pack_quantized_int(self) -> bool:
+        return (self.quant_method == "compressed-tensors" and self.format == "pack-quantized"
+                and self.config_groups == 1 and (self.type or "int") == "int")
+
+
+def read_scheme(model_dir: str | Path) -> Scheme | None:
+    """The checkpoint's quantization scheme; None for a float model."""
+    path = Path(model_dir) / "config.json"
+    qcfg = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    if qcfg is None:
+        return None
+    groups = qcfg.get("config_groups") or {}
+    args = ([g.get("weights") or {} for g in groups.values()] + [{}])[0] if len(groups) == 1 \
+        else {}
+    return Scheme(qcfg.get("quant_method"), qcfg.get("format"), len(groups),
+                  args.get("num_bits"), args.get("type"), args.get("strategy"),
+                  args.get("group_size"), args.get("symmetric"))
+
+
+def packed_module_names(model_dir: str | Path) -> list[str]:
+    """Module names of every packed Linear, from the safetensors headers (no tensor read)."""
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            names += [module_name(k[: -len(".weight_packed")]) for k in h.keys()
+                      if k.endswith(".weight_packed")]
+    return names
+
+
 def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
     """(the weights' QuantizationArgs as a dict, {module name: (q_ct (N, K) int8, scale (N, G)
     float32, z_ct (N, G) int8 or None when symmetric)}) in compressed-tensors' signed convention,
@@ -144,12 +194,12 @@ def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    qcfg = cfg.get("quantization_config")
-    if not qcfg or qcfg.get("format") != "pack-quantized":
+    scheme = read_scheme(model_dir)
+    if scheme is None or not scheme.pack_quantized_int:
         raise UserError(f"{model_dir} is not a pack-quantized checkpoint (no quantization_config "
                         "with format pack-quantized); make one with `edgevlm quantize`")
-    (args,) = [g["weights"] for g in qcfg["config_groups"].values()]
+    args = {"num_bits": scheme.num_bits, "symmetric": scheme.symmetric,
+            "strategy": scheme.strategy, "group_size": scheme.group_size}
     bits = args["num_bits"]
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
