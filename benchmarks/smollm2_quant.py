@@ -13,6 +13,10 @@ the file's end, far from the 8192 scored tokens at its start. Group 128 does not
 SmolLM2's 576-wide layers, so the checkpoint holds group 64 there (quant_report.json says so).
 The float model is evaluated the same way.
 
+Other models: `--model runs/teacher --out benchmarks/results/qvlm_vision_teacher.json --no-text
+--methods GPTQ "Q-VLM, no vision step" "Q-VLM, vision step" --seeds 0 1 2` (the shapes teacher,
+whose LM never saw real text, so no perplexity), the same for the CLIP + Llama model.
+
 The weights came from a Q4_1 GGUF (asymmetric 4-bit, blocks of 32): symmetric g64 is off that
 grid, so no method gets a free exact fit. Writes benchmarks/results/smollm2_quant.json (a rerun
 keeps the rows already there); the quantized folders go to --work.
@@ -44,8 +48,9 @@ METHODS = {  # row name -> quantize arguments
 
 def evaluate(folder: Path, args, out: Path) -> dict:
     cmd = ["edgevlm", "eval", str(folder), str(args.data / "eval.json"),
-           "--limit", str(args.limit), "--max-new-tokens", "8", "--text", str(args.text),
-           "--max-tokens", "8192", "--quiet", "--json", str(out)]
+           "--limit", str(args.limit), "--max-new-tokens", "8", "--quiet", "--json", str(out)]
+    if not args.no_text:
+        cmd += ["--text", str(args.text), "--max-tokens", "8192"]
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
@@ -64,6 +69,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2_quant.json")
+    p.add_argument("--no-text", action="store_true",
+                   help="skip the perplexity (a model whose LM never saw real text)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}}
