@@ -140,7 +140,7 @@ def train(
                                long_samples=long_samples)
     samples = [s for path in data for s in load_samples(path, image_root)]
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
-                          overwrite=overwrite, quiet=quiet)
+                          overwrite=overwrite, quiet=quiet, inputs=[model, *data])
     if int(os.environ.get("RANK", "0")) == 0:
         summary("train", {"out": out, "stage": stage, "samples": len(samples),
                            **_fit_rows(result.data), "steps": result.steps,

@@ -306,7 +306,8 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
                             "--tokenizer-from")
     elif (not tokenizer_data) == (tokenizer_from is None):
         raise UserError("give exactly one of --tokenizer-data or --tokenizer-from")
-    check_new(Path(out), overwrite)  # before minutes of loading, not after
+    inputs = [text_from, vision_from, tokenizer_from, config_path, *(tokenizer_data or [])]
+    check_new(Path(out), overwrite, inputs)  # before minutes of loading, not after
     lm = None
     if text_from is not None:
         from edgevlm.text_lm import graft, load_text_lm, text_config_of
@@ -331,7 +332,7 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
         graft(loaded, lm)
     if vision_from is not None:
         copy_vision_tower(loaded.model, vision_from)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs) as tmp:
         save_model(loaded, tmp)
     return loaded
 

@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,7 +160,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainConfig,
         loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, extra_files: dict[str, dict] | None = None,
-        label: str | None = None, fitted: FitReport | None = None) -> TrainResult:
+        label: str | None = None, fitted: FitReport | None = None,
+        inputs: Sequence[str | Path | None] = ()) -> TrainResult:
     """Train `loaded.model` on `samples` and write the trained model directory `out`.
 
     `label` names the run in the progress bar (default: the stage), e.g. distillation's "dft".
@@ -171,9 +172,10 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from edgevlm.atomic import check_new
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_new(out, overwrite, inputs)
     if not samples:
         raise UserError("the training data set is empty")
     collate = make_collator(loaded, cfg.max_length, cfg.long_samples)

@@ -248,7 +248,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
             and config.profile == "default"
             and not (source is not None and ckpt.quantized_vision(model_dir))):
         config = replace(config, vision_precision=INT4_VISION)
-    check_new(out, config.overwrite)  # before minutes of loading and tracing
+    check_new(out, config.overwrite, [model_dir])  # before minutes of loading and tracing
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
     # traced from, and validated against, the model its integers define.
     loaded = load_model(model_dir, dequantize=source is not None)
@@ -282,7 +282,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
 
     # fp16 graphs come last: tracing them turns the model to half precision in place.
     order = sorted(contract.COMPONENTS, key=lambda c: precisions[c] == "fp16")
-    with atomic_dir(out, config.overwrite) as tmp, \
+    with atomic_dir(out, config.overwrite, [model_dir]) as tmp, \
             Progress("export", 2 * len(order) + config.validate, enabled=not quiet) as bar:
         traced, built = {}, None
         for component in order:

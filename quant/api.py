@@ -274,7 +274,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
 
     t0 = time.time()
     out_dir = Path(out_dir)
-    check_new(out_dir, overwrite)
+    inputs = [model_dir, calib, calib_text]
+    check_new(out_dir, overwrite, inputs)
     read_config(model_dir)  # a LLaVA model folder, or its own error
     if read_scheme(model_dir) is not None:
         raise UserError(f"{model_dir} is already quantized (quantization_config in config.json); "
@@ -367,7 +368,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                    "load_note": None if cfg.symmetric else (
                        "asymmetric pack-quantized: load with transformers' "
                        "CompressedTensorsConfig(dequantize=True) (llm-compressor issue 1618)")})
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs) as tmp:
         write_checkpoint(loaded, weights, tmp, cfg.bits, cfg.group_size, cfg.symmetric, report)
     return QuantResult(out_dir, cfg.method, len(weights), seconds, report["mean_error"], blocks,
                        report, weights)

@@ -153,10 +153,14 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
     Everything that can be checked is checked before any training starts.
     """
     from edgevlm import train
+    from edgevlm.atomic import check_inputs
     from edgevlm.data import load_samples
     from edgevlm.models import load_model
 
     t0, out = time.time(), Path(out)
+    # OUT itself is never deleted (each stage folder is replaced on its own, as an artifact),
+    # but it must not be one of the inputs
+    check_inputs(out, [teacher_dir, student_dir, data, pretrain_data])
     if out.exists() and not (resume or overwrite):
         raise UserError(f"{out} already exists; pass --resume to continue it (finished stages "
                         "are kept), --overwrite to redo every stage, or choose another --out")

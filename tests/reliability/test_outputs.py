@@ -1,0 +1,94 @@
+"""--overwrite never deletes or alters anything but an edgevlm artifact at OUT, no command writes
+into its own input, and temporary folders that killed runs left behind are swept (issue 20,
+items 1 and 6). Each case asserts the exit code, the one line, and that the input folder's
+bytes did not change."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "edgevlm.cli"]
+RTN = ["--method", "rtn", "--group-size", "32"]  # data-free, seconds on the micro model
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run(*args, cwd=None):
+    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"})
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+@pytest.fixture
+def model(micro_model_dir, tmp_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(micro_model_dir, dst)
+    return dst
+
+
+@pytest.mark.parametrize("command", ["export", "quantize"])
+@pytest.mark.parametrize("where", ["same", "inside", "above"])
+def test_out_related_to_the_input_is_refused(command, where, model, tmp_path):
+    out = {"same": model, "inside": model / "sub", "above": tmp_path}[where]
+    before = digest(model)
+    extra = RTN if command == "quantize" else ["--no-validate"]
+    code, text = run(command, model, "--out", out, "--overwrite", *extra)
+    assert code == 2, text
+    assert text.startswith("error:") and "is, contains or lies inside the input" in text
+    assert len(text.splitlines()) == 1, text
+    assert digest(model) == before
+    assert not (model / "sub").exists()
+
+
+def test_overwrite_refuses_a_folder_of_user_files(model, tmp_path):
+    user = tmp_path / "userdata"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    code, text = run("quantize", model, "--out", user, "--overwrite", *RTN)
+    assert code == 2 and "holds files edgevlm did not write" in text, text
+    assert (user / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    code, text = run("export", model, "--out", a_file, "--overwrite", "--no-validate")
+    assert code == 2 and "is not a folder edgevlm wrote" in text, text
+    assert a_file.read_text() == "x"
+
+
+def test_overwrite_refuses_the_working_directory(model, tmp_path):
+    work = tmp_path / "here"
+    work.mkdir()
+    (work / "config.json").write_text("{}")  # even one that looks like an artifact
+    code, text = run("quantize", model, "--out", ".", "--overwrite", *RTN, cwd=work)
+    assert code == 2 and "which --overwrite would delete" in text, text
+    assert (work / "config.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_an_artifact_and_sweeps_dead_runs_leftovers(model, tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", model, "--out", out, *RTN)[0] == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".q.{dead}.abc123.tmp"  # what a killed quantize leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".q.{os.getpid()}.def456.tmp"  # a run still going: kept
+    live.mkdir()
+    code, text = run("quantize", model, "--out", out, *RTN, "--bits", "8", "--overwrite")
+    assert code == 0, text
+    assert '"num_bits": 8' in (out / "config.json").read_text()
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")) == [live.name]
