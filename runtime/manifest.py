@@ -26,6 +26,7 @@ from edgevlm.runtime.contract import (
     ROPE_FILE,
     graph_file,
 )
+from edgevlm.runtime.paths import check_graph_files, check_inside
 from edgevlm.runtime.preprocess import ImageProcessorConfig
 
 REEXPORT = "re-run `edgevlm export MODEL --out DIR`"
@@ -188,6 +189,11 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         raise UserError(f"{root} is format version {version}, made by a newer edgevlm; this "
                         f"runtime reads up to version {FORMAT_VERSION}: pip install -U edgevlm")
     chosen, graphs = _graphs(root, m, precision)
+    for graph in graphs.values():  # nothing the export names may lead outside it
+        check_graph_files(root, graph)
+    rope_file = root / m["rope_file"] if m.get("rope_file") else None
+    if rope_file is not None:
+        check_inside(root, rope_file, "edgevlm.json's rope_file")
     decoder = m.get("decoder") if isinstance(m.get("decoder"), dict) else {}
     config = _json(root / "config.json")
     text: dict[str, Any] = config.get("text_config") or {}
@@ -218,7 +224,7 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         tokenizer_file=tokenizer_file,
         profile=m.get("profile", "default"),
         context=_first((m.get("static_shapes") or {}).get("context"), decoder.get("max_context")),
-        rope_file=root / m["rope_file"] if m.get("rope_file") else None,
+        rope_file=rope_file,
         decoder=decoder.get("kind", "traced"))
 
 
