@@ -221,7 +221,8 @@ def _qvlm_block(model, cfg: QuantConfig, weights: dict):
         return BlockResult(decision.records, {
             "layers": decision.layers, "beta": decision.beta, "block_error": decision.error,
             "candidate_errors": {str(b): e for b, e in decision.candidate_errors.items()},
-            "mean_clip": {n: float(c.mean()) for n, c in decision.clip.items()}})
+            "mean_clip": {n: float(c.mean()) for n, c in decision.clip.items()}},
+            decision.outputs)
 
     return quantize_block
 
@@ -237,6 +238,7 @@ def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.
                    for i in block}
         fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
         result = block_fn(block, xs, calib)
+        result.outputs = None  # the activation quantizers installed below change them
         h = xs
         for i in block:
             errors = act.search_layer(layers[i], targets[i], fp, h, calib.layer_kwargs[i],

@@ -132,8 +132,10 @@ def prepare(model, batches: list[dict], heldout: int = 0) -> Calibration:
         with torch.no_grad():
             for batch, mask in zip(batches, masks):
                 current["mask"] = mask
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=_pixels(batch, model), use_cache=False)
+                # the base model, without the LM head: its logits over every position (B·S·V
+                # floats, 400 MB a batch on SmolLM2) are not needed, only the layers' inputs
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=_pixels(batch, model), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -244,6 +246,9 @@ class BlockResult:
 
     records: dict[str, dict] = field(default_factory=dict)  # name -> entropy, error, ...
     decision: dict = field(default_factory=dict)
+    # the block's outputs on every batch with its quantized weights, when the method computed
+    # them anyway (walk then skips recomputing them)
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
 BlockFn = Callable[[list[int], list[torch.Tensor], Calibration], BlockResult]
@@ -280,8 +285,11 @@ def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: Blo
             layers[i].to(device)
             calib.layer_kwargs[i] = to_device(calib.layer_kwargs[i], device)
         result = quantize_block(block, xs, calib)
-        for i in block:
-            xs = layer_forward(layers[i], xs, calib.layer_kwargs[i])
+        if result.outputs is not None:
+            xs, result.outputs = result.outputs, None
+        else:
+            for i in block:
+                xs = layer_forward(layers[i], xs, calib.layer_kwargs[i])
         for i in block:
             check_finite(f"decoder layer {i}", *xs)
             layers[i].to(home)

@@ -21,13 +21,10 @@ from __future__ import annotations
 import torch
 
 from edgevlm.quant.primitives import (
-    QParams,
     QuantConfig,
     QuantizedWeight,
     choose_qparams,
-    dequantize,
     n_groups,
-    quantize,
 )
 
 
@@ -63,6 +60,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     H += cfg.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
+    maxq = (1 << cfg.bits) - 1
     Q = torch.zeros((n, k), dtype=torch.int32, device=W.device)
     scales = torch.zeros((n, G), dtype=torch.float32, device=W.device)
     zeros = torch.zeros((n, G), dtype=torch.int32, device=W.device)
@@ -83,11 +81,13 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
                 qp = choose_qparams(W1[:, i:stop].float(), cfg.bits, -1, cfg.symmetric,
                                     clip[:, g: g + 1])
                 scales[:, g: g + 1], zeros[:, g: g + 1] = qp.scale, qp.zero_point
-            qp = QParams(scales[:, g: g + 1], zeros[:, g: g + 1], cfg.bits, gs)
+            # primitives.quantize / dequantize for one column, written out: through them
+            # every column paid for expanding its group's qparams to the whole row
+            scale, zero = scales[:, g: g + 1], zeros[:, g: g + 1].to(torch.float32)
             w = W1[:, i: i + 1]
-            q = quantize(w.float(), qp)
-            Q[:, col: col + 1] = q
-            err = (w - dequantize(q, qp).double()) / U1[i, i]
+            q = (torch.round(w.float() / scale) + zero).clamp_(0, maxq)
+            Q[:, col: col + 1] = q.to(torch.int32)
+            err = (w - ((q - zero) * scale).double()) / U1[i, i]
             W1[:, i:] -= err @ U1[i: i + 1, i:]
             E1[:, i: i + 1] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]

@@ -146,6 +146,7 @@ class BlockDecision:
     candidate_errors: dict[float, float]  # β -> block relative output error
     weights: dict[str, QuantizedWeight] = field(repr=False, default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)  # on every batch
 
     @property
     def error(self) -> float:
@@ -182,7 +183,7 @@ def _quantize_block(layers, block: list[int], targets: dict, fp: dict, xs, calib
                               "error": relative_error(W, deq, H)}
         h = layer_forward(layers[i], h, kws)
     check_finite(f"decoder layers {block}", *h)
-    return weights, clips, recs
+    return weights, clips, recs, h
 
 
 def _block_error(layers, block: list[int], xs, calib: Calibration, idx: list[int],
@@ -227,11 +228,11 @@ def search_block(model, block: list[int], xs: list[torch.Tensor], calib: Calibra
             errors[beta] = _block_error(layers, block, xs, calib, held, ys)
             restore()
     beta = min(errors, key=errors.get) if errors else cfg.clip_strengths[0]
-    weights, clips, records = _quantize_block(layers, block, targets, fp, xs, calib, every,
-                                              beta, cfg, True)
+    weights, clips, records, outputs = _quantize_block(layers, block, targets, fp, xs, calib,
+                                                       every, beta, cfg, True)
     restore()
     return BlockDecision(list(block), beta, clips, errors or {beta: float("nan")}, weights,
-                         records)
+                         records, outputs)
 
 
 def apply_decision(model, decision: BlockDecision) -> None:
