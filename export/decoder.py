@@ -20,6 +20,7 @@ from pathlib import Path
 from edgevlm.errors import UserError
 from edgevlm.export.source import QUANTIZED
 from edgevlm.runtime import contract
+from edgevlm.runtime.contract import Precision
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def choose(config, model_config) -> DecoderChoice:
         raise UserError(f"--max-context {context} is over the model's max_position_embeddings "
                         f"{limit}; use at most {limit}")
     precision = config.precision
-    activations = "fp16" if precision == "fp16" or config.profile == "gpu" else "fp32"
+    activations = "fp16" if Precision(precision).half or config.profile == "gpu" else "fp32"
     level = None
     if precision in QUANTIZED:
         level = (config.accuracy_level if config.accuracy_level is not None

@@ -37,6 +37,7 @@ from edgevlm.export import precision as prec
 from edgevlm.export import source as ckpt
 from edgevlm.export.validate import Parity
 from edgevlm.runtime import contract
+from edgevlm.runtime.contract import Precision
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ PROFILE_DECODERS = {"default": "builder", "mobile": "traced", "gpu": "builder"}
 # (MatMulInteger) runs the SigLIP-224 tower of the SmolLM2 LLaVA in 4.2 ms against 12.1 ms as
 # int4 MatMulNBits on this AVX2 CPU (benchmarks/results/runtime_speed.json, "vision"), and rounds
 # less. A checkpoint that quantized its vision layers to 4 bits keeps them (its own integers).
-INT4_VISION = "int8"
+INT4_VISION = Precision.INT8
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class ExportConfig:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value!r} is not a precision; choose one of "
                                 f"{', '.join(contract.PRECISIONS)}")
+            if value is not None:
+                object.__setattr__(self, name, Precision(value))
+                value = getattr(self, name)
             if self.profile == "mobile" and value is not None and value not in MOBILE_PRECISIONS:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value} is not available with --profile mobile: its "
@@ -170,7 +174,7 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
     from edgevlm.export import graphs, mobile, weights
 
     path = out / contract.graph_file(component, precision)
-    traced = path if precision in ("fp32", "fp16") else out / ".float" / path.name
+    traced = path if Precision(precision).floating else out / ".float" / path.name
     if shapes is None:
         module = graphs.wrapper(component, model)
         args = graphs.example_inputs(component, model.config)
@@ -244,7 +248,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
-    if (config.precision == "int4" and config.vision_precision is None
+    if (config.precision is Precision.INT4 and config.vision_precision is None
             and config.profile == "default"
             and not (source is not None and ckpt.quantized_vision(model_dir))):
         config = replace(config, vision_precision=INT4_VISION)
@@ -281,12 +285,12 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     model.set_attn_implementation("eager")
 
     # fp16 graphs come last: tracing them turns the model to half precision in place.
-    order = sorted(contract.COMPONENTS, key=lambda c: precisions[c] == "fp16")
+    order = sorted(contract.COMPONENTS, key=lambda c: Precision(precisions[c]).half)
     with atomic_dir(out, config.overwrite, [model_dir]) as tmp, \
             Progress("export", 2 * len(order) + config.validate, enabled=not quiet) as bar:
         traced, built = {}, None
         for component in order:
-            if precisions[component] == "fp16" and model.dtype != torch.float16:
+            if Precision(precisions[component]).half and model.dtype != torch.float16:
                 model.half()
             if component == dec.DECODER and choice.kind == "builder":
                 built = dec.build(model, tmp, precisions[component], choice, plan, config.opset)

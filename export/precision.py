@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from edgevlm.export import int4, int8
+from edgevlm.runtime.contract import Precision
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def quantize(component: str, precision: str, src: Path, dst: Path, block_size: i
 
 
 def _quantize(component, precision, src, dst, block_size, external, ops, checkpoint) -> None:
-    if precision == "int8":
+    if Precision(precision) is Precision.INT8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with warnings.catch_warnings():
@@ -56,7 +57,7 @@ def _quantize(component, precision, src, dst, block_size, external, ops, checkpo
                              weight_type=QuantType.QInt8, use_external_data_format=external)
         if checkpoint:
             int8.use_checkpoint(dst, checkpoint, external)
-    elif precision == "int4":
+    elif Precision(precision) is Precision.INT4:
         int4.rtn(src, dst, block_size, ops, external, checkpoint)
     else:
         raise AssertionError(f"{precision} is not made by quantizing a float graph")

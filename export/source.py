@@ -16,11 +16,12 @@ from pathlib import Path
 
 from edgevlm.errors import UserError
 from edgevlm.export import int4, int8
+from edgevlm.runtime.contract import Precision
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 32
-QUANTIZED = ("int8", "int4")  # precisions whose graphs carry integer weights
+QUANTIZED = tuple(p for p in Precision if p.quantized)  # graphs that carry integer weights
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ def check_source(model_dir: Path) -> Source | None:
     group, packed = scheme.group_size, scheme.pack_quantized_int
     if (packed and scheme.num_bits == 4 and scheme.strategy == "group"
             and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):
-        return Source("int4", 4, group)
+        return Source(Precision.INT4, 4, group)
     if (packed and scheme.num_bits == 8 and scheme.strategy == "channel"
             and scheme.symmetric):
-        return Source("int8", 8, None)
+        return Source(Precision.INT8, 8, None)
     raise UserError(f"{model_dir}/config.json: quantization_config is not supported; export "
                     "needs a 4-bit pack-quantized checkpoint (compressed-tensors, one group of "
                     f"4-bit int weights, strategy group, group_size a power of two >= "
@@ -80,7 +81,7 @@ def _read_checkpoint(model_dir: Path, source: Source) -> dict:
     """{module name: Int4Weight | Int8Weight}: the checkpoint's integers per layer."""
     from edgevlm.quant.checkpoint import read_int4_layers, read_int8_layers
 
-    if source.precision == "int4":
+    if source.precision is Precision.INT4:
         return {n: int4.Int4Weight(*v) for n, v in read_int4_layers(model_dir).items()}
     return {n: int8.Int8Weight(*v) for n, v in read_int8_layers(model_dir).items()}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.runtime import contract
+from edgevlm.runtime.contract import Precision
 
 # Pass thresholds. fp32 must match torch to float rounding. Other precisions are held to an
 # error relative to the largest reference value of that output, measured on tiny random models
@@ -134,7 +135,8 @@ def _error(precision: str, got: np.ndarray, want: np.ndarray, gated: bool = True
            ) -> ComponentError:
     diff = np.abs(got.astype(np.float64) - want)
     scale = float(np.abs(want).max())
-    tol = FP32_MAX_ABS if precision == "fp32" else RELATIVE_TOLERANCE[precision] * scale
+    tol = (FP32_MAX_ABS if Precision(precision) is Precision.FP32
+           else RELATIVE_TOLERANCE[precision] * scale)
     max_abs = float(diff.max())
     return ComponentError(precision, max_abs, float(diff.mean()), scale, tol,
                           max_abs < tol or not gated, gated)
@@ -276,7 +278,7 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
                    if a != b), len(tokens))
     compared = min(prefix + 1, len(tokens))  # the step that diverged still saw equal prefixes
     diff = np.abs(steps[:compared].astype(np.float64) - ref.step_logits[:compared])
-    all_fp32 = all(p == "fp32" for p in precisions.values())
+    all_fp32 = all(Precision(p) is Precision.FP32 for p in precisions.values())
     greedy = GreedyResult(len(tokens), prefix, tokens == ref.tokens, float(diff.max()),
                           float(diff.mean()), compared, all_fp32)
     if all_fp32 and not greedy.identical:

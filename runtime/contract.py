@@ -40,6 +40,7 @@ Torch-free: standard library only.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 FORMAT_VERSION = 3  # 3: the "decoder" key and builder decoders; 2: the "profile" key and the
@@ -54,6 +55,38 @@ ONNX_DIR = "onnx"
 COMPONENTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int4": "_q4"}
 PRECISIONS = tuple(SUFFIXES)
+
+
+class Precision(str, enum.Enum):
+    """A graph's precision: the one notion the exporter and runtime share. A str, so it equals,
+    hashes and serializes as its name ("int4")."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"  # MatMulInteger / dynamic int8 activations, or MatMulNBits 8-bit
+    INT4 = "int4"  # MatMulNBits
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def suffix(self) -> str:
+        """The graph file's suffix (transformers.js names: "", _fp16, _int8, _q4)."""
+        return SUFFIXES[self.value]
+
+    @property
+    def quantized(self) -> bool:
+        """Integer weights: made by quantizing a float graph (or carried from a checkpoint)."""
+        return self in (Precision.INT8, Precision.INT4)
+
+    @property
+    def floating(self) -> bool:
+        """Float weights: traced as they are."""
+        return not self.quantized
+
+    @property
+    def half(self) -> bool:
+        return self is Precision.FP16
 
 Axes = tuple  # each entry: a symbolic axis name (dynamic) or an int (static)
 
