@@ -28,12 +28,11 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def bound(s: ort.InferenceSession, buffer: int):
+def bound(s: ort.InferenceSession, buffer: int, heads: int, dim: int):
     b = s.io_binding()
     kv = [i for i in s.get_inputs() if i.name.startswith("past_key_values.")]
     keep = []
     for i in kv:
-        heads, dim = i.shape[1], i.shape[3]
         buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, buffer, dim), np.float32))
         keep.append(buf)
         b.bind_ortvalue_input(i.name, buf)
@@ -54,7 +53,9 @@ def main() -> None:
     p.add_argument("--buffer", type=int, default=96)
     args = p.parse_args()
     ours, genai = session(args.ours), session(args.genai)
-    bo, bg = bound(ours, args.buffer), bound(genai, args.buffer)
+    # genai names the head size symbolically ("kv_cache_dim"); ours states both
+    _, heads, _, dim = next(i for i in ours.get_inputs() if i.name.startswith("past_")).shape
+    bo, bg = bound(ours, args.buffer, heads, dim), bound(genai, args.buffer, heads, dim)
     hidden = ours.get_inputs()[0].shape[-1]
     embeds = np.random.default_rng(0).standard_normal((1, 1, hidden)).astype(np.float32) * 0.05
     mask = np.ones((1, args.past + 1), np.int64)
