@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_seed
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
@@ -299,6 +299,7 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
     vision part then comes from the preset, the config or `vision_from` (edgevlm.text_lm)."""
     from edgevlm.atomic import atomic_dir, check_new
 
+    check_seed(seed)
     cfg = _vision_source_config(preset, config_path, vision_from, text_from)
     if text_from is not None:
         if tokenizer_data or tokenizer_from is not None:

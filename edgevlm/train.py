@@ -27,7 +27,7 @@ from edgevlm.data import (
     fit_samples,
     resolve_max_length,
 )
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_seed
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
 
@@ -57,6 +57,7 @@ class TrainConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        check_seed(self.seed)
         check_length_options(self.max_length, self.long_samples)
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_seed
 
 METHOD_NAMES = ("rtn", "gptq", "qvlm")
 MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
@@ -224,6 +224,7 @@ class QuantConfig:
             bad("act_clip_grid", self.act_clip_grid, "clip ratios must lie in (0, 1]")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "use at least 1")
+        check_seed(self.seed)
         if isinstance(self.skip, list):  # from JSON
             object.__setattr__(self, "skip", tuple(self.skip))
         for name in ("clip_grid", "clip_strengths", "act_clip_grid"):

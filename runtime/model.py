@@ -219,6 +219,13 @@ class VLM:
 
     def _prepare(self, image, prompt, t0: float) -> _Prepared:
         text = self.template.render(self.messages(image, prompt), add_generation_prompt=True)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the prompt holds {text[e.start:e.end]!r} at character {e.start}, "
+                            "which is not valid Unicode (a lone surrogate, often from decoding "
+                            "bytes with errors='surrogateescape'); decode it as UTF-8 "
+                            "first") from e
         ids = self.tokenizer.encode(text)
         n_tags = ids.count(self.image_token_id) if self.image_token_id is not None else 0
         if image is not None and n_tags != 1:

@@ -145,6 +145,9 @@ def _from_array(arr: np.ndarray) -> Image.Image:
                                                             and arr.shape[-1] not in (1, 3, 4)):
         raise UserError(f"image array must be uint8 with shape (H, W) or (H, W, 1|3|4), got "
                         f"{arr.dtype} {arr.shape}")
+    if 0 in arr.shape[:2]:
+        raise UserError(f"image array is {arr.shape[1]}x{arr.shape[0]} pixels; an image needs "
+                        "at least one")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     return Image.fromarray(np.ascontiguousarray(arr))

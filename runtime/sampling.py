@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_seed
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class GenerationConfig:
                             f"to max_new_tokens ({self.max_new_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError(f"stop={self.stop!r} must be non-empty strings")
+        if self.seed is not None:
+            check_seed(self.seed, "seed=")
 
 
 def pick_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:

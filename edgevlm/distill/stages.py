@@ -23,7 +23,7 @@ from pathlib import Path
 from edgevlm.data import FitReport, fit_samples
 from edgevlm.distill.checks import STAGE_ORDER, check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import LossWeights, distill_terms
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_seed
 from edgevlm.train import check_length_options
 
 # Which of train.py's trainability rules each stage uses: DPT trains the projector only.
@@ -54,6 +54,7 @@ class DistillConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", parse_stages(self.stages))
+        check_seed(self.seed)
         for name in ("steps", "dpt_steps", "sft_steps", "dft_steps", "batch_size", "save_every",
                      "vocab_chunk"):
             v = getattr(self, name)

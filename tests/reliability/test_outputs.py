@@ -92,3 +92,39 @@ def test_overwrite_replaces_an_artifact_and_sweeps_dead_runs_leftovers(model, tm
     assert '"num_bits": 8' in (out / "config.json").read_text()
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")) == [live.name]
+
+
+def test_bad_seeds_are_one_line(model, shapes_dir, tmp_path):
+    for args in (["train", model, shapes_dir / "train.json", "--out", tmp_path / "t", "--steps",
+                  "1"], ["quantize", model, "--out", tmp_path / "q", *RTN],
+                 ["init", tmp_path / "i", "--preset", "tiny-teacher", "--tokenizer-from",
+                  model]):
+        code, text = run(*args, "--seed", "-1")
+        assert code == 2 and text == ("error: --seed -1 is not a valid seed; give an integer "
+                                      "from 0 to 4294967295"), text
+    assert not any((tmp_path / n).exists() for n in ("t", "q", "i"))
+
+
+def test_runtime_bad_inputs_are_user_errors(export_dir_for_reliability):
+    import numpy as np
+
+    from edgevlm.errors import UserError
+    from edgevlm.runtime import VLM
+
+    vlm = VLM.load(export_dir_for_reliability, provider="cpu")
+    with pytest.raises(UserError, match="not valid Unicode .* lone surrogate"):
+        vlm.generate(None, "caf\udce9")
+    with pytest.raises(UserError, match="image array is 0x0 pixels"):
+        vlm.generate(np.zeros((0, 0, 3), np.uint8), "What is it?")
+    with pytest.raises(UserError, match="seed= -1 is not a valid seed"):
+        vlm.generate(None, "hi", temperature=1.0, seed=-1)
+    assert vlm.generate(np.zeros((1, 1, 3), np.uint8), "What is it?", max_new_tokens=2).timings
+
+
+@pytest.fixture(scope="module")
+def export_dir_for_reliability(micro_model_dir, tmp_path_factory):
+    from edgevlm.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("rel") / "export"
+    export(micro_model_dir, out, ExportConfig(precision="fp32", validate=False))
+    return out
