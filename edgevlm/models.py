@@ -262,8 +262,17 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
         from transformers import CompressedTensorsConfig
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        str(model_dir), dtype=dtype or torch.float32, **kw)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=dtype or torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 -- only the weight files' own errors are renamed
+        if type(e).__name__ == "SafetensorError":
+            raise UserError(f"{model_dir}: a weights file is damaged or truncated ({e}); copy "
+                            "or download the model again") from e
+        if isinstance(e, OSError) and "no file named" in str(e):
+            raise UserError(f"{model_dir} has no weights (no model.safetensors); copy the "
+                            "whole model folder, or make one with `edgevlm init`") from e
+        raise
     if device:
         model = model.to(device)
     model.eval()

@@ -181,3 +181,9 @@ def check_io(session: ort.InferenceSession, path: str | Path, inputs, outputs) -
         raise UserError(f"graph {path} lacks the inputs/outputs {', '.join(missing[:6])}"
                         f"{' ...' if len(missing) > 6 else ''} that the edgevlm contract names; "
                         "it was not made by `edgevlm export` or by a matching version")
+    unfed = [i.name for i in session.get_inputs() if i.name not in inputs]
+    if unfed:
+        more = " ..." if len(unfed) > 4 else ""
+        raise UserError(f"graph {path} takes inputs the runtime would not feed "
+                        f"({', '.join(unfed[:4])}{more}): edgevlm.json does not describe it "
+                        "(num_layers lower than the graph's?); re-export")

@@ -128,3 +128,20 @@ def export_dir_for_reliability(micro_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel") / "export"
     export(micro_model_dir, out, ExportConfig(precision="fp32", validate=False))
     return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing"])
+@pytest.mark.parametrize("command", ["quantize", "export", "eval"])
+def test_damaged_weights_are_one_line(model, tmp_path, damage, command, shapes_dir):
+    weights = model / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else b"")
+    args = {"quantize": ["quantize", model, "--out", tmp_path / "o", *RTN],
+            "export": ["export", model, "--out", tmp_path / "o"],
+            "eval": ["eval", model, shapes_dir / "eval.json"]}[command]
+    code, text = run(*args)
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert ("damaged or truncated" if damage != "missing" else "has no weights") in text, text
+    assert not (tmp_path / "o").exists()

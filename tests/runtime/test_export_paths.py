@@ -83,3 +83,11 @@ def test_hard_linked_external_data_is_refused(export_copy, tmp_path):
     os.link(data, tmp_path / "elsewhere.bin")  # the same bytes, reachable from outside
     with pytest.raises(UserError, match="is a hard link"):
         VLM.load(export_copy, provider="cpu")
+
+
+def test_a_manifest_that_undercounts_layers_is_named(export_copy):
+    manifest = json.loads((export_copy / "edgevlm.json").read_text())
+    manifest["num_layers"] -= 1  # the graph still takes the last layer's past
+    (export_copy / "edgevlm.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="takes inputs the runtime would not feed.*re-export"):
+        VLM.load(export_copy, provider="cpu")
