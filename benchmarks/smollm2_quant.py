@@ -46,6 +46,42 @@ METHODS = {  # row name -> quantize arguments
 }
 
 
+def table(results: dict) -> str:
+    """The results as a markdown table: one row per setting and method, seeds pooled (mean and
+    sample s.d. of accuracy; perplexity and time likewise), and the vision step's choice."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for key, row in results["rows"].items():
+        setting, method = ("FP", "FP") if key == "FP" else tuple(key.split(" | ")[:2])
+        groups.setdefault((setting, method), []).append(row)
+
+    def cell(values, fmt):
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return fmt.format(values[0])
+        return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+    lines = ["| setting | method | accuracy % | perplexity | quantize s | vision step kept "
+             "(steps, held-out KL before → after) | seeds |", "|---|---|---|---|---|---|---|"]
+    fp_ppl = (results["rows"].get("FP", {}).get("eval", {}).get("perplexity") or {}).get(
+        "perplexity")
+    for (setting, method), rows in groups.items():
+        acc = [100 * r["eval"]["accuracy"] for r in rows]
+        ppl = [r["eval"]["perplexity"]["perplexity"] for r in rows if r["eval"].get("perplexity")]
+        secs = [r["seconds"] for r in rows if r.get("seconds")]
+        ppl_cell = cell(ppl, "{:.2f}")
+        if ppl and fp_ppl and method != "FP":
+            ppl_cell += f" ({100 * (statistics.mean(ppl) / fp_ppl - 1):+.0f}%)"
+        vis = [r.get("vision_opt") for r in rows if isinstance(r.get("vision_opt"), dict)]
+        vis_cell = "; ".join(f"{v['steps_kept']}, {1e3 * v['heldout_kl_before']:.1f} → "
+                             f"{1e3 * v['heldout_kl_after']:.1f}" for v in vis) or "–"
+        lines.append(f"| {setting} | {method} | {cell(acc, '{:.1f}')} | {ppl_cell} | "
+                     f"{cell(secs, '{:.0f}')} | {vis_cell} | {len(rows)} |")
+    return "\n".join(lines) + "\n\nHeld-out KL in 10⁻³ nats per answer token.\n"
+
+
 def evaluate(folder: Path, args, out: Path) -> dict:
     cmd = ["edgevlm", "eval", str(folder), str(args.data / "eval.json"),
            "--limit", str(args.limit), "--max-new-tokens", "8", "--quiet", "--json", str(out)]
@@ -79,6 +115,7 @@ def main() -> None:
 
     def save():
         args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(f"`{results['command']}`\n\n" + table(results))
 
     if "FP" not in results["rows"]:
         results["rows"]["FP"] = {"eval": evaluate(args.model, args, args.work / "fp.json")}
