@@ -109,13 +109,21 @@ def _parse(row, i: int, path: Path, root: Path) -> Sample:
 
 
 def open_image(path: Path):
-    """PIL RGB image, or a UserError that names the file."""
+    """PIL RGB image, or a UserError that names the file. Transparency is composited onto
+    white, as the HF image processors and the runtime do (runtime.preprocess.to_rgb), so what
+    training and evaluation see is what the runtime sees."""
     from PIL import Image, UnidentifiedImageError
+
+    from edgevlm.runtime.preprocess import to_rgb
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+            im.load()
+            return Image.fromarray(to_rgb(im))
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to decode safely ({e}); downscale it or "
+                        "remove that entry") from e
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path} ({e}); replace or remove that entry") from e
 
 

@@ -145,3 +145,33 @@ def test_damaged_weights_are_one_line(model, tmp_path, damage, command, shapes_d
     assert code == 2 and len(text.splitlines()) == 1, text
     assert ("damaged or truncated" if damage != "missing" else "has no weights") in text, text
     assert not (tmp_path / "o").exists()
+
+
+def test_training_data_and_runtime_see_a_transparent_image_alike(tmp_path):
+    """An RGBA image reaches the model the same through edgevlm.data (training, eval) and the
+    runtime: transparency composited onto white, not dropped."""
+    import numpy as np
+    from PIL import Image
+
+    from edgevlm.data import open_image
+    from edgevlm.runtime.preprocess import load_image, to_rgb
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red, fully transparent on the left half
+    rgba[:, 4:, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    ours = np.asarray(open_image(tmp_path / "a.png"))
+    assert (ours == to_rgb(load_image(tmp_path / "a.png"))).all()
+    assert (ours[:, :4] == 255).all() and (ours[:, 4:] == [200, 0, 0]).all()
+
+
+def test_a_decompression_bomb_in_training_data_is_one_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from edgevlm.data import open_image
+    from edgevlm.errors import UserError
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is then a "bomb"
+    with pytest.raises(UserError, match="too large to decode safely"):
+        open_image(tmp_path / "big.png")
