@@ -226,10 +226,11 @@ def quantize_(
                                       "--calib-text"),
     max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
     partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
-    vision_opt: bool = typer.Option(True, "--vision-opt/--no-vision-opt",
+    vision_opt: bool = typer.Option(False, "--vision-opt/--no-vision-opt",
                                     help="Q-VLM: tune the projector and the tower's final norms "
                                     "against the rounded decoder, kept only as far as held-out "
-                                    "calibration samples confirm"),
+                                    "calibration samples confirm (off by default: it did not "
+                                    "improve held-out accuracy or KL; README)"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
     seed: int = typer.Option(0),

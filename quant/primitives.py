@@ -167,7 +167,9 @@ class QuantConfig:
     calib_samples: int = 128
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
     partition: str = "entropy"  # Q-VLM: cut blocks at low entropy, or equal sizes (same count)
-    vision_opt: bool = True  # Q-VLM: optimise projector/norms to lower visual-token entropy
+    # Q-VLM: tune projector/norms to lower visual-token entropy. Off by default: held-out data
+    # showed no gain and one 10x KL loss (README, "On the real LM"; issue 15)
+    vision_opt: bool = False
     quantize_vision: bool = False
     skip: tuple[str, ...] = ("multi_modal_projector", "lm_head")
     seed: int = 0

@@ -23,19 +23,24 @@ Choices made here, each one a place where the paper leaves room:
    searched parameters are per-group clipping scales: for each Linear a per-(row, group) ratio
    α* from `clip_grid` minimising the group's Hessian-weighted error eᵀ H_gg e, and one
    strength β per block, clip = 1 − β(1 − α*), chosen from `clip_strengths` jointly for the
-   whole block by the block's output error ‖Y_q − Y_fp‖² / ‖Y_fp‖². β = 0 is plain GPTQ, so on
-   calibration data the block error is never worse than GPTQ's.
-4. Vision-side optimization (`optimize_vision`, on by default, `--no-vision-opt` to measure it).
-   Before the search, the projector and the vision tower's final norms are trained for at most
-   `vision_opt_steps` Adam steps on loss = KL(p_fp ‖ p) over answer tokens + λ·H_rel(visual
-   tokens). H_rel = mean_f ½·log(var_f) − ½·log(mean_f var_f) is a differentiable, scale-free
-   stand-in for the histogram entropy of the tokens entering the language model (that histogram
-   spans the tokens' own range, so shrinking every feature does not lower it; an earlier
-   version without the second term did exactly that and cost ~5 points, see
-   benchmarks/results/quant_ablation_*). A trust region keeps the answers: a step whose
-   parameters move the answer distribution by more than KL_BUDGET nats per token is undone and
-   the optimization stops there. These float parameters are saved in the checkpoint (they are
-   not quantized); the report gives the KL and the histogram entropy before and after.
+   whole block by the block's output error ‖Y_q − Y_fp‖² / ‖Y_fp‖² on held-out calibration
+   batches (Calibration.heldout, a quarter of the samples), each candidate fitted on up to
+   SEARCH_BATCHES fitting batches; the chosen β is then refitted on every batch. β = 0 is
+   plain GPTQ.
+4. Vision-side optimization (`optimize_vision`; off by default, `--vision-opt`). Before the
+   search, the projector and the vision tower's final norms are trained on loss = KL(p_fp ‖
+   p_q) over answer tokens + λ·H_rel(visual tokens), where p_q is the model with its decoder
+   rounded to nearest at the target bits: the paper's aims, visual tokens of low entropy that
+   the quantized decoder reads as the float one does (the searched decoder does not exist
+   yet, so RTN stands in for it). H_rel = mean_f ½·log(var_f) − ½·log(mean_f var_f) is a
+   differentiable, scale-free stand-in for the histogram entropy of the tokens entering the
+   language model (an earlier version without the second term shrank every feature and cost
+   ~5 points). Adam step sizes VISION_LRS, checkpoints at a quarter, half and all of
+   `vision_opt_steps`; the checkpoint with the lowest KL on held-out batches is kept, the
+   untouched start included. These float parameters are saved in the checkpoint. Off by
+   default: on SmolLM2 and the shapes teacher it lowered its own held-out KL but not the final
+   model's KL or accuracy on eval questions (README, "On the real LM") — the rounded decoder it
+   tunes against errs far more than the searched one it ends up feeding.
 5. Decisions are data: `BlockDecision` holds the block, β, the per-Linear clip scales, the
    candidates' errors and the resulting integers; `apply_decision` writes them into the model.
 6. Activation quantization (act_bits 8/6/4) is the same for every method (edgevlm.quant.act): the

@@ -34,7 +34,7 @@ def load_hf(path, symmetric):
 def results(micro_model_dir, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quant")
     runs = {"rtn": dict(method="rtn", symmetric=False), "gptq": dict(method="gptq"),
-            "qvlm": dict(method="qvlm")}  # gptq and qvlm: the default, symmetric
+            "qvlm": dict(method="qvlm", vision_opt=True)}  # gptq, qvlm: symmetric (default)
     return {name: quantize(micro_model_dir, out / name, QuantConfig(**kw, **FAST),
                            calib=shapes_dir / "train.json")
             for name, kw in runs.items()}
@@ -67,7 +67,8 @@ def test_report_records_entropy_errors_and_blocks(results):
     assert len(rep["calibration"]["layer_input_entropy"]) == 2
     assert rep["blocks"] == [[0, 1]]  # max_block 4 holds both layers
     assert all(0 < v["entropy"] <= 8 and 0 < v["error"] < 0.5 for v in rep["layers"].values())
-    assert rep["vision_opt"]["steps"] == 2
+    assert rep["vision_opt"]["steps"] == 2  # asked for: off by default
+    assert QuantConfig().vision_opt is False
     search = rep["block_search"][0]
     # β = 0 is GPTQ inside the block, so the chosen β is at least as good on calibration data.
     assert search["block_error"] <= search["candidate_errors"]["0.0"]
@@ -253,7 +254,7 @@ def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, p
     assert kinds == ["image", "text", "text", "image"] and mixed.heldout == 1  # images held out
 
     runs = {name: quantize(micro_model_dir, tmp_path / name, QuantConfig(method=m, **{
-        **FAST, "calib_samples": 6}), calib_text=prose)
+        **FAST, "calib_samples": 6, "vision_opt": m == "qvlm"}), calib_text=prose)
         for name, m in (("gptq", "gptq"), ("qvlm", "qvlm"), ("rtn", "rtn"))}
     rep = runs["qvlm"].report
     assert rep["vision_opt"].startswith("skipped: no image calibration")
