@@ -373,7 +373,10 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message may name `pip install 'edgevlm[toolkit]'`, which is markup to rich
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TOOLKIT_MODULES:

@@ -132,7 +132,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
                        max_new_tokens=8)
 
     def run_bench():
-        report = bench([teacher, student, exported], eval_json, bcfg)
+        report = bench([teacher, student, exported], eval_json, bcfg,
+                       model_target="edgevlm.bench_torch:TorchTarget")
         with atomic_dir(report_dir) as tmp:
             write_report(report, tmp)
 

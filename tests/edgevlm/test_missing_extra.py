@@ -58,3 +58,19 @@ def test_runtime_commands_work_without_the_toolkit(tmp_path):
                        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "t.txt").stat().st_size > 100_000
+
+
+def test_an_error_line_keeps_its_brackets(monkeypatch, capsys):
+    """UserErrors are printed verbatim: rich would read `[toolkit]` as markup and drop it."""
+    from edgevlm import cli
+    from edgevlm.errors import UserError
+
+    def boom():
+        raise UserError("pip install 'edgevlm[toolkit]' and [bold]this[/bold]")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert "pip install 'edgevlm[toolkit]' and [bold]this[/bold]" in (out.out + out.err)
