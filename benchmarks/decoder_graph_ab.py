@@ -25,6 +25,9 @@ WORK = Path("/tmp/edgevlm_runtime_speed/smollm2")
 def session(path: Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+    # Two sessions share the process: one's spinning threads would steal the other's cores
+    # (each step ran at about twice its solo time with spinning on).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
