@@ -175,8 +175,8 @@ def eval_(
     --text, the language model's perplexity on real text (float or quantized checkpoints)."""
     quiet_libraries()
     from edgevlm.data import load_samples
+    from edgevlm.devices import resolve_device
     from edgevlm.evaluate import evaluate
-    from edgevlm.models import resolve_device
     from edgevlm.perplexity import perplexity, read_text
     from edgevlm.quant.act import load_for_eval
 

@@ -71,6 +71,22 @@ class CalibrationData:
 TEXT_WINDOW = 512  # tokens per calibration window of --calib-text
 
 
+def _heldout_count(n: int) -> int:
+    """How many of `n` calibration items Q-VLM holds out: HELDOUT_FRACTION, at least one."""
+    return max(1, round(n * HELDOUT_FRACTION))
+
+
+def _fit_then_heldout(items: list, n_held: int, size: int, collate) -> tuple[list[dict], int]:
+    """`items` in batches of `size` (collate: items -> batch), the last `n_held` of them in
+    batches of their own at the end; returns (batches, held-out batch count)."""
+    def batched(part):
+        return [collate(part[i: i + size]) for i in range(0, len(part), size)]
+
+    cut = len(items) - n_held
+    held = batched(items[cut:]) if n_held else []
+    return batched(items[:cut]) + held, len(held)
+
+
 def _text_batches(loaded, calib_text: Path, cfg: QuantConfig,
                   hold_out: bool = False) -> tuple[list[dict], dict, int]:
     """Up to `cfg.calib_samples` windows of TEXT_WINDOW tokens of plain text, taken from the
@@ -90,26 +106,23 @@ def _text_batches(loaded, calib_text: Path, cfg: QuantConfig,
         raise UserError(f"--calib-text {calib_text} has {len(ids)} tokens, less than one "
                         f"calibration window of {TEXT_WINDOW}; give a longer text")
     wins = [ids[len(ids) - (i + 1) * TEXT_WINDOW: len(ids) - i * TEXT_WINDOW] for i in range(n)]
-    n_held = max(1, round(n * HELDOUT_FRACTION)) if hold_out else 0
+    n_held = _heldout_count(n) if hold_out else 0
     if hold_out and n - n_held < 1:
         raise UserError(f"--calib-text {calib_text} gives {n} window(s) of {TEXT_WINDOW} tokens; "
                         "Q-VLM fits on some and holds out at least one: give a longer text or "
                         "more --calib-samples")
 
-    def batched(part):
-        out = []
-        for i in range(0, len(part), cfg.batch_size):
-            x = torch.tensor(part[i: i + cfg.batch_size])
-            out.append({"input_ids": x, "attention_mask": torch.ones_like(x),
-                        "pixel_values": None, "labels": torch.full_like(x, -100)})
-        return out
+    def collate(part):
+        x = torch.tensor(part)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "pixel_values": None,
+                "labels": torch.full_like(x, -100)}
 
-    held = batched(wins[n - n_held:]) if n_held else []
+    batches, n_held_batches = _fit_then_heldout(wins, n_held, cfg.batch_size, collate)
     report = {"text_file": str(calib_text), "text_windows": n, "text_window_tokens": TEXT_WINDOW,
               "text_tokens_used_from_end": n * TEXT_WINDOW, "text_tokens": len(ids)}
     if n_held:
         report["heldout_text_windows"] = n_held
-    return batched(wins[: n - n_held]) + held, report, len(held)
+    return batches, report, n_held_batches
 
 
 def _calibration_batches(loaded, calib: Path | None, cfg: QuantConfig, image_root,
@@ -158,19 +171,12 @@ def _image_batches(loaded, calib: Path, cfg: QuantConfig, image_root) -> Calibra
     report = {"text_only_left_out": len(read) - sum(s.image is not None for s in read),
               "truncated": len(fit.truncated), "skipped_too_long": len(fit.skipped),
               "max_length": fit.max_length}
-    kept = fit.samples
-    n_held = round(len(kept) * HELDOUT_FRACTION) if cfg.method == "qvlm" else 0
-    if cfg.method == "qvlm":  # at least one of the >= MIN_CALIB_SAMPLES, and one left to fit
-        n_held = max(n_held, 1)
+    # Q-VLM: at least one of the >= MIN_CALIB_SAMPLES held out, and one left to fit
+    n_held = _heldout_count(len(fit.samples)) if cfg.method == "qvlm" else 0
+    if n_held:
         report["heldout_samples"] = n_held
-
-    def batched(samples):
-        return [collate(samples[i: i + cfg.batch_size])
-                for i in range(0, len(samples), cfg.batch_size)]
-
-    fitting = batched(kept[: len(kept) - n_held])
-    held = batched(kept[len(kept) - n_held:]) if n_held else []
-    return CalibrationData(fitting + held, report, len(held))
+    batches, n_held_batches = _fit_then_heldout(fit.samples, n_held, cfg.batch_size, collate)
+    return CalibrationData(batches, report, n_held_batches)
 
 
 def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
@@ -269,7 +275,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     quantizing (default: the checkpoint's own on CUDA, float32 on the CPU, where bf16 matmuls
     are slow); the algorithms do their arithmetic in float32/float64 whatever it is."""
     from edgevlm.atomic import atomic_dir, check_new
-    from edgevlm.models import checkpoint_dtype, load_model, read_config, resolve_device
+    from edgevlm.devices import checkpoint_dtype, resolve_device
+    from edgevlm.models import load_model, read_config
     from edgevlm.progress import Progress
     from edgevlm.quant.calibrate import walk
     from edgevlm.quant.checkpoint import write_checkpoint
