@@ -28,7 +28,7 @@ import torch
 
 from edgevlm.data import Sample, pixel_values
 from edgevlm.errors import UserError
-from edgevlm.evaluate import prompt_text
+from edgevlm.evaluate import check_context, prompt_text
 from edgevlm.models import load_model
 from edgevlm.quant.checkpoint import read_scheme
 from edgevlm.runtime.bench import BenchConfig, Run
@@ -87,6 +87,7 @@ class TorchTarget:
         t0 = time.perf_counter()
         ids = tok(prompt_text(loaded, sample), add_special_tokens=False,
                   return_tensors="pt")["input_ids"].to(self.device)  # (1, S)
+        check_context(loaded, sample, ids.shape[1], max_new_tokens)
         pixels = pixel_values(loaded.processor.image_processor, [sample])  # (1, 3, H, W) | None
         images = {} if pixels is None else {"pixel_values": pixels.to(self.device, model.dtype)}
         mask = torch.ones_like(ids)

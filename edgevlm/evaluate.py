@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from edgevlm.data import IMAGE_TAG, Sample, pixel_values, to_messages
+from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
 from edgevlm.runtime.metrics import Score
@@ -49,6 +50,18 @@ def prompt_text(loaded: LoadedModel, sample: Sample) -> str:
     return text.replace(IMAGE_TAG, IMAGE_TAG * loaded.num_image_tokens)
 
 
+def check_context(loaded: LoadedModel, sample: Sample, prompt_tokens: int,
+                  max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens to generate, runs past the model's positions (the
+    runtime refuses it the same way): beyond them RoPE extrapolates and the answer is garbage."""
+    limit = loaded.model.config.text_config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise UserError(f"sample {sample.id}: its prompt is {prompt_tokens} tokens and "
+                        f"--max-new-tokens adds {max_new_tokens}, past the model's {limit} "
+                        "positions (max_position_embeddings); shorten the question or lower "
+                        "--max-new-tokens")
+
+
 def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens: int = 16,
                      batch_size: int = 16, tokens: bool = False) -> list:
     """Greedy continuations (text, or token-id lists with `tokens=True`) for each sample."""
@@ -61,6 +74,8 @@ def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens:
     for i in range(0, len(samples), batch_size):
         chunk = samples[i: i + batch_size]
         ids = [tok(prompt_text(loaded, s), add_special_tokens=False)["input_ids"] for s in chunk]
+        for s, row in zip(chunk, ids):
+            check_context(loaded, s, len(row), max_new_tokens)
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)

@@ -70,6 +70,9 @@ def _image_path(row: dict, where: str, root: Path) -> Path | None:
     if not isinstance(rel, str) or not rel.strip():
         raise UserError(f"{where}: 'image' is {rel!r}; give a relative image path, or null "
                         "(or no 'image' key) for a text-only conversation")
+    if "://" in rel:
+        raise UserError(f"{where}: 'image' is a URL ({rel}); edgevlm reads local files only "
+                        "and never downloads: save the image and give its path")
     image = (root / rel).resolve()
     if not image.is_relative_to(root):
         raise UserError(f"{where}: image path {rel!r} leaves the data folder {root}; "
@@ -96,11 +99,17 @@ def _parse(row, i: int, path: Path, root: Path) -> Sample:
                 and ROLES.get(a.get("from")) == "assistant"):
             raise UserError(f"{where}: turns {k} and {k + 1} must be a human then a gpt "
                             "message with 'from' and 'value'")
-        qv, av = str(q.get("value", "")), str(a.get("value", ""))
+        for turn, role in ((q, "human"), (a, "gpt")):
+            if not isinstance(turn.get("value"), str):
+                raise UserError(f"{where}: the {role} turn's 'value' is "
+                                f"{json.dumps(turn.get('value'))}; give the message's text "
+                                "as a string")
+        qv, av = q["value"], a["value"]
         n_tags += qv.count(IMAGE_TAG) + av.count(IMAGE_TAG)
         turns.append((qv, av))
     if image is None and n_tags:
-        raise UserError(f"{where}: has {n_tags} '<image>' tag(s) but no 'image'; add the image "
+        said = "'image' is null" if "image" in row else "there is no 'image'"
+        raise UserError(f"{where}: has {n_tags} '<image>' tag(s) but {said}; add the image "
                         "path, or remove the tag for a text-only conversation")
     if image is not None and n_tags != 1:
         raise UserError(f"{where}: has {n_tags} '<image>' tags; a conversation with an image "
