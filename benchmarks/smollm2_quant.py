@@ -43,6 +43,10 @@ METHODS = {  # row name -> quantize arguments
     "Q-VLM, text calibration": ["--method", "qvlm", "--calib-text", TEXT],
     "GPTQ, images + text": ["--method", "gptq", "--calib", IMAGES, "--calib-text", TEXT],
     "Q-VLM, images + text": ["--method", "qvlm", "--calib", IMAGES, "--calib-text", TEXT],
+    "Q-VLM uniform blocks, images + text": ["--method", "qvlm", "--partition", "uniform",
+                                            "--calib", IMAGES, "--calib-text", TEXT],
+    "Q-VLM layer-wise, images + text": ["--method", "qvlm", "--max-block", "1",
+                                        "--calib", IMAGES, "--calib-text", TEXT],
 }
 
 
@@ -102,6 +106,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--act-bits", type=int, default=16,
+                   help="8: W4A8 with activations fake-quantized (simulated, as the label says)")
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2_quant.json")
@@ -121,6 +127,8 @@ def main() -> None:
         results["rows"]["FP"] = {"eval": evaluate(args.model, args, args.work / "fp.json")}
         save()
     setting = f"W{args.bits} g{args.group_size} symmetric"
+    if args.act_bits != 16:
+        setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} symmetric"
     for method in args.methods:
         for seed in ([0] if method == "RTN" else args.seeds):
             key = f"{setting} | {method} | seed {seed} | {args.calib_samples} samples"
@@ -132,6 +140,8 @@ def main() -> None:
                    *[fill.get(a, a) for a in METHODS[method]],
                    "--bits", str(args.bits), "--group-size", str(args.group_size),
                    "--symmetric", "--seed", str(seed), "--overwrite", "--quiet"]
+            if args.act_bits != 16:
+                cmd += ["--act-bits", str(args.act_bits)]
             if method != "RTN":
                 cmd += ["--calib-samples", str(args.calib_samples)]
             print("+", shlex.join(cmd), flush=True)
