@@ -18,7 +18,7 @@ import typer
 from edgevlm.cli_common import console, quiet_libraries, summary
 from edgevlm.cli_device import bench_, bench_table, run
 from edgevlm.cli_export import export_
-from edgevlm.errors import UserError
+from edgevlm.errors import UserError, check_at_least
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, quantize, export and run vision-language models on devices.")
@@ -182,6 +182,7 @@ def eval_(
 
     if data is None and text is None:
         raise UserError("give an evaluation DATA.json, --text FILE, or both")
+    check_at_least(1, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     samples = load_samples(data, image_root)[:limit] if data is not None else None
     body = read_text(text) if text is not None else None  # bad input fails before the load
     loaded = load_for_eval(model, resolve_device(device))

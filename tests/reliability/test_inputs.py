@@ -71,3 +71,11 @@ def test_bad_entries_are_named_in_one_line(case, expected, micro_model_dir, shap
     assert code == 2, text
     assert text.startswith("error:") and len(text.splitlines()) == 1, text
     assert "data.json entry 0: " in text and expected in text, text
+
+
+@pytest.mark.parametrize("option, value", [("--max-new-tokens", "-1"), ("--limit", "0"),
+                                           ("--batch-size", "0")])
+def test_eval_options_out_of_range_are_one_line(option, value, micro_model_dir, shapes_dir):
+    code, text = run("eval", micro_model_dir, shapes_dir / "eval.json", option, value, "--quiet")
+    assert code == 2, text
+    assert text == f"error: {option} {value} must be an integer of at least 1", text
