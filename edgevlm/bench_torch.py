@@ -29,6 +29,7 @@ import torch
 from edgevlm.data import Sample, pixel_values
 from edgevlm.errors import UserError
 from edgevlm.evaluate import check_context, prompt_text
+from edgevlm.families import family_of
 from edgevlm.models import load_model
 from edgevlm.quant.checkpoint import read_scheme
 from edgevlm.runtime.bench import BenchConfig, Run
@@ -123,10 +124,7 @@ class TorchTarget:
                    decode_s, rate)
 
     def _image_features(self, pixels):
-        out = self.loaded.model.get_image_features(pixel_values=pixels)
-        feats = getattr(out, "pooler_output", out)  # transformers 5: per-image list
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        feats = family_of(self.loaded.model).image_features(self.loaded.model, pixels)
         return feats.reshape(-1, feats.shape[-1])
 
     def _since(self, t: float) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from edgevlm.errors import UserError, check_seed
+from edgevlm.families import family_of, part, supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = supported_model_types()
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 SUPPORTED_TEXT = ("qwen2", "llama")
 
@@ -112,14 +113,8 @@ class LoadedModel:
 
 
 def num_image_tokens(config) -> int:
-    """Image tokens per image, as LlavaProcessor expands `<image>`."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model":
-        n += 1  # CLS
-    if config.vision_feature_select_strategy == "default":
-        n -= 1  # drop CLS
-    return n
+    """Image tokens per image, as the family's processor expands `<image>`."""
+    return family_of(config).num_image_tokens(config)
 
 
 def check_config(cfg: dict, where: str) -> None:
@@ -127,20 +122,20 @@ def check_config(cfg: dict, where: str) -> None:
     if cfg.get("model_type", "llava") not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaVA-family; "
                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for part, allowed in (("vision_config", SUPPORTED_VISION), ("text_config", SUPPORTED_TEXT)):
-        sub = cfg.get(part)
+    for sub_name, allowed in (("vision_config", SUPPORTED_VISION), ("text_config", SUPPORTED_TEXT)):
+        sub = cfg.get(sub_name)
         if not isinstance(sub, dict):
-            raise UserError(f"{where}: {part} is missing; give a {part} with a model_type")
+            raise UserError(f"{where}: {sub_name} is missing; give a {sub_name} with a model_type")
         if sub.get("model_type") not in allowed:
-            raise UserError(f"{where}: {part}.model_type {sub.get('model_type')!r} is not "
+            raise UserError(f"{where}: {sub_name}.model_type {sub.get('model_type')!r} is not "
                             f"supported; use one of {', '.join(allowed)}")
         heads = sub.get("num_attention_heads", 1)
         if sub.get("hidden_size", heads) % heads:
-            raise UserError(f"{where}: {part}.hidden_size {sub['hidden_size']} is not divisible by "
-                            f"num_attention_heads {heads}; pick sizes that divide")
+            raise UserError(f"{where}: {sub_name}.hidden_size {sub['hidden_size']} is not "
+                            f"divisible by num_attention_heads {heads}; pick sizes that divide")
         kv = sub.get("num_key_value_heads")
         if kv and heads % kv:
-            raise UserError(f"{where}: {part}.num_attention_heads {heads} is not divisible by "
+            raise UserError(f"{where}: {sub_name}.num_attention_heads {heads} is not divisible by "
                             f"num_key_value_heads {kv}; pick sizes that divide")
     vc = cfg["vision_config"]
     if vc.get("image_size", 224) % vc.get("patch_size", 16):
@@ -227,17 +222,17 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     """Load a LLaVA-family checkpoint directory and its processor. `dequantize`: a
     compressed-tensors checkpoint comes back as plain Linears holding (q − z)·s exactly."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
-    read_config(model_dir)
+    model_class = getattr(transformers, family_of(read_config(model_dir)).model_class)
     kw = {}
     if dequantize:
         from transformers import CompressedTensorsConfig
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=dtype or torch.float32, **kw)
+        model = model_class.from_pretrained(str(model_dir), dtype=dtype or torch.float32, **kw)
     except Exception as e:  # noqa: BLE001 -- only the weight files' own errors are renamed
         if type(e).__name__ == "SafetensorError":
             raise UserError(f"{model_dir}: a weights file is damaged or truncated ({e}); copy "
@@ -359,7 +354,7 @@ def copy_vision_tower(model, src_dir: str | Path) -> None:
     files = sorted(Path(src_dir).glob("*.safetensors"))
     if not files:
         raise UserError(f"--vision-from {src_dir}: no *.safetensors weights in that folder")
-    wanted = model.model.vision_tower.state_dict()
+    wanted = part(model, "vision_tower").state_dict()
     found = {}
     for f in files:
         with safe_open(str(f), "pt") as st:

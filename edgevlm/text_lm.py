@@ -164,14 +164,16 @@ def graft(loaded, lm: TextLM) -> None:
     """Copy the LM's weights into a LLaVA model built from `text_config_of(lm)`."""
     import torch
 
+    from edgevlm.families import part
+
     model = loaded.model
     with torch.no_grad():
-        missing, unexpected = model.model.language_model.load_state_dict(
+        missing, unexpected = part(model, "language_model").load_state_dict(
             lm.model.model.state_dict(), strict=False)
         assert not missing and not unexpected, f"LM weights do not fit: {missing} {unexpected}"
         if model.config.text_config.tie_word_embeddings:
             model.tie_weights()
-            emb = model.model.language_model.embed_tokens.weight
-            assert model.lm_head.weight.data_ptr() == emb.data_ptr(), "lm_head is not tied"
+            emb = part(model, "language_model").embed_tokens.weight
+            assert part(model, "lm_head").weight.data_ptr() == emb.data_ptr(), "lm_head is not tied"
         else:
-            model.lm_head.weight.copy_(lm.model.lm_head.weight)
+            part(model, "lm_head").weight.copy_(lm.model.lm_head.weight)

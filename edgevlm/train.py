@@ -28,6 +28,7 @@ from edgevlm.data import (
     resolve_max_length,
 )
 from edgevlm.errors import UserError, check_seed
+from edgevlm.families import part
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
 
@@ -97,11 +98,11 @@ def set_trainable(model, stage: str, train_vision: bool = False) -> int:
     model (+ vision tower when asked).
     """
     model.requires_grad_(False)
-    parts = [model.model.multi_modal_projector]
+    parts = [part(model, "connector")]
     if stage != "pretrain":
-        parts += [model.model.language_model, model.lm_head]
+        parts += [part(model, "language_model"), part(model, "lm_head")]
     if train_vision:
-        parts.append(model.model.vision_tower)
+        parts.append(part(model, "vision_tower"))
     for p in parts:
         p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -109,7 +110,7 @@ def set_trainable(model, stage: str, train_vision: bool = False) -> int:
 
 def image_params(model) -> list:
     """Trainable parameters a batch without images leaves out of the graph."""
-    parts = (model.model.multi_modal_projector, model.model.vision_tower)
+    parts = (part(model, "connector"), part(model, "vision_tower"))
     return [p for m in parts for p in m.parameters() if p.requires_grad]
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from edgevlm.families import part
+
 
 @dataclass(frozen=True)
 class TextDims:
@@ -47,8 +49,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, model):
         super().__init__()
         cfg = model.config
-        self.tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
+        self.tower = part(model, "vision_tower")
+        self.projector = part(model, "connector")
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
@@ -85,8 +87,8 @@ class Decoder(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.text = model.model.language_model
-        self.lm_head = model.lm_head
+        self.text = part(model, "language_model")
+        self.lm_head = part(model, "lm_head")
         self.text_config = model.config.text_config
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):

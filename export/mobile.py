@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgevlm.errors import UserError
+from edgevlm.families import part
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu", "relu")
 DEFAULT_CONTEXT = 1024  # cache slots when --max-context is not given (capped by the model's)
@@ -64,7 +65,7 @@ def check_supported(model) -> None:
                        ("text_config.hidden_act", cfg.text_config.hidden_act)):
         if act not in ACTIVATIONS:
             problems.append(f"{where}={act!r} (supported: {', '.join(ACTIVATIONS)})")
-    attn = model.model.language_model.layers[0].self_attn
+    attn = part(model, "language_model").layers[0].self_attn
     for name in ("q_norm", "k_norm"):
         if hasattr(attn, name):
             problems.append(f"{cfg.text_config.model_type} attention has {name}")
@@ -112,8 +113,8 @@ class StaticVisionEncoder(nn.Module):
     def __init__(self, model):
         super().__init__()
         cfg = model.config
-        self.tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
+        self.tower = part(model, "vision_tower")
+        self.projector = part(model, "connector")
         self.vc, self.proj_act = cfg.vision_config, cfg.projector_hidden_act
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
@@ -169,8 +170,8 @@ class StaticDecoder(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.text = model.model.language_model
-        self.lm_head = model.lm_head
+        self.text = part(model, "language_model")
+        self.lm_head = part(model, "lm_head")
         self.act = model.config.text_config.hidden_act
 
     def _attention(self, attn, x, mask, cos, sin, past_k, past_v):
@@ -221,7 +222,7 @@ def rope_table(model, context: int):
     from edgevlm.export.graphs import text_dims
 
     dims = text_dims(model.config)
-    rotary = model.model.language_model.rotary_emb
+    rotary = part(model, "language_model").rotary_emb
     x = torch.zeros(1, 1, dims.head_dim, dtype=torch.float32)
     with torch.no_grad():
         cos, sin = rotary(x, torch.arange(context)[None])

@@ -61,9 +61,12 @@ def check_source(model_dir: Path) -> Source | None:
 def quantized_vision(model_dir: Path) -> bool:
     """Whether the checkpoint holds packed integers for vision-tower layers (`quantize
     --quantize-vision`); read from the safetensors headers only."""
+    from edgevlm.families import family_of
+    from edgevlm.models import read_config
     from edgevlm.quant.checkpoint import packed_module_names
 
-    return any(".vision_tower." in f".{n}." for n in packed_module_names(model_dir))
+    family = family_of(read_config(model_dir))
+    return any(family.owns(n, "vision_tower") for n in packed_module_names(model_dir))
 
 
 def block_size(config, group: int | None, model_dir: Path) -> int:

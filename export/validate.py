@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.families import family_of
 from edgevlm.runtime import contract
 from edgevlm.runtime.contract import Precision
 
@@ -114,7 +115,7 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     with torch.no_grad():
-        feats = torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output))
+        feats = family_of(model).image_features(model, pixels)
         embeds = model.get_input_embeddings()(ids)
         merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], feats[:1])
         logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids)).logits

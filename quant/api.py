@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from edgevlm.errors import UserError
+from edgevlm.families import family_of, part
 from edgevlm.quant import act, gptq, qvlm, rtn
 from edgevlm.quant.calibrate import (
     BlockResult,
@@ -28,6 +29,7 @@ from edgevlm.quant.calibrate import (
     check_finite,
     decoder_layers,
     layer_forward,
+    layer_prefix,
     layer_stats,
     linears,
     prepare,
@@ -180,9 +182,10 @@ def _image_batches(loaded, calib: Path, cfg: QuantConfig, image_root) -> Calibra
 
 
 def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
-    out = linears(model.model.language_model, "model.language_model", cfg.skip)
+    family = family_of(model)
+    out = linears(part(model, "language_model"), family.path("language_model"), cfg.skip)
     if cfg.quantize_vision:
-        out.update(linears(model.model.vision_tower, "model.vision_tower", cfg.skip))
+        out.update(linears(part(model, "vision_tower"), family.path("vision_tower"), cfg.skip))
     # A group size that does not divide a width is fine (storable_group_size); one wider than a
     # layer would make the whole row one ragged group, which is --group-size -1 said unclearly.
     for name, m in out.items():
@@ -202,7 +205,7 @@ def _layerwise_block(model, cfg: QuantConfig, weights: dict):
     def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
         result = BlockResult()
         for i in block:  # blocks are single layers for layer-wise methods
-            targets = linears(layers[i], f"model.language_model.layers.{i}", cfg.skip)
+            targets = linears(layers[i], layer_prefix(model, i), cfg.skip)
             stats, _ = layer_stats(layers[i], xs, calib.layer_kwargs[i], calib.masks, targets)
             for name, m in targets.items():
                 W, H = m.weight.detach().float(), stats[name].hessian
@@ -240,7 +243,7 @@ def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.
     grid = cfg.act_clip_grid if cfg.act_bits in act.SEARCHED_BITS else (1.0,)
 
     def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
-        targets = {i: linears(layers[i], f"model.language_model.layers.{i}", cfg.skip)
+        targets = {i: linears(layers[i], layer_prefix(model, i), cfg.skip)
                    for i in block}
         fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
         result = block_fn(block, xs, calib)
@@ -252,7 +255,7 @@ def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.
             spec = act.ActQuantSpec(cfg.act_bits, {n: act.best_clip(e) for n, e in errors.items()},
                                     {n: {str(a): v for a, v in e.items()}
                                      for n, e in errors.items()})
-            hooks.install(dict(layers[i].named_modules(prefix=f"model.language_model.layers.{i}")),
+            hooks.install(dict(layers[i].named_modules(prefix=layer_prefix(model, i))),
                           spec)
             for n, clip in spec.clip.items():
                 found[n] = (clip, spec.errors[n])
@@ -318,7 +321,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
             qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
             m.weight.data = qw.dequantize().to(m.weight.dtype)
             weights[name] = qw
-            if cfg.act_bits != 16 and not name.startswith("model.vision_tower"):
+            if cfg.act_bits != 16 and not family_of(model).owns(name, "vision_tower"):
                 act_found[name] = (1.0, {})
         layers, blocks, block_info = {}, [], []
     else:
@@ -353,7 +356,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                                  "layer_input_entropy": calib_data.input_entropy}
         if cfg.quantize_vision:
             for name, m in targets.items():
-                if name.startswith("model.vision_tower"):
+                if family_of(model).owns(name, "vision_tower"):
                     qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
                     m.weight.data = qw.dequantize().to(m.weight.dtype)
                     weights[name] = qw

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgevlm.errors import UserError
+from edgevlm.families import family_of, part
 
 BINS = 256
 
@@ -103,7 +104,12 @@ class Calibration:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    return model.model.language_model.layers
+    return part(model, "language_model").layers
+
+
+def layer_prefix(model, i: int) -> str:
+    """Decoder layer i's module name in the whole model."""
+    return f"{family_of(model).path('language_model')}.layers.{i}"
 
 
 def prepare(model, batches: list[dict], heldout: int = 0) -> Calibration:

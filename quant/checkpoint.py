@@ -40,16 +40,20 @@ from edgevlm.errors import UserError
 from edgevlm.quant.primitives import MIN_GROUP, QuantizedWeight
 
 REPORT = "quant_report.json"
-# transformers 5 saves LLaVA in the legacy key layout; these give back the module names.
-_LEGACY_KEYS = (("language_model.lm_head.", "lm_head."),
-                ("language_model.model.", "model.language_model."),
-                ("vision_tower.", "model.vision_tower."),
-                ("multi_modal_projector.", "model.multi_modal_projector."))
 
 
-def module_name(key: str) -> str:
-    """The module name (as in `model.named_modules()`) of a saved LLaVA tensor key."""
-    for old, new in _LEGACY_KEYS:
+def _legacy_keys(model_dir: str | Path) -> tuple[tuple[str, str], ...]:
+    """The family's saved-key prefixes that differ from its module names (transformers 5 saves
+    LLaVA in the legacy layout)."""
+    from edgevlm.families import family_of
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return family_of(cfg).legacy_keys
+
+
+def module_name(key: str, legacy: tuple[tuple[str, str], ...]) -> str:
+    """The module name (as in `model.named_modules()`) of a saved tensor key."""
+    for old, new in legacy:
         if key.startswith(old):
             return new + key[len(old):]
     return key
@@ -179,10 +183,10 @@ def packed_module_names(model_dir: str | Path) -> list[str]:
     """Module names of every packed Linear, from the safetensors headers (no tensor read)."""
     from safetensors import safe_open
 
-    names = []
+    names, legacy = [], _legacy_keys(model_dir)
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
-            names += [module_name(k[: -len(".weight_packed")]) for k in h.keys()
+            names += [module_name(k[: -len(".weight_packed")], legacy) for k in h.keys()
                       if k.endswith(".weight_packed")]
     return names
 
@@ -204,7 +208,7 @@ def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    out = {}
+    out, legacy = {}, _legacy_keys(model_dir)
     for key in tensors:
         if not key.endswith(".weight_packed"):
             continue
@@ -216,7 +220,7 @@ def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
         if not args["symmetric"]:
             zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits,
                                    torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
-        out[module_name(name)] = (q, scale, zp)
+        out[module_name(name, legacy)] = (q, scale, zp)
     return args, out
 
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from edgevlm.errors import UserError
+from edgevlm.families import family_of, part
 from edgevlm.quant import gptq
 from edgevlm.quant.calibrate import (
     Calibration,
@@ -63,6 +64,7 @@ from edgevlm.quant.calibrate import (
     decoder_layers,
     entropy,
     layer_forward,
+    layer_prefix,
     layer_stats,
     linears,
     relative_error,
@@ -210,8 +212,7 @@ def search_block(model, block: list[int], xs: list[torch.Tensor], calib: Calibra
     SEARCH_BATCHES held-out ones (calib.heldout, the last batches); the chosen β is then
     fitted on every batch, so β = 0 gives exactly GPTQ's integers."""
     layers = decoder_layers(model)
-    prefix = "model.language_model.layers"
-    targets = {i: linears(layers[i], f"{prefix}.{i}", cfg.skip) for i in block}
+    targets = {i: linears(layers[i], layer_prefix(model, i), cfg.skip) for i in block}
     fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
 
     def restore():
@@ -255,15 +256,16 @@ def _answer_logp(model, batch: dict, store: dict) -> torch.Tensor:
     allocate B·S·V floats (8 × 250 × 49k for SmolLM2, 400 MB) per pass."""
     def hook(module, args, out):
         store["tokens"] = out
-    handle = model.model.multi_modal_projector.register_forward_hook(hook)
+    handle = part(model, "connector").register_forward_hook(hook)
     try:
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"].to(model.dtype),
-                             use_cache=False).last_hidden_state
+        hidden = part(model, "backbone")(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(model.dtype), use_cache=False
+        ).last_hidden_state
     finally:
         handle.remove()
     sel = batch["labels"][:, 1:] != -100
-    return torch.log_softmax(model.lm_head(hidden[:, :-1][sel]).float(), -1)
+    return torch.log_softmax(part(model, "lm_head")(hidden[:, :-1][sel]).float(), -1)
 
 
 def _kl(model, batch, ref, store) -> torch.Tensor:
@@ -286,8 +288,8 @@ def _rounded_decoder(model, cfg: QuantConfig) -> dict[str, torch.Tensor]:
     from edgevlm.quant import rtn
 
     kept = {}
-    for name, m in linears(model.model.language_model, "model.language_model",
-                           cfg.skip).items():
+    lm = family_of(model).path("language_model")
+    for name, m in linears(part(model, "language_model"), lm, cfg.skip).items():
         kept[name] = m.weight.detach().clone()
         m.weight.data = rtn.quantize_weight(kept[name].float(), cfg).dequantize().to(
             m.weight.dtype)
@@ -311,8 +313,8 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) 
                         f"{heldout} held out; pass more --calib-samples or --no-vision-opt")
     with_images = [b for b in batches[: n - heldout] if b.get("pixel_values") is not None]
     fit, held = with_images[:VISION_BATCHES], batches[n - heldout:][:VISION_BATCHES]
-    params = list(model.model.multi_modal_projector.parameters())
-    params += [p for name, p in model.model.vision_tower.named_parameters()
+    params = list(part(model, "connector").parameters())
+    params += [p for name, p in part(model, "vision_tower").named_parameters()
                if "post_layernorm" in name or "head.layernorm" in name]
     saved = [(p, p.requires_grad) for p in model.parameters()]
     trainable = {id(p) for p in params}
