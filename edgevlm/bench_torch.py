@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from edgevlm.data import Sample, pixel_values
+from edgevlm.data import Sample, pixel_inputs, pixels_of
 from edgevlm.errors import UserError
 from edgevlm.evaluate import check_context, prompt_text
 from edgevlm.families import family_of
@@ -89,13 +89,13 @@ class TorchTarget:
         ids = tok(prompt_text(loaded, sample), add_special_tokens=False,
                   return_tensors="pt")["input_ids"].to(self.device)  # (1, S)
         check_context(loaded, sample, ids.shape[1], max_new_tokens)
-        pixels = pixel_values(loaded.processor.image_processor, [sample])  # (1, 3, H, W) | None
-        images = {} if pixels is None else {"pixel_values": pixels.to(self.device, model.dtype)}
+        images = {k: v.to(self.device) for k, v in
+                  pixels_of(pixel_inputs(loaded.processor, [sample]), model.dtype).items()}
         mask = torch.ones_like(ids)
         preprocess_s = time.perf_counter() - t0
         with torch.inference_mode():
             t = time.perf_counter()
-            feats = self._image_features(images["pixel_values"]) if images else None  # (N_img, D)
+            feats = self._image_features(images) if images else None  # (N_img, D)
             vision_s = self._since(t) if images else 0.0  # as the runtime: 0 without an image
             t = time.perf_counter()
             slots = ids == loaded.image_token_id

@@ -80,8 +80,12 @@ def data_pydoc(
 def init(
     out: Path = typer.Argument(..., help="Model folder to create"),
     preset: Optional[str] = typer.Option(None, help="tiny-teacher | tiny-student | "
-                                         "llava-smollm2 (SigLIP 224 px, for --text-from)"),
-    config: Optional[Path] = typer.Option(None, help="A LlavaConfig JSON"),
+                                         "llava-smollm2 (SigLIP 224 px, for --text-from) | "
+                                         "tiny-smolvlm | smolvlm-smollm2 (Idefics3, for "
+                                         "--text-from)"),
+    config: Optional[Path] = typer.Option(None, help="A LlavaConfig or Idefics3Config JSON; "
+                                          "its model_type (llava when absent, idefics3) picks "
+                                          "the family"),
     tokenizer_data: Optional[list[Path]] = typer.Option(None, help="Train a BPE on this data"),
     tokenizer_from: Optional[Path] = typer.Option(None, help="Reuse this model's tokenizer"),
     vision_from: Optional[Path] = typer.Option(

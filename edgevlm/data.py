@@ -39,12 +39,54 @@ LONG_SAMPLES = ("truncate", "skip")  # what happens to a sample over max_length
 DEFAULT_MAX_LENGTH = 1024
 
 
-def pixel_values(image_processor, samples: list[Sample]):
-    """(N_images, 3, H, W) for the samples that have an image, in order; None when none has."""
-    images = [open_image(s.image) for s in samples if s.image is not None]
-    if not images:
-        return None
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+def pixel_inputs(processor, samples: list[Sample]) -> dict:
+    """The model's pixel inputs for the samples, as their family lays them out: LLaVA
+    {pixel_values (N_images, 3, H, W)} for the samples that have an image; Idefics3 5-D tiles
+    and pixel_attention_mask, one row per sample. {} when no sample has an image."""
+    from edgevlm.families import family_of_processor
+
+    images = [None if s.image is None else open_image(s.image) for s in samples]
+    return family_of_processor(processor).pixel_inputs(processor, images)
+
+
+def pixels_of(batch: dict, dtype) -> dict:
+    """The batch's pixel inputs for a model call: pixel_values in the model's dtype (absent for
+    a text-only batch), pixel_attention_mask as it is."""
+    out = {}
+    if batch.get("pixel_values") is not None:
+        out["pixel_values"] = batch["pixel_values"].to(dtype)
+    if batch.get("pixel_attention_mask") is not None:
+        out["pixel_attention_mask"] = batch["pixel_attention_mask"]
+    return out
+
+
+def expand_images(processor, text: str, n_tokens: int, sample: Sample) -> str:
+    """`text` with its `<image>` tag replaced by what the model's family makes of the image."""
+    from edgevlm.families import family_of_processor
+
+    if IMAGE_TAG not in text:
+        return text
+    family = family_of_processor(processor)
+    if not family.expansion_needs_image:
+        return text.replace(IMAGE_TAG, family.expand_image(processor, n_tokens, None))
+    # The tiling depends on the image's size only: read the size from the header and expand a
+    # blank image of that size once per size (training measures every sample before it starts).
+    from PIL import Image
+
+    try:
+        with Image.open(sample.image) as im:
+            size = im.size
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {sample.image} ({e}); replace or remove that "
+                        "entry") from e
+    key = (id(processor), n_tokens, size)
+    if key not in _EXPANSIONS:
+        blank = Image.new("RGB", size)
+        _EXPANSIONS[key] = family.expand_image(processor, n_tokens, blank)
+    return text.replace(IMAGE_TAG, _EXPANSIONS[key])
+
+
+_EXPANSIONS: dict[tuple, str] = {}  # (processor, tokens per tile, image size) -> expansion
 
 
 def resolve_max_length(requested: int | None, positions: int | None) -> int:
@@ -78,8 +120,8 @@ class Collator:
     def __init__(self, processor, num_image_tokens: int, max_length: int = DEFAULT_MAX_LENGTH,
                  long_samples: str = "truncate"):
         assert long_samples in LONG_SAMPLES, long_samples
+        self.processor = processor
         self.tok = processor.tokenizer
-        self.image_processor = processor.image_processor
         self.n_img = num_image_tokens
         self.max_length = max_length
         self.long_samples = long_samples
@@ -87,13 +129,13 @@ class Collator:
     def encode(self, sample: Sample) -> Encoded:
         """The whole sample's ids and labels, never truncated."""
         render = self.tok.apply_chat_template
-        expand = IMAGE_TAG * self.n_img
         spans, text = [], ""
         for k in range(len(sample.turns)):
             msgs = to_messages(sample.turns[: k + 1])
             prompt = render(msgs[:-1], tokenize=False, add_generation_prompt=True)
             full = render(msgs, tokenize=False)
-            prompt, full = (s.replace(IMAGE_TAG, expand) for s in (prompt, full))
+            prompt, full = (expand_images(self.processor, s, self.n_img, sample)
+                            for s in (prompt, full))
             assert full.startswith(text) and full.startswith(prompt), "template is not a prefix"
             # Answer plus its <|im_end|>; the newline after it is not taught.
             spans.append((len(prompt), len(full.rstrip("\n"))))
@@ -136,8 +178,9 @@ class Collator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask,
-                "pixel_values": pixel_values(self.image_processor, samples), "labels": labels}
+        pixels = pixel_inputs(self.processor, samples)
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None, **pixels,
+                "labels": labels}
 
 
 @dataclass

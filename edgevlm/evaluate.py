@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edgevlm.data import IMAGE_TAG, Sample, pixel_values, to_messages
+from edgevlm.data import Sample, expand_images, pixel_inputs, pixels_of, to_messages
 from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
@@ -43,11 +43,12 @@ class EvalResult:
 
 
 def prompt_text(loaded: LoadedModel, sample: Sample) -> str:
-    """The generation prompt for a sample's last question, `<image>` expanded."""
+    """The generation prompt for a sample's last question, `<image>` expanded as the model's
+    family expands it."""
     msgs = to_messages(sample.turns, with_last_answer=False)
     text = loaded.processor.tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=True)
-    return text.replace(IMAGE_TAG, IMAGE_TAG * loaded.num_image_tokens)
+    return expand_images(loaded.processor, text, loaded.num_image_tokens, sample)
 
 
 def check_context(loaded: LoadedModel, sample: Sample, prompt_tokens: int,
@@ -82,9 +83,9 @@ def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens:
         for j, row in enumerate(ids):  # left padding, so every row ends where generation starts
             input_ids[j, width - len(row):] = torch.tensor(row)
             mask[j, width - len(row):] = 1
-        pixels = pixel_values(loaded.processor.image_processor, chunk)
         # generate must not see pixel_values=None (it would run the vision tower on it).
-        images = {} if pixels is None else {"pixel_values": pixels.to(device, model.dtype)}
+        images = {k: v.to(device) for k, v in
+                  pixels_of(pixel_inputs(loaded.processor, chunk), model.dtype).items()}
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  **images, max_new_tokens=max_new_tokens, do_sample=False,

@@ -32,6 +32,23 @@ _TINY_VISION = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # SmolVLM in small (issue 17): Idefics3 with a SigLIP-style tower of 8-px patches at 48 px
+    # (36 patches), pixel shuffle by 2 (9 tokens per tile), images split 2 x 2 plus the global
+    # image as SmolVLM's processor does, and a Llama decoder.
+    "tiny-smolvlm": {
+        "model_type": "idefics3",
+        "vision_config": {"model_type": "idefics3_vision", "hidden_size": 96,
+                          "intermediate_size": 192, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "image_size": 48, "patch_size": 8,
+                          "num_channels": 3},
+        "text_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "max_position_embeddings": 512,
+                        "rope_theta": 10000.0, "tie_word_embeddings": False},
+        "scale_factor": 2,
+        "do_image_splitting": True,
+        "max_tiles_per_side": 2,
+    },
     # SigLIP-style vision tower + Qwen2-style decoder, a few million parameters.
     "tiny-teacher": {
         "vision_config": _TINY_VISION,
@@ -101,6 +118,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu",
     },
+    # SmolVLM-256M's shape in small: the real SmolLM2 (`--text-from`) under llava-smollm2's
+    # tower as an Idefics3 tower (224 px, 16-px patches), pixel shuffle by 2 (49 tokens per
+    # tile; SmolVLM: 512 px, shuffle 4, 64), images split 2 x 2 plus the global image.
+    "smolvlm-smollm2": {
+        "model_type": "idefics3",
+        "vision_config": {"model_type": "idefics3_vision", "hidden_size": 192,
+                          "intermediate_size": 768, "num_hidden_layers": 4,
+                          "num_attention_heads": 3, "image_size": 224, "patch_size": 16,
+                          "num_channels": 3},
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "head_dim": 64,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "tie_word_embeddings": True,
+        },
+        "scale_factor": 2,
+        "do_image_splitting": True,
+        "max_tiles_per_side": 2,
+    },
 }
 
 
@@ -119,7 +162,7 @@ def num_image_tokens(config) -> int:
 
 def check_config(cfg: dict, where: str) -> None:
     """Reject a LlavaConfig dict whose sizes cannot work, naming the field."""
-    if cfg.get("model_type", "llava") not in SUPPORTED_MODEL_TYPES:
+    if cfg.get("model_type", "llava") != "llava":
         raise UserError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaVA-family; "
                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     for sub_name, allowed in (("vision_config", SUPPORTED_VISION), ("text_config", SUPPORTED_TEXT)):
@@ -164,12 +207,20 @@ def make_image_processor(vision_config):
 
 
 def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
-    """A randomly initialised LLaVA model whose vocabulary and image token match `tokenizer`."""
+    """A randomly initialised model of the config's family (model_type; LLaVA when absent) whose
+    vocabulary and image token match `tokenizer`."""
+    cfg = copy.deepcopy(config_dict)
+    family = family_of(cfg.pop("model_type", "llava"))
+    model, processor, image_token_id = family.build(cfg, tokenizer, seed)
+    return LoadedModel(model, processor, image_token_id, num_image_tokens(model.config))
+
+
+def init_llava(cfg: dict, tokenizer, seed: int = 0):
+    """A random LlavaForConditionalGeneration and LlavaProcessor around `tokenizer`; returns
+    (model, processor, image_token_id)."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    cfg = copy.deepcopy(config_dict)
-    cfg.pop("model_type", None)
     check_config(cfg, "config")
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -198,7 +249,7 @@ def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
         else 0,
         chat_template=tokenizer.chat_template,
     )
-    return LoadedModel(model, processor, image_token_id, config.image_seq_length)
+    return model, processor, image_token_id
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -212,8 +263,8 @@ def read_config(model_dir: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not a LLaVA-family "
-                        f"model; edgevlm supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not a model "
+                        f"family edgevlm knows; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return cfg
 
 
@@ -249,7 +300,8 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: could not load the processor ({e}); the folder needs "
                         "tokenizer and preprocessor_config.json files") from e
-    return LoadedModel(model, processor, model.config.image_token_index,
+    image_token_id = getattr(model.config, family_of(model).image_token_key)
+    return LoadedModel(model, processor, image_token_id,
                        num_image_tokens(model.config))
 
 

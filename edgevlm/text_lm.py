@@ -167,13 +167,23 @@ def graft(loaded, lm: TextLM) -> None:
     from edgevlm.families import part
 
     model = loaded.model
+    state = dict(lm.model.model.state_dict())
+    src = state.pop("embed_tokens.weight")  # (V_lm, D)
+    text = part(model, "language_model")
     with torch.no_grad():
-        missing, unexpected = part(model, "language_model").load_state_dict(
-            lm.model.model.state_dict(), strict=False)
-        assert not missing and not unexpected, f"LM weights do not fit: {missing} {unexpected}"
+        missing, unexpected = text.load_state_dict(state, strict=False)
+        assert missing == ["embed_tokens.weight"] and not unexpected, \
+            f"LM weights do not fit: {missing} {unexpected}"
+        # A family whose processor adds tokens (Idefics3's image markers) has more rows than
+        # the LM: the LM's rows are copied, the new ones start at the mean embedding.
+        emb = text.embed_tokens.weight  # (V, D), V >= V_lm
+        assert emb.shape[0] >= src.shape[0], (emb.shape, src.shape)
+        emb[: src.shape[0]] = src
+        emb[src.shape[0]:] = src.mean(0)
         if model.config.text_config.tie_word_embeddings:
             model.tie_weights()
-            emb = part(model, "language_model").embed_tokens.weight
             assert part(model, "lm_head").weight.data_ptr() == emb.data_ptr(), "lm_head is not tied"
         else:
-            part(model, "lm_head").weight.copy_(lm.model.lm_head.weight)
+            head = lm.model.lm_head.weight
+            part(model, "lm_head").weight[: head.shape[0]] = head
+            part(model, "lm_head").weight[head.shape[0]:] = head.mean(0)

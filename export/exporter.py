@@ -231,6 +231,9 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
     return out
 
 
+EXPORTABLE_FAMILIES = ("llava",)
+
+
 def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
            quiet: bool = True) -> ExportResult:
     """Export a LLaVA-family model folder to an ONNX export folder; see the module docstring."""
@@ -245,6 +248,15 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
 
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out_dir)
+    from edgevlm.families import family_of
+    from edgevlm.models import read_config
+
+    family = family_of(read_config(model_dir))
+    if family.name not in EXPORTABLE_FAMILIES:
+        raise UserError(f"{model_dir} holds a model of the {family.name} family; export writes "
+                        f"{', '.join(EXPORTABLE_FAMILIES)} models only so far (the SmolVLM ONNX "
+                        "layout is issue 17's next step). train, eval, distill, quantize and "
+                        "bench of the model folder work for it")
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))

@@ -115,7 +115,7 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     with torch.no_grad():
-        feats = family_of(model).image_features(model, pixels)
+        feats = family_of(model).image_features(model, {"pixel_values": pixels})
         embeds = model.get_input_embeddings()(ids)
         merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], feats[:1])
         logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids)).logits

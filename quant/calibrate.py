@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgevlm.data import pixels_of
 from edgevlm.errors import UserError
 from edgevlm.families import family_of, part
 
@@ -140,19 +141,14 @@ def prepare(model, batches: list[dict], heldout: int = 0) -> Calibration:
                 current["mask"] = mask
                 # the base model, without the LM head: its logits over every position (B·S·V
                 # floats, 400 MB a batch on SmolLM2) are not needed, only the layers' inputs
-                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=_pixels(batch, model), use_cache=False)
+                part(model, "backbone")(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"],
+                                        **pixels_of(batch, model.dtype), use_cache=False)
     finally:
         for h in handles:
             h.remove()
     n = sum(int(m.shape[0]) for m in masks)
     return Calibration(hidden, kwargs, masks, [e / n for e in ent_sum], n, heldout)
-
-
-def _pixels(batch: dict, model):
-    """The batch's images in the model's dtype; None for a text-only batch."""
-    pixels = batch.get("pixel_values")
-    return None if pixels is None else pixels.to(model.dtype)
 
 
 def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.Tensor]:

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from edgevlm.data import pixels_of
 from edgevlm.errors import UserError
 from edgevlm.families import family_of, part
 from edgevlm.quant import gptq
@@ -260,7 +261,7 @@ def _answer_logp(model, batch: dict, store: dict) -> torch.Tensor:
     try:
         hidden = part(model, "backbone")(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].to(model.dtype), use_cache=False
+            **pixels_of(batch, model.dtype), use_cache=False
         ).last_hidden_state
     finally:
         handle.remove()

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgevlm.data import FitReport, fit_samples
+from edgevlm.data import FitReport, fit_samples, pixels_of
 from edgevlm.distill.checks import STAGE_ORDER, check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import LossWeights, distill_terms
 from edgevlm.errors import UserError, check_seed
@@ -119,11 +119,10 @@ class TeacherLoss:
         device = batch["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        pixels = batch["pixel_values"]  # (N_images, 3, H, W), None for a text-only batch
         with torch.no_grad():
             t_logits = self.teacher(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=None if pixels is None else pixels.to(self.teacher.dtype)).logits
+                **pixels_of(batch, self.teacher.dtype)).logits
         return distill_terms(out.loss, out.logits, t_logits, batch, self.image_token_id,
                              self.weights)
 

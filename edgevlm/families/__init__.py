@@ -34,9 +34,23 @@ class Family:
     image_processor_class: str | None  # None: the one the vision config implies
     paths: dict[str, str]  # part name (PARTS) -> dotted module path from the top model
     position_ids: str  # "1d" | "mrope"
-    num_image_tokens: Callable[[Any], int]  # config -> tokens one <image> becomes
-    image_features: Callable[[Any, Any], Any]  # (model, pixel_values) -> (N_img, T, D_text)
+    num_image_tokens: Callable[[Any], int]  # config -> image tokens per image (per tile)
+    # (model, pixel inputs) -> (..., D_text): every image token's feature, in prompt order
+    image_features: Callable[[Any, dict], Any]
+    # (config dict, tokenizer, seed) -> (random model, processor, image token id); edgevlm init
+    build: Callable[[dict, Any, int], tuple]
+    # (processor, image tokens per image, PIL image or None) -> the text one <image> becomes
+    expand_image: Callable[[Any, int, Any], str]
+    # (processor, [PIL image or None per sample]) -> the model's pixel inputs ({} for none)
+    pixel_inputs: Callable[[Any, list], dict]
+    check_config: Callable[[dict, str], None]  # (config dict, where) -> UserError if unusable
+    image_token_key: str  # the config field holding the image token id
     legacy_keys: tuple[tuple[str, str], ...] = ()  # old checkpoint key prefixes -> current
+
+    @property
+    def expansion_needs_image(self) -> bool:
+        """Whether one <image>'s token count depends on the image (tiling)."""
+        return self.name != "llava"
 
     def path(self, part_name: str) -> str:
         if part_name not in self.paths:
@@ -54,9 +68,9 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from edgevlm.families import llava
+    from edgevlm.families import idefics3, llava
 
-    return {t: f for f in (llava.FAMILY,) for t in f.model_types}
+    return {t: f for f in (llava.FAMILY, idefics3.FAMILY) for t in f.model_types}
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -77,6 +91,17 @@ def family_of(obj) -> Family:
         raise UserError(f"model_type {model_type!r} belongs to no family edgevlm knows; "
                         f"supported: {', '.join(supported_model_types())}")
     return family
+
+
+def family_of_processor(processor) -> Family:
+    """The family whose processor class this is (LlavaProcessor, Idefics3Processor, ...)."""
+    name = type(processor).__name__
+    families = {f.name: f for f in _registry().values()}.values()
+    for family in families:
+        if family.processor_class == name:
+            return family
+    raise UserError(f"processor {name} belongs to no family edgevlm knows; supported: "
+                    f"{', '.join(f.processor_class for f in families)}")
 
 
 def part(model, part_name: str):

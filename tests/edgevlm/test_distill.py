@@ -342,7 +342,7 @@ def test_other_bad_inputs(teacher_dir, micro_model_dir, shapes_dir, tmp_path):
     not_llava = tmp_path / "qwen"
     not_llava.mkdir()
     (not_llava / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    with pytest.raises(UserError, match="teacher: .*'qwen2' is not a LLaVA-family"):
+    with pytest.raises(UserError, match="teacher: .*'qwen2' is not a model family edgevlm knows"):
         distill(not_llava, micro_model_dir, data, tmp_path / "o", DistillConfig(stages="sft"))
     # a student larger than its teacher only warns
     warnings = check_pair(load_model(micro_model_dir), load_model(teacher_dir))

@@ -34,7 +34,7 @@ def test_image_features_are_one_row_per_image_token(micro_model_dir):
 
     loaded = load_model(micro_model_dir)
     pixels = torch.zeros(2, 3, 48, 48)
-    feats = family_of(loaded.model).image_features(loaded.model, pixels)
+    feats = family_of(loaded.model).image_features(loaded.model, {"pixel_values": pixels})
     assert tuple(feats.shape) == (2, loaded.num_image_tokens,
                                   loaded.model.config.text_config.hidden_size)
 
@@ -44,9 +44,9 @@ def test_an_unknown_model_type_names_the_supported_ones(tmp_path):
 
     assert "llava" in supported_model_types()
     with pytest.raises(UserError, match=r"model_type 'qwen2_vl' belongs to no family edgevlm "
-                                        r"knows; supported: llava"):
+                                        r"knows; supported: llava, idefics3"):
         family_of({"model_type": "qwen2_vl"})
     (tmp_path / "config.json").write_text('{"model_type": "blip-2"}')
-    with pytest.raises(UserError, match="'blip-2' is not a LLaVA-family model; edgevlm "
-                                        "supports llava"):
+    with pytest.raises(UserError, match="'blip-2' is not a model family edgevlm knows; "
+                                        "supported: llava, idefics3"):
         read_config(tmp_path)

@@ -100,7 +100,8 @@ def test_bad_config_is_named(shapes_dir, tmp_path, patch, message):
 
 def test_not_a_llava_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UserError, match="not a LLaVA-family model"):
+    with pytest.raises(UserError, match="not a model family edgevlm knows; supported: llava, "
+                                        "idefics3"):
         load_model(tmp_path)
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path / "missing")

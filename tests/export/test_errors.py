@@ -20,7 +20,7 @@ def test_not_a_llava_model(tmp_path):
     model = tmp_path / "bert"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UserError, match="'bert' is not a LLaVA-family model"):
+    with pytest.raises(UserError, match="'bert' is not a model family edgevlm knows"):
         export(model, tmp_path / "out")
     with pytest.raises(UserError, match="no config.json"):
         export(tmp_path / "missing", tmp_path / "out")
