@@ -1,0 +1,150 @@
+"""Idefics3 / SmolVLM image splitting in numpy + PIL, equal to transformers'
+`Idefics3ImageProcessorPil` for one image (the runtime answers one image at a time):
+
+  convert to RGB (transparency onto white)
+  -> resize so the longest edge is `size.longest_edge` (aspect kept, the other edge rounded up
+     to even; LANCZOS), never past 4096
+  -> with splitting: resize each edge up to a multiple of the tile (`max_image_size`), cut it
+     into rows x cols tiles of tile x tile, and add the global image (the same picture resized
+     to tile x tile); without: the image resized to tile x tile, rows = cols = 0
+  -> rescale -> normalize, tile by tile
+
+Every tile of one image is full (tile x tile), so the pixel attention mask is all ones. The
+prompt text one `<image>` becomes for (rows, cols) is `image_prompt`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from edgevlm.errors import UserError
+from edgevlm.runtime.preprocess import load_image, to_rgb
+
+LANCZOS = 1
+MAX_IMAGE_SIZE = 4096  # transformers' upper bound on any resized edge
+FAKE_TOKEN = "<fake_token_around_image>"
+GLOBAL_TOKEN = "<global-img>"
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    longest_edge: int  # size.longest_edge: the image's longest edge after the first resize
+    tile: int  # max_image_size.longest_edge: the encoder's input size
+    splitting: bool = True
+    resample: int = LANCZOS
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        for name in ("longest_edge", "tile"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"image processor {name}={value!r} must be a positive integer; "
+                                "fix it in preprocessor_config.json")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise UserError(f"image_mean {self.image_mean} / image_std {self.image_std} must hold "
+                            "three values each (RGB) and std must not be 0")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> TilingConfig:
+        """From an Idefics3 preprocessor_config.json dict."""
+        size, tile = d.get("size") or {}, d.get("max_image_size") or {}
+        if "longest_edge" not in size or "longest_edge" not in tile:
+            raise UserError("an Idefics3 image processor needs size.longest_edge and "
+                            "max_image_size.longest_edge; fix preprocessor_config.json")
+        return cls(longest_edge=int(size["longest_edge"]), tile=int(tile["longest_edge"]),
+                   splitting=bool(d.get("do_image_splitting", True)),
+                   resample=int(d.get("resample", LANCZOS)),
+                   do_resize=bool(d.get("do_resize", True)),
+                   do_rescale=bool(d.get("do_rescale", True)),
+                   do_normalize=bool(d.get("do_normalize", True)),
+                   rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+                   image_mean=tuple(float(x) for x in d.get("image_mean", (0.5,) * 3)),
+                   image_std=tuple(float(x) for x in d.get("image_std", (0.5,) * 3)))
+
+
+def longest_edge_size(height: int, width: int, max_len: int) -> tuple[int, int]:
+    """(height, width) with the longest edge at max_len, the other scaled and rounded up to
+    even, then both kept at or below MAX_IMAGE_SIZE (transformers' two steps)."""
+    ratio = width / height
+    if width >= height:
+        width, height = max_len, int(max_len / ratio)
+        height += height % 2
+    else:
+        height, width = max_len, int(max_len * ratio)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    ratio = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / ratio)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * ratio)
+    return max(height, 1), max(width, 1)
+
+
+def encoder_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Each edge rounded up to a multiple of the tile, the other following the aspect ratio."""
+    ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / ratio) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * ratio) / tile) * tile
+    return height, width
+
+
+def _resize(hwc: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(hwc).resize((width, height), resample=resample))
+
+
+def tiles(image, cfg: TilingConfig) -> tuple[np.ndarray, int, int]:
+    """(pixel_values (N_tiles, 3, tile, tile) float32, rows, cols) for one image; N_tiles is
+    rows·cols + 1 with splitting (the global image last), 1 without (rows = cols = 0)."""
+    hwc = to_rgb(load_image(image))
+    if cfg.do_resize:
+        hwc = _resize(hwc, *longest_edge_size(*hwc.shape[:2], cfg.longest_edge), cfg.resample)
+    rows = cols = 0
+    if cfg.splitting:
+        hwc = _resize(hwc, *encoder_multiple_size(*hwc.shape[:2], cfg.tile), cfg.resample)
+        h, w = hwc.shape[:2]
+        frames = [hwc]
+        if h > cfg.tile or w > cfg.tile:
+            rows, cols = (h - cfg.tile) // cfg.tile + 1, (w - cfg.tile) // cfg.tile + 1
+            frames = [hwc[r * cfg.tile:(r + 1) * cfg.tile, c * cfg.tile:(c + 1) * cfg.tile]
+                      for r in range(rows) for c in range(cols)]
+            frames.append(_resize(hwc, cfg.tile, cfg.tile, cfg.resample))
+    else:
+        frames = [_resize(hwc, cfg.tile, cfg.tile, cfg.resample)]
+    out = []
+    for frame in frames:
+        x = np.moveaxis(frame, -1, 0)
+        if cfg.do_rescale:
+            x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+        if cfg.do_normalize:
+            x = x.astype(np.float32, copy=False)
+            mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
+            std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
+            x = (x - mean) / std
+        out.append(np.ascontiguousarray(x, dtype=np.float32))
+    return np.stack(out), rows, cols
+
+
+def image_prompt(rows: int, cols: int, tokens_per_tile: int, image_token: str = "<image>") -> str:
+    """The text one `<image>` becomes (Idefics3Processor.replace_image_token)."""
+    run = image_token * tokens_per_tile
+    glob = f"{FAKE_TOKEN}{GLOBAL_TOKEN}{run}{FAKE_TOKEN}"
+    if rows == 0 and cols == 0:
+        return glob
+    grid = "".join("".join(f"{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols))
+                   + "\n" for r in range(rows))
+    return grid + "\n" + glob
