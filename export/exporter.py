@@ -182,7 +182,8 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
         module = mobile.wrapper(component, model)
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
-                          contract.graph_io(component, num_layers, cfg.profile), cfg.opset,
+                          contract.graph_io(component, num_layers, cfg.profile,
+                                            family=model.config.model_type), cfg.opset,
                           static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)
 
@@ -231,7 +232,7 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
     return out
 
 
-EXPORTABLE_FAMILIES = ("llava",)
+EXPORTABLE_FAMILIES = ("llava", "idefics3")
 
 
 def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
@@ -252,6 +253,9 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     from edgevlm.models import read_config
 
     family = family_of(read_config(model_dir))
+    if family.name != "llava" and config.profile == "mobile":
+        raise UserError(f"--profile mobile covers llava models so far; {model_dir} holds a "
+                        f"model of the {family.name} family: export it with --profile default")
     if family.name not in EXPORTABLE_FAMILIES:
         raise UserError(f"{model_dir} holds a model of the {family.name} family; export writes "
                         f"{', '.join(EXPORTABLE_FAMILIES)} models only so far (the SmolVLM ONNX "

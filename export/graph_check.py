@@ -86,8 +86,7 @@ def teacher_forced(path: Path, ref: Reference, dims) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     kv = SharedKV(session, dims.num_layers)
     merged = ref.inputs_embeds.copy()
-    merged[ref.input_ids == ref.image_token_id] = ref.image_features[0].reshape(
-        -1, ref.image_features.shape[-1])
+    merged[ref.input_ids == ref.image_token_id] = ref.slot_features
     start = merged.shape[1]
     cache = kv.new_cache(start + len(ref.tokens))
     steps = [kv.decode(merged, 0, cache)[0, -1]]

@@ -67,6 +67,38 @@ class VisionEncoder(nn.Module):
         return self.projector(feats).float()  # (B, N_img, D_text)
 
 
+class TiledVisionEncoder(nn.Module):
+    """Idefics3 / SmolVLM: pixel_values (B, N, 3, S, S) and pixel_attention_mask (B, N, S, S)
+    -> image_features (B·N, T, D_text), T = patches / scale_factor².
+
+    Every tile is taken as a real, full one, as the processor makes them for one image per
+    prompt (runtime/tiling.py): position ids are then 0..P-1 (what Idefics3VisionEmbeddings'
+    bucketing gives a full tile), and the pixel mask becomes the encoder's key mask (all kept for
+    a full tile). Padding tiles of a batch of several images are not dropped here."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower = part(model, "vision_tower")
+        self.connector = part(model, "connector")
+        self.patch = model.config.vision_config.patch_size
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+        b, n, c, h, w = pixel_values.shape
+        x = pixel_values.reshape(b * n, c, h, w).to(_dtype(self.tower))
+        emb = self.tower.embeddings
+        patches = emb.patch_embedding(x).flatten(2).transpose(1, 2)  # (BN, P, D_vis)
+        positions = torch.arange(patches.shape[1], device=x.device)
+        hidden = patches + emb.position_embedding(positions)[None]
+        p = self.patch
+        keep = pixel_attention_mask.reshape(b * n, h // p, p, w // p, p).to(torch.float32)
+        keep = keep.amax(dim=(2, 4)).reshape(b * n, 1, 1, -1)  # (BN, 1, 1, P): 1 = attend
+        mask = (1.0 - keep) * torch.finfo(hidden.dtype).min
+        hidden = self.tower.encoder(inputs_embeds=hidden,
+                                    attention_mask=mask.to(hidden.dtype)).last_hidden_state
+        hidden = self.tower.post_layernorm(hidden)
+        return self.connector(hidden).float()  # (BN, T, D_text)
+
+
 class EmbedTokens(nn.Module):
     """input_ids (B,S) -> inputs_embeds (B,S,D)."""
 
@@ -110,6 +142,9 @@ def example_inputs(component: str, config) -> tuple:
     """Tracing inputs. Batch 2 and a non-empty past keep the tracer from baking in a size of 1
     or 0 as a constant; the real sizes are dynamic axes."""
     vc = config.vision_config
+    if component == "vision_encoder" and config.model_type == "idefics3":
+        s = vc.image_size
+        return (torch.randn(2, 3, vc.num_channels, s, s), torch.ones(2, 3, s, s, dtype=torch.bool))
     if component == "vision_encoder":
         return (torch.randn(2, vc.num_channels, vc.image_size, vc.image_size),)
     dims = text_dims(config)
@@ -127,7 +162,8 @@ def example_inputs(component: str, config) -> tuple:
 def wrapper(component: str, model) -> nn.Module:
     """The export module of one component (shares the model's weights)."""
     if component == "vision_encoder":
-        return VisionEncoder(model).eval()
+        tiled = model.config.model_type == "idefics3"
+        return (TiledVisionEncoder(model) if tiled else VisionEncoder(model)).eval()
     if component == "embed_tokens":
         return EmbedTokens(model).eval()
     assert component == "decoder_model_merged", f"unknown component {component}"

@@ -28,7 +28,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 # Image processor settings a runtime needs to reproduce pixel_values.
 IMAGE_KEYS = ("image_processor_type", "do_convert_rgb", "do_resize", "size", "resample",
               "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
-              "image_mean", "image_std", "do_pad")
+              "image_mean", "image_std", "do_pad", "max_image_size", "do_image_splitting")
 
 
 def copy_model_files(model_dir: Path, out_dir: Path) -> list[str]:
@@ -56,20 +56,32 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
     config = json.loads((out_dir / "config.json").read_text())
+    if config.get("model_type") == "idefics3":  # its processor files already say it all
+        _name_processor(out_dir, "Idefics3Processor")
+        _template_into_tokenizer(out_dir, info)
+        return
     vision = config.get("vision_config") or {}
     patch = int(vision.get("patch_size") or 1)
     patches = (int(vision.get("image_size") or 0) // patch) ** 2
-    pre_path = out_dir / "preprocessor_config.json"
-    if pre_path.is_file():
-        pre = json.loads(pre_path.read_text())
-        pre["processor_class"] = "LlavaProcessor"
-        pre_path.write_text(json.dumps(pre, indent=2) + "\n")
+    _name_processor(out_dir, "LlavaProcessor")
     proc_path = out_dir / "processor_config.json"
     proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
     proc.update(processor_class="LlavaProcessor", image_token=info["image_token"],
                 patch_size=patch, vision_feature_select_strategy="full",
                 num_additional_image_tokens=info["num_image_tokens"] - patches)
     proc_path.write_text(json.dumps(proc, indent=2) + "\n")
+    _template_into_tokenizer(out_dir, info)
+
+
+def _name_processor(out_dir: Path, processor_class: str) -> None:
+    pre_path = out_dir / "preprocessor_config.json"
+    if pre_path.is_file():
+        pre = json.loads(pre_path.read_text())
+        pre["processor_class"] = processor_class
+        pre_path.write_text(json.dumps(pre, indent=2) + "\n")
+
+
+def _template_into_tokenizer(out_dir: Path, info: dict) -> None:
     tok_path = out_dir / "tokenizer_config.json"
     if tok_path.is_file() and info.get("chat_template"):
         tok = json.loads(tok_path.read_text())
@@ -122,7 +134,9 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
         "components": None,
-        "io": {c: contract.graph_io(c, dims.num_layers, config.profile).to_dict()
+        "family": model.config.model_type,
+        "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
+                                    family=model.config.model_type).to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,
         "num_layers": dims.num_layers,

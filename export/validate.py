@@ -35,8 +35,8 @@ PROMPT = "<image>\nWhat color is the circle?"
 class Reference:
     """Torch outputs on the validation inputs (numpy, float32)."""
 
-    pixel_values: np.ndarray  # (2, 3, H, W)
-    image_features: np.ndarray  # (2, N_img, D)
+    pixel_values: np.ndarray  # (2, 3, H, W); idefics3: (2, N_tiles, 3, S, S)
+    image_features: np.ndarray  # (2, N_img, D); idefics3: (2·N_tiles, T, D), as the graph gives
     input_ids: np.ndarray  # (1, S) int64, <image> expanded
     inputs_embeds: np.ndarray  # (1, S, D) token embeddings, before the image scatter
     prompt_logits: np.ndarray  # (1, S, V) decoder on the merged prompt
@@ -45,6 +45,14 @@ class Reference:
     image_token_id: int
     suppressed: list[int]  # end-of-sequence ids kept from being chosen
     step_embeds: np.ndarray | None = None  # (new_tokens, D) token embeddings of `tokens`
+    merge_features: np.ndarray | None = None  # (N_image_tokens, D): the first image's, which
+    # fill the prompt's image slots (None: image_features[0])
+
+    @property
+    def slot_features(self) -> np.ndarray:
+        if self.merge_features is not None:
+            return self.merge_features
+        return self.image_features[0].reshape(-1, self.image_features.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -104,32 +112,40 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     import torch
     from transformers import GenerationConfig
 
-    from edgevlm.data import Sample
-    from edgevlm.evaluate import prompt_text
+    from edgevlm.data import IMAGE_TAG, to_messages
 
     model, tok = loaded.model, loaded.processor.tokenizer
-    text = prompt_text(loaded, Sample("validate", Path("."), ((PROMPT, ""),), "color"))
+    family = family_of(model)
+    images = sample_images(48)
+    text = tok.apply_chat_template(to_messages(((PROMPT, ""),), with_last_answer=False),
+                                   tokenize=False, add_generation_prompt=True)
+    text = text.replace(IMAGE_TAG, family.expand_image(loaded.processor, loaded.num_image_tokens,
+                                                       images[0]))
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    pixels = loaded.processor.image_processor(
-        images=sample_images(48), return_tensors="pt")["pixel_values"].float()
+    inputs = {k: (v.float() if v.is_floating_point() else v)
+              for k, v in family.pixel_inputs(loaded.processor, images).items()}
+    first = {k: v[:1] for k, v in inputs.items()}
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     with torch.no_grad():
-        feats = family_of(model).image_features(model, {"pixel_values": pixels})
+        width = model.config.text_config.hidden_size
+        feats = family.image_features(model, inputs).reshape(-1, loaded.num_image_tokens, width)
+        slot_feats = family.image_features(model, first).reshape(-1, width)
         embeds = model.get_input_embeddings()(ids)
-        merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], feats[:1])
+        merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], slot_feats)
         logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids)).logits
         gen = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels[:1],
+            input_ids=ids, attention_mask=torch.ones_like(ids), **first,
             generation_config=GenerationConfig(
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 eos_token_id=eos, pad_token_id=tok.pad_token_id, output_logits=True,
                 return_dict_in_generate=True))
     return Reference(
-        pixels.numpy(), feats.float().numpy(), ids.numpy(), embeds.float().numpy(),
+        inputs["pixel_values"].numpy(), feats.float().numpy(), ids.numpy(), embeds.float().numpy(),
         logits.float().numpy(), gen.sequences[0, ids.shape[1]:].tolist(),
         torch.cat(gen.logits).float().numpy(), loaded.image_token_id, eos,
-        model.get_input_embeddings()(gen.sequences[0, ids.shape[1]:]).detach().float().numpy())
+        model.get_input_embeddings()(gen.sequences[0, ids.shape[1]:]).detach().float().numpy(),
+        slot_feats.float().numpy())
 
 
 def _error(precision: str, got: np.ndarray, want: np.ndarray, gated: bool = True
@@ -141,6 +157,15 @@ def _error(precision: str, got: np.ndarray, want: np.ndarray, gated: bool = True
     max_abs = float(diff.max())
     return ComponentError(precision, max_abs, float(diff.mean()), scale, tol,
                           max_abs < tol or not gated, gated)
+
+
+def vision_feeds(session, pixels: np.ndarray) -> dict:
+    """The vision encoder's feeds: the pixels, and for a tiled (idefics3) graph a pixel mask of
+    ones (every tile of one image is full)."""
+    feeds = {"pixel_values": pixels}
+    if "pixel_attention_mask" in {i.name for i in session.get_inputs()}:
+        feeds["pixel_attention_mask"] = np.ones((*pixels.shape[:2], *pixels.shape[-2:]), bool)
+    return feeds
 
 
 def _session(path: Path):
@@ -157,7 +182,8 @@ class _Dynamic:
         self.names = contract.past_names(dims.num_layers)
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:
-        return self.s["vision_encoder"].run(None, {"pixel_values": pixels})[0]
+        return self.s["vision_encoder"].run(None, vision_feeds(self.s["vision_encoder"],
+                                                               pixels))[0]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:  # (1, S) -> (1, S, D)
         return self.s["embed_tokens"].run(None, {"input_ids": ids})[0]
@@ -251,8 +277,7 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
               _Built(sessions, dims, positions) if decoder == "builder" else
               _Dynamic(sessions, dims))
     merged = ref.inputs_embeds.copy()
-    merged[ref.input_ids == ref.image_token_id] = ref.image_features[0].reshape(
-        -1, ref.image_features.shape[-1])
+    merged[ref.input_ids == ref.image_token_id] = ref.slot_features
     outputs = {
         "vision_encoder": graphs.vision(ref.pixel_values),
         "embed_tokens": graphs.embed(ref.input_ids),

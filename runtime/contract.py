@@ -123,7 +123,18 @@ def genai_graph_file(precision: str) -> str:
     return f"{ONNX_DIR}/genai_decoder{SUFFIXES[precision]}.onnx"
 
 
-def vision_io() -> GraphIO:
+FAMILIES = ("llava", "idefics3")  # what the runtime knows of each: IO, image recipe, expansion
+
+
+def vision_io(family: str = "llava") -> GraphIO:
+    """LLaVA: one image per row. Idefics3 / SmolVLM (transformers.js's layout): the tiles of each
+    image, with their pixel mask, in; every tile's tokens out."""
+    assert family in FAMILIES, f"unknown family {family}"
+    if family == "idefics3":
+        return GraphIO(inputs={"pixel_values": ("batch_size", "num_images", 3, "height", "width"),
+                               "pixel_attention_mask": ("batch_size", "num_images", "height",
+                                                        "width")},
+                       outputs={"image_features": ("num_tiles", "image_tokens", "hidden")})
     return GraphIO(inputs={"pixel_values": ("batch_size", 3, "height", "width")},
                    outputs={"image_features": ("batch_size", "image_tokens", "hidden")})
 
@@ -177,14 +188,14 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
 
 
 def graph_io(component: str, num_layers: int, profile: str = "default",
-             decoder: str = "traced") -> GraphIO:
+             decoder: str = "traced", family: str = "llava") -> GraphIO:
     """The declared IO of one component (the decoder's depends on its layer count and kind). The
     mobile profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert profile in PROFILES, f"unknown profile {profile}"
     assert decoder in DECODER_KINDS, f"unknown decoder kind {decoder}"
     if component == "vision_encoder":
-        return vision_io()
+        return vision_io(family)
     if component == "embed_tokens":
         return embed_io()
     if decoder == "builder":

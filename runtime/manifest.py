@@ -19,6 +19,7 @@ from edgevlm.runtime.chat import special_tokens_from_config
 from edgevlm.runtime.contract import (
     COMPONENTS,
     DECODER_KINDS,
+    FAMILIES,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -28,6 +29,7 @@ from edgevlm.runtime.contract import (
 )
 from edgevlm.runtime.paths import check_graph_files, check_inside
 from edgevlm.runtime.preprocess import ImageProcessorConfig
+from edgevlm.runtime.tiling import TilingConfig
 
 REEXPORT = "re-run `edgevlm export MODEL --out DIR`"
 
@@ -49,13 +51,14 @@ class ExportInfo:
     max_position_embeddings: int
     chat_template: str
     special_tokens: dict[str, str]
-    image_processor: ImageProcessorConfig
+    image_processor: ImageProcessorConfig | TilingConfig  # TilingConfig: idefics3
     tokenizer_file: Path
     profile: str = "default"  # contract.PROFILES; "mobile" runs the static graphs
     context: int | None = None  # mobile: the fixed cache's positions; builder decoder: its KV
     # buffers' (prompt + answer either way)
     rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
     decoder: str = "traced"  # contract.DECODER_KINDS; exports before version 3 are "traced"
+    family: str = "llava"  # contract.FAMILIES: the vision IO, image recipe and <image> expansion
 
     @property
     def max_tokens(self) -> int:
@@ -76,6 +79,9 @@ class ExportInfo:
         if self.profile not in PROFILES:
             raise UserError(f"{self.root / MANIFEST}: profile {self.profile!r} is unknown to this "
                             f"runtime (it knows {', '.join(PROFILES)}): pip install -U edgevlm")
+        if self.family not in FAMILIES:
+            raise UserError(f"{self.root / MANIFEST}: family {self.family!r} is unknown to this "
+                            f"runtime (it knows {', '.join(FAMILIES)}): pip install -U edgevlm")
         if self.decoder not in DECODER_KINDS:
             raise UserError(f"{self.root / MANIFEST}: decoder.kind {self.decoder!r} is unknown to "
                             f"this runtime (it knows {', '.join(DECODER_KINDS)}): pip install -U "
@@ -149,7 +155,7 @@ def _graphs(root: Path, manifest: dict, precision: str | None) -> tuple[str, dic
     return (precisions.pop() if len(precisions) == 1 else "mixed"), graphs
 
 
-def _image_processor(root: Path, manifest: dict) -> ImageProcessorConfig:
+def _image_processor(root: Path, manifest: dict) -> ImageProcessorConfig | TilingConfig:
     settings = _first(manifest.get("image_processor"), manifest.get("preprocessor"))
     if not isinstance(settings, dict):
         settings = _json(root / "processor_config.json").get("image_processor")
@@ -158,6 +164,8 @@ def _image_processor(root: Path, manifest: dict) -> ImageProcessorConfig:
     if settings is None:
         raise UserError(f"{root}: no image processor settings (edgevlm.json image_processor, "
                         f"processor_config.json or preprocessor_config.json); {REEXPORT}")
+    if manifest.get("family") == "idefics3":
+        return TilingConfig.from_hf(settings)
     return ImageProcessorConfig.from_hf(settings)
 
 
@@ -225,7 +233,8 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         profile=m.get("profile", "default"),
         context=_first((m.get("static_shapes") or {}).get("context"), decoder.get("max_context")),
         rope_file=rope_file,
-        decoder=decoder.get("kind", "traced"))
+        decoder=decoder.get("kind", "traced"),
+        family=m.get("family", "llava"))
 
 
 def _added_token_id(tokenizer_file: Path, token) -> int | None:

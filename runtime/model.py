@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevlm.errors import UserError
-from edgevlm.runtime import contract
+from edgevlm.runtime import contract, tiling
 from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
 from edgevlm.runtime.kv_buffer import SharedKV
 from edgevlm.runtime.manifest import ExportInfo, read_export
@@ -139,7 +139,8 @@ class VLM:
         # A builder decoder: KV buffers of info.context positions that every pass writes in place.
         self._kv = (SharedKV(self._decoder, info.num_layers, self._device)
                     if info.decoder == "builder" else None)
-        self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[2:])
+        self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[-2:])
+        self._tiled = info.family == "idefics3"
 
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
@@ -167,7 +168,8 @@ class VLM:
             spin = component == "decoder_model_merged"
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto", trt=trt, spin=spin)
-            io = contract.graph_io(component, info.num_layers, info.profile, info.decoder)
+            io = contract.graph_io(component, info.num_layers, info.profile, info.decoder,
+                                   info.family)
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
@@ -236,7 +238,22 @@ class VLM:
         if image is None and n_tags:
             raise UserError(f"the prompt has {n_tags} image placeholder(s) but no image was "
                             "given; pass an image or remove the placeholder")
-        ids = expand_image_tokens(ids, self.image_token_id, self.info.num_image_tokens)
+        pixels = resized_from = tiles_ids = None
+        if image is not None and self._tiled:
+            # SmolVLM: the image's tiles decide what <image> becomes (markers and a run of image
+            # tokens per tile), as Idefics3Processor writes it; the markers are special tokens,
+            # so the expansion tokenizes on its own exactly as inside the whole prompt.
+            img = load_image(image)
+            pixels, rows, cols = tiling.tiles(img, self.info.image_processor)
+            pixels = pixels[None].astype(self._pixel_dtype)  # (1, N_tiles, 3, S, S)
+            tiles_ids = self.tokenizer.encode(tiling.image_prompt(
+                rows, cols, self.info.num_image_tokens, self.image_tag or "<image>"))
+            at = ids.index(self.image_token_id)
+            ids = ids[:at] + tiles_ids + ids[at + 1:]
+            if (img.height, img.width) != pixels.shape[-2:]:
+                resized_from = (img.width, img.height)
+        else:
+            ids = expand_image_tokens(ids, self.image_token_id, self.info.num_image_tokens)
         limit = self.info.max_tokens
         if len(ids) >= limit:
             counted = f" (with the image's {self.info.num_image_tokens})" if n_tags else ""
@@ -248,8 +265,7 @@ class VLM:
                     if self._kv is not None else
                     f"the model's limit is {limit} (max_position_embeddings); shorten the prompt")
             raise UserError(f"the prompt is {len(ids)} tokens{counted} but {what}")
-        pixels = resized_from = None
-        if image is not None:
+        if image is not None and not self._tiled:
             img = load_image(image)
             pixels = preprocess(img, self.info.image_processor).astype(self._pixel_dtype)
             fixed = self._image_size
@@ -312,7 +328,12 @@ class VLM:
         t = time.perf_counter()
         feats = None
         if p.pixels is not None:
-            feats = self._vision.run(["image_features"], {"pixel_values": p.pixels})[0]
+            feeds = {"pixel_values": p.pixels}
+            if self._tiled:  # every tile of one image is full
+                feeds["pixel_attention_mask"] = np.ones(
+                    (*p.pixels.shape[:2], *p.pixels.shape[-2:]), dtype=bool)
+            feats = self._vision.run(["image_features"], feeds)[0]
+            feats = feats.reshape(1, -1, feats.shape[-1])  # (1, N_img, D): tiles in order
         vision_s = time.perf_counter() - t
         t = time.perf_counter()
         slots = np.flatnonzero(p.ids == self.image_token_id) if feats is not None else []

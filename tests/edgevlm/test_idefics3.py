@@ -1,8 +1,8 @@
 """Idefics3 / SmolVLM behind the family adapter (issue 17): the tiny-smolvlm preset's prompts
 are exactly what transformers' Idefics3Processor makes (tiles with row/column markers and the
 global image, splitting on and off, square, wide, tall and tiny images), and train, eval,
-quantize (all three methods, vision tower included) and distill run on it; export says in one
-line that the SmolVLM ONNX layout is not built yet."""
+quantize (all three methods, vision tower included) and distill run on it; export writes the
+SmolVLM ONNX layout and the runtime answers from it as transformers does."""
 
 from __future__ import annotations
 
@@ -149,10 +149,81 @@ def test_distill_between_two_smolvlms(trained_dir, smolvlm_dir, shapes_dir, tmp_
     assert family_of(load_model(out / "final").model).name == "idefics3"
 
 
-def test_export_says_the_smolvlm_layout_is_not_built_yet(smolvlm_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_export_in_the_smolvlm_layout_answers_as_torch(precision, trained_dir, shapes_dir,
+                                                       tmp_path):
+    """vision_encoder takes pixel_values (B, N_tiles, 3, S, S) and pixel_attention_mask, gives
+    every tile's tokens; the runtime splits the image and expands <image> itself, and its
+    greedy answers equal transformers' (fp32; int4 passes the export's parity gate)."""
+    import onnxruntime as ort
+
+    from edgevlm.data import load_samples
+    from edgevlm.evaluate import generate_answers
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import load_model
+    from edgevlm.runtime import VLM
+
+    out = tmp_path / "e"
+    result = export(trained_dir[0], out, ExportConfig(precision=precision))
+    assert result.parity.passed
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["family"] == "idefics3" and manifest["num_image_tokens"] == 9
+    vision = ort.InferenceSession(str(out / manifest["components"]["vision_encoder"]["file"]))
+    assert [i.name for i in vision.get_inputs()] == ["pixel_values", "pixel_attention_mask"]
+    assert len(vision.get_inputs()[0].shape) == 5
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["processor_class"] == "Idefics3Processor"
+    if precision != "fp32":
+        return
+    vlm = VLM.load(out, provider="cpu")
+    samples = load_samples(shapes_dir / "eval.json")[:8]
+    want = generate_answers(load_model(trained_dir[0]), samples, max_new_tokens=6, tokens=True)
+    got = [list(vlm.generate(str(s.image), s.turns[-1][0].replace("<image>\n", ""),
+                             max_new_tokens=6).token_ids) for s in samples]
+    assert got == want
+
+
+def test_the_mobile_profile_is_refused_for_smolvlm(smolvlm_dir, tmp_path):
     from tests.reliability.test_outputs import run
 
-    code, text = run("export", smolvlm_dir, "--out", tmp_path / "e")
+    code, text = run("export", smolvlm_dir, "--out", tmp_path / "e", "--profile", "mobile")
     assert code == 2 and len(text.splitlines()) == 1, text
-    assert "holds a model of the idefics3 family; export writes llava models only so far" in text
+    assert "--profile mobile covers llava models so far" in text
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_transformers_js_opens_the_smolvlm_export(precision, trained_dir, shapes_dir, tmp_path):
+    """transformers.js's Idefics3Processor and Idefics3ForConditionalGeneration open the export
+    as it is, split the image into the same tiles (same prompt length) and answer with the
+    runtime's tokens. Images are given at 96 px, the size the processor resizes them to, so
+    the two resamplers (sharp there, PIL here) differ only on the global tile."""
+    import shutil
+    import subprocess
+
+    from edgevlm.data import load_samples
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.runtime import VLM
+    from tests.runtime.test_transformers_js import JS, NEW_TOKENS, QUESTION
+
+    node = shutil.which("node")
+    assert node and (JS / "node_modules" / "@huggingface" / "transformers").is_dir(), \
+        "node and transformers.js are needed: npm ci --prefix tests/js --ignore-scripts"
+    out = tmp_path / "e"
+    export(trained_dir[0], out, ExportConfig(precision=precision, validate=False))
+    images = []
+    for s in load_samples(shapes_dir / "eval.json")[:3]:
+        with Image.open(s.image) as im:
+            im.convert("RGB").resize((96, 96), Image.BICUBIC).save(tmp_path / s.image.name)
+        images.append(str(tmp_path / s.image.name))
+    proc = subprocess.run([node, str(JS / "answer.mjs"), str(out), precision, QUESTION,
+                           *images], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    vlm = VLM.load(out, provider="cpu", threads=1)
+    eos = set(vlm.info.eos_token_ids)
+    for image, js in zip(images, theirs, strict=True):
+        ours = vlm.generate(image, QUESTION, max_new_tokens=NEW_TOKENS)
+        assert js["prompt_tokens"] == ours.timings.n_prompt_tokens == 74  # 5 tiles x 9 + text
+        js_ids = js["ids"][:-1] if js["ids"] and js["ids"][-1] in eos else js["ids"]
+        assert js_ids == list(ours.token_ids), image

@@ -1,8 +1,11 @@
 // node answer.mjs EXPORT_DIR fp32|int4 QUESTION IMAGE... -> JSON list of generated token ids.
 // Opens an edgevlm export as a user of transformers.js would: AutoProcessor and
-// LlavaForConditionalGeneration from the local folder, the chat template the folder carries,
+// LlavaForConditionalGeneration (Idefics3ForConditionalGeneration for SmolVLM exports) from the
+// local folder, the chat template the folder carries,
 // greedy decoding; no file is patched and nothing is passed by hand.
-import { AutoProcessor, LlavaForConditionalGeneration, RawImage, env } from '@huggingface/transformers';
+import { AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration, RawImage, env }
+  from '@huggingface/transformers';
+import fs from 'node:fs';
 import path from 'node:path';
 
 const [dir, precision, question, ...images] = process.argv.slice(2);
@@ -13,12 +16,19 @@ const processor = await AutoProcessor.from_pretrained(name);
 // edgevlm's int4 export: int4 decoder and embedding (_q4), int8 vision encoder (_int8)
 const dtype = precision === 'int4'
   ? { embed_tokens: 'q4', vision_encoder: 'int8', decoder_model_merged: 'q4' } : 'fp32';
-const model = await LlavaForConditionalGeneration.from_pretrained(name, { dtype, device: 'cpu' });
+// the model class a user picks for the folder's model_type (SmolVLM exports: idefics3)
+const modelType = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')).model_type;
+const ModelClass = modelType === 'idefics3' ? Idefics3ForConditionalGeneration
+  : LlavaForConditionalGeneration;
+const model = await ModelClass.from_pretrained(name, { dtype, device: 'cpu' });
 const out = [];
 for (const file of images) {
   const text = processor.apply_chat_template([{ role: 'user', content: question }],
                                              { add_generation_prompt: true });
-  const inputs = await processor(await RawImage.read(file), text);
+  const image = await RawImage.read(file);
+  // Idefics3Processor takes (text, images); LlavaProcessor (images, text)
+  const inputs = modelType === 'idefics3' ? await processor(text, [image])
+    : await processor(image, text);
   const ids = await model.generate({ ...inputs, max_new_tokens: 8, do_sample: false });
   const n = inputs.input_ids.dims[1];
   out.push({ prompt_tokens: n, ids: Array.from(ids.slice(null, [n, null]).data, Number) });
