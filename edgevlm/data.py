@@ -17,6 +17,7 @@ training; one longer than max_length is truncated after its image-token run and 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -69,8 +70,8 @@ def expand_images(processor, text: str, n_tokens: int, sample: Sample) -> str:
     family = family_of_processor(processor)
     if not family.expansion_needs_image:
         return text.replace(IMAGE_TAG, family.expand_image(processor, n_tokens, None))
-    # The tiling depends on the image's size only: read the size from the header and expand a
-    # blank image of that size once per size (training measures every sample before it starts).
+    # The tiling depends on the image's size only: read the size from the header (training
+    # measures every sample before it starts) and expand once per size.
     from PIL import Image
 
     try:
@@ -79,14 +80,17 @@ def expand_images(processor, text: str, n_tokens: int, sample: Sample) -> str:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {sample.image} ({e}); replace or remove that "
                         "entry") from e
-    key = (id(processor), n_tokens, size)
-    if key not in _EXPANSIONS:
-        blank = Image.new("RGB", size)
-        _EXPANSIONS[key] = family.expand_image(processor, n_tokens, blank)
-    return text.replace(IMAGE_TAG, _EXPANSIONS[key])
+    return text.replace(IMAGE_TAG, _sized_expansion(family.name, processor, n_tokens, size))
 
 
-_EXPANSIONS: dict[tuple, str] = {}  # (processor, tokens per tile, image size) -> expansion
+@functools.lru_cache(maxsize=512)
+def _sized_expansion(family: str, processor, n_tokens: int, size: tuple[int, int]) -> str:
+    """What <image> becomes for any image of this (width, height), from a blank one."""
+    from PIL import Image
+
+    from edgevlm.families import family_of
+
+    return family_of(family).expand_image(processor, n_tokens, Image.new("RGB", size))
 
 
 def resolve_max_length(requested: int | None, positions: int | None) -> int:

@@ -210,14 +210,11 @@ def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
     """A randomly initialised model of the config's family (model_type; LLaVA when absent) whose
     vocabulary and image token match `tokenizer`."""
     cfg = copy.deepcopy(config_dict)
-    family = family_of(cfg.pop("model_type", "llava"))
-    model, processor, image_token_id = family.build(cfg, tokenizer, seed)
-    return LoadedModel(model, processor, image_token_id, num_image_tokens(model.config))
+    return family_of(cfg.pop("model_type", "llava")).build(cfg, tokenizer, seed)
 
 
-def init_llava(cfg: dict, tokenizer, seed: int = 0):
-    """A random LlavaForConditionalGeneration and LlavaProcessor around `tokenizer`; returns
-    (model, processor, image_token_id)."""
+def init_llava(cfg: dict, tokenizer, seed: int = 0) -> LoadedModel:
+    """A random LlavaForConditionalGeneration and LlavaProcessor around `tokenizer`."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -249,7 +246,7 @@ def init_llava(cfg: dict, tokenizer, seed: int = 0):
         else 0,
         chat_template=tokenizer.chat_template,
     )
-    return model, processor, image_token_id
+    return LoadedModel(model, processor, image_token_id, config.image_seq_length)
 
 
 def read_config(model_dir: str | Path) -> dict:

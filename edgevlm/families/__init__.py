@@ -37,8 +37,8 @@ class Family:
     num_image_tokens: Callable[[Any], int]  # config -> image tokens per image (per tile)
     # (model, pixel inputs) -> (..., D_text): every image token's feature, in prompt order
     image_features: Callable[[Any, dict], Any]
-    # (config dict, tokenizer, seed) -> (random model, processor, image token id); edgevlm init
-    build: Callable[[dict, Any, int], tuple]
+    # (config dict, tokenizer, seed) -> a random LoadedModel around the tokenizer; edgevlm init
+    build: Callable[[dict, Any, int], Any]
     # (processor, image tokens per image, PIL image or None) -> the text one <image> becomes
     expand_image: Callable[[Any, int, Any], str]
     # (processor, [PIL image or None per sample]) -> the model's pixel inputs ({} for none)

@@ -68,13 +68,15 @@ def image_processor_for(vision_config, splitting: bool = True, max_tiles_per_sid
 
 def build(cfg: dict, tokenizer, seed: int):
     """A random Idefics3 model and its processor around `tokenizer` (given the image markers as
-    special tokens). Returns (model, processor, image_token_id)."""
+    special tokens), as a LoadedModel."""
     import torch
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
         Idefics3Processor,
     )
+
+    from edgevlm.models import LoadedModel
 
     check_config(cfg, "config")
     splitting = cfg.pop("do_image_splitting", True)
@@ -100,7 +102,7 @@ def build(cfg: dict, tokenizer, seed: int):
     processor = Idefics3Processor(image_processor_for(config.vision_config, splitting, tiles),
                                   tokenizer, image_seq_len=num_image_tokens(config),
                                   chat_template=tokenizer.chat_template)
-    return model, processor, image_token_id
+    return LoadedModel(model, processor, image_token_id, num_image_tokens(config))
 
 
 def expand_image(processor, n_tokens: int, image) -> str:

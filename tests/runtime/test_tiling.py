@@ -23,7 +23,7 @@ def processor(tokenizer):
 
     cfg = copy.deepcopy(PRESETS["tiny-smolvlm"])
     cfg.pop("model_type")
-    return build(cfg, copy.deepcopy(tokenizer), 0)[1]
+    return build(cfg, copy.deepcopy(tokenizer), 0).processor
 
 
 @pytest.mark.parametrize("tiles_per_side", [2, 4])
