@@ -1,4 +1,4 @@
-"""Create and load LLaVA-family models (LlavaForConditionalGeneration + LlavaProcessor).
+"""Create and load models of every family edgevlm knows (edgevlm.families: LLaVA, Idefics3).
 
 A model is a plain Hugging Face directory, so the same code loads our tiny presets and a real
 checkpoint such as llava-hf/llava-interleave-qwen-0.5b-hf. Presets are LlavaConfig dicts; any
@@ -15,142 +15,17 @@ from typing import Any
 
 from edgevlm.errors import UserError, check_seed
 from edgevlm.families import family_of, part, supported_model_types
+from edgevlm.presets import PRESETS
 
 SUPPORTED_MODEL_TYPES = supported_model_types()
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 SUPPORTED_TEXT = ("qwen2", "llama")
 
-_TINY_VISION = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 96,
-    "intermediate_size": 192,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 48,
-    "patch_size": 16,
-    "num_channels": 3,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # SmolVLM in small (issue 17): Idefics3 with a SigLIP-style tower of 8-px patches at 48 px
-    # (36 patches), pixel shuffle by 2 (9 tokens per tile), images split 2 x 2 plus the global
-    # image as SmolVLM's processor does, and a Llama decoder.
-    "tiny-smolvlm": {
-        "model_type": "idefics3",
-        "vision_config": {"model_type": "idefics3_vision", "hidden_size": 96,
-                          "intermediate_size": 192, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 48, "patch_size": 8,
-                          "num_channels": 3},
-        "text_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-                        "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "max_position_embeddings": 512,
-                        "rope_theta": 10000.0, "tie_word_embeddings": False},
-        "scale_factor": 2,
-        "do_image_splitting": True,
-        "max_tiles_per_side": 2,
-    },
-    # SigLIP-style vision tower + Qwen2-style decoder, a few million parameters.
-    "tiny-teacher": {
-        "vision_config": _TINY_VISION,
-        "text_config": {
-            "model_type": "qwen2",
-            "hidden_size": 256,
-            "intermediate_size": 768,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": False,
-        },
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "projector_hidden_act": "gelu",
-    },
-    # Same vision tower and tokenizer, a much smaller decoder: half the width, one layer, so that
-    # trained alone it stays well below the teacher (widths stay multiples of 128 so the usual
-    # int4 group sizes 32/64/128 divide every layer).
-    "tiny-student": {
-        "vision_config": _TINY_VISION,
-        "text_config": {
-            "model_type": "qwen2",
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 512,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": False,
-        },
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "projector_hidden_act": "gelu",
-    },
-    # SmolLM2-135M (SmolVLM-256M's decoder) under a small SigLIP-style tower at 224 px: 196
-    # image tokens, as a LLaVA of that resolution sees. Meant for `--text-from` the real LM
-    # (benchmarks/smollm2.py); alone it is a random model of the same shape.
-    "llava-smollm2": {
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 192,
-            "intermediate_size": 768,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 3,
-            "image_size": 224,
-            "patch_size": 16,
-            "num_channels": 3,
-        },
-        "text_config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "head_dim": 64,
-            "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0,
-            "tie_word_embeddings": True,
-        },
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full",
-        "projector_hidden_act": "gelu",
-    },
-    # SmolVLM-256M's shape in small: the real SmolLM2 (`--text-from`) under llava-smollm2's
-    # tower as an Idefics3 tower (224 px, 16-px patches), pixel shuffle by 2 (49 tokens per
-    # tile; SmolVLM: 512 px, shuffle 4, 64), images split 2 x 2 plus the global image.
-    "smolvlm-smollm2": {
-        "model_type": "idefics3",
-        "vision_config": {"model_type": "idefics3_vision", "hidden_size": 192,
-                          "intermediate_size": 768, "num_hidden_layers": 4,
-                          "num_attention_heads": 3, "image_size": 224, "patch_size": 16,
-                          "num_channels": 3},
-        "text_config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "head_dim": 64,
-            "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0,
-            "tie_word_embeddings": True,
-        },
-        "scale_factor": 2,
-        "do_image_splitting": True,
-        "max_tiles_per_side": 2,
-    },
-}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Any  # LlavaForConditionalGeneration
-    processor: Any  # LlavaProcessor
+    model: Any  # the family's model class (LlavaForConditionalGeneration, ...)
+    processor: Any  # and its processor (LlavaProcessor, Idefics3Processor)
     image_token_id: int
     num_image_tokens: int
 
