@@ -52,6 +52,15 @@ def _tokenizer_spec(tok) -> dict:
 
 def check_pair(teacher: LoadedModel, student: LoadedModel) -> list[str]:
     """Raise a UserError naming the first thing that differs; return warnings."""
+    from edgevlm.families import family_of
+
+    t_family, s_family = family_of(teacher.model).name, family_of(student.model).name
+    if t_family != s_family:
+        raise UserError(f"the teacher is of the {t_family} family and the student of the "
+                        f"{s_family} family; "
+                        "distillation matches their image tokens one to one, so both must be "
+                        f"of one family: make the student with edgevlm init --preset of the "
+                        f"{t_family} family and --tokenizer-from TEACHER")
     tv = teacher.model.config.text_config.vocab_size
     sv = student.model.config.text_config.vocab_size
     if tv != sv:
@@ -76,6 +85,14 @@ def check_pair(teacher: LoadedModel, student: LoadedModel) -> list[str]:
                         f"{teacher.num_image_tokens}, student {student.num_image_tokens} per "
                         "image); give the student the teacher's vision image_size, patch_size "
                         "and vision_feature_select_strategy")
+    # both see the student's pixel inputs; idefics3 also tiles by these settings
+    tiling = ("size", "max_image_size", "do_image_splitting")
+    t_img, s_img = teacher.processor.image_processor, student.processor.image_processor
+    for key in tiling:
+        if getattr(t_img, key, None) != getattr(s_img, key, None):
+            raise UserError(f"teacher and student preprocess images differently ({key}: teacher "
+                            f"{getattr(t_img, key, None)}, student {getattr(s_img, key, None)}); "
+                            "give the student the teacher's image processor settings")
     if teacher.image_token_id != student.image_token_id:
         raise UserError(f"teacher and student image token ids differ (teacher "
                         f"{teacher.image_token_id}, student {student.image_token_id}); set the "

@@ -227,3 +227,63 @@ def test_transformers_js_opens_the_smolvlm_export(precision, trained_dir, shapes
         assert js["prompt_tokens"] == ours.timings.n_prompt_tokens == 74  # 5 tiles x 9 + text
         js_ids = js["ids"][:-1] if js["ids"] and js["ids"][-1] in eos else js["ids"]
         assert js_ids == list(ours.token_ids), image
+
+
+def test_a_distillation_pair_from_two_families_is_one_line(trained_dir, micro_model_dir,
+                                                           shapes_dir, tmp_path):
+    from tests.reliability.test_outputs import run
+
+    code, text = run("distill", "--teacher", trained_dir[0], "--student", micro_model_dir,
+                     "--data", shapes_dir / "train.json", "--out", tmp_path / "d",
+                     "--stages", "sft", "--steps", "1")
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert "the teacher is of the idefics3 family and the student of the llava family" in text
+    assert not (tmp_path / "d").exists()
+
+
+def test_quantize_then_export_int4_carries_the_integers(trained_dir, shapes_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.quant import QuantConfig, quantize
+
+    q = tmp_path / "q"
+    quantize(trained_dir[0], q, QuantConfig(method="gptq", bits=4, group_size=32,
+                                            calib_samples=8, batch_size=4),
+             calib=shapes_dir / "train.json", quiet=True)
+    result = export(q, tmp_path / "e", ExportConfig(precision="int4"))
+    assert result.parity.passed
+    manifest = json.loads((tmp_path / "e" / "edgevlm.json").read_text())
+    assert manifest["int4_source"] and manifest["family"] == "idefics3"
+
+
+@pytest.mark.parametrize("splitting", [True, False])
+def test_runtime_prompt_ids_equal_the_hf_processor(splitting, trained_dir, tmp_path):
+    """The runtime's own tiling and <image> expansion give the token ids transformers'
+    processor gives, for square, wide, tall and tiny images; two images for one is refused."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from edgevlm.errors import UserError
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.runtime import VLM
+
+    out = tmp_path / "e"
+    export(trained_dir[0], out, ExportConfig(precision="fp32", validate=False))
+    if not splitting:  # an export whose processor does not split
+        for name in ("edgevlm.json", "preprocessor_config.json"):
+            d = json.loads((out / name).read_text())
+            (d["image_processor"] if name == "edgevlm.json" else d)["do_image_splitting"] = False
+            (out / name).write_text(json.dumps(d))
+        shutil.rmtree(out / "processor_config.json", ignore_errors=True)
+    vlm = VLM.load(out, provider="cpu")
+    hf = AutoProcessor.from_pretrained(out)
+    hf.image_processor.do_image_splitting = splitting
+    template = hf.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat is it?"}], tokenize=False,
+        add_generation_prompt=True)
+    for name, image in images().items():
+        want = hf(text=[template], images=[[image]], add_special_tokens=False)["input_ids"][0]
+        got = vlm._prepare(image, "<image>\nWhat is it?", 0.0).ids.tolist()
+        assert got == list(want), name
+    with pytest.raises(UserError, match="2 image placeholders for 1 image"):
+        vlm.generate(images()["square"], "<image> and <image>?")
