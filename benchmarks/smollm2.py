@@ -62,10 +62,10 @@ def locate(install: bool = True) -> Path:
     return path
 
 
-def make(out: Path, overwrite: bool = False) -> None:
+def make(out: Path, overwrite: bool = False, preset: str = "llava-smollm2") -> None:
     from edgevlm.models import create
 
-    create(out, preset="llava-smollm2", text_from=locate(), overwrite=overwrite)
+    create(out, preset=preset, text_from=locate(), overwrite=overwrite)
 
 
 def _greedy(model, tok, prompt: str, n: int) -> list[int]:

@@ -1,6 +1,12 @@
 """A VQA model on the real LM: SmolLM2-135M under a from-scratch SigLIP tower, LLaVA-1.5 recipe.
 
     python benchmarks/smollm2_vqa.py [--stage1-steps 150] [--stage2-steps 150]
+        [--family llava|smolvlm]
+
+`--family smolvlm` makes the same recipe's SmolVLM: preset smolvlm-smollm2 (Idefics3, the
+same tower as an Idefics3 tower, pixel shuffle 2, images split 2 x 2 plus the global image:
+245 image tokens against the LLaVA's 196), runs/smolvlm-smollm2*, and
+benchmarks/results/smolvlm_vqa.json.
 
 Stage 1 (`edgevlm train --stage pretrain --train-vision`) trains the projector and the
 from-scratch vision tower on the shapes captions with the LM frozen; stage 2 (`--stage sft`) is
@@ -53,7 +59,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--stage1-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
+    ap.add_argument("--family", choices=["llava", "smolvlm"], default="llava")
     args = ap.parse_args()
+    name = "smollm2-llava" if args.family == "llava" else "smolvlm-smollm2"
 
     import torch
     from smollm2 import make  # beside this script
@@ -66,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = args.runs
     data, blank, text = runs / "shapes", runs / "shapes-blank", runs / "pydoc.txt"
-    base, s1, s2 = runs / "smollm2-llava0", runs / "smollm2-llava-stage1", runs / "smollm2-llava"
+    base, s1, s2 = runs / f"{name}0", runs / f"{name}-stage1", runs / name
     if not data.exists():
         shapes.generate(data, 20000, 300, 0, 48, False)
     if not blank.exists():
@@ -74,11 +82,12 @@ def main() -> None:
     if not text.exists():
         text.write_text(pydoc_text(), encoding="utf-8")
     if not base.exists():
-        make(base)
-    path = RESULTS / "smollm2_vqa.json"
+        make(base, preset="llava-smollm2" if args.family == "llava" else "smolvlm-smollm2")
+    path = RESULTS / ("smollm2_vqa.json" if args.family == "llava" else "smolvlm_vqa.json")
     result = json.loads(path.read_text()) if path.exists() else {}
     result["command"] = (f"python benchmarks/smollm2_vqa.py --stage1-steps {args.stage1_steps} "
-                         f"--stage2-steps {args.stage2_steps}")
+                         f"--stage2-steps {args.stage2_steps}"
+                         + (" --family smolvlm" if args.family == "smolvlm" else ""))
     result["threads"] = 2
 
     def save():
