@@ -81,6 +81,8 @@ class TorchTarget:
         scheme = read_scheme(path)
         self.precision = (f"{scheme.quant_method or 'quantized'}" if scheme is not None
                           else _PRECISIONS.get(model.dtype, str(model.dtype)))
+        self.weight_bits = (scheme.num_bits if scheme is not None
+                            else torch.finfo(model.dtype).bits)
 
     def answer(self, sample: Sample, max_new_tokens: int) -> Run:
         loaded, model = self.loaded, self.loaded.model
@@ -143,3 +145,12 @@ class TorchTarget:
         import transformers
 
         return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def facts(self, sample: Sample) -> dict:
+        """The planner's facts (runtime.bench.ExportTarget.facts), from the torch model."""
+        loaded = self.loaded
+        ids = loaded.processor.tokenizer(prompt_text(loaded, sample),
+                                         add_special_tokens=False)["input_ids"]
+        return {"family": family_of(loaded.model).name,
+                "visual_tokens": ids.count(loaded.image_token_id),
+                "weight_bits": self.weight_bits}

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from edgevlm.cli_common import console, quiet_libraries, summary
-from edgevlm.cli_device import bench_, bench_table, run
+from edgevlm.cli_device import bench_, bench_table, plan_, run
 from edgevlm.cli_export import export_
 from edgevlm.errors import UserError, check_at_least
 
@@ -347,10 +347,15 @@ def demo(
 
     result = run_demo(out, DemoConfig.make(quick), quiet=quiet or as_json, log=log)
     if as_json:
-        print(json.dumps({"stages": result.stages, "bench": result.bench}, indent=1))
+        print(json.dumps({"stages": result.stages, "bench": result.bench,
+                          "plan": result.plan}, indent=1))
         return
     if not quiet:
         bench_table(load_report(out / "report" / "bench.json"), [out / "report"])
+        budget = result.plan["budget"]
+        console.print(f"plan (TTFT <= {budget['max_ttft_ms']} ms, half the teacher's; peak <= "
+                      f"{budget['max_memory_mb']:.0f} MB): "
+                      + (f"{result.chosen}" if result.chosen else result.plan.get("error", "")))
         if quick:
             console.print("[yellow]--quick: tiny settings; these accuracies are a smoke test, "
                           "not a result. Run `edgevlm demo` for the real numbers.[/yellow]")
@@ -358,6 +363,7 @@ def demo(
 
 app.command()(run)
 app.command("bench")(bench_)
+app.command("plan")(plan_)
 
 
 def _close_process_group() -> None:

@@ -1,4 +1,4 @@
-"""The device-side commands, `edgevlm run` and `edgevlm bench`: torch-free for exports.
+"""The device-side commands, `edgevlm run`, `bench` and `plan`: torch-free for exports.
 
 Kept apart from edgevlm.cli so the commands a device runs read in one place; edgevlm.cli
 registers them on the app.
@@ -178,5 +178,41 @@ def bench_table(result, written: list[Path]) -> None:
     # Piped or logged output has no terminal width; rich would squeeze 10 columns into 80 and
     # cut every label, so give it room there (a real terminal keeps its own width).
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def plan_(
+    reports: list[Path] = typer.Option(..., "--reports", help="bench.json files of the "
+                                       "candidate exports (one eval set)"),
+    max_ttft_ms: Optional[float] = typer.Option(None, help="Time to first token with an "
+                                                "image, median, at most this"),
+    max_memory_mb: Optional[float] = typer.Option(None, help="Peak resident memory at most "
+                                                  "this"),
+    out: Optional[Path] = typer.Option(None, help="Write plan.json (and plan.png) here"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+) -> None:
+    """The most accurate measured export inside a TTFT / memory budget, and the Pareto front."""
+    from edgevlm.runtime import plan as planner
+
+    result = planner.plan(reports, max_ttft_ms, max_memory_mb)
+    written = planner.write(result, out) if out is not None else []
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return
+    table = Table(title="Pareto front (accuracy up, TTFT and memory down)")
+    for col in ("target", "accuracy", "TTFT ms", "peak MB", "disk MB", "bits", "visual tokens",
+                "family", "in budget"):
+        table.add_column(col, justify="left" if col in ("target", "family") else "right")
+    for c in result.front:
+        inside = c.over(max_ttft_ms, max_memory_mb) == 0
+        table.add_row(("* " if c == result.chosen else "") + c.name, f"{c.accuracy:.3f}",
+                      f"{c.ttft_ms:.1f}", f"{c.memory_mb:.0f}" if c.memory_mb else "–",
+                      f"{c.disk_mb:.1f}", str(c.weight_bits or "–"),
+                      str(c.visual_tokens or "–"), c.family or "–", "yes" if inside else "no")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    c = result.chosen
+    console.print(f"chosen: {c.name} ({c.source}): accuracy {c.accuracy:.3f}, TTFT "
+                  f"{c.ttft_ms:.1f} ms, peak {c.memory_mb or 0:.0f} MB")
     for path in written:
         console.print(f"wrote {path}")

@@ -3,7 +3,8 @@
 shapes data -> tiny teacher (init + SFT on questions and captions mixed) -> tiny student
 distilled (LLaVA-KD DPT, SFT, DFT) -> quantized (Q-VLM W4) -> exported (int4 decoder, int8
 vision) -> bench of the torch teacher, the torch student and the runtime on the export, side by
-side.
+side -> plan: `edgevlm plan` picks among the three for a stated budget, time to first token at
+most half the teacher's (as measured in this run) and peak memory at most 1 GB.
 
 Every stage writes its own folder inside DIR (atomically), so a rerun skips each finished stage
 and resumes at the first missing one. `--quick` uses small settings: a smoke test whose
@@ -51,6 +52,11 @@ class DemoResult:
     out_dir: Path
     stages: dict[str, dict]  # stage -> {"dir", "seconds", "skipped"}
     bench: dict
+    plan: dict  # plan.json: the budget, the chosen target and the Pareto front (or "error")
+
+    @property
+    def chosen(self) -> str | None:
+        return (self.plan.get("chosen") or {}).get("name")
 
 
 def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
@@ -138,5 +144,24 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
             write_report(report, tmp)
 
     _stage("bench", report_dir, stages, run_bench, log)
+
+    plan_dir = out / "plan"
+
+    def run_plan():
+        from edgevlm.runtime import plan as planner
+        from edgevlm.runtime.bench_report import load_report
+
+        report = load_report(report_dir / "bench.json")
+        teacher_ttft = next(t for t in report.targets if t.name == teacher.name).ttft_s.median
+        budget = {"max_ttft_ms": round(0.5 * 1e3 * teacher_ttft, 3), "max_memory_mb": 1024.0}
+        with atomic_dir(plan_dir) as tmp:
+            try:
+                planner.write(planner.plan([report_dir / "bench.json"], **budget), tmp)
+            except UserError as e:  # a demo run records it and goes on; `edgevlm plan` stops
+                (tmp / "plan.json").write_text(json.dumps({"budget": budget,
+                                                           "error": str(e)}, indent=1))
+
+    _stage("plan", plan_dir, stages, run_plan, log)
     (out / "demo_stages.json").write_text(json.dumps(stages, indent=1))
-    return DemoResult(out, stages, json.loads((report_dir / "bench.json").read_text()))
+    return DemoResult(out, stages, json.loads((report_dir / "bench.json").read_text()),
+                      json.loads((plan_dir / "plan.json").read_text()))

@@ -106,6 +106,9 @@ def target_kind(path: str | Path) -> str:
                     "export`) or a model folder (a LLaVA checkpoint with config.json)")
 
 
+WEIGHT_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}  # the decoder's, for the planner
+
+
 class ExportTarget:
     """An export answered by the runtime (VLM), as an app on a device would run it."""
 
@@ -150,6 +153,20 @@ class ExportTarget:
         import onnxruntime
 
         return {"onnxruntime": onnxruntime.__version__}
+
+    def facts(self, sample: Sample) -> dict:
+        """What the planner compares candidates by: family, image tokens in this sample's
+        prompt (an Idefics3 image's count depends on its tiles), the decoder's weight bits."""
+        from edgevlm.runtime.contract import COMPONENTS
+
+        messages = to_messages(sample.turns, with_last_answer=False)
+        ids = self.vlm._prepare(sample.image, messages, 0.0).ids
+        decoder = COMPONENTS[-1]  # decoder_model_merged
+        manifest = json.loads((self.vlm.info.root / "edgevlm.json").read_text(encoding="utf-8"))
+        precision = ((manifest.get("components") or {}).get(decoder) or {}).get("precision")
+        return {"family": self.vlm.info.family,
+                "visual_tokens": int((ids == self.vlm.image_token_id).sum()),
+                "weight_bits": WEIGHT_BITS.get(precision or self.precision)}
 
 
 # -- the worker: one target, in its own process ---------------------------------------------------
@@ -238,6 +255,7 @@ def measure(path: Path, kind: str, samples: list[Sample], cfg: BenchConfig,
         "disk_bytes": sum(f.stat().st_size for f in files),
         "files": [f.resolve().relative_to(root).as_posix() for f in files],
         "versions": target.versions(), "predictions": predictions,
+        **target.facts(timed[0]),
     }
 
 

@@ -93,10 +93,15 @@ class TargetReport:
     versions: dict[str, str]
     predictions: list[dict]
     device: str = ""  # Machine.label of the machine it ran on
+    # what `edgevlm plan` compares (None in reports from before they were recorded)
+    family: str = ""
+    visual_tokens: int | None = None  # image tokens in the first timed prompt
+    weight_bits: int | None = None  # the decoder's: 32, 16, 8 or 4
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "bench result") -> TargetReport:
-        missing = [f.name for f in fields(cls) if f.name not in d and f.name != "device"]
+        optional = {"device", "family", "visual_tokens", "weight_bits"}
+        missing = [f.name for f in fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise UserError(f"{where}: a target lacks {', '.join(missing)}; it was not written "
                             "by `edgevlm bench` (or by an older version): re-run the bench")
