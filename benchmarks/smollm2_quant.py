@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--scale-rule", default="absmax", choices=["absmax", "signed"],
+                   help="signed: llama.cpp's Q4_0 scale rule (the setting says so)")
     p.add_argument("--act-bits", type=int, default=16,
                    help="8: W4A8 with activations fake-quantized (simulated, as the label says)")
     p.add_argument("--limit", type=int, default=300)
@@ -129,6 +131,8 @@ def main() -> None:
     setting = f"W{args.bits} g{args.group_size} symmetric"
     if args.act_bits != 16:
         setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} symmetric"
+    if args.scale_rule != "absmax":
+        setting += f" {args.scale_rule}"
     for method in args.methods:
         for seed in ([0] if method == "RTN" else args.seeds):
             key = f"{setting} | {method} | seed {seed} | {args.calib_samples} samples"
@@ -142,6 +146,8 @@ def main() -> None:
                    "--symmetric", "--seed", str(seed), "--overwrite", "--quiet"]
             if args.act_bits != 16:
                 cmd += ["--act-bits", str(args.act_bits)]
+            if args.scale_rule != "absmax":
+                cmd += ["--scale-rule", args.scale_rule]
             if method != "RTN":
                 cmd += ["--calib-samples", str(args.calib_samples)]
             print("+", shlex.join(cmd), flush=True)

@@ -221,6 +221,9 @@ def quantize_(
                                    "which transformers loads with a plain from_pretrained) or "
                                    "a zero point per group (loads with "
                                    "CompressedTensorsConfig(dequantize=True))"),
+    scale_rule: str = typer.Option("absmax", help="Symmetric scales: absmax (step "
+                                   "2·max|w|/(2^b-1)) or signed (llama.cpp Q4_0: the extreme "
+                                   "weight exactly on -2^(b-1); 2-4 bits)"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
@@ -252,6 +255,7 @@ def quantize_(
     from edgevlm.quant import QuantConfig, quantize
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
+                      scale_rule=scale_rule,
                       act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
                       partition=partition,
                       vision_opt=vision_opt, quantize_vision=quantize_vision,

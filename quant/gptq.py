@@ -52,7 +52,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
 
     static = None
     if cfg.act_order or gs == k:
-        static = choose_qparams(W.float(), cfg.bits, gs, cfg.symmetric, clip)
+        static = choose_qparams(W.float(), cfg.bits, gs, cfg.symmetric, clip, cfg.signed)
     perm = (torch.argsort(torch.diag(H), descending=True) if cfg.act_order
             else torch.arange(k, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
@@ -79,7 +79,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
                 # i1 and gs are aligned, so the group is in W1; a ragged last group ends at K
                 stop = min(i + gs, i2 - i1)
                 qp = choose_qparams(W1[:, i:stop].float(), cfg.bits, -1, cfg.symmetric,
-                                    clip[:, g: g + 1])
+                                    clip[:, g: g + 1], cfg.signed)
                 scales[:, g: g + 1], zeros[:, g: g + 1] = qp.scale, qp.zero_point
             # primitives.quantize / dequantize for one column, written out: through them
             # every column paid for expanding its group's qparams to the whole row

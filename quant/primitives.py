@@ -35,6 +35,7 @@ METHOD_NAMES = ("rtn", "gptq", "qvlm")
 MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
 ACT_BITS = (16, 8, 6, 4)
 PARTITIONS = ("entropy", "uniform")
+SCALE_RULES = ("absmax", "signed")  # symmetric scales: see QuantConfig.scale_rule
 MIN_CALIB_SAMPLES = 2
 
 
@@ -79,7 +80,7 @@ def _padded_groups(w: torch.Tensor, gs: int) -> torch.Tensor:
 
 
 def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                   clip: float | torch.Tensor = 1.0) -> QParams:
+                   clip: float | torch.Tensor = 1.0, signed: bool = False) -> QParams:
     """Min/max qparams of `w` (N, K) per row and group of `group_size` columns (-1: whole row;
     a group size that does not divide K leaves a ragged last group with its own qparams).
 
@@ -98,7 +99,14 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     xmax = torch.maximum(g.amax(-1), zero)  # (N, G)
     clip = torch.as_tensor(clip, dtype=w.dtype, device=w.device)
     maxq = (1 << bits) - 1
-    if symmetric:
+    if symmetric and signed:
+        # llama.cpp's Q4_0 rule: the group's largest-magnitude weight lands exactly on the
+        # integer -2^(b-1) (the scale takes its sign, so it may be negative), and the step is
+        # |w_ext| / 2^(b-1), finer than absmax's 2|w_ext| / (2^b - 1)
+        ext = torch.where(-xmin >= xmax, xmin, xmax) * clip
+        scale = -ext / (1 << (bits - 1))
+        zp = torch.full_like(scale, 1 << (bits - 1))
+    elif symmetric:
         amax = torch.maximum(-xmin, xmax) * clip
         scale = 2 * amax / maxq
         zp = torch.full_like(scale, 1 << (bits - 1))
@@ -106,7 +114,7 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         xmin, xmax = xmin * clip, xmax * clip
         scale = (xmax - xmin) / maxq
         zp = torch.round(-xmin / torch.where(scale > 0, scale, 1.0))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a flat zero group
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # a flat zero group
     zp = zp.clamp(0, maxq).to(torch.int32)
     return QParams(scale.contiguous(), zp.contiguous(), bits, gs)
 
@@ -163,6 +171,9 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True  # llm-compressor's W4A16 scheme; plain from_pretrained loads it
+    # symmetric scales: "absmax" (step 2·max|w| / (2^b − 1)) or "signed" (llama.cpp Q4_0: the
+    # extreme weight exactly on −2^(b−1), step max|w| / 2^(b−1), a scale that may be negative)
+    scale_rule: str = "absmax"
     act_bits: int = 16  # 16 = weight-only
     calib_samples: int = 128
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
@@ -200,6 +211,12 @@ class QuantConfig:
         if not isinstance(gs, int) or (gs != -1 and (gs < MIN_GROUP or gs & (gs - 1))):
             bad("group_size", gs, f"use a power of two >= {MIN_GROUP} (32, 64, 128, ...; "
                 "MatMulNBits' block sizes), or -1 for one group per row")
+        if self.scale_rule not in SCALE_RULES:
+            bad("scale_rule", self.scale_rule, f"use one of {', '.join(SCALE_RULES)}")
+        if self.scale_rule == "signed" and (not self.symmetric or self.bits > 4):
+            bad("scale_rule", self.scale_rule, "the signed rule (llama.cpp's Q4_0) is for "
+                "symmetric weights of 2 to 4 bits; use --scale-rule absmax, or --symmetric "
+                "with --bits 4 or fewer")
         if self.act_bits not in ACT_BITS:
             bad("act_bits", self.act_bits, "use 16 (weight-only), 8 (W8A8, deployable through "
                 "onnxruntime int8) or 6 / 4 (simulated, research mode)")
@@ -235,3 +252,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def signed(self) -> bool:
+        """choose_qparams' `signed`: the scale rule is llama.cpp's Q4_0."""
+        return self.scale_rule == "signed"

@@ -137,7 +137,8 @@ def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tens
     best_err = torch.full((n, G), float("inf"), device=W.device)
     best = torch.ones((n, G), device=W.device)
     for a in cfg.clip_grid:
-        D = (W - fake_quantize(W, choose_qparams(W, cfg.bits, gs, cfg.symmetric, a)))
+        D = (W - fake_quantize(W, choose_qparams(W, cfg.bits, gs, cfg.symmetric, a,
+                                                 cfg.signed)))
         D = F.pad(D, (0, pad)).reshape(n, G, gs)
         err = torch.einsum("ngi,gij,ngj->ng", D, Hg, D)
         better = err < best_err

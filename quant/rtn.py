@@ -11,5 +11,5 @@ from edgevlm.quant.primitives import QuantConfig, QuantizedWeight, choose_qparam
 def quantize_weight(W: torch.Tensor, cfg: QuantConfig,
                     clip: float | torch.Tensor = 1.0) -> QuantizedWeight:
     """W (N, K) -> integers and qparams, each weight rounded to its nearest grid point."""
-    qp = choose_qparams(W, cfg.bits, cfg.group_size, cfg.symmetric, clip)
+    qp = choose_qparams(W, cfg.bits, cfg.group_size, cfg.symmetric, clip, cfg.signed)
     return QuantizedWeight(quantize(W, qp), qp.scale, qp.zero_point, cfg.bits, qp.group_size)
