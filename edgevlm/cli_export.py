@@ -48,6 +48,13 @@ def export_(
     accuracy_level: Optional[int] = typer.Option(None, help="Builder int4/int8: MatMulNBits "
                                                  "accuracy_level, 0 float activations, 4 int8 "
                                                  "(default: 4, 0 with --profile gpu)"),
+    visual_tokens: Optional[int] = typer.Option(None, help="Image tokens the decoder sees, "
+                                                "chosen by --token-select from the tower's "
+                                                "(LLaVA; the runtime selects after the vision "
+                                                "graph)"),
+    token_select: Optional[str] = typer.Option(None, help="divprune (feature diversity, no "
+                                               "attention) | visionzip (attention-dominant + "
+                                               "merged contextual tokens)"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -60,7 +67,8 @@ def export_(
                        embed_precision=embed_precision, block_size=block_size, validate=validate,
                        overwrite=overwrite, external_data=True if external_data else None,
                        profile=profile, max_context=max_context, decoder=decoder,
-                       accuracy_level=accuracy_level)
+                       accuracy_level=accuracy_level, visual_tokens=visual_tokens,
+                       token_select=token_select)
     result = export(model, out, cfg, quiet=quiet or as_json)
     rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
     for name, f in result.components.items():

@@ -36,7 +36,7 @@ from edgevlm.export import int4, onnx_io, readiness
 from edgevlm.export import precision as prec
 from edgevlm.export import source as ckpt
 from edgevlm.export.validate import Parity
-from edgevlm.runtime import contract
+from edgevlm.runtime import contract, token_select
 from edgevlm.runtime.contract import Precision
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class ExportConfig:
     # falls back to traced for a text model the builder does not cover
     accuracy_level: int | None = None  # builder int4/int8: MatMulNBits accuracy_level; None:
     # the profile's (edgevlm.export.builder.linear.ACCURACY_LEVELS)
+    visual_tokens: int | None = None  # image tokens the decoder sees (runtime.token_select)
+    token_select: str | None = None  # divprune | visionzip, with visual_tokens
 
     def __post_init__(self):
         if self.profile not in contract.PROFILES:
@@ -134,6 +136,17 @@ class ExportConfig:
                             "builder")
         if self.max_context is not None and self.max_context < 2:
             raise UserError(f"--max-context {self.max_context} must be at least 2")
+        if (self.visual_tokens is None) != (self.token_select is None):
+            raise UserError("--visual-tokens N and --token-select METHOD go together: give both "
+                            f"(methods: {', '.join(token_select.METHODS)}) or neither")
+        if self.token_select is not None and self.token_select not in token_select.METHODS:
+            raise UserError(f"--token-select {self.token_select!r} is unknown; choose one of "
+                            f"{', '.join(token_select.METHODS)}")
+        if self.visual_tokens is not None and self.visual_tokens < 1:
+            raise UserError(f"--visual-tokens {self.visual_tokens} must be at least 1")
+        if self.token_select == "visionzip" and self.profile == "mobile":
+            raise UserError("--token-select visionzip needs the default profile's vision graph "
+                            "(it adds an attention output); use divprune with --profile mobile")
 
     @property
     def decoder_kind(self) -> str:
@@ -175,15 +188,17 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
 
     path = out / contract.graph_file(component, precision)
     traced = path if Precision(precision).floating else out / ".float" / path.name
+    scores = cfg.token_select == "visionzip"
     if shapes is None:
-        module = graphs.wrapper(component, model)
+        module = graphs.wrapper(component, model, scores)
         args = graphs.example_inputs(component, model.config)
     else:
         module = mobile.wrapper(component, model)
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
                           contract.graph_io(component, num_layers, cfg.profile,
-                                            family=model.config.model_type), cfg.opset,
+                                            family=model.config.model_type, scores=scores),
+                          cfg.opset,
                           static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)
 
@@ -256,6 +271,10 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     if family.name != "llava" and config.profile == "mobile":
         raise UserError(f"--profile mobile covers llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family: export it with --profile default")
+    if config.visual_tokens is not None and family.name != "llava":
+        raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
+                        f"model of the {family.name} family, whose image tokens come in tiles "
+                        "of a grid: export it without --visual-tokens")
     if family.name not in EXPORTABLE_FAMILIES:
         raise UserError(f"{model_dir} holds a model of the {family.name} family; export writes "
                         f"{', '.join(EXPORTABLE_FAMILIES)} models only so far (the SmolVLM ONNX "
@@ -273,6 +292,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     # traced from, and validated against, the model its integers define.
     loaded = load_model(model_dir, dequantize=source is not None)
     model = loaded.model
+    if config.visual_tokens is not None:
+        token_select.check(config.visual_tokens, loaded.num_image_tokens)
     dims = text_dims(model.config)
     precisions = config.precisions()
     choice = dec.choose(config, model.config)  # before minutes of validating and tracing

@@ -46,7 +46,7 @@ def _dtype(module: nn.Module) -> torch.dtype:
 class VisionEncoder(nn.Module):
     """pixel_values (B,3,H,W) -> image_features (B,N_img,D_text); equals get_image_features."""
 
-    def __init__(self, model):
+    def __init__(self, model, scores: bool = False):
         super().__init__()
         cfg = model.config
         self.tower = part(model, "vision_tower")
@@ -54,17 +54,37 @@ class VisionEncoder(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
+        self.cls = cfg.vision_config.model_type == "clip_vision_model"
+        self.scores = scores
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor):
         # Layers after the last selected one (and SigLIP's pooling head) do not reach the output,
         # so the ONNX exporter drops them from the graph.
         out = self.tower(pixel_values.to(_dtype(self.tower)), output_hidden_states=True,
-                         return_dict=True)
+                         output_attentions=self.scores, return_dict=True)
         hidden = [out.hidden_states[i] for i in self.layers]  # each (B, N_patch[+1], D_vis)
         if self.drop_cls:
             hidden = [h[:, 1:] for h in hidden]
         feats = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
-        return self.projector(feats).float()  # (B, N_img, D_text)
+        feats = self.projector(feats).float()  # (B, N_img, D_text)
+        if not self.scores:
+            return feats
+        # the attention of the layer whose output the projector reads (VisionZip: the
+        # second-to-last, which is LLaVA's default vision_feature_layer)
+        h = self.layers[0]
+        layer = h if h < 0 else h - 1  # hidden_states[0] is the embeddings, before any layer
+        return feats, visual_scores(out.attentions[layer], self.cls, self.drop_cls)
+
+
+def visual_scores(attn: torch.Tensor, cls: bool, drop_cls: bool) -> torch.Tensor:
+    """VisionZip's token scores from a layer's attention (B, heads, T, T): the attention CLS
+    pays each token (CLIP), or, with no CLS (SigLIP), the attention each token receives averaged
+    over every query; averaged over heads. (B, N_img), aligned with the image features."""
+    attn = attn.float().mean(1)  # (B, T, T)
+    if cls:
+        row = attn[:, 0]  # (B, T): what CLS attends to, CLS itself first
+        return row[:, 1:] if drop_cls else row
+    return attn.mean(1)
 
 
 class TiledVisionEncoder(nn.Module):
@@ -159,11 +179,12 @@ def example_inputs(component: str, config) -> tuple:
     return (embeds, mask, positions, *cache)
 
 
-def wrapper(component: str, model) -> nn.Module:
-    """The export module of one component (shares the model's weights)."""
+def wrapper(component: str, model, scores: bool = False) -> nn.Module:
+    """The export module of one component (shares the model's weights). `scores`: the LLaVA
+    vision graph also outputs VisionZip's token scores."""
     if component == "vision_encoder":
         tiled = model.config.model_type == "idefics3"
-        return (TiledVisionEncoder(model) if tiled else VisionEncoder(model)).eval()
+        return (TiledVisionEncoder(model) if tiled else VisionEncoder(model, scores)).eval()
     if component == "embed_tokens":
         return EmbedTokens(model).eval()
     assert component == "decoder_model_merged", f"unknown component {component}"

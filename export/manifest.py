@@ -68,7 +68,8 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
     proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
     proc.update(processor_class="LlavaProcessor", image_token=info["image_token"],
                 patch_size=patch, vision_feature_select_strategy="full",
-                num_additional_image_tokens=info["num_image_tokens"] - patches)
+                # the full count: HF processors know nothing of token selection
+                num_additional_image_tokens=info["vision_tokens"] - patches)
     proc_path.write_text(json.dumps(proc, indent=2) + "\n")
     _template_into_tokenizer(out_dir, info)
 
@@ -136,7 +137,8 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "components": None,
         "family": model.config.model_type,
         "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
-                                    family=model.config.model_type).to_dict()
+                                    family=model.config.model_type,
+                                    scores=config.token_select == "visionzip").to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,
         "num_layers": dims.num_layers,
@@ -147,7 +149,12 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "max_position_embeddings": tc.max_position_embeddings,
         "image_token_id": loaded.image_token_id,
         "image_token": tok.convert_ids_to_tokens(loaded.image_token_id),
-        "num_image_tokens": loaded.num_image_tokens,
+        # what the decoder sees per image; the vision graph gives vision_tokens, of which
+        # token_select keeps num_image_tokens (runtime.token_select)
+        "num_image_tokens": config.visual_tokens or loaded.num_image_tokens,
+        "vision_tokens": loaded.num_image_tokens,
+        "token_select": ({"method": config.token_select, "tokens": config.visual_tokens}
+                         if config.token_select else None),
         "eos_token_id": gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id,
         "pad_token_id": gen.pad_token_id if gen.pad_token_id is not None else tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,

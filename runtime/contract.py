@@ -126,17 +126,21 @@ def genai_graph_file(precision: str) -> str:
 FAMILIES = ("llava", "idefics3")  # what the runtime knows of each: IO, image recipe, expansion
 
 
-def vision_io(family: str = "llava") -> GraphIO:
+def vision_io(family: str = "llava", scores: bool = False) -> GraphIO:
     """LLaVA: one image per row. Idefics3 / SmolVLM (transformers.js's layout): the tiles of each
-    image, with their pixel mask, in; every tile's tokens out."""
+    image, with their pixel mask, in; every tile's tokens out. `scores`: a LLaVA graph also gives
+    each image token's attention score, for `--token-select visionzip`."""
     assert family in FAMILIES, f"unknown family {family}"
     if family == "idefics3":
         return GraphIO(inputs={"pixel_values": ("batch_size", "num_images", 3, "height", "width"),
                                "pixel_attention_mask": ("batch_size", "num_images", "height",
                                                         "width")},
                        outputs={"image_features": ("num_tiles", "image_tokens", "hidden")})
+    outputs = {"image_features": ("batch_size", "image_tokens", "hidden")}
+    if scores:
+        outputs["visual_scores"] = ("batch_size", "image_tokens")
     return GraphIO(inputs={"pixel_values": ("batch_size", 3, "height", "width")},
-                   outputs={"image_features": ("batch_size", "image_tokens", "hidden")})
+                   outputs=outputs)
 
 
 def embed_io() -> GraphIO:
@@ -188,14 +192,14 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
 
 
 def graph_io(component: str, num_layers: int, profile: str = "default",
-             decoder: str = "traced", family: str = "llava") -> GraphIO:
+             decoder: str = "traced", family: str = "llava", scores: bool = False) -> GraphIO:
     """The declared IO of one component (the decoder's depends on its layer count and kind). The
     mobile profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert profile in PROFILES, f"unknown profile {profile}"
     assert decoder in DECODER_KINDS, f"unknown decoder kind {decoder}"
     if component == "vision_encoder":
-        return vision_io(family)
+        return vision_io(family, scores)
     if component == "embed_tokens":
         return embed_io()
     if decoder == "builder":

@@ -30,6 +30,7 @@ from edgevlm.runtime.contract import (
 from edgevlm.runtime.paths import check_graph_files, check_inside
 from edgevlm.runtime.preprocess import ImageProcessorConfig
 from edgevlm.runtime.tiling import TilingConfig
+from edgevlm.runtime.token_select import METHODS as TOKEN_SELECT
 
 REEXPORT = "re-run `edgevlm export MODEL --out DIR`"
 
@@ -59,6 +60,8 @@ class ExportInfo:
     rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
     decoder: str = "traced"  # contract.DECODER_KINDS; exports before version 3 are "traced"
     family: str = "llava"  # contract.FAMILIES: the vision IO, image recipe and <image> expansion
+    token_select: str | None = None  # runtime.token_select method keeping num_image_tokens
+    vision_tokens: int | None = None  # what the vision graph gives per image, before selection
 
     @property
     def max_tokens(self) -> int:
@@ -79,6 +82,10 @@ class ExportInfo:
         if self.profile not in PROFILES:
             raise UserError(f"{self.root / MANIFEST}: profile {self.profile!r} is unknown to this "
                             f"runtime (it knows {', '.join(PROFILES)}): pip install -U edgevlm")
+        if self.token_select is not None and self.token_select not in TOKEN_SELECT:
+            raise UserError(f"{self.root / MANIFEST}: token_select {self.token_select!r} is "
+                            f"unknown to this runtime (it knows {', '.join(TOKEN_SELECT)}): pip "
+                            "install -U edgevlm")
         if self.family not in FAMILIES:
             raise UserError(f"{self.root / MANIFEST}: family {self.family!r} is unknown to this "
                             f"runtime (it knows {', '.join(FAMILIES)}): pip install -U edgevlm")
@@ -234,7 +241,9 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         context=_first((m.get("static_shapes") or {}).get("context"), decoder.get("max_context")),
         rope_file=rope_file,
         decoder=decoder.get("kind", "traced"),
-        family=m.get("family", "llava"))
+        family=m.get("family", "llava"),
+        token_select=(m.get("token_select") or {}).get("method"),
+        vision_tokens=m.get("vision_tokens"))
 
 
 def _added_token_id(tokenizer_file: Path, token) -> int | None:

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevlm.errors import UserError
-from edgevlm.runtime import contract, tiling
+from edgevlm.runtime import contract, tiling, token_select
 from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
 from edgevlm.runtime.kv_buffer import SharedKV
 from edgevlm.runtime.manifest import ExportInfo, read_export
@@ -169,7 +169,7 @@ class VLM:
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto", trt=trt, spin=spin)
             io = contract.graph_io(component, info.num_layers, info.profile, info.decoder,
-                                   info.family)
+                                   info.family, scores=info.token_select == "visionzip")
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
@@ -332,8 +332,14 @@ class VLM:
             if self._tiled:  # every tile of one image is full
                 feeds["pixel_attention_mask"] = np.ones(
                     (*p.pixels.shape[:2], *p.pixels.shape[-2:]), dtype=bool)
-            feats = self._vision.run(["image_features"], feeds)[0]
-            feats = feats.reshape(1, -1, feats.shape[-1])  # (1, N_img, D): tiles in order
+            wanted = ["image_features"] + (["visual_scores"]
+                                           if self.info.token_select == "visionzip" else [])
+            out = self._vision.run(wanted, feeds)
+            feats = out[0].reshape(1, -1, out[0].shape[-1])  # (1, N_img, D): tiles in order
+            if self.info.token_select is not None:  # the decoder sees num_image_tokens of them
+                feats = token_select.select(self.info.token_select, feats[0],
+                                            self.info.num_image_tokens,
+                                            out[1][0] if len(out) > 1 else None)[None]
         vision_s = time.perf_counter() - t
         t = time.perf_counter()
         slots = np.flatnonzero(p.ids == self.image_token_id) if feats is not None else []
