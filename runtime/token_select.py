@@ -58,6 +58,8 @@ def visionzip(feats: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
     merged from the rest (see the module docstring)."""
     n = feats.shape[0]
     check(keep, n)
+    if keep == n:  # nothing to drop: the image as it is, in its order
+        return feats
     contextual = 0 if keep < 2 else max(1, round(keep * (1 - DOMINANT_SHARE)))
     dominant = np.sort(np.argsort(-scores, kind="stable")[: keep - contextual])
     if contextual == 0:

@@ -40,6 +40,7 @@ def test_visionzip_keeps_the_dominant_tokens_and_merges_the_rest():
     for k in range(2):
         assert np.allclose(out[14 + k], feats[rest[owner == k]].mean(0), atol=1e-6)
     assert np.allclose(visionzip(feats, scores, 1), feats[[int(np.argmax(scores))]])
+    assert np.array_equal(visionzip(feats, scores, 64), feats)  # all kept: image order
     with pytest.raises(UserError, match="--visual-tokens 65 must be between 1 and the tower's "
                                         "64 image tokens"):
         select("divprune", feats, 65)
