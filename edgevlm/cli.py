@@ -124,6 +124,10 @@ def train(
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
     seed: int = typer.Option(0),
     train_vision: bool = typer.Option(False, help="Also train the vision tower"),
+    visual_tokens: Optional[int] = typer.Option(None, help="Train at this many image tokens, "
+                                                "kept by --token-select (the fine-tuned point "
+                                                "of the token curve; export then uses it)"),
+    token_select: str = typer.Option("divprune", help="divprune (the only one that trains)"),
     max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
     long_samples: str = typer.Option("truncate", help=LONG_SAMPLES_HELP),
     image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
@@ -141,7 +145,8 @@ def train(
     cfg = training.TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr,
                                warmup=warmup, save_every=save_every, seed=seed,
                                train_vision=train_vision, max_length=max_length,
-                               long_samples=long_samples)
+                               long_samples=long_samples, visual_tokens=visual_tokens,
+                               token_select=token_select)
     samples = [s for path in data for s in load_samples(path, image_root)]
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
                           overwrite=overwrite, quiet=quiet, inputs=[model, *data])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgevlm import token_reduce
 from edgevlm.errors import UserError, check_seed
 from edgevlm.families import family_of, part, supported_model_types
 from edgevlm.presets import PRESETS
@@ -141,7 +142,7 @@ def read_config(model_dir: str | Path) -> dict:
 
 
 def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
-               dequantize: bool = False) -> LoadedModel:
+               dequantize: bool = False, reduce_tokens: bool = True) -> LoadedModel:
     """Load a LLaVA-family checkpoint directory and its processor. `dequantize`: a
     compressed-tensors checkpoint comes back as plain Linears holding (q − z)·s exactly."""
     import torch
@@ -173,8 +174,11 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
         raise UserError(f"{model_dir}: could not load the processor ({e}); the folder needs "
                         "tokenizer and preprocessor_config.json files") from e
     image_token_id = getattr(model.config, family_of(model).image_token_key)
-    return LoadedModel(model, processor, image_token_id,
-                       num_image_tokens(model.config))
+    loaded = LoadedModel(model, processor, image_token_id, num_image_tokens(model.config))
+    reduced = token_reduce.setting(model.config)
+    if reduced and reduce_tokens:  # trained at a reduced visual token count: keep seeing it
+        loaded = token_reduce.install(loaded, reduced["method"], reduced["tokens"])
+    return loaded
 
 
 def save_model(loaded: LoadedModel, out_dir: str | Path, state_dict: dict | None = None) -> None:

@@ -49,6 +49,8 @@ class TrainConfig:
     max_length: int | None = None  # tokens per sample; None: min(1024, max_position_embeddings)
     long_samples: str = "truncate"  # over max_length: "truncate" after the image, or "skip"
     workers: int = 0
+    visual_tokens: int | None = None  # train at this many image tokens (edgevlm.token_reduce)
+    token_select: str = "divprune"
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -89,6 +91,21 @@ class TrainResult:
     resumed_from: int
     history: list[dict] = field(default_factory=list)
     data: FitReport | None = None  # what was truncated or skipped to fit max_length
+
+
+def _reduce_tokens(loaded: LoadedModel, cfg: TrainConfig) -> LoadedModel:
+    """The model hooked to see cfg.visual_tokens image tokens (a model already trained at that
+    count has the hook from load_model; another count is refused)."""
+    from edgevlm import token_reduce
+
+    current = token_reduce.setting(loaded.model.config)
+    if current is None:
+        return token_reduce.install(loaded, cfg.token_select, cfg.visual_tokens)
+    if (current["method"], current["tokens"]) != (cfg.token_select, cfg.visual_tokens):
+        raise UserError(f"the model was trained at {current['tokens']} visual tokens "
+                        f"({current['method']}); train it further at that count, or start from "
+                        "its full-token parent")
+    return loaded
 
 
 def set_trainable(model, stage: str, train_vision: bool = False) -> int:
@@ -180,6 +197,8 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     check_new(out, overwrite, inputs)
     if not samples:
         raise UserError("the training data set is empty")
+    if cfg.visual_tokens is not None:
+        loaded = _reduce_tokens(loaded, cfg)
     collate = make_collator(loaded, cfg.max_length, cfg.long_samples)
     if fitted is None:
         fitted = fit_samples(samples, collate, "the training data", quiet)

@@ -250,6 +250,23 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
 EXPORTABLE_FAMILIES = ("llava", "idefics3")
 
 
+def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Path
+                           ) -> ExportConfig:
+    """A model trained at fewer visual tokens (edgevlm.token_reduce) exports at that count."""
+    from edgevlm.token_reduce import CONFIG_KEY
+
+    trained = model_cfg.get(CONFIG_KEY)
+    if not trained:
+        return config
+    if config.visual_tokens is None:
+        return replace(config, visual_tokens=trained["tokens"], token_select=trained["method"])
+    if (config.visual_tokens, config.token_select) != (trained["tokens"], trained["method"]):
+        raise UserError(f"{model_dir} was trained at {trained['tokens']} visual tokens "
+                        f"({trained['method']}); export it with those (drop --visual-tokens) "
+                        "or export its full-token parent")
+    return config
+
+
 def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
            quiet: bool = True) -> ExportResult:
     """Export a LLaVA-family model folder to an ONNX export folder; see the module docstring."""
@@ -267,7 +284,9 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     from edgevlm.families import family_of
     from edgevlm.models import read_config
 
-    family = family_of(read_config(model_dir))
+    model_cfg = read_config(model_dir)
+    family = family_of(model_cfg)
+    config = _trained_token_setting(config, model_cfg, model_dir)
     if family.name != "llava" and config.profile == "mobile":
         raise UserError(f"--profile mobile covers llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family: export it with --profile default")
@@ -290,7 +309,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     check_new(out, config.overwrite, [model_dir])  # before minutes of loading and tracing
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
     # traced from, and validated against, the model its integers define.
-    loaded = load_model(model_dir, dequantize=source is not None)
+    # the graphs hold the whole tower: a model trained at fewer tokens selects in the runtime
+    loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
     model = loaded.model
     if config.visual_tokens is not None:
         token_select.check(config.visual_tokens, loaded.num_image_tokens)
