@@ -3,7 +3,13 @@
 run beside the torch model.
 
     nice python benchmarks/visual_tokens.py --model runs/teacher --data runs/shapes \
-        [--precision fp32|int4] [--limit 300] [--name teacher]
+        [--precision fp32|int4] [--limit 300] [--name teacher] \
+        [--finetune-tokens N --finetune-steps S [--finetune-lr LR]]
+
+With --finetune-tokens, the model is also trained S more steps (sft, on DATA/train.json) at N
+divprune tokens (`edgevlm train --visual-tokens N`) and its export is benched beside the
+training-free points: what the training-free methods cost against a model that learned the
+reduced count.
 
 Per point: accuracy on the first --limit questions of DATA/eval.json, median time to first
 token with the image (`edgevlm bench`, 1 warm-up, 3 timed answers to each of 4 questions) and the
@@ -58,6 +64,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--name", required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/edgevlm_visual_tokens"))
+    p.add_argument("--finetune-tokens", type=int)
+    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
     args = p.parse_args()
     work = args.work / args.name
     work.mkdir(parents=True, exist_ok=True)
@@ -86,6 +95,23 @@ def main() -> None:
                 (out / "edgevlm.json").write_text(json.dumps(manifest, indent=1))
             targets.append(out)
         targets.append(base)
+    tuned_name = None
+    if args.finetune_tokens:
+        tuned = work / f"finetuned-{args.finetune_tokens}-model"
+        tuned_name = f"finetuned-{args.finetune_tokens}"
+        if not tuned.exists():
+            cmd = ["edgevlm", "train", str(args.model), str(args.data / "train.json"), "--out",
+                   str(tuned), "--stage", "sft", "--steps", str(args.finetune_steps), "--lr",
+                   str(args.finetune_lr), "--batch-size", "8", "--visual-tokens",
+                   str(args.finetune_tokens), "--quiet"]
+            print("+", shlex.join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        if not (work / tuned_name).exists():
+            cmd = ["edgevlm", "export", str(tuned), "--out", str(work / tuned_name),
+                   "--precision", args.precision, "--quiet"]
+            print("+", shlex.join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        targets.append(work / tuned_name)
     report = work / "report"
     cmd = ["edgevlm", "bench", str(args.model), *map(str, targets), "--data",
            str(args.data / "eval.json"), "--limit", str(args.limit), "--max-new-tokens", "8",
@@ -103,6 +129,13 @@ def main() -> None:
                          "accuracy": t["accuracy"], "ttft_ms": 1e3 * t["ttft_s"]["median"],
                          "prompt_tokens": t["n_prompt_tokens"],
                          "prefill_gflops": prefill_flops(config, t["n_prompt_tokens"]) / 1e9})
+    if tuned_name:
+        t = by_name[tuned_name]
+        rows.append({"method": f"divprune, fine-tuned {args.finetune_steps} steps",
+                     "tokens": args.finetune_tokens, "share": args.finetune_tokens / full,
+                     "accuracy": t["accuracy"], "ttft_ms": 1e3 * t["ttft_s"]["median"],
+                     "prompt_tokens": t["n_prompt_tokens"],
+                     "prefill_gflops": prefill_flops(config, t["n_prompt_tokens"]) / 1e9})
     result = {"command": "nice " + shlex.join(["python", "benchmarks/visual_tokens.py",
                                                *sys.argv[1:]]),
               "model": str(args.model), "precision": args.precision, "full_tokens": full,
@@ -113,6 +146,8 @@ def main() -> None:
     stem = RESULTS / f"visual_tokens_{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     full_acc = {r["method"]: r["accuracy"] for r in rows if r["tokens"] == full}
+    full_acc.update({r["method"]: full_acc["divprune"] for r in rows
+                     if r["method"] not in full_acc})
     lines = [f"`{result['command']}`", "",
              f"{args.precision} export, {bench['n_samples']} questions; torch fp32: accuracy "
              f"{100 * torch_row['accuracy']:.1f}%, TTFT {result['torch']['ttft_ms']:.1f} ms", "",
@@ -132,7 +167,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in METHODS:
+        for method in sorted({r["method"] for r in rows}, key=lambda m: len(m)):
             pts = [r for r in rows if r["method"] == method]
             ax.plot([r["ttft_ms"] for r in pts], [100 * r["accuracy"] for r in pts], "o-",
                     label=method)
