@@ -37,6 +37,10 @@ def ours_bpw(bits: int, group: int) -> float:
 
 def main() -> None:
     ours = json.loads((RESULTS / "smollm2_quant.json").read_text())
+    # runs kept in files of their own (run beside the main one): --scale-rule signed, W4A8
+    for extra in sorted(RESULTS.glob("smollm2_quant_*.json")):
+        ours["rows"].update({k: v for k, v in json.loads(extra.read_text())["rows"].items()
+                             if k != "FP"})
     theirs = json.loads((RESULTS / "llamacpp_quant.json").read_text())
     fp = ours["rows"]["FP"]["eval"]
     fp_ppl = fp["perplexity"]["perplexity"]
@@ -71,8 +75,8 @@ def main() -> None:
     f32 = theirs["rows"]["F32"]["llama_perplexity"]
     native = "; ".join(f"{q} {r['llama_perplexity'] / f32 - 1:+.1%}"
                        for q, r in theirs["rows"].items() if q != "F32")
-    text = ("`python benchmarks/quant_ranking.py` (from `smollm2_quant.json` and "
-            "`llamacpp_quant.json`)\n\n" + "\n".join(lines) + "\n\n"
+    text = ("`python benchmarks/quant_ranking.py` (from `smollm2_quant.json`, "
+            "`smollm2_quant_*.json` and `llamacpp_quant.json`)\n\n" + "\n".join(lines) + "\n\n"
             f"llama-perplexity's own rise on the same text (context 512, F32 {f32:.2f}): "
             f"{native}.\n")
     (RESULTS / "smollm2_ranking.md").write_text(text)
