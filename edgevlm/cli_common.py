@@ -11,6 +11,9 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
+IMAGE_ROOT_HELP = ("Folder the data file's image paths are relative to (default: the folder of "
+                   "the JSON file)")
+
 
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

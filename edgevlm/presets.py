@@ -17,6 +17,25 @@ _TINY_VISION = {
     "num_channels": 3,
 }
 
+# The real SmolLM2-135M's text config (what `--text-from` the GGUF gives), and the small
+# 224-px tower both SmolLM2 presets put under it, as a SigLIP or as an Idefics3 tower.
+_SMOLLM2_TEXT = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+_SMALL_224_TOWER = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
+                    "num_attention_heads": 3, "image_size": 224, "patch_size": 16,
+                    "num_channels": 3}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolVLM in small (issue 17): Idefics3 with a SigLIP-style tower of 8-px patches at 48 px
     # (36 patches), pixel shuffle by 2 (9 tokens per tile), images split 2 x 2 plus the global
@@ -77,29 +96,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # image tokens, as a LLaVA of that resolution sees. Meant for `--text-from` the real LM
     # (benchmarks/smollm2.py); alone it is a random model of the same shape.
     "llava-smollm2": {
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 192,
-            "intermediate_size": 768,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 3,
-            "image_size": 224,
-            "patch_size": 16,
-            "num_channels": 3,
-        },
-        "text_config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "head_dim": 64,
-            "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0,
-            "tie_word_embeddings": True,
-        },
+        "vision_config": {"model_type": "siglip_vision_model", **_SMALL_224_TOWER},
+        "text_config": _SMOLLM2_TEXT,
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu",
@@ -109,23 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tile; SmolVLM: 512 px, shuffle 4, 64), images split 2 x 2 plus the global image.
     "smolvlm-smollm2": {
         "model_type": "idefics3",
-        "vision_config": {"model_type": "idefics3_vision", "hidden_size": 192,
-                          "intermediate_size": 768, "num_hidden_layers": 4,
-                          "num_attention_heads": 3, "image_size": 224, "patch_size": 16,
-                          "num_channels": 3},
-        "text_config": {
-            "model_type": "llama",
-            "hidden_size": 576,
-            "intermediate_size": 1536,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 9,
-            "num_key_value_heads": 3,
-            "head_dim": 64,
-            "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 100000.0,
-            "tie_word_embeddings": True,
-        },
+        "vision_config": {"model_type": "idefics3_vision", **_SMALL_224_TOWER},
+        "text_config": _SMOLLM2_TEXT,
         "scale_factor": 2,
         "do_image_splitting": True,
         "max_tiles_per_side": 2,

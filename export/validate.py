@@ -22,6 +22,7 @@ import numpy as np
 from edgevlm.families import family_of
 from edgevlm.runtime import contract
 from edgevlm.runtime.contract import Precision
+from edgevlm.runtime.tiling import full_mask
 
 # Pass thresholds. fp32 must match torch to float rounding. Other precisions are held to an
 # error relative to the largest reference value of that output, measured on tiny random models
@@ -164,7 +165,7 @@ def vision_feeds(session, pixels: np.ndarray) -> dict:
     ones (every tile of one image is full)."""
     feeds = {"pixel_values": pixels}
     if "pixel_attention_mask" in {i.name for i in session.get_inputs()}:
-        feeds["pixel_attention_mask"] = np.ones((*pixels.shape[:2], *pixels.shape[-2:]), bool)
+        feeds["pixel_attention_mask"] = full_mask(pixels)
     return feeds
 
 

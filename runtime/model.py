@@ -330,8 +330,7 @@ class VLM:
         if p.pixels is not None:
             feeds = {"pixel_values": p.pixels}
             if self._tiled:  # every tile of one image is full
-                feeds["pixel_attention_mask"] = np.ones(
-                    (*p.pixels.shape[:2], *p.pixels.shape[-2:]), dtype=bool)
+                feeds["pixel_attention_mask"] = tiling.full_mask(p.pixels)
             wanted = ["image_features"] + (["visual_scores"]
                                            if self.info.token_select == "visionzip" else [])
             out = self._vision.run(wanted, feeds)

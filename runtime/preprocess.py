@@ -201,6 +201,13 @@ def preprocess(image, cfg: ImageProcessorConfig) -> np.ndarray:
     chw = np.moveaxis(hwc, -1, 0)  # (3, H, W)
     if cfg.crop_height is not None:
         chw = center_crop(chw, cfg.crop_height, cfg.crop_width)
+    return rescale_normalize(chw, cfg)[None]  # (1, 3, H, W)
+
+
+def rescale_normalize(chw: np.ndarray, cfg) -> np.ndarray:
+    """(3, H, W) uint8 -> float32, rescaled (float64 multiply, as transformers) and normalized
+    as `cfg` (any config with do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+    says."""
     x = chw
     if cfg.do_rescale:
         x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
@@ -209,4 +216,4 @@ def preprocess(image, cfg: ImageProcessorConfig) -> np.ndarray:
         mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
         x = (x - mean) / std
-    return np.ascontiguousarray(x, dtype=np.float32)[None]  # (1, 3, H, W)
+    return np.ascontiguousarray(x, dtype=np.float32)

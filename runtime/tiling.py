@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from edgevlm.errors import UserError
-from edgevlm.runtime.preprocess import load_image, to_rgb
+from edgevlm.runtime.preprocess import load_image, rescale_normalize, to_rgb
 
 LANCZOS = 1
 MAX_IMAGE_SIZE = 4096  # transformers' upper bound on any resized edge
@@ -125,18 +125,13 @@ def tiles(image, cfg: TilingConfig) -> tuple[np.ndarray, int, int]:
             frames.append(_resize(hwc, cfg.tile, cfg.tile, cfg.resample))
     else:
         frames = [_resize(hwc, cfg.tile, cfg.tile, cfg.resample)]
-    out = []
-    for frame in frames:
-        x = np.moveaxis(frame, -1, 0)
-        if cfg.do_rescale:
-            x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            x = x.astype(np.float32, copy=False)
-            mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
-            x = (x - mean) / std
-        out.append(np.ascontiguousarray(x, dtype=np.float32))
-    return np.stack(out), rows, cols
+    return np.stack([rescale_normalize(np.moveaxis(f, -1, 0), cfg) for f in frames]), rows, cols
+
+
+def full_mask(pixels: np.ndarray) -> np.ndarray:
+    """pixel_attention_mask (B, N_tiles, H, W) of ones for pixel_values (B, N_tiles, 3, H, W):
+    every tile of one image is full."""
+    return np.ones((*pixels.shape[:2], *pixels.shape[-2:]), dtype=bool)
 
 
 def image_prompt(rows: int, cols: int, tokens_per_tile: int, image_token: str = "<image>") -> str:

@@ -46,11 +46,7 @@ class Family:
     check_config: Callable[[dict, str], None]  # (config dict, where) -> UserError if unusable
     image_token_key: str  # the config field holding the image token id
     legacy_keys: tuple[tuple[str, str], ...] = ()  # old checkpoint key prefixes -> current
-
-    @property
-    def expansion_needs_image(self) -> bool:
-        """Whether one <image>'s token count depends on the image (tiling)."""
-        return self.name != "llava"
+    expansion_needs_image: bool = False  # one <image>'s tokens depend on the image (tiling)
 
     def path(self, part_name: str) -> str:
         if part_name not in self.paths:

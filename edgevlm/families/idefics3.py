@@ -161,4 +161,5 @@ FAMILY = Family(
     pixel_inputs=pixel_inputs,
     check_config=check_config,
     image_token_key="image_token_id",
+    expansion_needs_image=True,
 )

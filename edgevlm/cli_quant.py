@@ -1,0 +1,76 @@
+"""`edgevlm quantize`: RTN, GPTQ and Q-VLM into a compressed-tensors checkpoint.
+
+Kept apart from edgevlm.cli (one option per QuantConfig field makes it long); edgevlm.cli
+registers it on the app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgevlm.cli_common import IMAGE_ROOT_HELP, quiet_libraries, summary
+
+
+def quantize_(
+    model: Path = typer.Argument(..., help="Float model folder"),
+    out: Path = typer.Option(..., help="Quantized model folder to create"),
+    method: str = typer.Option("qvlm", help="qvlm | gptq | rtn"),
+    bits: int = typer.Option(4, help="Weight bits, 2..8"),
+    group_size: int = typer.Option(128, help="Power of two >= 16 (32 | 64 | 128 ...), or -1 for "
+                                   "one group per row; where it does not divide every width "
+                                   "the checkpoint holds the largest that does (see "
+                                   "quant_report.json)"),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Symmetric integers "
+                                   "(no zero point; the default, as llm-compressor's W4A16, "
+                                   "which transformers loads with a plain from_pretrained) or "
+                                   "a zero point per group (loads with "
+                                   "CompressedTensorsConfig(dequantize=True))"),
+    scale_rule: str = typer.Option("absmax", help="Symmetric scales: absmax (step "
+                                   "2·max|w|/(2^b-1)) or signed (llama.cpp Q4_0: the extreme "
+                                   "weight exactly on -2^(b-1); 2-4 bits)"),
+    act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
+                                 "6 / 4 = simulated, clipping searched"),
+    calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
+    calib_text: Optional[Path] = typer.Option(None, help="Plain-text calibration for the "
+                                              "language model (windows of 512 tokens from the "
+                                              "file's end), alone or beside --calib"),
+    calib_samples: int = typer.Option(128, help="Image samples of --calib, and windows of "
+                                      "--calib-text"),
+    max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
+    partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
+    vision_opt: bool = typer.Option(False, "--vision-opt/--no-vision-opt",
+                                    help="Q-VLM: tune the projector and the tower's final norms "
+                                    "against the rounded decoder, kept only as far as held-out "
+                                    "calibration samples confirm (off by default: it did not "
+                                    "improve held-out accuracy or KL; README)"),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision"),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: where each decoder block is "
+                               "searched (the model stays on the CPU; auto: CUDA when torch "
+                               "sees it)"),
+    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
+    overwrite: bool = typer.Option(False),
+    quiet: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Post-training quantization into a compressed-tensors checkpoint (+ quant_report.json)."""
+    quiet_libraries()
+    from edgevlm.quant import QuantConfig, quantize
+
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
+                      scale_rule=scale_rule,
+                      act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
+                      partition=partition,
+                      vision_opt=vision_opt, quantize_vision=quantize_vision,
+                      act_order=act_order, seed=seed)
+    r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
+                 quiet=quiet or as_json, device=device, calib_text=calib_text)
+    summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
+                          "bits": bits,
+                          "group_size": r.report["group_size"], "layers": r.layers_quantized,
+                          "blocks": r.blocks, "mean_error": r.mean_error,
+                          "seconds": r.seconds}, quiet, as_json)
