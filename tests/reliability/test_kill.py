@@ -77,8 +77,9 @@ def test_a_killed_run_leaves_out_absent_or_whole(command, micro_model_dir, tmp_p
         needed = {"folder made": None, "first file": 1, "half the files": n_files // 2}[point]
         outcomes[point] = kill_at([command, micro_model_dir, "--out", out, *extra], out, needed)
         left = temp_dirs(tmp_path, out)
-        if outcomes[point] == "killed":
-            assert left, f"{point}: a killed run should leave its temp folder for the sweep"
+        if outcomes[point] == "killed":  # a kill that lands just after the rename leaves OUT
+            assert left or out.exists(), f"{point}: a killed run left neither its temp folder " \
+                "(for the sweep) nor a whole OUT"
         assert not out.exists() or whole(command, out), point
         code, text = run(command, micro_model_dir, "--out", out, *extra,
                          *(["--overwrite"] if out.exists() else []))
