@@ -15,8 +15,17 @@ from typing import Optional
 
 import typer
 
-from edgevlm.cli_common import IMAGE_ROOT_HELP, console, quiet_libraries, summary
+from edgevlm.cli_common import (
+    IMAGE_ROOT_HELP,
+    LONG_SAMPLES_HELP,
+    MAX_LENGTH_HELP,
+    console,
+    fit_rows,
+    quiet_libraries,
+    summary,
+)
 from edgevlm.cli_device import bench_, bench_table, plan_, run
+from edgevlm.cli_distill import distill_, moe_upcycle_
 from edgevlm.cli_export import export_
 from edgevlm.cli_quant import quantize_
 from edgevlm.errors import UserError, check_at_least
@@ -25,11 +34,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Distill, quantize, export and run vision-language models on devices.")
 data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
 app.add_typer(data_app, name="data")
-
-MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or the model's "
-                   "max_position_embeddings if smaller)")
-LONG_SAMPLES_HELP = ("A sample over --max-length: truncate (after its image tokens and first "
-                     "prompt; skipped if even those do not fit) | skip")
 
 
 @data_app.command("shapes")
@@ -151,16 +155,9 @@ def train(
                           overwrite=overwrite, quiet=quiet, inputs=[model, *data])
     if int(os.environ.get("RANK", "0")) == 0:
         summary("train", {"out": out, "stage": stage, "samples": len(samples),
-                           **_fit_rows(result.data), "steps": result.steps,
+                           **fit_rows(result.data), "steps": result.steps,
                            "resumed from": result.resumed_from, "final loss": result.final_loss,
                            "seconds": result.seconds}, quiet, as_json)
-
-
-def _fit_rows(fit, prefix: str = "") -> dict:
-    """Summary rows of a FitReport: what the length limit did to the data."""
-    return {f"{prefix}text-only": fit.text_only, f"{prefix}max length": fit.max_length,
-            f"{prefix}truncated": len(fit.truncated),
-            f"{prefix}skipped (too long)": len(fit.skipped)}
 
 
 @app.command("eval")
@@ -212,64 +209,8 @@ def eval_(
 
 app.command("quantize")(quantize_)
 app.command("export")(export_)
-
-
-@app.command()
-def distill(
-    teacher: Path = typer.Option(..., help="Teacher model folder (LLaVA-family)"),
-    student: Path = typer.Option(..., help="Student model folder; same tokenizer as the teacher"),
-    data: Optional[Path] = typer.Option(None, help="Instruction data (LLaVA-format JSON) for "
-                                        "sft / dft"),
-    out: Path = typer.Option(..., help="Folder to create: OUT/<stage> per stage, OUT/final"),
-    pretrain_data: Optional[Path] = typer.Option(None, help="Caption data for dpt"),
-    stages: str = typer.Option("dpt,sft,dft", help="Any subset of dpt,sft,dft, in that order"),
-    steps: int = typer.Option(1000, help="Steps per stage"),
-    batch_size: int = typer.Option(16, help="Per process"),
-    lr: float = typer.Option(1e-3),
-    warmup: int = typer.Option(50),
-    save_every: int = typer.Option(200, help="Checkpoint every N steps"),
-    seed: int = typer.Option(0),
-    w_res: float = typer.Option(1.0, help="Weight of the response KL (0 turns it off)"),
-    w_vis: float = typer.Option(1.0, help="Weight of the visual KL"),
-    w_rel: float = typer.Option(1.0, help="Weight of RDist"),
-    temperature: float = typer.Option(1.0, help="KL temperature"),
-    rel_batch: bool = typer.Option(False, help="RDist over the whole batch's image tokens at "
-                                   "once (the reference) instead of per sample"),
-    max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
-    long_samples: str = typer.Option("truncate", help=LONG_SAMPLES_HELP),
-    image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP + "; --data and "
-                                              "--pretrain-data alike"),
-    resume: bool = typer.Option(False, help="Continue OUT: skip finished stages, resume the "
-                                "unfinished one from its last checkpoint"),
-    overwrite: bool = typer.Option(False, help="Redo every stage into an existing OUT"),
-    quiet: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Distill a teacher into a student (LLaVA-KD: DPT, SFT, DFT); runs under accelerate."""
-    quiet_libraries()
-    from edgevlm.distill import DistillConfig
-    from edgevlm.distill import distill as run_distill
-
-    cfg = DistillConfig(stages=stages, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                        save_every=save_every, seed=seed, w_res=w_res, w_vis=w_vis, w_rel=w_rel,
-                        temperature=temperature, rel_per_sample=not rel_batch,
-                        max_length=max_length, long_samples=long_samples)
-    result = run_distill(teacher, student, data, out, cfg, pretrain_data=pretrain_data,
-                         image_root=image_root, resume=resume, overwrite=overwrite,
-                         quiet=quiet or as_json)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    rows: dict = {"out": out, "final": result.final_dir}
-    for name, fit in result.data.items():
-        rows.update(_fit_rows(fit, f"{'pretrain' if name == 'dpt' else 'instruction'} data "))
-    for r in result.stages:
-        rows[r.stage] = ("skipped (finished before)" if r.skipped else
-                         f"{r.steps} steps, loss {r.final_loss:.4g}, {r.seconds:.1f} s"
-                         + (f", resumed from {r.resumed_from}" if r.resumed_from else ""))
-    if result.warnings:
-        rows["warnings"] = "; ".join(result.warnings)
-    rows["seconds"] = result.seconds
-    summary("distill", rows, quiet, as_json)
+app.command("distill")(distill_)
+app.command("moe-upcycle")(moe_upcycle_)
 
 
 @app.command()

@@ -33,3 +33,16 @@ def summary(title: str, rows: dict, quiet: bool = False, as_json: bool = False) 
     for k, v in rows.items():
         table.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
+
+
+MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or the model's "
+                   "max_position_embeddings if smaller)")
+LONG_SAMPLES_HELP = ("A sample over --max-length: truncate (after its image tokens and first "
+                     "prompt; skipped if even those do not fit) | skip")
+
+
+def fit_rows(fit, prefix: str = "") -> dict:
+    """Summary rows of a FitReport: what the length limit did to the data."""
+    return {f"{prefix}text-only": fit.text_only, f"{prefix}max length": fit.max_length,
+            f"{prefix}truncated": len(fit.truncated),
+            f"{prefix}skipped (too long)": len(fit.skipped)}

@@ -20,7 +20,7 @@ from edgevlm.presets import PRESETS
 
 SUPPORTED_MODEL_TYPES = supported_model_types()
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
-SUPPORTED_TEXT = ("qwen2", "llama")
+SUPPORTED_TEXT = ("qwen2", "llama", "qwen2_moe")
 
 
 @dataclass(frozen=True)

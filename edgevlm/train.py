@@ -32,7 +32,7 @@ from edgevlm.families import part
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "ffn")
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,18 @@ def set_trainable(model, stage: str, train_vision: bool = False) -> int:
     """Freeze all but what `stage` trains; returns the number of trainable parameters.
 
     pretrain (and distillation's DPT): the projector only. sft / dft: projector + language
-    model (+ vision tower when asked).
+    model (+ vision tower when asked). ffn (LLaVA-MoD's sparse stages): every decoder layer's
+    feed-forward block, experts and routers included; attention, norms, embeddings, head and
+    projector stay frozen.
     """
     model.requires_grad_(False)
-    parts = [part(model, "connector")]
-    if stage != "pretrain":
+    if stage == "ffn":
+        for layer in part(model, "language_model").layers:
+            layer.mlp.requires_grad_(True)
+        parts = []
+    else:
+        parts = [part(model, "connector")]
+    if stage not in ("pretrain", "ffn"):
         parts += [part(model, "language_model"), part(model, "lm_head")]
     if train_vision:
         parts.append(part(model, "vision_tower"))
@@ -180,12 +187,15 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
         loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, extra_files: dict[str, dict] | None = None,
         label: str | None = None, fitted: FitReport | None = None,
-        inputs: Sequence[str | Path | None] = ()) -> TrainResult:
+        inputs: Sequence[str | Path | None] = (),
+        batcher: Callable | None = None) -> TrainResult:
     """Train `loaded.model` on `samples` and write the trained model directory `out`.
 
     `label` names the run in the progress bar (default: the stage), e.g. distillation's "dft".
     Samples over cfg.max_length are truncated or skipped first (`fit_samples`); `fitted` is
     that done already (distillation checks every stage's data before the first trains).
+    `batcher`: collator -> the DataLoader's collate_fn, for items that are not plain samples
+    (preference pairs); `fitted` must then hold those items.
     """
     import torch
     from accelerate import Accelerator
@@ -205,6 +215,8 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     assert (fitted.max_length, fitted.long_samples) == (collate.max_length, cfg.long_samples), \
         "fitted under other length settings"
     samples = fitted.samples
+    if batcher is not None:
+        collate = batcher(collate)
     work = work_dir(out)
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:

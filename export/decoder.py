@@ -43,9 +43,16 @@ def choose(config, model_config) -> DecoderChoice:
     from edgevlm.export.builder.linear import ACCURACY_LEVELS
     from edgevlm.export.builder.spec import unsupported
 
-    if config.decoder_kind == "traced":
-        return DecoderChoice("traced", "traced")
     tc = model_config.text_config
+    moe = tc.model_type == "qwen2_moe"
+    if config.decoder_kind == "traced":
+        if moe:
+            raise UserError("a mixture-of-experts decoder is written by the decoder builder "
+                            "only (onnxruntime's MoE / QMoE ops), and "
+                            + ("--profile mobile traces its graphs" if config.profile ==
+                               "mobile" else "--decoder traced asks for a traced one")
+                            + "; export with the default profile and decoder")
+        return DecoderChoice("traced", "traced")
     reason = unsupported(tc)
     if reason is not None:
         if config.decoder == "builder":  # asked for by name
@@ -59,6 +66,11 @@ def choose(config, model_config) -> DecoderChoice:
                         f"{limit}; use at most {limit}")
     precision = config.precision
     activations = "fp16" if Precision(precision).half or config.profile == "gpu" else "fp32"
+    if moe and activations == "fp16":
+        raise UserError("a mixture-of-experts decoder in fp16: onnxruntime's CPU MoE kernel is "
+                        "float32 only and CUDA's QMoE has no block-wise int4 kernel "
+                        "(onnxruntime#29035), so no edgevlm export of it would run; export "
+                        "--precision fp32 or int4 with the default profile")
     level = None
     if precision in QUANTIZED:
         level = (config.accuracy_level if config.accuracy_level is not None

@@ -63,14 +63,15 @@ class GraphCheck:
 
 
 def _float_compute_copy(path: Path) -> Path:
-    """A copy of the graph at `path` with every MatMulNBits at accuracy_level 0, beside it (so
+    """A copy of the graph at `path` with every MatMulNBits (and QMoE) at accuracy_level 0,
+    beside it (so
     its external data resolves); the caller deletes it."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+            if node.op_type in ("MatMulNBits", "QMoE") and attr.name == "accuracy_level":
                 attr.i = 0
     copy = path.with_name(path.stem + ".check.onnx")
     onnx.save_model(model, str(copy))

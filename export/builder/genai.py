@@ -104,7 +104,8 @@ def config(built, export_dir: Path, info: dict, provider_options: list | None = 
     spec = built.spec
     eos = info.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
-    gen_type = {"llama": "llama", "qwen2": "qwen2"}[spec.model_type]
+    # genai picks its decoder-only pipeline by type; the MoE graph has the same IO as Qwen2's
+    gen_type = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2"}[spec.model_type]
     bos = {} if info.get("bos_token_id") is None else {"bos_token_id": info["bos_token_id"]}
     return {
         "model": {

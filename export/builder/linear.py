@@ -90,6 +90,10 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
     checkpoint = checkpoint or {}
     out, rounded = {}, set()
     for name, module in decoder.named_modules():
+        if is_experts(module):
+            out.update(plan_experts(name, module, bits, block_size))
+            rounded.update(k for k in out if k.startswith(f"{name}."))
+            continue
         if not isinstance(module, nn.Linear):
             continue
         key = f"{name}.weight"
@@ -108,6 +112,37 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
     return out, rounded
 
 
+def is_experts(module) -> bool:
+    """transformers' fused experts (Qwen2-MoE): gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
+    return (getattr(getattr(module, "gate_up_proj", None), "ndim", 0) == 3
+            and getattr(getattr(module, "down_proj", None), "ndim", 0) == 3)
+
+
+def expert_block_size(block_size: int, hidden: int, inter: int) -> int:
+    """QMoE's block: both widths must divide by it (a power of two >= 16); the largest such
+    block up to the export's, or a UserError naming the widths."""
+    from edgevlm.errors import UserError
+
+    b = block_size
+    while b >= 16:
+        if hidden % b == 0 and inter % b == 0:
+            return b
+        b //= 2
+    raise UserError(f"onnxruntime's QMoE needs a block size (a power of two >= 16) that divides "
+                    f"both the hidden size {hidden} and the expert width {inter}; none up to "
+                    f"--block-size {block_size} does: export the experts in float (--precision "
+                    "fp32) or resize the model")
+
+
+def plan_experts(name: str, module, bits: int, block_size: int) -> dict:
+    """Round-to-nearest integers of every expert: {"<name>.gate_up_proj": [NBitsWeight per
+    expert], "<name>.down_proj": [...]}, all at one block size QMoE accepts."""
+    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+    block = expert_block_size(block_size, gate_up.shape[2], down.shape[2])
+    return {f"{name}.gate_up_proj": [rtn(w, bits, block) for w in gate_up],
+            f"{name}.down_proj": [rtn(w, bits, block) for w in down]}
+
+
 def carry(decoder, weights: dict, names: set) -> None:
     """Put the dequantized integers of `names` into the decoder's Linears, in place: the torch
     model then computes with exactly the weights the graph holds. A tied lm_head is untied first,
@@ -116,6 +151,13 @@ def carry(decoder, weights: dict, names: set) -> None:
 
     modules = dict(decoder.named_modules())
     for key in sorted(names):
+        if isinstance(weights[key], list):  # one MoE layer's experts (plan_experts)
+            owner, attr = key.rsplit(".", 1)
+            module = modules[owner]
+            value = np.stack([w.dequantize() for w in weights[key]])
+            setattr(module, attr, torch.nn.Parameter(
+                torch.from_numpy(value).to(getattr(module, attr).dtype), requires_grad=False))
+            continue
         module = modules[key.removesuffix(".weight")]
         value = torch.from_numpy(weights[key].dequantize()).to(module.weight.dtype)
         module.weight = torch.nn.Parameter(value, requires_grad=False)

@@ -106,7 +106,7 @@ def build_graph(decoder, weights: WeightFile, precision: str, max_context: int,
         normed, residual = skip_rms_norm(g, out, residual, f"{name}/post_attention_layernorm",
                                          f"model.layers.{i}.post_attention_layernorm.weight",
                                          layer.post_attention_layernorm.weight, eps, dtype)
-        branch = mlp(g, i, normed, layer.mlp, linears)
+        branch = mlp(g, i, normed, layer.mlp, linears, spec)
     name = f"/model/layers.{spec.num_layers}/final_norm_layernorm"
     normed, _ = skip_rms_norm(g, branch, residual, name, "model.norm.weight",
                               decoder.text.norm.weight, eps, dtype)
@@ -132,6 +132,7 @@ def build_decoder(decoder, path: Path, precision: str, max_context: int, linears
         weights.close()
     g.save(path, opset)
     quantized = linears.weights is not None
-    block = next(iter(linears.weights.values())).block_size if quantized else None
+    block = (next(w for w in linears.weights.values() if not isinstance(w, list)).block_size
+             if quantized else None)
     return BuiltDecoder(path, spec, precision, activations, max_context,
                         linears.accuracy_level if quantized else None, block, len(g.nodes))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "qwen2", "qwen2_moe")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # length-independent frequencies
 HEAD_MULTIPLE = 16  # GroupQueryAttention with rotary caches: head_size % 16 == 0
 
@@ -43,6 +43,10 @@ class TextSpec:
     tied: bool  # lm_head shares the embedding table
     rope_type: str
     max_positions: int
+    num_experts: int = 0  # qwen2_moe: experts per MoE layer (0: a dense decoder)
+    top_k: int = 0
+    norm_topk: bool = False  # renormalise the top-k router probabilities
+    moe_intermediate_size: int = 0
 
     @property
     def q_size(self) -> int:
@@ -75,6 +79,9 @@ def unsupported(tc) -> str | None:
         return "sliding-window attention layers are not implemented by the decoder builder"
     if getattr(tc, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings are not implemented by the decoder builder"
+    if kind == "qwen2_moe" and getattr(tc, "shared_expert_intermediate_size", 0):
+        return ("Qwen2-MoE's shared expert is not implemented by the decoder builder (edgevlm's "
+                "upcycled students have none: shared_expert_intermediate_size 0)")
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     if head_dim % HEAD_MULTIPLE:
@@ -88,16 +95,22 @@ def text_spec(tc) -> TextSpec:
     assert unsupported(tc) is None, unsupported(tc)
     heads = tc.num_attention_heads
     bias = bool(getattr(tc, "attention_bias", False))
+    moe = tc.model_type == "qwen2_moe"
     return TextSpec(
         model_type=tc.model_type, num_layers=tc.num_hidden_layers, hidden_size=tc.hidden_size,
         intermediate_size=tc.intermediate_size, num_heads=heads,
         num_kv_heads=tc.num_key_value_heads or heads,
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
         vocab_size=tc.vocab_size, rms_eps=float(tc.rms_norm_eps),
-        attention_bias=bias or tc.model_type == "qwen2", o_bias=bias and tc.model_type == "llama",
+        attention_bias=(bias or tc.model_type == "qwen2" or
+                        (moe and bool(getattr(tc, "qkv_bias", True)))),
+        o_bias=bias and tc.model_type == "llama",
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         tied=bool(getattr(tc, "tie_word_embeddings", False)), rope_type=_rope_type(tc),
-        max_positions=tc.max_position_embeddings)
+        max_positions=tc.max_position_embeddings,
+        num_experts=tc.num_experts if moe else 0, top_k=tc.num_experts_per_tok if moe else 0,
+        norm_topk=bool(getattr(tc, "norm_topk_prob", False)) and moe,
+        moe_intermediate_size=tc.moe_intermediate_size if moe else 0)
 
 
 def rotary_caches(rotary_emb, length: int) -> tuple[np.ndarray, np.ndarray]:
