@@ -32,6 +32,7 @@ MOE_TEXT_TYPES = ("qwen2_moe",)
 DENSE_TEXT_TYPES = ("llama", "qwen2")
 LAYER_CHOICES = ("every-other", "all")
 AUX_LOSS_WEIGHT = 0.01  # LLaVA-MoD's load-balance loss weight
+EXPERT_INITS = ("copy", "random")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class MoESpec:
     layers: str = "every-other"  # "every-other" (0, 2, 4, ...), "all", or "0,2,5"
     router_std: float = 0.02
     seed: int = 0
+    init: str = "copy"  # "copy": sparse upcycling; "random": fresh experts (the ablation's
+    # control, initializer_range as transformers draws new weights)
 
 
 def is_moe(text_config) -> bool:
@@ -74,6 +77,8 @@ def check_spec(spec: MoESpec, num_layers: int) -> list[int]:
     if not 1 <= spec.top_k <= spec.experts:
         raise UserError(f"--top-k {spec.top_k} must be between 1 and --experts {spec.experts}; "
                         f"a token cannot be routed to more experts than exist")
+    if spec.init not in EXPERT_INITS:
+        raise UserError(f"expert init {spec.init!r} is not one of {', '.join(EXPERT_INITS)}")
     if not spec.router_std >= 0:
         raise UserError(f"router std must be >= 0, got {spec.router_std}")
     return parse_layers(spec.layers, num_layers)
@@ -151,6 +156,11 @@ def upcycle(loaded, spec: MoESpec = MoESpec()):
         out[f"{dst}experts.gate_up_proj"] = torch.cat([gate, up]).unsqueeze(0).repeat(
             spec.experts, 1, 1)
         out[f"{dst}experts.down_proj"] = down.unsqueeze(0).repeat(spec.experts, 1, 1)
+        if spec.init == "random":
+            std = getattr(tc, "initializer_range", 0.02)
+            for name in ("gate_up_proj", "down_proj"):
+                w = out[f"{dst}experts.{name}"]
+                out[f"{dst}experts.{name}"] = torch.randn(w.shape, generator=g) * std
         out[f"{dst}gate.weight"] = torch.randn(spec.experts, tc.hidden_size,
                                                generator=g) * spec.router_std
         for key in target:  # the empty shared expert and its gate

@@ -88,6 +88,7 @@ class ModConfig:
     experts: int = 4
     top_k: int = 2
     layers: str = "every-other"
+    expert_init: str = "copy"  # "random": the no-upcycling control of the ablation
     ce_weight: float = 1.0  # sparse stage
     aux_weight: float = AUX_LOSS_WEIGHT
     beta: float = 0.1
@@ -126,7 +127,8 @@ class ModConfig:
 
     @property
     def moe(self) -> MoESpec:
-        return MoESpec(self.experts, self.top_k, self.layers, seed=self.seed)
+        return MoESpec(self.experts, self.top_k, self.layers, seed=self.seed,
+                       init=self.expert_init)
 
 
 class MimicLoss:
