@@ -238,3 +238,77 @@ def load_balance_loss(router_logits: list, num_experts: int, top_k: int, attenti
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
     return load_balancing_loss_func(tuple(router_logits), num_experts, top_k, attention_mask)
+
+
+def _expert_module(hidden: int, inter: int):
+    from torch import nn
+
+    class Expert(nn.Module):
+        """One expert as three Linears: the layout of Qwen2-MoE checkpoints on disk."""
+
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = nn.Linear(hidden, inter, bias=False)
+            self.up_proj = nn.Linear(hidden, inter, bias=False)
+            self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    return Expert()
+
+
+def linear_experts(fused):
+    """A module that computes what transformers' fused experts (gate_up_proj (E, 2I, D),
+    down_proj (E, D, I)) compute, with every expert's gate/up/down as an nn.Linear: the
+    quantizer then treats each expert's Linears like any other, and its hooks see exactly the
+    tokens the router sends to that expert. Saved, its keys are the per-expert keys transformers
+    writes for Qwen2-MoE anyway (experts.{e}.gate_proj.weight, ...), so a compressed-tensors
+    checkpoint of it loads back into the fused experts.
+
+    `token_mask` (flattened (B·S,) bool, set by the calibration loop) marks real tokens; each
+    expert Linear's `row_mask` (1, T_e) then says which of its routed rows are real."""
+    import torch
+    from torch import nn
+
+    num, two_inter, hidden = fused.gate_up_proj.shape
+    inter = two_inter // 2
+
+    class LinearExperts(nn.ModuleList):
+        token_mask = None
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e, expert in enumerate(self):
+                tok, pos = torch.where(top_k_index == e)
+                if tok.numel() == 0:
+                    continue
+                rows = (self.token_mask[tok] if self.token_mask is not None
+                        else torch.ones_like(tok, dtype=torch.bool))[None]
+                for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                    lin.row_mask = rows
+                x = hidden_states[tok][None]  # (1, T_e, D): 3-D, as every Linear's input
+                h = nn.functional.silu(expert.gate_proj(x)) * expert.up_proj(x)
+                y = expert.down_proj(h)[0] * top_k_weights[tok, pos, None]
+                out.index_add_(0, tok, y.to(out.dtype))
+            return out
+
+    experts = LinearExperts([_expert_module(hidden, inter) for _ in range(num)])
+    experts.to(fused.gate_up_proj.device, fused.gate_up_proj.dtype)
+    with torch.no_grad():
+        for e, expert in enumerate(experts):
+            expert.gate_proj.weight.copy_(fused.gate_up_proj[e, :inter])
+            expert.up_proj.weight.copy_(fused.gate_up_proj[e, inter:])
+            expert.down_proj.weight.copy_(fused.down_proj[e])
+    return experts
+
+
+def linearize(model) -> int:
+    """Replace every fused experts module of `model` by linear_experts, in place; returns how
+    many layers had experts. The function is unchanged (same routing, same weights)."""
+    from edgevlm.families import part
+
+    n = 0
+    for layer in part(model, "language_model").layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts") and getattr(mlp.experts, "gate_up_proj", None) is not None:
+            mlp.experts = linear_experts(mlp.experts)
+            n += 1
+    return n

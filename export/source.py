@@ -120,13 +120,24 @@ def checkpoint_weights(model, model_dir: Path, precisions: dict[str, str],
     for component, p in precisions.items():
         if p not in QUANTIZED:
             continue
-        held = {f"{name}.weight": hf_names[id(m)]
-                for name, m in wrapper(component, model).named_modules()
+        modules = list(wrapper(component, model).named_modules())
+        held = {f"{name}.weight": hf_names[id(m)] for name, m in modules
                 if hf_names.get(id(m)) in layers}
         if held:
             _check_precision(component, p, source, min(held.values()), model_dir)
         out[component] = {w: layers[hf] for w, hf in held.items()}
         used.update(held.values())
+        for name, m in modules:  # fused MoE experts, stored one Linear per expert projection
+            hf = hf_names.get(id(m))
+            if hf is None or f"{hf}.0.gate_proj" not in layers:
+                continue
+            n = m.gate_up_proj.shape[0]
+            per = {p: [f"{hf}.{e}.{p}" for e in range(n)]
+                   for p in ("gate_proj", "up_proj", "down_proj")}
+            out[component][f"{name}.gate_up_proj"] = [
+                (layers[g], layers[u]) for g, u in zip(per["gate_proj"], per["up_proj"])]
+            out[component][f"{name}.down_proj"] = [layers[d] for d in per["down_proj"]]
+            used.update(k for keys in per.values() for k in keys)
     left = sorted(set(layers) - used)
     if left:  # e.g. vision layers of a checkpoint exported with --vision-precision fp16
         log.warning("%d checkpoint layer(s) exported from their dequantized float weights, not "

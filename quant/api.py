@@ -22,6 +22,7 @@ import torch
 
 from edgevlm.errors import UserError
 from edgevlm.families import family_of, part
+from edgevlm.moe import is_moe, linearize
 from edgevlm.quant import act, gptq, qvlm, rtn
 from edgevlm.quant.calibrate import (
     BlockResult,
@@ -298,6 +299,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         dtype = checkpoint_dtype(model_dir) if device == "cuda" else torch.float32
     loaded = load_model(model_dir, dtype=dtype)
     model = loaded.model
+    # an MoE decoder's fused experts become one Linear per expert projection, each calibrated
+    # on the tokens the router sends it (edgevlm.moe.linear_experts)
+    moe_layers = linearize(model) if is_moe(model.config.text_config) else 0
     targets = _targets(model, cfg)
     weights: dict[str, QuantizedWeight] = {}
     report: dict = {"config": cfg.to_dict(), "skipped": sorted(
@@ -377,6 +381,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                    "blocks": blocks, "block_search": block_info,
                    "layers": layers, "mean_error": sum(errors) / len(errors) if errors else None,
                    "seconds": seconds, "layers_quantized": len(weights),
+                   "moe_layers": moe_layers,
                    "load_note": None if cfg.symmetric else (
                        "asymmetric pack-quantized: load with transformers' "
                        "CompressedTensorsConfig(dequantize=True) (llm-compressor issue 1618)")})

@@ -158,9 +158,13 @@ def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.
 
 
 def linears(module, prefix: str, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    """The quantizable Linears under `module`, by full module name, in forward order."""
+    """The quantizable Linears under `module`, by full module name, in forward order. An MoE
+    layer's experts count once linearized (edgevlm.moe.linearize); its router is not a Linear,
+    and Qwen2-MoE's shared expert (empty in edgevlm's upcycled students) and its gate stay
+    float."""
     return {f"{prefix}.{n}": m for n, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and not any(s in f"{prefix}.{n}" for s in skip)}
+            if isinstance(m, torch.nn.Linear) and m.in_features and m.out_features
+            and "shared_expert" not in n and not any(s in f"{prefix}.{n}" for s in skip)}
 
 
 def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
@@ -208,15 +212,20 @@ def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
 
     def hook(name):
         def fn(module, args):
-            seen(name, args[0].detach(), current["mask"])
+            # an expert's Linear sees only its routed rows (1, T_e, K): their own real-token mask
+            rows = getattr(module, "row_mask", None)
+            seen(name, args[0].detach(), current["mask"] if rows is None else rows)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    routed = [m for m in layer.modules() if hasattr(m, "token_mask")]  # linearized experts
     outs = []
     try:
         with torch.no_grad():
             for x, kw, mask in zip(xs, kws, masks):
                 current["mask"] = mask
+                for m in routed:
+                    m.token_mask = mask.reshape(-1)
                 if batch_start is not None:
                     batch_start()
                 o = layer(x, **kw)
@@ -224,6 +233,8 @@ def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
     finally:
         for h in handles:
             h.remove()
+        for m in routed:
+            m.token_mask = None
     return outs
 
 

@@ -91,8 +91,13 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
     out, rounded = {}, set()
     for name, module in decoder.named_modules():
         if is_experts(module):
-            out.update(plan_experts(name, module, bits, block_size))
-            rounded.update(k for k in out if k.startswith(f"{name}."))
+            held = checkpoint.get(f"{name}.gate_up_proj")
+            if held is not None:  # the checkpoint's own integers (edgevlm quantize)
+                out.update(experts_from_checkpoint(name, held, checkpoint[f"{name}.down_proj"],
+                                                   block_size))
+            else:
+                out.update(plan_experts(name, module, bits, block_size))
+                rounded.update((f"{name}.gate_up_proj", f"{name}.down_proj"))
             continue
         if not isinstance(module, nn.Linear):
             continue
@@ -141,6 +146,36 @@ def plan_experts(name: str, module, bits: int, block_size: int) -> dict:
     block = expert_block_size(block_size, gate_up.shape[2], down.shape[2])
     return {f"{name}.gate_up_proj": [rtn(w, bits, block) for w in gate_up],
             f"{name}.down_proj": [rtn(w, bits, block) for w in down]}
+
+
+def _nbits(held, block_size: int) -> NBitsWeight:
+    return (from_int4(held) if isinstance(held, int4.Int4Weight)
+            else from_int8(held, block_size))
+
+
+def experts_from_checkpoint(name: str, gate_up: list, down: list, block_size: int) -> dict:
+    """A quantized checkpoint's expert integers ([(gate, up)] and [down] per expert, as
+    source.checkpoint_weights reads them) as plan entries; QMoE needs block-wise groups that
+    divide both widths."""
+    from edgevlm.errors import UserError
+
+    first = gate_up[0][0]
+    hidden, inter = first.q.shape[1], down[0].q.shape[1]
+    if isinstance(first, int8.Int8Weight):  # per channel: any block repeats the row's scale
+        block = expert_block_size(block_size, hidden, inter)
+    else:
+        block = first.block_size
+    if block < 16 or block & (block - 1):
+        raise UserError(f"{name}: the checkpoint's expert groups of {block} columns "
+                        "are not blocks onnxruntime's QMoE reads (a power of two >= 16); "
+                        "quantize with --group-size 32, 64 or 128")
+    if expert_block_size(block, hidden, inter) != block:
+        raise UserError(f"{name}: QMoE needs the expert group size {block} to divide the "
+                        f"hidden size {hidden} and the expert width {inter}; quantize with "
+                        f"--group-size {expert_block_size(block, hidden, inter)}")
+    return {f"{name}.gate_up_proj": [concat_rows([_nbits(g, block), _nbits(u, block)])
+                                     for g, u in gate_up],
+            f"{name}.down_proj": [_nbits(d, block) for d in down]}
 
 
 def carry(decoder, weights: dict, names: set) -> None:

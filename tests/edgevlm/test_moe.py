@@ -390,3 +390,62 @@ def test_expert_block_size_follows_both_widths():
         expert_block_size(32, 72, 100)
     assert math.gcd(576, 1536) % expert_block_size(128, 576, 1536) == 0
     assert np.log2(expert_block_size(64, 96, 256)).is_integer()
+
+
+# ---- quantization -----------------------------------------------------------------------------
+
+def test_expert_calibration_sees_the_routed_tokens(moe_dir, shapes_dir):
+    """Linearized, each expert's Linears collect Hessians over exactly the real tokens the
+    router sends them: over the experts, top_k times the layer's real tokens."""
+    from edgevlm.data import Collator, load_samples
+    from edgevlm.moe import linearize
+    from edgevlm.quant.calibrate import decoder_layers, layer_stats, linears, prepare
+
+    loaded = load_model(moe_dir)
+    x = _inputs(loaded)
+    with torch.no_grad():
+        before = loaded.model(**x).logits
+    assert linearize(loaded.model) == 1
+    with torch.no_grad():
+        assert torch.equal(before, loaded.model(**x).logits)  # same function, same order
+    samples = load_samples(shapes_dir / "train.json")[:6]
+    batch = Collator(loaded.processor, loaded.num_image_tokens, 256)(samples)
+    calib = prepare(loaded.model, [batch])
+    layer = decoder_layers(loaded.model)[0]
+    targets = linears(layer, "l0", ())
+    assert not any("shared_expert" in n for n in targets)
+    stats, _ = layer_stats(layer, calib.hidden, calib.layer_kwargs[0], calib.masks, targets)
+    real = int(calib.masks[0].sum())
+    gate = [stats[f"l0.mlp.experts.{e}.gate_proj"].tokens for e in range(4)]
+    down = [stats[f"l0.mlp.experts.{e}.down_proj"].tokens for e in range(4)]
+    assert sum(gate) == sum(down) == 2 * real and all(0 < g < real for g in gate)
+    assert stats["l0.self_attn.q_proj"].tokens == real
+
+
+@pytest.mark.parametrize("method", ["gptq", "qvlm"])
+def test_quantized_moe_checkpoint_round_trips_into_qmoe(tmp_path, moe_dir, shapes_dir, method):
+    """quantize -> a compressed-tensors checkpoint with one packed Linear per expert projection,
+    which transformers loads back into the fused experts holding exactly the integers; the int4
+    export carries the same integers into QMoE (graph held to that model)."""
+    from edgevlm.export.exporter import ExportConfig, export
+    from edgevlm.quant.api import quantize
+    from edgevlm.quant.primitives import QuantConfig
+
+    out = tmp_path / method
+    r = quantize(moe_dir, out, QuantConfig(method=method, group_size=32, calib_samples=8),
+                 calib=shapes_dir / "train.json")
+    assert r.report["moe_layers"] == 1
+    names = [n for n in r.weights if ".experts." in n]
+    assert len(names) == 4 * 3
+    back = load_model(out, dequantize=True).model.model.language_model.layers[0].mlp.experts
+    inter = back.down_proj.shape[2]
+    for e in range(4):
+        gate = r.weights[f"model.language_model.layers.0.mlp.experts.{e}.gate_proj"]
+        down = r.weights[f"model.language_model.layers.0.mlp.experts.{e}.down_proj"]
+        assert torch.equal(back.gate_up_proj[e, :inter], gate.dequantize())
+        assert torch.equal(back.down_proj[e], down.dequantize())
+    ex = export(out, tmp_path / f"{method}_int4", ExportConfig(precision="int4"), quiet=True)
+    assert ex.parity.passed, ex.parity.failures
+    assert ex.parity.graph_check.max_abs < 1e-5  # the checkpoint's integers, exactly
+    manifest = json.loads((tmp_path / f"{method}_int4" / "edgevlm.json").read_text())
+    assert manifest["int4_source"] == "checkpoint"
