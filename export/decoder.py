@@ -66,11 +66,11 @@ def choose(config, model_config) -> DecoderChoice:
                         f"{limit}; use at most {limit}")
     precision = config.precision
     activations = "fp16" if Precision(precision).half or config.profile == "gpu" else "fp32"
-    if moe and activations == "fp16":
-        raise UserError("a mixture-of-experts decoder in fp16: onnxruntime's CPU MoE kernel is "
-                        "float32 only and CUDA's QMoE has no block-wise int4 kernel "
-                        "(onnxruntime#29035), so no edgevlm export of it would run; export "
-                        "--precision fp32 or int4 with the default profile")
+    if moe and config.profile == "gpu" and precision in QUANTIZED:
+        raise UserError("an int4/int8 mixture-of-experts decoder for --profile gpu: CUDA's QMoE "
+                        "kernel has no block-wise weights (onnxruntime#29035), so the graph "
+                        "would not open on CUDA; export --profile gpu --precision fp16, or "
+                        "int4 with the default (CPU) profile")
     level = None
     if precision in QUANTIZED:
         level = (config.accuracy_level if config.accuracy_level is not None

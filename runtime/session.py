@@ -160,6 +160,9 @@ def open_session(path: str | Path, provider: Provider, threads: int | None = Non
                                        providers=chain)
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        missing = missing_op(first)
+        if missing:
+            raise UserError(missing_op_message(missing, path, chain)) from e
         raise UserError(f"graph {path} could not be loaded by onnxruntime {ort.__version__} "
                         f"({first}); the file is corrupt or incomplete — re-run `edgevlm export`"
                         ) from e
@@ -170,6 +173,30 @@ def open_session(path: str | Path, provider: Provider, threads: int | None = Non
                         f"start for {path.name}; check the drivers and libraries it needs "
                         f"({PACKAGES[provider.chosen]}) or use --provider cpu")
     return session, Provider("cpu", PROVIDERS["cpu"])
+
+
+# The contrib ops an export may need that older or narrower onnxruntime builds lack, and a
+# release that has them on the CPU: MoE and QMoE (a mixture-of-experts FFN, block-wise int4)
+# with the QMoE threading fix of onnxruntime#29081; edgevlm's tests run on 1.32.
+OPS_SINCE = {"MoE": "1.27.1", "QMoE": "1.27.1", "GroupQueryAttention": "1.17",
+             "MatMulNBits": "1.17"}
+
+
+def missing_op(message: str) -> str | None:
+    """The op named by onnxruntime's "Could not find an implementation for OP(version) node"
+    error, when it is one of OPS_SINCE."""
+    import re
+
+    m = re.search(r"Could not find an implementation for (\w+)\(", message)
+    return m.group(1) if m and m.group(1) in OPS_SINCE else None
+
+
+def missing_op_message(op: str, path: Path, chain: list) -> str:
+    names = [p if isinstance(p, str) else p[0] for p in chain]
+    what = " (a mixture-of-experts FFN)" if op in ("MoE", "QMoE") else ""
+    return (f"graph {Path(path).name} uses onnxruntime's {op} op{what}, which this onnxruntime "
+            f"({ort.__version__}, {', '.join(names)}) has no kernel for; install onnxruntime >= "
+            f"{OPS_SINCE[op]} (it has CPU kernels), or run on CPUExecutionProvider")
 
 
 def check_io(session: ort.InferenceSession, path: str | Path, inputs, outputs) -> None:

@@ -376,8 +376,9 @@ def test_moe_export_refusals(tmp_path, moe_dir):
 
     with pytest.raises(UserError, match="written by the decoder builder only"):
         export(moe_dir, tmp_path / "m", ExportConfig(profile="mobile"), quiet=True)
-    with pytest.raises(UserError, match="mixture-of-experts decoder in fp16"):
-        export(moe_dir, tmp_path / "h", ExportConfig(precision="fp16"), quiet=True)
+    with pytest.raises(UserError, match="CUDA's QMoE kernel has no block-wise weights"):
+        export(moe_dir, tmp_path / "h", ExportConfig(precision="int4", profile="gpu"),
+               quiet=True)
     assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()
 
 
@@ -449,3 +450,28 @@ def test_quantized_moe_checkpoint_round_trips_into_qmoe(tmp_path, moe_dir, shape
     assert ex.parity.graph_check.max_abs < 1e-5  # the checkpoint's integers, exactly
     manifest = json.loads((tmp_path / f"{method}_int4" / "edgevlm.json").read_text())
     assert manifest["int4_source"] == "checkpoint"
+
+
+def test_runtime_names_the_onnxruntime_that_has_the_moe_kernel(tmp_path):
+    """A graph whose MoE node has no kernel in this onnxruntime (here: bfloat16, which the CPU
+    build does not implement) is refused with the op and the release to install."""
+    from onnx import TensorProto, helper, save
+
+    from edgevlm.runtime.session import open_session, resolve
+
+    e, d, i = 2, 4, 4
+    inits = [helper.make_tensor("fc1", TensorProto.BFLOAT16, (e, 2 * i, d), [0] * (2 * e * i * d)),
+             helper.make_tensor("fc2", TensorProto.BFLOAT16, (e, d, i), [0] * (e * d * i))]
+    node = helper.make_node("MoE", ["x", "r", "fc1", "", "fc2"], ["y"], domain="com.microsoft",
+                            k=1, activation_type="swiglu", swiglu_fusion=1)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [3, d]),
+                      helper.make_tensor_value_info("r", TensorProto.BFLOAT16, [3, e])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3, d])], inits)
+    path = tmp_path / "moe.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                 helper.make_opsetid("com.microsoft", 1)]),
+         str(path))
+    with pytest.raises(UserError, match=r"uses onnxruntime's MoE op \(a mixture-of-experts FFN\)"
+                       r".*install onnxruntime >= 1\.27\.1"):
+        open_session(path, resolve("cpu"))
