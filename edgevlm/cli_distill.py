@@ -138,6 +138,8 @@ def moe_upcycle_(
     layers: str = typer.Option("every-other", help="Which layers get experts: every-other "
                                "(0, 2, 4, ...), all, or a list such as 0,2,4"),
     seed: int = typer.Option(0, help="Seed of the routers' small random start"),
+    init: str = typer.Option("copy", help="copy (sparse upcycling: each expert a copy of the "
+                             "dense FFN) or random (fresh experts: a control for ablations)"),
     overwrite: bool = typer.Option(False, help="Replace OUT"),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -149,7 +151,7 @@ def moe_upcycle_(
     from edgevlm.moe import MoESpec, upcycle_dir
 
     check_seed(seed)
-    counts = upcycle_dir(model, out, MoESpec(experts, top_k, layers, seed=seed), overwrite)
+    counts = upcycle_dir(model, out, MoESpec(experts, top_k, layers, seed=seed, init=init), overwrite)
     summary("moe-upcycle", {"out": out, "experts": counts["experts"], "top_k": counts["top_k"],
                             "parameters": f"{counts['total'] / 1e6:.2f}M total, "
                             f"{counts['activated'] / 1e6:.2f}M activated per token"},
