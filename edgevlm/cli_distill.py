@@ -151,7 +151,8 @@ def moe_upcycle_(
     from edgevlm.moe import MoESpec, upcycle_dir
 
     check_seed(seed)
-    counts = upcycle_dir(model, out, MoESpec(experts, top_k, layers, seed=seed, init=init), overwrite)
+    spec = MoESpec(experts, top_k, layers, seed=seed, init=init)
+    counts = upcycle_dir(model, out, spec, overwrite)
     summary("moe-upcycle", {"out": out, "experts": counts["experts"], "top_k": counts["top_k"],
                             "parameters": f"{counts['total'] / 1e6:.2f}M total, "
                             f"{counts['activated'] / 1e6:.2f}M activated per token"},
