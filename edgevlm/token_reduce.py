@@ -33,8 +33,8 @@ def check(method: str, tokens: int, available: int, family: str) -> None:
     from edgevlm.runtime.token_select import check as check_count
 
     if family != "llava":
-        raise UserError(f"--visual-tokens works on llava models so far; this is a {family} "
-                        "model, whose image tokens come in tiles of a grid")
+        raise UserError(f"--visual-tokens works on llava models so far; this model is of the "
+                        f"{family} family, whose image tokens come in tiles of a grid")
     if method not in TRAINABLE_METHODS:
         raise UserError(f"--token-select {method} cannot train: it ranks tokens by the tower's "
                         f"attention, which training does not compute; use "

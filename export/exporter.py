@@ -293,12 +293,11 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     if config.visual_tokens is not None and family.name != "llava":
         raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family, whose image tokens come in tiles "
-                        "of a grid: export it without --visual-tokens")
+                        "of a grid (not supported yet): export it without --visual-tokens")
     if family.name not in EXPORTABLE_FAMILIES:
         raise UserError(f"{model_dir} holds a model of the {family.name} family; export writes "
-                        f"{', '.join(EXPORTABLE_FAMILIES)} models only so far (the SmolVLM ONNX "
-                        "layout is issue 17's next step). train, eval, distill, quantize and "
-                        "bench of the model folder work for it")
+                        f"{', '.join(EXPORTABLE_FAMILIES)} models only so far; train, eval, "
+                        "distill, quantize and bench of the model folder work for it")
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))

@@ -287,3 +287,20 @@ def test_runtime_prompt_ids_equal_the_hf_processor(splitting, trained_dir, tmp_p
         assert got == list(want), name
     with pytest.raises(UserError, match="2 image placeholders for 1 image"):
         vlm.generate(images()["square"], "<image> and <image>?")
+
+
+def test_visual_tokens_on_a_tiled_family_is_refused(smolvlm_dir, tmp_path):
+    """SmolVLM's image tokens are tiles of a grid with row/column markers: fewer tokens per
+    tile is not built yet, and export and train say so in one line."""
+    from edgevlm.errors import UserError
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import load_model
+    from edgevlm.token_reduce import check
+
+    with pytest.raises(UserError, match="idefics3 family, whose image tokens come in tiles"):
+        export(smolvlm_dir, tmp_path / "e",
+               ExportConfig(precision="fp32", visual_tokens=4, token_select="divprune"))
+    assert not (tmp_path / "e").exists()
+    loaded = load_model(smolvlm_dir)
+    with pytest.raises(UserError, match="this model is of the idefics3 family, whose image tokens"):
+        check("divprune", 4, loaded.num_image_tokens, family_of(loaded.model).name)
