@@ -475,3 +475,19 @@ def test_runtime_names_the_onnxruntime_that_has_the_moe_kernel(tmp_path):
     with pytest.raises(UserError, match=r"uses onnxruntime's MoE op \(a mixture-of-experts FFN\)"
                        r".*install onnxruntime >= 1\.27\.1"):
         open_session(path, resolve("cpu"))
+
+
+def test_upcycling_a_smolvlm_keeps_its_function(tokenizer, shapes_dir):
+    """The MoE text model is a variant inside a family: Idefics3's shell upcycles as LLaVA's."""
+    from edgevlm.data import Collator, load_samples
+    from edgevlm.models import PRESETS
+
+    dense = init_model(PRESETS["tiny-smolvlm"], copy.deepcopy(tokenizer), seed=0)
+    up = upcycle(dense)
+    assert type(up.model.model.text_model).__name__ == "Qwen2MoeModel"
+    batch = Collator(dense.processor, dense.num_image_tokens, 512)(
+        load_samples(shapes_dir / "eval.json")[:2])
+    batch = {k: v for k, v in batch.items() if v is not None and k != "labels"}
+    with torch.no_grad():
+        diff = (dense.model(**batch).logits - up.model(**batch).logits).abs().max()
+    assert diff < 1e-5
