@@ -491,3 +491,22 @@ def test_upcycling_a_smolvlm_keeps_its_function(tokenizer, shapes_dir):
     with torch.no_grad():
         diff = (dense.model(**batch).logits - up.model(**batch).logits).abs().max()
     assert diff < 1e-5
+
+
+def test_llava_mod_resume_keeps_finished_stages(tmp_path, shapes_dir, micro_model_dir,
+                                                teacher_dir):
+    from edgevlm.distill.mod import ModConfig, distill_mod
+
+    out, data = tmp_path / "mod", shapes_dir / "train.json"
+    common = dict(steps=2, batch_size=4, warmup=1, save_every=100)
+    distill_mod(teacher_dir, micro_model_dir, data, out,
+                ModConfig(stages="dense,upcycle", **common), quiet=True)
+    before = (out / "upcycle" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError, match="already exists; pass --resume"):
+        distill_mod(teacher_dir, micro_model_dir, data, out, ModConfig(**common), quiet=True)
+    r = distill_mod(teacher_dir, micro_model_dir, data, out,
+                    ModConfig(stages="dense,upcycle,sparse", **common), resume=True, quiet=True)
+    assert [(s.stage, s.skipped) for s in r.stages] == [("dense", True), ("upcycle", True),
+                                                        ("sparse", False)]
+    assert (out / "upcycle" / "model.safetensors").stat().st_mtime_ns == before
+    assert load_model(out / "final").model.config.text_config.model_type == "qwen2_moe"
