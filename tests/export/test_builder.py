@@ -131,7 +131,11 @@ def test_coverage_reasons():
 
     assert unsupported(LlamaConfig()) is None and unsupported(Qwen2Config()) is None
     assert unsupported(MistralConfig()) == ("the decoder builder covers text models llama, "
-                                            "qwen2, not 'mistral'")
+                                            "qwen2, qwen2_moe, not 'mistral'")
+    from transformers import Qwen2MoeConfig
+
+    assert "shared expert is not implemented" in unsupported(Qwen2MoeConfig())
+    assert unsupported(Qwen2MoeConfig(shared_expert_intermediate_size=0)) is None
     assert "sliding-window" in unsupported(Qwen2Config(use_sliding_window=True,
                                                        max_window_layers=0))
     assert "hidden_act 'gelu'" in unsupported(LlamaConfig(hidden_act="gelu"))
