@@ -49,12 +49,13 @@ def pope_samples(work: Path, n: int):
     from edgevlm.data import load_samples
 
     out = work / "pope"
-    if not out.exists():
-        shapes.generate(out, n_train=1, n_eval=4 * n, seed=11)
+    if not out.exists():  # about one question in seven asks for existence, half of them absent
+        shapes.generate(out, n_train=1, n_eval=8 * n, seed=11)
     exist = [s for s in load_samples(out / "eval.json") if s.type == "exist"]
-    yes = [s for s in exist if s.answer == "yes"][: n // 2]
-    no = [s for s in exist if s.answer == "no"][: n // 2]
-    return yes + no
+    yes = [s for s in exist if s.answer == "yes"]
+    no = [s for s in exist if s.answer == "no"]
+    half = min(n // 2, len(yes), len(no))
+    return yes[:half] + no[:half]
 
 
 def pope(model, samples) -> dict:
@@ -257,7 +258,8 @@ def main() -> None:
     report = {"quick": args.quick, "teacher": str(args.teacher), "data": str(args.data),
               "student_preset": args.student_preset, "total_steps": args.total_steps,
               "pref_steps": args.pref_steps, "batch_size": args.batch_size, "lr": args.lr,
-              "seeds": seeds, "eval_samples": len(held_out), "pope_samples": args.pope,
+              "seeds": seeds, "eval_samples": len(held_out),
+              "pope_samples": len(pope_samples(work, args.pope)),
               "shared_cpu": args.shared_cpu, "seconds": time.time() - t0,
               "command": "python benchmarks/mod_ablation.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in (
