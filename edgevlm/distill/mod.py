@@ -142,9 +142,10 @@ class MimicLoss:
     def __call__(self, model, batch):
         import torch
 
-        tc = model.config.text_config
+        inner = getattr(model, "module", model)  # DDP / FSDP wrap the model under accelerate
+        tc = inner.config.text_config
         sparse = is_moe(tc) and self.aux_weight > 0
-        with RouterLogits(model) if sparse else nullcontext() as routed:
+        with RouterLogits(inner) if sparse else nullcontext() as routed:
             out = model(**batch)
         device = batch["input_ids"].device
         if next(self.teacher.parameters()).device != device:

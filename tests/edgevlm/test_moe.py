@@ -510,3 +510,24 @@ def test_llava_mod_resume_keeps_finished_stages(tmp_path, shapes_dir, micro_mode
                                                         ("sparse", False)]
     assert (out / "upcycle" / "model.safetensors").stat().st_mtime_ns == before
     assert load_model(out / "final").model.config.text_config.model_type == "qwen2_moe"
+
+
+def test_two_process_llava_mod(tmp_path, shapes_dir, micro_model_dir, teacher_dir):
+    """Every stage under torchrun (a 2-process gloo group): the losses reach the wrapped model's
+    routers, the upcycle is written once, the pairs are built on each rank alike."""
+    import os
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29561", "-m", "edgevlm.cli",
+           "distill", "--recipe", "llava-mod", "--teacher", str(teacher_dir), "--student",
+           str(micro_model_dir), "--data", str(shapes_dir / "train.json"), "--out", str(out),
+           "--steps", "3", "--batch-size", "2", "--warmup", "1", "--save-every", "2", "--quiet"]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    report = json.loads((out / "distill.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["dense", "upcycle", "sparse", "pref"]
+    assert json.loads((out / "sparse" / "train_processes.json").read_text())[
+        "num_processes"] == 2
+    log = json.loads((out / "sparse" / "train_log.json").read_text())
+    assert len(log) == 3 and all(h["aux"] > 0 and h["kd"] >= 0 for h in log)
+    assert load_model(out / "final").model.config.text_config.model_type == "qwen2_moe"
