@@ -241,16 +241,25 @@ def load_balance_loss(router_logits: list, num_experts: int, top_k: int, attenti
 
 
 def _expert_module(hidden: int, inter: int):
+    import torch
     from torch import nn
 
     class Expert(nn.Module):
-        """One expert as three Linears: the layout of Qwen2-MoE checkpoints on disk."""
+        """One expert as three Linears: the layout of Qwen2-MoE checkpoints on disk. `rows`
+        (1, T_e) marks which of the rows routed to it in this forward are real tokens (read by
+        the calibration hooks on its Linears)."""
+
+        rows = None
 
         def __init__(self):
             super().__init__()
             self.gate_proj = nn.Linear(hidden, inter, bias=False)
             self.up_proj = nn.Linear(hidden, inter, bias=False)
             self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+        def forward(self, x, rows):  # x (1, T_e, D) -> (1, T_e, D)
+            self.rows = rows
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
     return Expert()
 
@@ -264,12 +273,15 @@ def linear_experts(fused):
     checkpoint of it loads back into the fused experts.
 
     `token_mask` (flattened (B·S,) bool, set by the calibration loop) marks real tokens; each
-    expert Linear's `row_mask` (1, T_e) then says which of its routed rows are real."""
+    expert's `rows` (1, T_e) then says which of its routed rows are real."""
     import torch
     from torch import nn
 
     num, two_inter, hidden = fused.gate_up_proj.shape
     inter = two_inter // 2
+    if type(fused.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        raise UserError(f"the experts' activation is {type(fused.act_fn).__name__}; edgevlm's "
+                        "per-expert Linears compute SwiGLU (silu) only")
 
     class LinearExperts(nn.ModuleList):
         token_mask = None
@@ -282,11 +294,8 @@ def linear_experts(fused):
                     continue
                 rows = (self.token_mask[tok] if self.token_mask is not None
                         else torch.ones_like(tok, dtype=torch.bool))[None]
-                for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
-                    lin.row_mask = rows
-                x = hidden_states[tok][None]  # (1, T_e, D): 3-D, as every Linear's input
-                h = nn.functional.silu(expert.gate_proj(x)) * expert.up_proj(x)
-                y = expert.down_proj(h)[0] * top_k_weights[tok, pos, None]
+                # (1, T_e, D): 3-D, as every Linear's input
+                y = expert(hidden_states[tok][None], rows)[0] * top_k_weights[tok, pos, None]
                 out.index_add_(0, tok, y.to(out.dtype))
             return out
 

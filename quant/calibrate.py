@@ -210,15 +210,19 @@ def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
     before each batch. Returns the layer's outputs."""
     current = {}
 
+    routed = [m for m in layer.modules() if hasattr(m, "token_mask")]  # linearized experts
+    expert_of = {id(lin): e for e in layer.modules() if hasattr(e, "rows")
+                 for lin in e.children()}
+
     def hook(name):
         def fn(module, args):
-            # an expert's Linear sees only its routed rows (1, T_e, K): their own real-token mask
-            rows = getattr(module, "row_mask", None)
-            seen(name, args[0].detach(), current["mask"] if rows is None else rows)
+            # an expert's Linear sees only its routed rows (1, T_e, K): the expert's own
+            # real-token mask of those rows (edgevlm.moe.linear_experts)
+            expert = expert_of.get(id(module))
+            seen(name, args[0].detach(), current["mask"] if expert is None else expert.rows)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
-    routed = [m for m in layer.modules() if hasattr(m, "token_mask")]  # linearized experts
     outs = []
     try:
         with torch.no_grad():
