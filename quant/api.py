@@ -35,6 +35,7 @@ from edgevlm.quant.calibrate import (
     linears,
     prepare,
     relative_error,
+    walk,
 )
 from edgevlm.quant.checkpoint import read_scheme, storable_group_size
 from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, MIN_GROUP, QuantConfig, QuantizedWeight
@@ -199,6 +200,62 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
     return out
 
 
+class GptqGuard:
+    """Q-VLM never below GPTQ on its own held-out samples. Q-VLM's candidates include GPTQ in
+    every block (β = 0 gives GPTQ's integers), but each block is judged by its own output error;
+    this judges the whole model. Before the search it keeps the float decoder weights and the
+    float model's answer-token log-probabilities on the held-out calibration batches; after it,
+    when some block chose β > 0, it quantizes the same blocks again with β = 0 everywhere (GPTQ's
+    integers exactly) and keeps whichever of the two has the lower KL(p_fp ‖ p_q) on those
+    batches. The report names both KLs and what was kept."""
+
+    def __init__(self, model, targets: dict, batches: list[dict], heldout: int):
+        self.model, self.batches, self.heldout = model, batches, heldout
+        n = len(batches)
+        self.held = batches[n - heldout:][: qvlm.SEARCH_BATCHES] if 0 < heldout < n else []
+        self.fp = {name: m.weight.detach().clone() for name, m in targets.items()}
+        self.targets = targets
+        with torch.no_grad():
+            self.refs = [qvlm._answer_logp(model, b, {}) for b in self.held]
+
+    def _heldout_kl(self) -> float:
+        with torch.no_grad():
+            kls = [float(qvlm._kl(self.model, b, r, {})) for b, r in zip(self.held, self.refs)]
+        return sum(kls) / len(kls)
+
+    def settle(self, weights: dict, blocks: list, block_info: list, cfg: QuantConfig,
+               device: str) -> dict:
+        """Compare with GPTQ and keep the better; `weights` and `block_info` are updated in
+        place when GPTQ is kept."""
+        if not self.held:
+            return {"kept": "qvlm", "why": "no held-out batches to judge on"}
+        if all(b.get("beta", 0.0) == 0.0 for b in block_info):
+            return {"kept": "qvlm", "why": "every block chose beta 0: GPTQ's integers already"}
+        kl_q = self._heldout_kl()
+        searched = {n: m.weight.detach().clone() for n, m in self.targets.items()}
+        chosen = dict(weights)
+        for name, m in self.targets.items():  # start again from the float decoder
+            m.weight.data = self.fp[name].clone()
+        gptq_cfg = replace(cfg, clip_strengths=(0.0,))
+        with torch.no_grad():
+            calib = prepare(self.model, self.batches, self.heldout)
+        gptq_weights: dict = {}
+        gptq_info: list = []
+        walk(self.model, calib, blocks, _qvlm_block(self.model, gptq_cfg, gptq_weights),
+             lambda r, s: gptq_info.append({**r.decision, "seconds": s}), device)
+        kl_g = self._heldout_kl()
+        out = {"qvlm_heldout_kl": kl_q, "gptq_heldout_kl": kl_g,
+               "heldout_batches": len(self.held)}
+        if kl_g < kl_q:
+            weights.update(gptq_weights)
+            block_info[:] = gptq_info
+            return {**out, "kept": "gptq"}
+        for name, m in self.targets.items():
+            m.weight.data = searched[name]
+        weights.update(chosen)
+        return {**out, "kept": "qvlm"}
+
+
 def _layerwise_block(model, cfg: QuantConfig, weights: dict):
     fn = LAYERWISE[cfg.method]
     layers = decoder_layers(model)
@@ -351,10 +408,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                 bar.update(1, err=max((r["error"] for r in result.records.values()),
                                       default=0.0))
 
+            guard = (GptqGuard(model, targets, batches, calib_read.heldout)
+                     if cfg.method == "qvlm" and cfg.act_bits == 16 else None)
             try:
                 walk(model, calib_data, blocks, fn, on_block, device)
             finally:
                 hooks.remove()
+        if guard is not None:
+            report["gptq_guard"] = guard.settle(weights, blocks, block_info, cfg, device)
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
                                  **calib_read.report,
                                  "layer_input_entropy": calib_data.input_entropy}

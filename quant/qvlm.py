@@ -41,9 +41,12 @@ Choices made here, each one a place where the paper leaves room:
    default: on SmolLM2 and the shapes teacher it lowered its own held-out KL but not the final
    model's KL or accuracy on eval questions (README, "On the real LM") — the rounded decoder it
    tunes against errs far more than the searched one it ends up feeding.
-5. Decisions are data: `BlockDecision` holds the block, β, the per-Linear clip scales, the
+5. The GPTQ guard (edgevlm.quant.api.GptqGuard): blocks are judged one at a time, so after the
+   search the whole model is compared with GPTQ (β = 0 everywhere) by KL(p_fp ‖ p_q) over the
+   held-out batches' answer tokens, and the lower one is kept.
+6. Decisions are data: `BlockDecision` holds the block, β, the per-Linear clip scales, the
    candidates' errors and the resulting integers; `apply_decision` writes them into the model.
-6. Activation quantization (act_bits 8/6/4) is the same for every method (edgevlm.quant.act): the
+7. Activation quantization (act_bits 8/6/4) is the same for every method (edgevlm.quant.act): the
    β search above sees float activations inside the block; the activation clipping is searched
    after it, layer by layer, against the float layer's outputs.
 """

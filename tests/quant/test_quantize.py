@@ -270,3 +270,42 @@ def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, p
         quantize(micro_model_dir, tmp_path / "s", QuantConfig(method="gptq", **FAST),
                  calib_text=short)
     assert not (tmp_path / "s").exists()
+
+
+def test_qvlm_at_beta_zero_is_gptq_exactly(micro_model_dir, shapes_dir, tmp_path):
+    """The fact the GPTQ guard rests on: Q-VLM restricted to beta 0 writes GPTQ's integers."""
+    data = shapes_dir / "train.json"
+    q = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
+        method="qvlm", bits=3, group_size=32, calib_samples=16, clip_strengths=(0.0,)),
+        calib=data)
+    g = quantize(micro_model_dir, tmp_path / "g", QuantConfig(
+        method="gptq", bits=3, group_size=32, calib_samples=16), calib=data)
+    assert set(q.weights) == set(g.weights)
+    assert all(torch.equal(q.weights[n].q, g.weights[n].q) for n in g.weights)
+    assert q.report["gptq_guard"]["kept"] == "qvlm"  # nothing to compare: beta 0 everywhere
+
+
+@pytest.mark.parametrize("clip_grid", [(0.3,), (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)],
+                         ids=["forced-bad-clip", "default-grid"])
+def test_gptq_guard_keeps_the_lower_heldout_kl(micro_model_dir, shapes_dir, tmp_path,
+                                               clip_grid):
+    """Q-VLM is never below GPTQ on its own held-out batches: with a clip search forced to clip
+    every group to 30% of its range the guard falls back to GPTQ's integers exactly; with the
+    default grid it keeps whichever KL is lower."""
+    data = shapes_dir / "train.json"
+    q = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
+        method="qvlm", bits=3, group_size=32, calib_samples=16, clip_strengths=(1.0,),
+        clip_grid=clip_grid), calib=data)
+    guard = q.report["gptq_guard"]
+    kept = "gptq" if guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"] else "qvlm"
+    assert guard["kept"] == kept
+    if clip_grid == (0.3,):
+        assert kept == "gptq" and guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"]
+        g = quantize(micro_model_dir, tmp_path / "g", QuantConfig(
+            method="gptq", bits=3, group_size=32, calib_samples=16), calib=data)
+        assert all(torch.equal(q.weights[n].q, g.weights[n].q) for n in g.weights)
+    from edgevlm.models import load_model
+
+    back = dict(load_model(tmp_path / "q", dequantize=True).model.named_modules())
+    for name, w in q.weights.items():
+        assert torch.equal(back[name].weight, w.dequantize())
