@@ -210,6 +210,7 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     if cfg.visual_tokens is not None:
         loaded = _reduce_tokens(loaded, cfg)
     collate = make_collator(loaded, cfg.max_length, cfg.long_samples)
+    assert batcher is None or fitted is not None, "batcher items are fitted by the caller"
     if fitted is None:
         fitted = fit_samples(samples, collate, "the training data", quiet)
     assert (fitted.max_length, fitted.long_samples) == (collate.max_length, cfg.long_samples), \
