@@ -357,6 +357,22 @@ def test_moe_export_fp32_matches_transformers(tmp_path, moe_dir, shapes_dir):
     tok = load_model(trained).processor.tokenizer
     assert [tok.decode(list(t), skip_special_tokens=True).strip() for t in ours] == \
         [a.strip() for a in torch_answers]
+    # onnxruntime-genai runs the same MoE graph (its genai_config.json) to the same tokens
+    import onnxruntime_genai as og
+
+    ids = tok("What colour is the circle?", add_special_tokens=False)["input_ids"]
+    gen_model = og.Model(str(out))
+    params = og.GeneratorParams(gen_model)
+    params.set_search_options(max_length=len(ids) + 8, min_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(gen_model, params)
+    gen.append_tokens(np.array([ids], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    with torch.no_grad():
+        want = load_model(trained).model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+            eos_token_id=None)[0, len(ids):].tolist()
+    assert [int(t) for t in gen.get_sequence(0)[len(ids):]] == want
 
 
 def test_moe_export_int4_is_qmoe_and_holds_its_integers(tmp_path, moe_dir):
