@@ -18,21 +18,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
-import time
 from pathlib import Path
 
+from smollm2_chain import run  # beside this script: one CLI step, skipped when its OUT exists
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def run(cmd: list[str], out: Path | None) -> float | None:
-    if out is not None and out.exists():
-        print(f"skip (exists): {shlex.join(cmd)}", flush=True)
-        return None
-    print(f"+ {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return time.time() - t0
 
 
 def main() -> None:

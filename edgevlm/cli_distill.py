@@ -86,7 +86,6 @@ def distill_(
         result = distill_mod(teacher, student, data, out, mcfg, pref_data=pref_data,
                              image_root=image_root, resume=resume, overwrite=overwrite,
                              quiet=quiet or as_json)
-        result.data = {}
     else:
         if pref_data is not None:
             raise UserError("--pref-data belongs to --recipe llava-mod's pref stage")
@@ -97,7 +96,7 @@ def distill_(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows: dict = {"out": out, "final": result.final_dir}
-    for name, fit in result.data.items():
+    for name, fit in getattr(result, "data", {}).items():  # llava-kd's fit reports
         rows.update(fit_rows(fit, f"{'pretrain' if name == 'dpt' else 'instruction'} data "))
     if getattr(result, "pairs", None):
         rows["preference pairs"] = ", ".join(f"{v} {k}" for k, v in result.pairs.items())

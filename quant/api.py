@@ -2,7 +2,8 @@
 
 Loads the model, checks every input that could fail late (OUT, an already-quantized model, group
 sizes, calibration data), walks the decoder with `calibrate.walk` using the method's block
-function, and writes a compressed-tensors checkpoint plus quant_report.json atomically.
+function (edgevlm.quant.blocks; for Q-VLM then its GPTQ guard), and writes a
+compressed-tensors checkpoint plus quant_report.json atomically.
 With `quantize_vision`, the vision tower's Linears are rounded to nearest (data-free; calibrated
 vision quantization is not implemented yet) and the report says so.
 With `act_bits` < 16 the decoder Linears' inputs are quantized too (edgevlm.quant.act): the weights
@@ -23,18 +24,13 @@ import torch
 from edgevlm.errors import UserError
 from edgevlm.families import family_of, part
 from edgevlm.moe import is_moe, linearize
-from edgevlm.quant import act, gptq, qvlm, rtn
+from edgevlm.quant import act, qvlm, rtn
+from edgevlm.quant.blocks import GptqGuard, layerwise_block, qvlm_block, with_act_search
 from edgevlm.quant.calibrate import (
     BlockResult,
-    Calibration,
-    check_finite,
     decoder_layers,
-    layer_forward,
-    layer_prefix,
-    layer_stats,
     linears,
     prepare,
-    relative_error,
     walk,
 )
 from edgevlm.quant.checkpoint import read_scheme, storable_group_size
@@ -42,11 +38,6 @@ from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, MIN_GROUP, QuantConfig, 
 
 log = logging.getLogger(__name__)
 
-# Layer-wise methods: (W, H, cfg) -> QuantizedWeight. Q-VLM searches whole blocks (qvlm.py).
-LAYERWISE = {
-    "rtn": lambda W, H, cfg: rtn.quantize_weight(W, cfg),
-    "gptq": gptq.quantize_weight,
-}
 NEEDS_CALIB = ("gptq", "qvlm")
 
 
@@ -200,130 +191,6 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
     return out
 
 
-class GptqGuard:
-    """Q-VLM never below GPTQ on its own held-out samples. Q-VLM's candidates include GPTQ in
-    every block (β = 0 gives GPTQ's integers), but each block is judged by its own output error;
-    this judges the whole model. Before the search it keeps the float decoder weights and the
-    float model's answer-token log-probabilities on the held-out calibration batches; after it,
-    when some block chose β > 0, it quantizes the same blocks again with β = 0 everywhere (GPTQ's
-    integers exactly) and keeps whichever of the two has the lower KL(p_fp ‖ p_q) on those
-    batches. The report names both KLs and what was kept."""
-
-    def __init__(self, model, targets: dict, batches: list[dict], heldout: int):
-        self.model, self.batches, self.heldout = model, batches, heldout
-        n = len(batches)
-        self.held = batches[n - heldout:][: qvlm.SEARCH_BATCHES] if 0 < heldout < n else []
-        self.fp = {name: m.weight.detach().clone() for name, m in targets.items()}
-        self.targets = targets
-        with torch.no_grad():
-            self.refs = [qvlm._answer_logp(model, b, {}) for b in self.held]
-
-    def _heldout_kl(self) -> float:
-        with torch.no_grad():
-            kls = [float(qvlm._kl(self.model, b, r, {})) for b, r in zip(self.held, self.refs)]
-        return sum(kls) / len(kls)
-
-    def settle(self, weights: dict, blocks: list, block_info: list, cfg: QuantConfig,
-               device: str) -> dict:
-        """Compare with GPTQ and keep the better; `weights` and `block_info` are updated in
-        place when GPTQ is kept."""
-        if not self.held:
-            return {"kept": "qvlm", "why": "no held-out batches to judge on"}
-        if all(b.get("beta", 0.0) == 0.0 for b in block_info):
-            return {"kept": "qvlm", "why": "every block chose beta 0: GPTQ's integers already"}
-        kl_q = self._heldout_kl()
-        searched = {n: m.weight.detach().clone() for n, m in self.targets.items()}
-        chosen = dict(weights)
-        for name, m in self.targets.items():  # start again from the float decoder
-            m.weight.data = self.fp[name].clone()
-        gptq_cfg = replace(cfg, clip_strengths=(0.0,))
-        with torch.no_grad():
-            calib = prepare(self.model, self.batches, self.heldout)
-        gptq_weights: dict = {}
-        gptq_info: list = []
-        walk(self.model, calib, blocks, _qvlm_block(self.model, gptq_cfg, gptq_weights),
-             lambda r, s: gptq_info.append({**r.decision, "seconds": s}), device)
-        kl_g = self._heldout_kl()
-        out = {"qvlm_heldout_kl": kl_q, "gptq_heldout_kl": kl_g,
-               "heldout_batches": len(self.held)}
-        if kl_g < kl_q:
-            weights.update(gptq_weights)
-            block_info[:] = gptq_info
-            return {**out, "kept": "gptq"}
-        for name, m in self.targets.items():
-            m.weight.data = searched[name]
-        weights.update(chosen)
-        return {**out, "kept": "qvlm"}
-
-
-def _layerwise_block(model, cfg: QuantConfig, weights: dict):
-    fn = LAYERWISE[cfg.method]
-    layers = decoder_layers(model)
-
-    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
-        result = BlockResult()
-        for i in block:  # blocks are single layers for layer-wise methods
-            targets = linears(layers[i], layer_prefix(model, i), cfg.skip)
-            stats, _ = layer_stats(layers[i], xs, calib.layer_kwargs[i], calib.masks, targets)
-            for name, m in targets.items():
-                W, H = m.weight.detach().float(), stats[name].hessian
-                check_finite(name, W, H)
-                qw = fn(W, H, cfg)
-                deq = qw.dequantize()
-                check_finite(name, deq)
-                m.weight.data = deq.to(m.weight.dtype)
-                weights[name] = qw
-                result.records[name] = {"entropy": stats[name].entropy,
-                                        "error": relative_error(W, deq, H)}
-        return result
-
-    return quantize_block
-
-
-def _qvlm_block(model, cfg: QuantConfig, weights: dict):
-    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
-        decision = qvlm.search_block(model, block, xs, calib, cfg)
-        qvlm.apply_decision(model, decision)
-        weights.update(decision.weights)
-        return BlockResult(decision.records, {
-            "layers": decision.layers, "beta": decision.beta, "block_error": decision.error,
-            "candidate_errors": {str(b): e for b, e in decision.candidate_errors.items()},
-            "mean_clip": {n: float(c.mean()) for n, c in decision.clip.items()}},
-            decision.outputs)
-
-    return quantize_block
-
-
-def _with_act_search(block_fn, model, cfg: QuantConfig, found: dict, hooks: act.ActHooks):
-    """Wrap a method's block function: once the block's weights are quantized, choose each
-    Linear's activation clip layer by layer and install the quantizers (act.py, choice 3)."""
-    layers = decoder_layers(model)
-    grid = cfg.act_clip_grid if cfg.act_bits in act.SEARCHED_BITS else (1.0,)
-
-    def quantize_block(block: list[int], xs, calib: Calibration) -> BlockResult:
-        targets = {i: linears(layers[i], layer_prefix(model, i), cfg.skip)
-                   for i in block}
-        fp = {n: m.weight.detach().clone() for t in targets.values() for n, m in t.items()}
-        result = block_fn(block, xs, calib)
-        result.outputs = None  # the activation quantizers installed below change them
-        h = xs
-        for i in block:
-            errors = act.search_layer(layers[i], targets[i], fp, h, calib.layer_kwargs[i],
-                                      calib.masks, cfg.act_bits, grid)
-            spec = act.ActQuantSpec(cfg.act_bits, {n: act.best_clip(e) for n, e in errors.items()},
-                                    {n: {str(a): v for a, v in e.items()}
-                                     for n, e in errors.items()})
-            hooks.install(dict(layers[i].named_modules(prefix=layer_prefix(model, i))),
-                          spec)
-            for n, clip in spec.clip.items():
-                found[n] = (clip, spec.errors[n])
-                result.records[n].update(act_clip=clip, act_error=errors[n][clip])
-            h = layer_forward(layers[i], h, calib.layer_kwargs[i])
-        return result
-
-    return quantize_block
-
-
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
              calib: str | Path | None = None, image_root: str | Path | None = None,
              overwrite: bool = False, quiet: bool = True, device: str = "auto",
@@ -339,7 +206,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     from edgevlm.devices import checkpoint_dtype, resolve_device
     from edgevlm.models import load_model, read_config
     from edgevlm.progress import Progress
-    from edgevlm.quant.calibrate import walk
     from edgevlm.quant.checkpoint import write_checkpoint
 
     t0 = time.time()
@@ -396,9 +262,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         n_layers = len(decoder_layers(model))
         blocks = (qvlm.blocks(calib_data.input_entropy, cfg.max_block, cfg.partition)
                   if cfg.method == "qvlm" else [[i] for i in range(n_layers)])
-        fn = (_qvlm_block if cfg.method == "qvlm" else _layerwise_block)(model, cfg, weights)
+        fn = (qvlm_block if cfg.method == "qvlm" else layerwise_block)(model, cfg, weights)
         if cfg.act_bits != 16:
-            fn = _with_act_search(fn, model, cfg, act_found, hooks)
+            fn = with_act_search(fn, model, cfg, act_found, hooks)
         layers, block_info = {}, []
         with Progress(f"quantize {cfg.method}", len(blocks), enabled=not quiet) as bar:
             def on_block(result: BlockResult, seconds: float) -> None:

@@ -41,7 +41,7 @@ Choices made here, each one a place where the paper leaves room:
    default: on SmolLM2 and the shapes teacher it lowered its own held-out KL but not the final
    model's KL or accuracy on eval questions (README, "On the real LM") — the rounded decoder it
    tunes against errs far more than the searched one it ends up feeding.
-5. The GPTQ guard (edgevlm.quant.api.GptqGuard): blocks are judged one at a time, so after the
+5. The GPTQ guard (edgevlm.quant.blocks.GptqGuard): blocks are judged one at a time, so after the
    search the whole model is compared with GPTQ (β = 0 everywhere) by KL(p_fp ‖ p_q) over the
    held-out batches' answer tokens, and the lower one is kept.
 6. Decisions are data: `BlockDecision` holds the block, β, the per-Linear clip scales, the

@@ -32,6 +32,24 @@ RAGGED_CONFIG = {
 }
 
 
+# MICRO_CONFIG with a wider, deeper decoder: the same vision tower shape (so the same 9 image
+# tokens), a distillation teacher for the micro student.
+TEACHER_CONFIG = {
+    **MICRO_CONFIG,
+    "text_config": {"model_type": "qwen2", "hidden_size": 96, "intermediate_size": 192,
+                    "num_hidden_layers": 3, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "max_position_embeddings": 256},
+}
+
+
+@pytest.fixture
+def teacher_config():
+    """A fresh copy of TEACHER_CONFIG, for a test to vary."""
+    import copy
+
+    return copy.deepcopy(TEACHER_CONFIG)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     from edgevlm import shapes
@@ -66,4 +84,19 @@ def ragged_model_dir(tmp_path_factory, tokenizer):
 
     out = tmp_path_factory.mktemp("ragged") / "model"
     save_model(init_model(RAGGED_CONFIG, tokenizer, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer, shapes_dir):
+    """A micro teacher, trained a little so its answers are not uniform noise."""
+    from edgevlm import train
+    from edgevlm.data import load_samples
+    from edgevlm.models import init_model
+
+    out = tmp_path_factory.mktemp("teacher") / "model"
+    cfg = train.TrainConfig(stage="sft", steps=20, batch_size=8, lr=3e-3, warmup=2,
+                            save_every=1000)
+    train.run(init_model(TEACHER_CONFIG, tokenizer, seed=1),
+              load_samples(shapes_dir / "train.json"), out, cfg, quiet=True)
     return out

@@ -17,23 +17,26 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = ("dpt", "sft", "dft")
 
 
-def parse_stages(stages) -> tuple[str, ...]:
-    """"dpt,sft,dft" (or a sequence) -> a checked tuple in running order."""
+def parse_stages(stages, order: tuple[str, ...] = STAGE_ORDER,
+                 other: str | None = None) -> tuple[str, ...]:
+    """"dpt,sft,dft" (or a sequence) -> a checked tuple in running order. `order`: the
+    recipe's stages; `other`: a hint for a name from another recipe."""
     names = [s.strip().lower() for s in (stages.split(",") if isinstance(stages, str)
                                          else stages) if s.strip()]
     if not names:
-        raise UserError(f"stages is empty; give a subset of {','.join(STAGE_ORDER)}")
+        raise UserError(f"stages is empty; give a subset of {','.join(order)}")
     for s in names:
-        if s not in STAGE_ORDER:
-            raise UserError(f"unknown stage {s!r}; stages are {', '.join(STAGE_ORDER)}")
+        if s not in order:
+            raise UserError(f"unknown stage {s!r}; stages are {', '.join(order)}"
+                            + (f" ({other})" if other else ""))
     if len(set(names)) != len(names):
         raise UserError(f"stages {','.join(names)} name a stage twice; give each once")
-    order = [STAGE_ORDER.index(s) for s in names]
-    if order != sorted(order):
+    ranks = [order.index(s) for s in names]
+    if ranks != sorted(ranks):
         raise UserError(f"stages {','.join(names)} are in an impossible order: each stage "
                         f"starts from the previous one's weights, so they run "
-                        f"{' -> '.join(STAGE_ORDER)}; give e.g. "
-                        f"{','.join(sorted(names, key=STAGE_ORDER.index))}")
+                        f"{' -> '.join(order)}; give e.g. "
+                        f"{','.join(sorted(names, key=order.index))}")
     return tuple(names)
 
 

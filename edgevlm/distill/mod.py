@@ -28,8 +28,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgevlm.data import pixels_of
-from edgevlm.distill.checks import check_llava, check_pair
+from edgevlm.distill.checks import check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import response_kl
 from edgevlm.distill.preference import (
     PREF_LOSSES,
@@ -45,6 +44,7 @@ from edgevlm.distill.stages import (
     _is_main_process,
     _jsonable,
     _write_final,
+    frozen_logits,
     load_teacher,
 )
 from edgevlm.errors import UserError, check_seed
@@ -53,23 +53,6 @@ from edgevlm.train import check_length_options
 
 MOD_STAGES = ("dense", "upcycle", "sparse", "pref")
 TRAIN_STAGE = {"dense": "sft", "sparse": "ffn", "pref": "ffn"}
-
-
-def parse_mod_stages(stages) -> tuple[str, ...]:
-    names = [s.strip().lower() for s in (stages.split(",") if isinstance(stages, str)
-                                         else stages) if s.strip()]
-    if not names:
-        raise UserError(f"stages is empty; give a subset of {','.join(MOD_STAGES)}")
-    for s in names:
-        if s not in MOD_STAGES:
-            raise UserError(f"unknown llava-mod stage {s!r}; its stages are "
-                            f"{', '.join(MOD_STAGES)} (dpt/sft/dft are --recipe llava-kd's)")
-    if len(set(names)) != len(names):
-        raise UserError(f"stages {','.join(names)} name a stage twice; give each once")
-    if [MOD_STAGES.index(s) for s in names] != sorted(MOD_STAGES.index(s) for s in names):
-        raise UserError(f"stages {','.join(names)} are in an impossible order; they run "
-                        f"{' -> '.join(MOD_STAGES)}")
-    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -97,7 +80,8 @@ class ModConfig:
     long_samples: str = "truncate"
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", parse_mod_stages(self.stages))
+        object.__setattr__(self, "stages", parse_stages(
+            self.stages, MOD_STAGES, "dpt/sft/dft are --recipe llava-kd's"))
         check_seed(self.seed)
         for name in ("steps", "dense_steps", "sparse_steps", "pref_steps", "batch_size",
                      "save_every"):
@@ -140,21 +124,12 @@ class MimicLoss:
         self.teacher, self.ce_weight, self.aux_weight = teacher, ce_weight, aux_weight
 
     def __call__(self, model, batch):
-        import torch
-
         inner = getattr(model, "module", model)  # DDP / FSDP wrap the model under accelerate
         tc = inner.config.text_config
         sparse = is_moe(tc) and self.aux_weight > 0
         with RouterLogits(inner) if sparse else nullcontext() as routed:
             out = model(**batch)
-        device = batch["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        with torch.no_grad():
-            t_logits = self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                **pixels_of(batch, self.teacher.dtype)).logits
-        kd = response_kl(out.logits, t_logits, batch["labels"])
+        kd = response_kl(out.logits, frozen_logits(self.teacher, batch), batch["labels"])
         total, terms = kd, {"kd": kd.detach()}
         if self.ce_weight:
             total = total + self.ce_weight * out.loss

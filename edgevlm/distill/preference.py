@@ -198,19 +198,11 @@ class PreferenceLoss:
         self.reference, self.beta, self.kind = reference, beta, kind
 
     def __call__(self, model, batch):
-        import torch
-
-        from edgevlm.data import pixels_of
+        from edgevlm.distill.stages import frozen_logits
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logps = sequence_logps(model(**inputs).logits, batch["labels"])
-        device = batch["input_ids"].device
-        if next(self.reference.parameters()).device != device:
-            self.reference.to(device)
-        with torch.no_grad():
-            ref = sequence_logps(self.reference(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                **pixels_of(batch, self.reference.dtype)).logits, batch["labels"])
+        ref = sequence_logps(frozen_logits(self.reference, batch), batch["labels"])
         b = logps.shape[0] // 2
         loss, margin = preference_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta,
                                        self.kind)

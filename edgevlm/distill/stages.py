@@ -101,6 +101,20 @@ class DistillResult:
     data: dict[str, FitReport] = field(default_factory=dict)  # "dpt" / "sft": what was cut
 
 
+def frozen_logits(model, batch: dict):
+    """(B, S, V) logits of a frozen model (a teacher, a DPO reference) on the batch the student
+    sees, without gradients; the model goes to the batch's device on first use (train.run owns
+    device placement)."""
+    import torch
+
+    device = batch["input_ids"].device
+    if next(model.parameters()).device != device:
+        model.to(device)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     **pixels_of(batch, model.dtype)).logits
+
+
 class TeacherLoss:
     """loss_fn for train.run: the student's CE plus the distillation terms against the teacher.
 
@@ -111,18 +125,10 @@ class TeacherLoss:
         self.teacher, self.image_token_id, self.weights = teacher, image_token_id, weights
 
     def __call__(self, model, batch):
-        import torch
-
         out = model(**batch)
         if not self.weights.uses_teacher:
             return out.loss, {"ce": out.loss.detach()}
-        device = batch["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        with torch.no_grad():
-            t_logits = self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                **pixels_of(batch, self.teacher.dtype)).logits
+        t_logits = frozen_logits(self.teacher, batch)
         return distill_terms(out.loss, out.logits, t_logits, batch, self.image_token_id,
                              self.weights)
 

@@ -103,10 +103,8 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
             continue
         key = f"{name}.weight"
         held = checkpoint.get(key)
-        if isinstance(held, int4.Int4Weight):
-            out[key] = from_int4(held)
-        elif isinstance(held, int8.Int8Weight):
-            out[key] = from_int8(held, block_size)
+        if isinstance(held, (int4.Int4Weight, int8.Int8Weight)):
+            out[key] = _nbits(held, block_size)
         else:
             # A layer a quantized checkpoint left in float (its skip list: the LM head) was kept
             # there on purpose; 8 bits keeps that choice nearly lossless. Rounding SmolLM2's tied
@@ -149,6 +147,7 @@ def plan_experts(name: str, module, bits: int, block_size: int) -> dict:
 
 
 def _nbits(held, block_size: int) -> NBitsWeight:
+    """A checkpoint layer's integers (int4 blocks, or int8 per channel) as MatMulNBits'."""
     return (from_int4(held) if isinstance(held, int4.Int4Weight)
             else from_int8(held, block_size))
 

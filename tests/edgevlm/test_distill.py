@@ -32,20 +32,6 @@ from edgevlm.models import init_model, load_model, save_model
 CLI = [sys.executable, "-m", "edgevlm.cli"]
 IMG = 7  # image token id in the synthetic logit tests
 
-# conftest's MICRO_CONFIG with a wider, deeper decoder: the same vision tower shape (so the
-# same 9 image tokens) and the shared tokenizer.
-TEACHER_CONFIG = {
-    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32,
-                      "intermediate_size": 64, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "image_size": 48, "patch_size": 16},
-    "text_config": {"model_type": "qwen2", "hidden_size": 96, "intermediate_size": 192,
-                    "num_hidden_layers": 3, "num_attention_heads": 2,
-                    "num_key_value_heads": 1, "max_position_embeddings": 256},
-    "vision_feature_layer": -1,
-    "vision_feature_select_strategy": "full",
-}
-
-
 def _batch(b=2, s=20, v=50, n_img=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, v, (b, s), generator=g)
@@ -129,17 +115,6 @@ def test_zero_weight_terms_are_skipped():
 
 
 # ---- models -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer, shapes_dir):
-    """A micro teacher, trained a little so its answers are not uniform noise."""
-    out = tmp_path_factory.mktemp("teacher") / "model"
-    cfg = train.TrainConfig(stage="sft", steps=20, batch_size=8, lr=3e-3, warmup=2,
-                            save_every=1000)
-    train.run(init_model(TEACHER_CONFIG, tokenizer, seed=1),
-              load_samples(shapes_dir / "train.json"), out, cfg, quiet=True)
-    return out
-
 
 def _grad_parts(model):
     parts = set()
@@ -304,24 +279,25 @@ def test_two_process_distillation_with_text_only_batches(teacher_dir, micro_mode
 
 # ---- bad input, named -------------------------------------------------------------------------
 
-def _other_model(tmp_path, tokenizer, name, **vision):
-    cfg = copy.deepcopy(TEACHER_CONFIG)
+def _other_model(tmp_path, tokenizer, name, config, **vision):
+    cfg = copy.deepcopy(config)
     cfg["vision_config"].update(vision)
     out = tmp_path / name
     save_model(init_model(cfg, tokenizer), out)
     return out
 
 
-def test_mismatched_tokenizers_are_named(teacher_dir, shapes_dir, tokenizer, tmp_path):
+def test_mismatched_tokenizers_are_named(teacher_dir, shapes_dir, tokenizer, tmp_path,
+                                         teacher_config):
     from edgevlm.tokenizer import train_tokenizer
 
     texts = [t for s in load_samples(shapes_dir / "train.json") for turn in s.turns
              for t in turn]
     data = shapes_dir / "train.json"
-    small_vocab = _other_model(tmp_path, train_tokenizer(texts, 300), "vocab")
+    small_vocab = _other_model(tmp_path, train_tokenizer(texts, 300), "vocab", teacher_config)
     with pytest.raises(UserError, match="vocabulary sizes differ"):
         distill(teacher_dir, small_vocab, data, tmp_path / "o1", DistillConfig(stages="sft"))
-    fewer_tokens = _other_model(tmp_path, tokenizer, "img", image_size=32)
+    fewer_tokens = _other_model(tmp_path, tokenizer, "img", teacher_config, image_size=32)
     with pytest.raises(UserError, match="image token counts differ.*teacher 9, student 4"):
         distill(teacher_dir, fewer_tokens, data, tmp_path / "o2", DistillConfig(stages="sft"))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -42,31 +42,10 @@ def _inputs(loaded, seed=0):
     return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 48, 48, generator=g)}
 
 
-# conftest's MICRO_CONFIG with a wider, deeper decoder (the same tower: 9 image tokens)
-TEACHER_CONFIG = {
-    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32,
-                      "intermediate_size": 64, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "image_size": 48, "patch_size": 16},
-    "text_config": {"model_type": "qwen2", "hidden_size": 96, "intermediate_size": 192,
-                    "num_hidden_layers": 3, "num_attention_heads": 2,
-                    "num_key_value_heads": 1, "max_position_embeddings": 256},
-    "vision_feature_layer": -1,
-    "vision_feature_select_strategy": "full",
-}
-
-
 @pytest.fixture(scope="module")
 def dense(micro_model_dir, ragged_model_dir):
     """conftest's micro (Qwen2) and ragged (Llama) models."""
     return {"qwen2": load_model(micro_model_dir), "llama": load_model(ragged_model_dir)}
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tokenizer):
-    cfg = copy.deepcopy(TEACHER_CONFIG)
-    out = tmp_path_factory.mktemp("mod") / "teacher"
-    save_model(init_model(cfg, tokenizer, seed=1), out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -289,12 +268,13 @@ def test_llava_mod_bad_input(tmp_path, shapes_dir, micro_model_dir, teacher_dir,
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_reference_with_another_tokenizer_is_refused(tmp_path, shapes_dir, moe_dir):
+def test_reference_with_another_tokenizer_is_refused(tmp_path, shapes_dir, moe_dir,
+                                                     teacher_config):
     from edgevlm.distill.mod import ModConfig, distill_mod
     from edgevlm.tokenizer import train_tokenizer
 
     other = tmp_path / "other"
-    save_model(init_model(TEACHER_CONFIG, train_tokenizer(["a b c d e"] * 20, 300), seed=0),
+    save_model(init_model(teacher_config, train_tokenizer(["a b c d e"] * 20, 300), seed=0),
                other)
     with pytest.raises(UserError, match="vocabulary|tokenizer"):
         distill_mod(other, moe_dir, shapes_dir / "train.json", tmp_path / "o",

@@ -37,7 +37,10 @@ def kill_at(args: list, out: Path, files_needed: int | None, timeout: float = 12
                 return "finished first"
             tmp = temp_dirs(out.parent, out)
             if tmp:
-                count = sum(1 for p in tmp[0].rglob("*") if p.is_file())
+                try:
+                    count = sum(1 for p in tmp[0].rglob("*") if p.is_file())
+                except FileNotFoundError:  # renamed into OUT while we counted: look again
+                    continue
                 if files_needed is None or count >= files_needed:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
