@@ -1,6 +1,6 @@
 """The whole chain on the real LM: quantize, export, bench the trained SmolLM2-135M VQA model.
 
-    python benchmarks/smollm2_chain.py [--calib-samples 128]
+    python benchmarks/smollm2_chain.py [--calib-samples 128] [--family llava|smolvlm]
 
 The subject is runs/smollm2-llava, the model `benchmarks/smollm2_vqa.py` trains (SmolLM2-135M
 under a SigLIP tower, 196 image tokens). Each step is the CLI command a user types, run as a
@@ -22,6 +22,10 @@ subprocess and timed:
 
 Writes benchmarks/results/smollm2_chain.json (and the bench report beside it, smollm2_chain/).
 A rerun skips the folders that exist.
+
+`--family smolvlm` runs the same chain on runs/smolvlm-smollm2 (`smollm2_vqa.py --family
+smolvlm`: the Idefics3 shell, 245 image tokens from 2 x 2 tiles + the global image) into
+runs/smolvlm-*, writing benchmarks/results/smolvlm_chain.json and smolvlm_chain/.
 """
 
 from __future__ import annotations
@@ -55,19 +59,25 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS, help="Folder for the results")
+    ap.add_argument("--family", choices=("llava", "smolvlm"), default="llava")
     ap.add_argument("--bench-float", action="store_true", help="bench the float torch model "
                     "too (about 12 min more on 2 cores)")
     args = ap.parse_args()
     results = args.results
     r = args.runs
-    model, data, text = r / "smollm2-llava", r / "shapes", r / "pydoc.txt"
+    stem = "smollm2" if args.family == "llava" else "smolvlm"
+    model, data, text = r / f"{stem}-{'llava' if stem == 'smollm2' else 'smollm2'}", \
+        r / "shapes", r / "pydoc.txt"
     if not model.is_dir():
-        raise SystemExit(f"{model} is missing; train it with benchmarks/smollm2_vqa.py")
-    gptq, gptq_onnx = r / "smollm2-gptq4", r / "smollm2-gptq4-onnx"
-    rtn_onnx = r / "smollm2-int4-onnx"
-    path = results / "smollm2_chain.json"
+        raise SystemExit(f"{model} is missing; train it with benchmarks/smollm2_vqa.py "
+                         f"--family {args.family}")
+    gptq, gptq_onnx = r / f"{stem}-gptq4", r / f"{stem}-gptq4-onnx"
+    rtn_onnx = r / f"{stem}-int4-onnx"
+    path = results / f"{stem}_chain.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    result["command"] = f"python benchmarks/smollm2_chain.py --calib-samples {args.calib_samples}"
+    result["command"] = (f"python benchmarks/smollm2_chain.py --calib-samples "
+                         f"{args.calib_samples} --family {args.family}"
+                         + (" --bench-float" if args.bench_float else ""))
 
     def save():
         path.write_text(json.dumps(result, indent=1))
@@ -108,7 +118,7 @@ def main() -> None:
         out.unlink()
         save()
 
-    report = results / "smollm2_chain"
+    report = results / f"{stem}_chain"
     if "bench" not in result:
         targets = ([str(model)] if args.bench_float else []) + [str(gptq), str(gptq_onnx),
                                                                  str(rtn_onnx)]

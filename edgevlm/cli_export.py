@@ -55,6 +55,10 @@ def export_(
     token_select: Optional[str] = typer.Option(None, help="divprune (feature diversity, no "
                                                "attention) | visionzip (attention-dominant + "
                                                "merged contextual tokens)"),
+    image_splitting: Optional[bool] = typer.Option(
+        None, "--image-splitting/--no-image-splitting", help="Idefics3 / SmolVLM: cut images "
+        "into tiles plus the global image, or take the global image only (default: the model's "
+        "processor; --profile mobile needs --no-image-splitting)"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -68,7 +72,7 @@ def export_(
                        overwrite=overwrite, external_data=True if external_data else None,
                        profile=profile, max_context=max_context, decoder=decoder,
                        accuracy_level=accuracy_level, visual_tokens=visual_tokens,
-                       token_select=token_select)
+                       token_select=token_select, image_splitting=image_splitting)
     result = export(model, out, cfg, quiet=quiet or as_json)
     rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
     for name, f in result.components.items():

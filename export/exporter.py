@@ -36,6 +36,7 @@ from edgevlm.export import int4, onnx_io, readiness
 from edgevlm.export import precision as prec
 from edgevlm.export import source as ckpt
 from edgevlm.export.validate import Parity
+from edgevlm.families import family_of
 from edgevlm.runtime import contract, token_select
 from edgevlm.runtime.contract import Precision
 
@@ -88,6 +89,8 @@ class ExportConfig:
     # the profile's (edgevlm.export.builder.linear.ACCURACY_LEVELS)
     visual_tokens: int | None = None  # image tokens the decoder sees (runtime.token_select)
     token_select: str | None = None  # divprune | visionzip, with visual_tokens
+    image_splitting: bool | None = None  # a tiled family's recipe: split images into tiles;
+    # None: the model's processor's setting
 
     def __post_init__(self):
         if self.profile not in contract.PROFILES:
@@ -250,6 +253,24 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
 EXPORTABLE_FAMILIES = ("llava", "idefics3")
 
 
+def _set_image_splitting(loaded, config: ExportConfig, model_dir: Path) -> None:
+    """A tiled model's image recipe for the export: the processor's, or --[no-]image-splitting.
+    The reference, the manifest and the processor files all read it from the processor. The
+    mobile profile's vision graph takes a fixed tile count, which splitting does not give (1 to
+    many tiles by aspect ratio): it takes the global image only."""
+    if not family_of(loaded.model).expansion_needs_image:
+        return
+    images = loaded.processor.image_processor
+    if config.image_splitting is not None:
+        images.do_image_splitting = config.image_splitting
+    if config.profile == "mobile" and images.do_image_splitting:
+        raise UserError(f"--profile mobile traces the vision encoder at a fixed tile count, but "
+                        f"{model_dir}'s image processor splits images (do_image_splitting: 1 "
+                        "to many tiles by aspect ratio); add --no-image-splitting (each image "
+                        f"is its one global tile, {loaded.num_image_tokens} tokens) or export "
+                        "with --profile default")
+
+
 def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Path
                            ) -> ExportConfig:
     """A model trained at fewer visual tokens (edgevlm.token_reduce) exports at that count."""
@@ -281,15 +302,15 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
 
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out_dir)
-    from edgevlm.families import family_of
     from edgevlm.models import read_config
 
     model_cfg = read_config(model_dir)
     family = family_of(model_cfg)
     config = _trained_token_setting(config, model_cfg, model_dir)
-    if family.name != "llava" and config.profile == "mobile":
-        raise UserError(f"--profile mobile covers llava models so far; {model_dir} holds a "
-                        f"model of the {family.name} family: export it with --profile default")
+    if config.image_splitting is not None and not family.expansion_needs_image:
+        raise UserError(f"--{'' if config.image_splitting else 'no-'}image-splitting sets how a "
+                        f"tiled family (idefics3) cuts images; {model_dir} holds a "
+                        f"{family.name} model, which takes one image as it is: drop the flag")
     if config.visual_tokens is not None and family.name != "llava":
         raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family, whose image tokens come in tiles "
@@ -311,6 +332,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     # the graphs hold the whole tower: a model trained at fewer tokens selects in the runtime
     loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
     model = loaded.model
+    _set_image_splitting(loaded, config, model_dir)
     if config.visual_tokens is not None:
         token_select.check(config.visual_tokens, loaded.num_image_tokens)
     dims = text_dims(model.config)

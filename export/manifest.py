@@ -56,8 +56,10 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
     config = json.loads((out_dir / "config.json").read_text())
-    if config.get("model_type") == "idefics3":  # its processor files already say it all
-        _name_processor(out_dir, "Idefics3Processor")
+    if config.get("model_type") == "idefics3":  # its processor files say it all, but the
+        # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
+        _name_processor(out_dir, "Idefics3Processor", {
+            "do_image_splitting": info["image_processor"].get("do_image_splitting", True)})
         _template_into_tokenizer(out_dir, info)
         return
     vision = config.get("vision_config") or {}
@@ -74,11 +76,12 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
     _template_into_tokenizer(out_dir, info)
 
 
-def _name_processor(out_dir: Path, processor_class: str) -> None:
+def _name_processor(out_dir: Path, processor_class: str, settings: dict | None = None) -> None:
     pre_path = out_dir / "preprocessor_config.json"
     if pre_path.is_file():
         pre = json.loads(pre_path.read_text())
         pre["processor_class"] = processor_class
+        pre.update(settings or {})
         pre_path.write_text(json.dumps(pre, indent=2) + "\n")
 
 

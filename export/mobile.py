@@ -6,8 +6,9 @@ compute the causal mask and rotary tables from Range/Equal/Where/Cos, repeat KV 
 Expand, grow the cache with Shape arithmetic, and use LayerNormalization and Erf. The modules
 here write the same math (transformers' eager LLaVA / SigLIP / CLIP / Llama / Qwen2 forward)
 with fixed sizes and plain ops instead:
-  * batch 1, a fixed image size, a fixed step of `step` tokens per decoder pass and a cache of
-    `context` slots. The decoder returns only the step's new keys and values; the runtime
+  * batch 1, a fixed image size (for Idefics3 / SmolVLM, one tile: the global image, so the
+    export's image recipe has splitting off), a fixed step of `step` tokens per decoder pass and
+    a cache of `context` slots. The decoder returns only the step's new keys and values; the runtime
     writes them into its cache at their positions (edgevlm.runtime.static);
   * the attention mask (additive, float) and the rotary cos/sin come in as inputs; the
     exporter writes the cos/sin table for positions 0..context-1 from the model's own rotary
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from edgevlm.errors import UserError
-from edgevlm.families import part
+from edgevlm.families import family_of, part
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu", "relu")
 DEFAULT_CONTEXT = 1024  # cache slots when --max-context is not given (capped by the model's)
@@ -41,10 +42,12 @@ class StaticShapes:
     image_size: int
     context: int  # positions the cache holds: prompt (with image tokens) + answer
     step: int  # tokens per decoder pass
+    tiles: int | None = None  # tiles per image (a tiled family's vision encoder), else None
 
     def to_dict(self) -> dict:
-        return {"batch": 1, "image_size": self.image_size, "context": self.context,
-                "step": self.step}
+        out = {"batch": 1, "image_size": self.image_size, "context": self.context,
+               "step": self.step}
+        return out if self.tiles is None else {**out, "tiles": self.tiles}
 
 
 def static_shapes(config, max_context: int | None, step: int = 1) -> StaticShapes:
@@ -53,16 +56,19 @@ def static_shapes(config, max_context: int | None, step: int = 1) -> StaticShape
     if not 1 <= context <= limit:
         raise UserError(f"--max-context {context} must be between 1 and the model's "
                         f"max_position_embeddings {limit}")
-    return StaticShapes(config.vision_config.image_size, context, step)
+    tiles = 1 if family_of(config).expansion_needs_image else None  # the global image only
+    return StaticShapes(config.vision_config.image_size, context, step, tiles)
 
 
 def check_supported(model) -> None:
     """UserError naming what the mobile graphs cannot express for this model, if anything."""
     cfg = model.config
     problems = []
-    for where, act in (("vision_config.hidden_act", cfg.vision_config.hidden_act),
-                       ("projector_hidden_act", cfg.projector_hidden_act),
-                       ("text_config.hidden_act", cfg.text_config.hidden_act)):
+    acts = [("vision_config.hidden_act", cfg.vision_config.hidden_act),
+            ("text_config.hidden_act", cfg.text_config.hidden_act)]
+    if hasattr(cfg, "projector_hidden_act"):  # LLaVA's MLP projector (Idefics3's is one Linear)
+        acts.append(("projector_hidden_act", cfg.projector_hidden_act))
+    for where, act in acts:
         if act not in ACTIVATIONS:
             problems.append(f"{where}={act!r} (supported: {', '.join(ACTIVATIONS)})")
     attn = part(model, "language_model").layers[0].self_attn
@@ -107,6 +113,28 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
+def _vision_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """CLIP / SigLIP / Idefics3 vision self-attention over all N positions of one image."""
+    n, d = x.shape[1], x.shape[2]  # static: Python ints at trace time
+    heads, hd = attn.num_heads, attn.head_dim
+
+    def split(t):  # (1, N, D) -> (1, heads, N, hd)
+        return t.reshape(1, n, heads, hd).transpose(1, 2)
+
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    scores = (q @ k.transpose(2, 3)) * attn.scale
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = (probs @ v).transpose(1, 2).reshape(1, n, d)
+    return attn.out_proj(out)
+
+
+def _vision_layer(layer, act: str, x: torch.Tensor) -> torch.Tensor:
+    """One pre-norm vision transformer layer (layer_norm1, self_attn, layer_norm2, mlp)."""
+    x = x + _vision_attention(layer.self_attn, _layer_norm(layer.layer_norm1, x))
+    h = _layer_norm(layer.layer_norm2, x)
+    return x + layer.mlp.fc2(_act(act, layer.mlp.fc1(h)))
+
+
 class StaticVisionEncoder(nn.Module):
     """pixel_values (1,3,S,S) -> image_features (1,N_img,D_text), as graphs.VisionEncoder."""
 
@@ -119,19 +147,6 @@ class StaticVisionEncoder(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
-
-    def _attention(self, attn, x: torch.Tensor) -> torch.Tensor:
-        n, d = x.shape[1], x.shape[2]  # static: Python ints at trace time
-        heads, hd = attn.num_heads, attn.head_dim
-
-        def split(t):  # (1, N, D) -> (1, heads, N, hd)
-            return t.reshape(1, n, heads, hd).transpose(1, 2)
-
-        q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
-        scores = (q @ k.transpose(2, 3)) * attn.scale
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(1, n, d)
-        return attn.out_proj(out)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         emb = self.tower.embeddings
@@ -147,9 +162,7 @@ class StaticVisionEncoder(nn.Module):
         hidden = [x]
         last = max(i % (len(self.tower.encoder.layers) + 1) for i in self.layers)
         for layer in self.tower.encoder.layers[:last]:
-            x = x + self._attention(layer.self_attn, _layer_norm(layer.layer_norm1, x))
-            h = _layer_norm(layer.layer_norm2, x)
-            x = x + layer.mlp.fc2(_act(self.vc.hidden_act, layer.mlp.fc1(h)))
+            x = _vision_layer(layer, self.vc.hidden_act, x)
             hidden.append(x)
         total = len(self.tower.encoder.layers) + 1
         feats = [hidden[i % total] for i in self.layers]
@@ -158,6 +171,41 @@ class StaticVisionEncoder(nn.Module):
         x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
         x = self.projector.linear_2(_act(self.proj_act, self.projector.linear_1(x)))
         return x.float()  # (1, N_img, D_text)
+
+
+class StaticTiledVisionEncoder(nn.Module):
+    """Idefics3 / SmolVLM at one tile: pixel_values (1,1,3,S,S) and pixel_attention_mask
+    (1,1,S,S) -> image_features (1,T,D_text), as graphs.TiledVisionEncoder for a full tile.
+
+    The tile is the global image, always full (splitting is off in a mobile export's recipe), so
+    position ids are 0..P-1 and no key is masked; the pixel mask only zeroes padding pixels,
+    which a full tile has none of. Pixel shuffle is written with the config's sizes."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.tower = part(model, "vision_tower")
+        self.connector = part(model, "connector")
+        self.act = cfg.vision_config.hidden_act
+        self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        self.scale = cfg.scale_factor
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
+        emb = self.tower.embeddings
+        dtype = emb.patch_embedding.weight.dtype
+        keep = pixel_attention_mask.to(dtype)  # (1, 1, S, S): the one tile's pixels
+        x = emb.patch_embedding(pixel_values[:, 0].to(dtype) * keep)  # (1, D_vis, g, g)
+        d, g, s = x.shape[1], self.grid, self.scale
+        x = x.reshape(1, d, g * g).transpose(1, 2)  # (1, P, D_vis)
+        x = x + emb.position_embedding.weight[None]  # a full tile: position ids 0..P-1
+        for layer in self.tower.encoder.layers:
+            x = _vision_layer(layer, self.act, x)
+        x = _layer_norm(self.tower.post_layernorm, x)
+        # Idefics3Connector.pixel_shuffle at fixed sizes: (1, g·g, d) -> (1, g·g/s², d·s²)
+        x = x.reshape(1, g, g // s, d * s).transpose(1, 2)
+        x = x.reshape(1, g // s, g // s, d * s * s).transpose(1, 2)
+        x = x.reshape(1, (g // s) ** 2, d * s * s)
+        return self.connector.modality_projection(x).float()  # (1, T, D_text)
 
 
 class StaticDecoder(nn.Module):
@@ -233,6 +281,10 @@ def example_inputs(component: str, config, shapes: StaticShapes) -> tuple:
     from edgevlm.export.graphs import text_dims
 
     vc = config.vision_config
+    if component == "vision_encoder" and shapes.tiles is not None:
+        size = (shapes.image_size, shapes.image_size)
+        return (torch.randn(1, shapes.tiles, vc.num_channels, *size),
+                torch.ones(1, shapes.tiles, *size, dtype=torch.bool))
     if component == "vision_encoder":
         return (torch.randn(1, vc.num_channels, shapes.image_size, shapes.image_size),)
     dims = text_dims(config)
@@ -248,6 +300,8 @@ def example_inputs(component: str, config, shapes: StaticShapes) -> tuple:
 def wrapper(component: str, model) -> nn.Module:
     from edgevlm.export.graphs import EmbedTokens
 
+    if component == "vision_encoder" and family_of(model).expansion_needs_image:
+        return StaticTiledVisionEncoder(model).eval()
     if component == "vision_encoder":
         return StaticVisionEncoder(model).eval()
     if component == "embed_tokens":

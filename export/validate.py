@@ -229,9 +229,10 @@ class _Static:
         self.g = StaticGraphs(sessions["embed_tokens"], sessions["decoder_model_merged"], rope,
                               dims.num_layers)
 
-    def vision(self, pixels: np.ndarray) -> np.ndarray:
-        run = self.s["vision_encoder"].run
-        return np.concatenate([run(None, {"pixel_values": p[None]})[0] for p in pixels])
+    def vision(self, pixels: np.ndarray) -> np.ndarray:  # batch 1: one image at a time
+        session = self.s["vision_encoder"]
+        return np.concatenate([session.run(None, vision_feeds(session, p[None]))[0]
+                               for p in pixels])
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.g.embed(ids[0])

@@ -183,13 +183,62 @@ def test_export_in_the_smolvlm_layout_answers_as_torch(precision, trained_dir, s
     assert got == want
 
 
-def test_the_mobile_profile_is_refused_for_smolvlm(smolvlm_dir, tmp_path):
+def test_a_splitting_mobile_export_needs_a_fixed_tile_count(smolvlm_dir, micro_model_dir,
+                                                             tmp_path):
     from tests.reliability.test_outputs import run
 
     code, text = run("export", smolvlm_dir, "--out", tmp_path / "e", "--profile", "mobile")
     assert code == 2 and len(text.splitlines()) == 1, text
-    assert "--profile mobile covers llava models so far" in text
+    assert "fixed tile count" in text and "--no-image-splitting" in text
     assert not (tmp_path / "e").exists()
+    code, text = run("export", micro_model_dir, "--out", tmp_path / "l", "--no-image-splitting")
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert "llava model" in text and "drop the flag" in text
+    assert not (tmp_path / "l").exists()
+
+
+def test_the_mobile_profile_covers_smolvlm_at_one_tile(trained_dir, shapes_dir, tmp_path):
+    """--profile mobile --no-image-splitting: static fp16 graphs, the vision encoder at one
+    tile (1, 1, 3, S, S), parity with torch, NNAPI/CoreML readiness at the LLaVA targets, and
+    the runtime's answers equal transformers' with splitting off."""
+    import onnx
+
+    from edgevlm.data import load_samples
+    from edgevlm.evaluate import generate_answers
+    from edgevlm.export import ExportConfig, export, readiness
+    from edgevlm.models import load_model
+    from edgevlm.runtime import VLM
+
+    out = tmp_path / "m"
+    result = export(trained_dir[0], out, ExportConfig(profile="mobile", image_splitting=False,
+                                                      max_context=96, new_tokens=16))
+    parity = result.parity
+    assert parity.passed, parity.failures
+    assert parity.greedy.matching_prefix == parity.greedy.new_tokens == 16
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["static_shapes"] == {"batch": 1, "image_size": 48, "context": 96,
+                                         "step": 1, "tiles": 1}
+    assert manifest["image_processor"]["do_image_splitting"] is False
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["do_image_splitting"] is False
+    graph = onnx.load(str(out / result.components["vision_encoder"].file)).graph
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["pixel_values"] == [1, 1, 3, 48, 48]
+    assert dims["pixel_attention_mask"] == [1, 1, 48, 48]
+    assert result.readiness.misses == []
+    for component, (share, parts) in readiness.TARGETS.items():
+        for ep in readiness.EPS:
+            r = result.readiness.components[component][ep]
+            assert r.share >= share and r.partitions <= parts, (component, ep, r)
+
+    loaded = load_model(trained_dir[0])
+    loaded.processor.image_processor.do_image_splitting = False
+    samples = load_samples(shapes_dir / "eval.json")[:8]
+    want = generate_answers(loaded, samples, max_new_tokens=6, tokens=True)
+    vlm = VLM.load(out, provider="cpu")
+    got = [list(vlm.generate(str(s.image), s.turns[-1][0].replace("<image>\n", ""),
+                             max_new_tokens=6).token_ids) for s in samples]
+    assert got == want
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
