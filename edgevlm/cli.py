@@ -86,9 +86,9 @@ def init(
                                          "llava-smollm2 (SigLIP 224 px, for --text-from) | "
                                          "tiny-smolvlm | smolvlm-smollm2 (Idefics3, for "
                                          "--text-from)"),
-    config: Optional[Path] = typer.Option(None, help="A LlavaConfig or Idefics3Config JSON; "
-                                          "its model_type (llava when absent, idefics3) picks "
-                                          "the family"),
+    config: Optional[Path] = typer.Option(None, help="A LlavaConfig, Idefics3Config or "
+                                          "SmolVLMConfig JSON; its model_type (llava when "
+                                          "absent, idefics3, smolvlm) picks the family"),
     tokenizer_data: Optional[list[Path]] = typer.Option(None, help="Train a BPE on this data"),
     tokenizer_from: Optional[Path] = typer.Option(None, help="Reuse this model's tokenizer"),
     vision_from: Optional[Path] = typer.Option(

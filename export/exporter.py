@@ -200,7 +200,7 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
                           contract.graph_io(component, num_layers, cfg.profile,
-                                            family=model.config.model_type, scores=scores),
+                                            family=family_of(model).name, scores=scores),
                           cfg.opset,
                           static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from edgevlm.families import part
+from edgevlm.families import family_of, part
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def example_inputs(component: str, config) -> tuple:
     """Tracing inputs. Batch 2 and a non-empty past keep the tracer from baking in a size of 1
     or 0 as a constant; the real sizes are dynamic axes."""
     vc = config.vision_config
-    if component == "vision_encoder" and config.model_type == "idefics3":
+    if component == "vision_encoder" and family_of(config).expansion_needs_image:
         s = vc.image_size
         return (torch.randn(2, 3, vc.num_channels, s, s), torch.ones(2, 3, s, s, dtype=torch.bool))
     if component == "vision_encoder":
@@ -183,7 +183,7 @@ def wrapper(component: str, model, scores: bool = False) -> nn.Module:
     """The export module of one component (shares the model's weights). `scores`: the LLaVA
     vision graph also outputs VisionZip's token scores."""
     if component == "vision_encoder":
-        tiled = model.config.model_type == "idefics3"
+        tiled = family_of(model).expansion_needs_image
         return (TiledVisionEncoder(model) if tiled else VisionEncoder(model, scores)).eval()
     if component == "embed_tokens":
         return EmbedTokens(model).eval()

@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from edgevlm.families import family_of
 from edgevlm.runtime import contract
 
 # The files of a Hugging Face model folder the runtime or other tools read; weights are not
@@ -56,7 +57,7 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
     config = json.loads((out_dir / "config.json").read_text())
-    if config.get("model_type") == "idefics3":  # its processor files say it all, but the
+    if family_of(config).name == "idefics3":  # its processor files say it all, but the
         # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
         _name_processor(out_dir, "Idefics3Processor", {
             "do_image_splitting": info["image_processor"].get("do_image_splitting", True)})
@@ -138,9 +139,9 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
         "components": None,
-        "family": model.config.model_type,
+        "family": family_of(model).name,
         "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
-                                    family=model.config.model_type,
+                                    family=family_of(model).name,
                                     scores=config.token_select == "visionzip").to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,

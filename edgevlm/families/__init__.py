@@ -66,7 +66,8 @@ class Family:
 def _registry() -> dict[str, Family]:
     from edgevlm.families import idefics3, llava
 
-    return {t: f for f in (llava.FAMILY, idefics3.FAMILY) for t in f.model_types}
+    return {t: f for f in (llava.FAMILY, idefics3.FAMILY, idefics3.SMOLVLM)
+            for t in f.model_types}
 
 
 def supported_model_types() -> tuple[str, ...]:

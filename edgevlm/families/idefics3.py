@@ -2,6 +2,11 @@
 tower, a pixel-shuffle connector (scale factor s: s² neighbouring patch features become one
 token, then one Linear without bias), a Llama decoder.
 
+model_type `smolvlm` (SmolVLM2's SmolVLMForConditionalGeneration) is the same model under other
+class names, with the same module paths, image recipe and prompt expansion: the family claims
+both (SMOLVLM below). Its models carry an Idefics3Processor, because transformers'
+SmolVLMProcessor cannot be built without torchvision (its video processor).
+
 Images are split as SmolVLM's processor does it: the image is resized so that its longest
 edge is `size.longest_edge` (a multiple of the tile size), cut into tiles of the encoder's size
 (`max_image_size.longest_edge`) in rows and columns, and a global image (the whole image at
@@ -17,6 +22,9 @@ all-zero tiles, which the model drops), and pixel_attention_mask (B, N_tiles, H,
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
 
 from edgevlm.errors import UserError
 from edgevlm.families import Family
@@ -66,17 +74,17 @@ def image_processor_for(vision_config, splitting: bool = True, max_tiles_per_sid
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def build(cfg: dict, tokenizer, seed: int):
-    """A random Idefics3 model and its processor around `tokenizer` (given the image markers as
-    special tokens), as a LoadedModel."""
+def build(cfg: dict, tokenizer, seed: int, classes: tuple[str, str] = (
+        "Idefics3Config", "Idefics3ForConditionalGeneration")):
+    """A random Idefics3 (or, by `classes`, SmolVLM) model and its processor around `tokenizer`
+    (given the image markers as special tokens), as a LoadedModel."""
     import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3Processor,
-    )
+    import transformers
+    from transformers import Idefics3Processor
 
     from edgevlm.models import LoadedModel
+
+    config_class, model_class = (getattr(transformers, c) for c in classes)
 
     check_config(cfg, "config")
     splitting = cfg.pop("do_image_splitting", True)
@@ -92,11 +100,11 @@ def build(cfg: dict, tokenizer, seed: int):
     cfg["tie_word_embeddings"] = cfg["text_config"].get("tie_word_embeddings", False)
     cfg["pad_token_id"] = tokenizer.pad_token_id
     try:
-        config = Idefics3Config(**cfg)
+        config = config_class(**cfg)
     except (ValueError, TypeError) as e:
         raise UserError(f"config: {e}") from e
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = Idefics3Processor(image_processor_for(config.vision_config, splitting, tiles),
@@ -163,3 +171,9 @@ FAMILY = Family(
     image_token_key="image_token_id",
     expansion_needs_image=True,
 )
+
+# SmolVLM2's classes (model_type smolvlm): the same parts, recipe and expansion.
+SMOLVLM = replace(FAMILY, model_types=("smolvlm",), model_class="SmolVLMForConditionalGeneration",
+                  config_class="SmolVLMConfig",
+                  build=partial(build, classes=("SmolVLMConfig",
+                                                "SmolVLMForConditionalGeneration")))

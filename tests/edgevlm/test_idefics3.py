@@ -353,3 +353,52 @@ def test_visual_tokens_on_a_tiled_family_is_refused(smolvlm_dir, tmp_path):
     loaded = load_model(smolvlm_dir)
     with pytest.raises(UserError, match="this model is of the idefics3 family, whose image tokens"):
         check("divprune", 4, loaded.num_image_tokens, family_of(loaded.model).name)
+
+
+def test_smolvlm_model_type_is_the_same_model_end_to_end(tokenizer, shapes_dir, tmp_path):
+    """model_type smolvlm (SmolVLM2's classes): init from a SmolVLMConfig dict builds
+    SmolVLMForConditionalGeneration, whose weights load strictly into the Idefics3 model and give
+    the same logits; it trains, exports in the SmolVLM layout (parity passes) and the runtime's
+    answers equal transformers'."""
+    import torch
+    from transformers import SmolVLMForConditionalGeneration
+
+    from edgevlm.data import Collator, load_samples
+    from edgevlm.evaluate import generate_answers
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import PRESETS, init_model, load_model, save_model
+    from edgevlm.runtime import VLM
+    from edgevlm.train import TrainConfig, run
+
+    cfg = copy.deepcopy(PRESETS["tiny-smolvlm"])
+    cfg["model_type"] = "smolvlm"
+    cfg["vision_config"]["model_type"] = "smolvlm_vision"
+    smol = init_model(cfg, copy.deepcopy(tokenizer), seed=0)
+    assert type(smol.model) is SmolVLMForConditionalGeneration
+    assert family_of(smol.model).name == "idefics3"
+    idefics = init_model(PRESETS["tiny-smolvlm"], copy.deepcopy(tokenizer), seed=1)
+    idefics.model.load_state_dict(smol.model.state_dict(), strict=True)
+    samples = load_samples(shapes_dir / "eval.json")[:4]
+    batch = Collator(smol.processor, smol.num_image_tokens)(samples)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(smol.model(**batch).logits, idefics.model(**batch).logits)
+
+    save_model(smol, tmp_path / "init")
+    trained = tmp_path / "trained"
+    run(load_model(tmp_path / "init"), load_samples(shapes_dir / "train.json"), trained,
+        TrainConfig(stage="sft", steps=20, batch_size=8, lr=1e-3, warmup=5), quiet=True)
+    out = tmp_path / "e"
+    result = export(trained, out, ExportConfig(precision="fp32"))
+    assert result.parity.passed, result.parity.failures
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["family"] == "idefics3"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "smolvlm"
+    loaded = load_model(trained)
+    assert type(loaded.model) is SmolVLMForConditionalGeneration
+    want = generate_answers(loaded, samples, max_new_tokens=6, tokens=True)
+    vlm = VLM.load(out, provider="cpu")
+    got = [list(vlm.generate(str(s.image), s.turns[-1][0].replace("<image>\n", ""),
+                             max_new_tokens=6).token_ids) for s in samples]
+    assert got == want
+
