@@ -24,7 +24,9 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
-def ours_bpw(bits: int, group: int) -> float:
+def ours_bpw(bits: int, group: int, asymmetric: bool = False) -> float:
+    """Decoder bits per weight: the integers, a 16-bit scale per group, and (asymmetric) a
+    `bits`-wide zero point per group, as compressed-tensors packs it."""
     total = sum(n * k for n, k in SHAPES)
     scales = 0.0
     for n, k in SHAPES:
@@ -32,7 +34,7 @@ def ours_bpw(bits: int, group: int) -> float:
         while k % g:  # the checkpoint's group: the largest power of two <= group dividing k
             g //= 2
         scales += n * k / g
-    return bits + 16 * scales / total
+    return bits + (16 + (bits if asymmetric else 0)) * scales / total
 
 
 def main() -> None:
@@ -60,8 +62,8 @@ def main() -> None:
         acc = statistics.mean(100 * r["eval"]["accuracy"] for r in runs)
         ppl = statistics.mean(r["eval"]["perplexity"]["perplexity"] for r in runs)
         secs = statistics.mean(r["seconds"] for r in runs)
-        rows.append((ours_bpw(bits, group), f"| {setting} | edgevlm {method} | "
-                     f"{ours_bpw(bits, group):.2f} | {acc:.1f} | {ppl:.2f} "
+        bpw = ours_bpw(bits, group, "asymmetric" in setting)
+        rows.append((bpw, f"| {setting} | edgevlm {method} | {bpw:.2f} | {acc:.1f} | {ppl:.2f} "
                      f"({100 * (ppl / fp_ppl - 1):+.1f}%) | {secs:.0f} | {len(runs)} |"))
     for qtype, row in theirs["rows"].items():
         if qtype == "F32":

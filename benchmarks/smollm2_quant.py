@@ -108,6 +108,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--scale-rule", default="absmax", choices=["absmax", "signed"],
                    help="signed: llama.cpp's Q4_0 scale rule (the setting says so)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="asymmetric integers (zero points): at g32 that is the Q4_1 grid the "
+                   "GGUF weights came from, so the setting says 'on the source grid'")
     p.add_argument("--act-bits", type=int, default=16,
                    help="8: W4A8 with activations fake-quantized (simulated, as the label says)")
     p.add_argument("--limit", type=int, default=300)
@@ -128,9 +131,13 @@ def main() -> None:
     if "FP" not in results["rows"]:
         results["rows"]["FP"] = {"eval": evaluate(args.model, args, args.work / "fp.json")}
         save()
-    setting = f"W{args.bits} g{args.group_size} symmetric"
+    kind = "symmetric"
+    if args.asymmetric:
+        kind = ("asymmetric (on the source grid)" if args.bits == 4 and args.group_size == 32
+                else "asymmetric")
+    setting = f"W{args.bits} g{args.group_size} {kind}"
     if args.act_bits != 16:
-        setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} symmetric"
+        setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} {kind}"
     if args.scale_rule != "absmax":
         setting += f" {args.scale_rule}"
     for method in args.methods:
@@ -143,7 +150,8 @@ def main() -> None:
             cmd = ["edgevlm", "quantize", str(args.model), "--out", str(out),
                    *[fill.get(a, a) for a in METHODS[method]],
                    "--bits", str(args.bits), "--group-size", str(args.group_size),
-                   "--symmetric", "--seed", str(seed), "--overwrite", "--quiet"]
+                   "--asymmetric" if args.asymmetric else "--symmetric", "--seed", str(seed),
+                   "--overwrite", "--quiet"]
             if args.act_bits != 16:
                 cmd += ["--act-bits", str(args.act_bits)]
             if args.scale_rule != "absmax":

@@ -241,12 +241,15 @@ def test_the_mobile_profile_covers_smolvlm_at_one_tile(trained_dir, shapes_dir, 
     assert got == want
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_transformers_js_opens_the_smolvlm_export(precision, trained_dir, shapes_dir, tmp_path):
-    """transformers.js's Idefics3Processor and Idefics3ForConditionalGeneration open the export
-    as it is, split the image into the same tiles (same prompt length) and answer with the
-    runtime's tokens. Images are given at 96 px, the size the processor resizes them to, so
-    the two resamplers (sharp there, PIL here) differ only on the global tile."""
+@pytest.mark.parametrize("model_type,precision", [("idefics3", "fp32"), ("idefics3", "int4"),
+                                                ("smolvlm", "fp32")])
+def test_transformers_js_opens_the_smolvlm_export(model_type, precision, trained_dir,
+                                                  smolvlm_type_dir, shapes_dir, tmp_path):
+    """transformers.js's Idefics3Processor and Idefics3ForConditionalGeneration (its
+    SmolVLMForConditionalGeneration for model_type smolvlm) open the export as it is, split the
+    image into the same tiles (same prompt length) and answer with the runtime's tokens. Images
+    are given at 96 px, the size the processor resizes them to, so the two resamplers (sharp
+    there, PIL here) differ only on the global tile."""
     import shutil
     import subprocess
 
@@ -259,7 +262,9 @@ def test_transformers_js_opens_the_smolvlm_export(precision, trained_dir, shapes
     assert node and (JS / "node_modules" / "@huggingface" / "transformers").is_dir(), \
         "node and transformers.js are needed: npm ci --prefix tests/js --ignore-scripts"
     out = tmp_path / "e"
-    export(trained_dir[0], out, ExportConfig(precision=precision, validate=False))
+    model = trained_dir[0] if model_type == "idefics3" else smolvlm_type_dir / "trained"
+    export(model, out, ExportConfig(precision=precision, validate=False))
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
     images = []
     for s in load_samples(shapes_dir / "eval.json")[:3]:
         with Image.open(s.image) as im:
@@ -355,25 +360,39 @@ def test_visual_tokens_on_a_tiled_family_is_refused(smolvlm_dir, tmp_path):
         check("divprune", 4, loaded.num_image_tokens, family_of(loaded.model).name)
 
 
-def test_smolvlm_model_type_is_the_same_model_end_to_end(tokenizer, shapes_dir, tmp_path):
-    """model_type smolvlm (SmolVLM2's classes): init from a SmolVLMConfig dict builds
-    SmolVLMForConditionalGeneration, whose weights load strictly into the Idefics3 model and give
-    the same logits; it trains, exports in the SmolVLM layout (parity passes) and the runtime's
-    answers equal transformers'."""
+@pytest.fixture(scope="module")
+def smolvlm_type_dir(tokenizer, shapes_dir, tmp_path_factory):
+    """The tiny-smolvlm preset as model_type smolvlm (SmolVLM2's classes), trained 20 steps."""
+    from edgevlm.data import load_samples
+    from edgevlm.models import PRESETS, init_model, load_model, save_model
+    from edgevlm.train import TrainConfig, run
+
+    cfg = copy.deepcopy(PRESETS["tiny-smolvlm"])
+    cfg["model_type"] = "smolvlm"
+    cfg["vision_config"]["model_type"] = "smolvlm_vision"
+    root = tmp_path_factory.mktemp("smolvlm_type")
+    save_model(init_model(cfg, copy.deepcopy(tokenizer), seed=0), root / "init")
+    run(load_model(root / "init"), load_samples(shapes_dir / "train.json"), root / "trained",
+        TrainConfig(stage="sft", steps=20, batch_size=8, lr=1e-3, warmup=5), quiet=True)
+    return root
+
+
+def test_smolvlm_model_type_is_the_same_model_end_to_end(smolvlm_type_dir, tokenizer,
+                                                         shapes_dir, tmp_path):
+    """model_type smolvlm: init from a SmolVLMConfig dict builds SmolVLMForConditionalGeneration,
+    whose weights load strictly into the Idefics3 model and give the same logits; trained, it
+    exports in the SmolVLM layout (parity passes) and the runtime's answers equal
+    transformers'."""
     import torch
     from transformers import SmolVLMForConditionalGeneration
 
     from edgevlm.data import Collator, load_samples
     from edgevlm.evaluate import generate_answers
     from edgevlm.export import ExportConfig, export
-    from edgevlm.models import PRESETS, init_model, load_model, save_model
+    from edgevlm.models import PRESETS, init_model, load_model
     from edgevlm.runtime import VLM
-    from edgevlm.train import TrainConfig, run
 
-    cfg = copy.deepcopy(PRESETS["tiny-smolvlm"])
-    cfg["model_type"] = "smolvlm"
-    cfg["vision_config"]["model_type"] = "smolvlm_vision"
-    smol = init_model(cfg, copy.deepcopy(tokenizer), seed=0)
+    smol = load_model(smolvlm_type_dir / "init")
     assert type(smol.model) is SmolVLMForConditionalGeneration
     assert family_of(smol.model).name == "idefics3"
     idefics = init_model(PRESETS["tiny-smolvlm"], copy.deepcopy(tokenizer), seed=1)
@@ -384,10 +403,7 @@ def test_smolvlm_model_type_is_the_same_model_end_to_end(tokenizer, shapes_dir, 
     with torch.no_grad():
         assert torch.equal(smol.model(**batch).logits, idefics.model(**batch).logits)
 
-    save_model(smol, tmp_path / "init")
-    trained = tmp_path / "trained"
-    run(load_model(tmp_path / "init"), load_samples(shapes_dir / "train.json"), trained,
-        TrainConfig(stage="sft", steps=20, batch_size=8, lr=1e-3, warmup=5), quiet=True)
+    trained = smolvlm_type_dir / "trained"
     out = tmp_path / "e"
     result = export(trained, out, ExportConfig(precision="fp32"))
     assert result.parity.passed, result.parity.failures
@@ -401,4 +417,3 @@ def test_smolvlm_model_type_is_the_same_model_end_to_end(tokenizer, shapes_dir, 
     got = [list(vlm.generate(str(s.image), s.turns[-1][0].replace("<image>\n", ""),
                              max_new_tokens=6).token_ids) for s in samples]
     assert got == want
-

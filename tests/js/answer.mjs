@@ -1,9 +1,10 @@
 // node answer.mjs EXPORT_DIR fp32|int4 QUESTION IMAGE... -> JSON list of generated token ids.
 // Opens an edgevlm export as a user of transformers.js would: AutoProcessor and
-// LlavaForConditionalGeneration (Idefics3ForConditionalGeneration for SmolVLM exports) from the
-// local folder, the chat template the folder carries,
+// LlavaForConditionalGeneration (Idefics3- or SmolVLMForConditionalGeneration for SmolVLM exports)
+// from the local folder, the chat template the folder carries,
 // greedy decoding; no file is patched and nothing is passed by hand.
-import { AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration, RawImage, env }
+import { AutoProcessor, Idefics3ForConditionalGeneration, LlavaForConditionalGeneration, RawImage,
+  SmolVLMForConditionalGeneration, env }
   from '@huggingface/transformers';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,10 +17,12 @@ const processor = await AutoProcessor.from_pretrained(name);
 // edgevlm's int4 export: int4 decoder and embedding (_q4), int8 vision encoder (_int8)
 const dtype = precision === 'int4'
   ? { embed_tokens: 'q4', vision_encoder: 'int8', decoder_model_merged: 'q4' } : 'fp32';
-// the model class a user picks for the folder's model_type (SmolVLM exports: idefics3)
+// the model class a user picks for the folder's model_type (SmolVLM exports: idefics3, or
+// smolvlm for SmolVLM2's classes)
 const modelType = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')).model_type;
+const tiled = modelType === 'idefics3' || modelType === 'smolvlm';
 const ModelClass = modelType === 'idefics3' ? Idefics3ForConditionalGeneration
-  : LlavaForConditionalGeneration;
+  : modelType === 'smolvlm' ? SmolVLMForConditionalGeneration : LlavaForConditionalGeneration;
 const model = await ModelClass.from_pretrained(name, { dtype, device: 'cpu' });
 const out = [];
 for (const file of images) {
@@ -27,7 +30,7 @@ for (const file of images) {
                                              { add_generation_prompt: true });
   const image = await RawImage.read(file);
   // Idefics3Processor takes (text, images); LlavaProcessor (images, text)
-  const inputs = modelType === 'idefics3' ? await processor(text, [image])
+  const inputs = tiled ? await processor(text, [image])
     : await processor(image, text);
   const ids = await model.generate({ ...inputs, max_new_tokens: 8, do_sample: false });
   const n = inputs.input_ids.dims[1];
