@@ -252,11 +252,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                 act_found[name] = (1.0, {})
         layers, blocks, block_info = {}, [], []
     else:
+        vision_ref = None
         if cfg.method == "qvlm" and cfg.vision_opt and calib is None:
             report["vision_opt"] = "skipped: no image calibration (--calib)"
-        elif cfg.method == "qvlm" and cfg.vision_opt:
-            report["vision_opt"] = qvlm.optimize_vision(model, batches, cfg,
-                                                        calib_read.heldout)
+        elif cfg.method == "qvlm" and cfg.vision_opt:  # the float answers it will aim at
+            vision_ref = qvlm.vision_reference(model, batches, calib_read.heldout)
         with torch.no_grad():
             calib_data = prepare(model, batches, calib_read.heldout)
         n_layers = len(decoder_layers(model))
@@ -292,6 +292,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                     m.weight.data = qw.dequantize().to(m.weight.dtype)
                     weights[name] = qw
             report["vision_tower"] = "rtn (data-free)"
+        if vision_ref is not None:  # against the quantized model as it will ship
+            report["vision_opt"] = qvlm.optimize_vision(model, vision_ref, cfg)
     weights = {n: qw.to("cpu") for n, qw in weights.items()}
     missing = set(targets) - set(weights)
     assert not missing, f"layers left unquantized: {sorted(missing)[:3]}"

@@ -27,20 +27,21 @@ Choices made here, each one a place where the paper leaves room:
    batches (Calibration.heldout, a quarter of the samples), each candidate fitted on up to
    SEARCH_BATCHES fitting batches; the chosen β is then refitted on every batch. β = 0 is
    plain GPTQ.
-4. Vision-side optimization (`optimize_vision`; off by default, `--vision-opt`). Before the
-   search, the projector and the vision tower's final norms are trained on loss = KL(p_fp ‖
-   p_q) over answer tokens + λ·H_rel(visual tokens), where p_q is the model with its decoder
-   rounded to nearest at the target bits: the paper's aims, visual tokens of low entropy that
-   the quantized decoder reads as the float one does (the searched decoder does not exist
-   yet, so RTN stands in for it). H_rel = mean_f ½·log(var_f) − ½·log(mean_f var_f) is a
+4. Vision-side optimization (`optimize_vision`; off by default, `--vision-opt`). After the
+   decoder is quantized, the projector and the vision tower's final norms are trained on
+   loss = KL(p_fp ‖ p_q) over answer tokens + λ·H_rel(visual tokens), p_q being the quantized
+   model that will ship and p_fp the float model's answers taken before the search
+   (`vision_reference`): the paper's aims, visual tokens of low entropy that the quantized
+   decoder reads as the float one does. H_rel = mean_f ½·log(var_f) − ½·log(mean_f var_f) is a
    differentiable, scale-free stand-in for the histogram entropy of the tokens entering the
    language model (an earlier version without the second term shrank every feature and cost
    ~5 points). Adam step sizes VISION_LRS, checkpoints at a quarter, half and all of
    `vision_opt_steps`; the checkpoint with the lowest KL on held-out batches is kept, the
-   untouched start included. These float parameters are saved in the checkpoint. Off by
-   default: on SmolLM2 and the shapes teacher it lowered its own held-out KL but not the final
-   model's KL or accuracy on eval questions (README, "On the real LM") — the rounded decoder it
-   tunes against errs far more than the searched one it ends up feeding.
+   untouched start included. These float parameters are saved in the checkpoint. The first
+   version ran before the search against the decoder rounded to nearest (a stand-in for the
+   searched decoder, which did not exist yet); on SmolLM2 and the shapes teacher it lowered
+   its own held-out KL but not the final model's KL or accuracy on eval questions (README,
+   "On the real LM"), because the rounded decoder errs far more than the searched one.
 5. The GPTQ guard (edgevlm.quant.blocks.GptqGuard): blocks are judged one at a time, so after the
    search the whole model is compared with GPTQ (β = 0 everywhere) by KL(p_fp ‖ p_q) over the
    held-out batches' answer tokens, and the lower one is kept.
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 
 from edgevlm.data import pixels_of
 from edgevlm.errors import UserError
-from edgevlm.families import family_of, part
+from edgevlm.families import part
 from edgevlm.quant import gptq
 from edgevlm.quant.calibrate import (
     Calibration,
@@ -287,55 +288,56 @@ def _h_rel(tokens: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.log(var).mean() - torch.log(var.mean()))
 
 
-def _rounded_decoder(model, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """Round the decoder's Linears to nearest in place (the quantized decoder the vision side is
-    tuned against); returns their float weights, to put back."""
-    from edgevlm.quant import rtn
+@dataclass
+class VisionReference:
+    """What the vision-side step compares against, taken from the float model before its decoder
+    is quantized: the fitting and held-out batches and the float answer log-probs on each."""
 
-    kept = {}
-    lm = family_of(model).path("language_model")
-    for name, m in linears(part(model, "language_model"), lm, cfg.skip).items():
-        kept[name] = m.weight.detach().clone()
-        m.weight.data = rtn.quantize_weight(kept[name].float(), cfg).dequantize().to(
-            m.weight.dtype)
-    return kept
+    fit: list[dict]
+    held: list[dict]
+    fit_logp: list[torch.Tensor]  # (T, V) per batch
+    held_logp: list[torch.Tensor]
 
 
-def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) -> dict:
-    """Tune the projector and the tower's final norms so that the quantized model answers like
-    the float one, with lower visual-token entropy; keep what held-out data confirms.
-
-    Loss on the fitting batches: KL(p_fp ‖ p_q) over answer tokens + λ·H_rel(visual tokens),
-    where p_q is the model with its decoder rounded to nearest at the target bits (a data-free
-    stand-in for the searched decoder, which does not exist yet). For each learning rate in
-    VISION_LRS the parameters are checkpointed at a quarter, half and all of
-    `vision_opt_steps` and scored by the same KL on the held-out batches (the last `heldout`);
-    the best checkpoint is kept, and the starting point is a candidate, so the step never makes
-    the held-out KL worse than leaving the vision side alone."""
+def vision_reference(model, batches: list[dict], heldout: int) -> VisionReference:
+    """The float model's answers on up to VISION_BATCHES image batches to fit on and as many
+    held-out batches (the last `heldout`)."""
     n = len(batches)
     if not 0 < heldout < n:
         raise UserError(f"the vision-side step needs held-out calibration batches: {n} batch(es), "
                         f"{heldout} held out; pass more --calib-samples or --no-vision-opt")
     with_images = [b for b in batches[: n - heldout] if b.get("pixel_values") is not None]
     fit, held = with_images[:VISION_BATCHES], batches[n - heldout:][:VISION_BATCHES]
+    store: dict = {}
+    with torch.no_grad():
+        return VisionReference(fit, held, [_answer_logp(model, b, store) for b in fit],
+                               [_answer_logp(model, b, store) for b in held])
+
+
+def optimize_vision(model, ref: VisionReference, cfg: QuantConfig) -> dict:
+    """Tune the projector and the tower's final norms so that the quantized model answers like
+    the float one, with lower visual-token entropy; keep what held-out data confirms.
+
+    Runs after the decoder is quantized (searched, guarded, and the tower rounded if asked), so
+    p_q is the model that will ship. Loss on the fitting batches: KL(p_fp ‖ p_q) over answer
+    tokens + λ·H_rel(visual tokens), p_fp from `ref`. For each learning rate in VISION_LRS the
+    parameters are checkpointed at a quarter, half and all of `vision_opt_steps` and scored by
+    the same KL on the held-out batches; the best checkpoint is kept, and the starting point is
+    a candidate, so the step never makes the held-out KL worse than leaving the vision side
+    alone."""
     params = list(part(model, "connector").parameters())
     params += [p for name, p in part(model, "vision_tower").named_parameters()
                if "post_layernorm" in name or "head.layernorm" in name]
     saved = [(p, p.requires_grad) for p in model.parameters()]
     trainable = {id(p) for p in params}
     store: dict = {}
-    with torch.no_grad():
-        refs = [_answer_logp(model, b, store) for b in fit]
-        held_refs = [_answer_logp(model, b, store) for b in held]
     start = [p.detach().clone() for p in params]
-    decoder_fp = _rounded_decoder(model, cfg)
-    modules = dict(model.named_modules())
 
     def held_out() -> tuple[float, float]:
         """(mean KL to the float model, mean histogram entropy of the visual tokens)."""
         with torch.no_grad():
             kls, ents = [], []
-            for b, r in zip(held, held_refs):
+            for b, r in zip(ref.held, ref.held_logp):
                 kls.append(float(_kl(model, b, r, store)))
                 ents.append(entropy(store["tokens"]))
         return sum(kls) / len(kls), sum(ents) / len(ents)
@@ -357,8 +359,8 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) 
             torch.manual_seed(cfg.seed)
             opt = torch.optim.Adam(params, lr=lr)
             for step in range(1, steps + 1):
-                b = (step - 1) % len(fit)
-                loss = _kl(model, fit[b], refs[b], store) + ENTROPY_WEIGHT * _h_rel(
+                b = (step - 1) % len(ref.fit)
+                loss = _kl(model, ref.fit[b], ref.fit_logp[b], store) + ENTROPY_WEIGHT * _h_rel(
                     store["tokens"])
                 opt.zero_grad()
                 loss.backward()
@@ -372,13 +374,11 @@ def optimize_vision(model, batches: list[dict], cfg: QuantConfig, heldout: int) 
         with torch.no_grad():
             for p, kept in zip(params, best[3]):
                 p.copy_(kept)
-            for name, w in decoder_fp.items():
-                modules[name].weight.data = w
         for p, r in saved:
             p.requires_grad_(r)
-    return {"objective": "KL(fp || decoder rounded to nearest) over answer tokens "
+    return {"objective": "KL(fp || the quantized model) over answer tokens "
                          f"+ {ENTROPY_WEIGHT} * H_rel(visual tokens)",
-            "fit_batches": len(fit), "heldout_batches": len(held),
+            "fit_batches": len(ref.fit), "heldout_batches": len(ref.held),
             "heldout_kl_before": kl0, "heldout_kl_after": best[0],
             "visual_entropy_before": ent0, "visual_entropy_after": best[4],
             "steps": steps, "steps_kept": best[1], "lr_kept": best[2],

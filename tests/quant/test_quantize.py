@@ -128,7 +128,7 @@ def test_nan_stops_with_layer_name_and_leaves_no_out(micro_model_dir, shapes_dir
 def test_vision_opt_keeps_the_checkpoint_heldout_data_confirms(micro_model_dir, shapes_dir,
                                                                 monkeypatch):
     from edgevlm.models import load_model
-    from edgevlm.quant import api, qvlm
+    from edgevlm.quant import api, qvlm, rtn
 
     # An entropy weight this large pulls the visual tokens far from what the decoder expects:
     # the held-out KL must catch it, and the step keeps only what lowered that KL.
@@ -139,29 +139,35 @@ def test_vision_opt_keeps_the_checkpoint_heldout_data_confirms(micro_model_dir, 
     read = api._calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
     assert read.heldout == 1 and read.report["heldout_samples"] == 2
     assert [b["input_ids"].shape[0] for b in read.batches] == [4, 2, 2]
+    ref = qvlm.vision_reference(model, read.batches, read.heldout)  # the float model's answers
+    assert (len(ref.fit), len(ref.held)) == (2, 1)
+    # the step runs on the quantized model as it will ship: here, the decoder rounded
+    with torch.no_grad():
+        for m in model.model.language_model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = rtn.quantize_weight(m.weight.float(), cfg).dequantize()
     decoder = {n: p.clone() for n, p in model.model.language_model.named_parameters()}
     start = {n: p.clone() for n, p in model.model.multi_modal_projector.named_parameters()}
-    rep = qvlm.optimize_vision(model, read.batches, cfg, read.heldout)
+    rep = qvlm.optimize_vision(model, ref, cfg)
+    assert rep["objective"].startswith("KL(fp || the quantized model)")
     cands = rep["heldout_kl_candidates"]
     assert len(cands) == len(qvlm.VISION_LRS) * 3  # checkpoints at steps 2, 4 and 8
     assert rep["heldout_kl_after"] == min(rep["heldout_kl_before"], *cands.values())
+    assert rep["heldout_kl_before"] > 0  # the rounded decoder does move the answers
     assert max(cands.values()) > rep["heldout_kl_before"]  # the pull did cost somewhere
-    # the decoder is float again, and the kept vision parameters give the reported KL
+    # the quantized decoder is untouched; the kept vision parameters give the reported KL
     for n, p in model.model.language_model.named_parameters():
         assert torch.equal(p, decoder[n]), n
     moved = any(not torch.equal(p, start[n])
                 for n, p in model.model.multi_modal_projector.named_parameters())
     assert moved == (rep["steps_kept"] > 0)
-    kept = qvlm._rounded_decoder(model, cfg)
     with torch.no_grad():
         ref_model = load_model(micro_model_dir).model
         held = read.batches[-1]
-        ref = qvlm._answer_logp(ref_model, held, {})
-        kl = float(qvlm._kl(model, held, ref, {}))
+        kl = float(qvlm._kl(model, held, qvlm._answer_logp(ref_model, held, {}), {}))
     assert kl == pytest.approx(rep["heldout_kl_after"], rel=1e-4, abs=1e-7)
-    assert kept  # every decoder Linear was rounded for the check
     with pytest.raises(UserError, match="held-out calibration batches"):
-        qvlm.optimize_vision(model, read.batches[:1], cfg, 0)
+        qvlm.vision_reference(model, read.batches[:1], 0)
 
 
 def test_qvlm_needs_samples_to_hold_out(micro_model_dir, shapes_dir, tmp_path):
