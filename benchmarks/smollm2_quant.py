@@ -109,8 +109,7 @@ def main() -> None:
     p.add_argument("--scale-rule", default="absmax", choices=["absmax", "signed"],
                    help="signed: llama.cpp's Q4_0 scale rule (the setting says so)")
     p.add_argument("--asymmetric", action="store_true",
-                   help="asymmetric integers (zero points): at g32 that is the Q4_1 grid the "
-                   "GGUF weights came from, so the setting says 'on the source grid'")
+                   help="asymmetric integers (an integer zero point per group)")
     p.add_argument("--act-bits", type=int, default=16,
                    help="8: W4A8 with activations fake-quantized (simulated, as the label says)")
     p.add_argument("--limit", type=int, default=300)
@@ -131,10 +130,7 @@ def main() -> None:
     if "FP" not in results["rows"]:
         results["rows"]["FP"] = {"eval": evaluate(args.model, args, args.work / "fp.json")}
         save()
-    kind = "symmetric"
-    if args.asymmetric:
-        kind = ("asymmetric (on the source grid)" if args.bits == 4 and args.group_size == 32
-                else "asymmetric")
+    kind = "asymmetric" if args.asymmetric else "symmetric"
     setting = f"W{args.bits} g{args.group_size} {kind}"
     if args.act_bits != 16:
         setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} {kind}"
