@@ -65,9 +65,9 @@ def main() -> None:
     args = ap.parse_args()
     results = args.results
     r = args.runs
-    stem = "smollm2" if args.family == "llava" else "smolvlm"
-    model, data, text = r / f"{stem}-{'llava' if stem == 'smollm2' else 'smollm2'}", \
-        r / "shapes", r / "pydoc.txt"
+    stem, name = {"llava": ("smollm2", "smollm2-llava"),
+                  "smolvlm": ("smolvlm", "smolvlm-smollm2")}[args.family]
+    model, data, text = r / name, r / "shapes", r / "pydoc.txt"
     if not model.is_dir():
         raise SystemExit(f"{model} is missing; train it with benchmarks/smollm2_vqa.py "
                          f"--family {args.family}")

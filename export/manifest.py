@@ -56,13 +56,13 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       "full", which both read the same way. That strategy field only counts tokens; the model's
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
-    config = json.loads((out_dir / "config.json").read_text())
-    if family_of(config).name == "idefics3":  # its processor files say it all, but the
+    if info["family"] == "idefics3":  # its processor files say it all, but the
         # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
         _name_processor(out_dir, "Idefics3Processor", {
             "do_image_splitting": info["image_processor"].get("do_image_splitting", True)})
         _template_into_tokenizer(out_dir, info)
         return
+    config = json.loads((out_dir / "config.json").read_text())
     vision = config.get("vision_config") or {}
     patch = int(vision.get("patch_size") or 1)
     patches = (int(vision.get("image_size") or 0) // patch) ** 2
@@ -129,6 +129,7 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
     "precision", "bytes", "external_data"}) and "parity" once the graphs are written and
     checked."""
     model, proc = loaded.model, loaded.processor
+    family = family_of(model).name
     tok = proc.tokenizer
     tc = model.config.text_config
     gen = model.generation_config
@@ -139,9 +140,8 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
         "components": None,
-        "family": family_of(model).name,
-        "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
-                                    family=family_of(model).name,
+        "family": family,
+        "io": {c: contract.graph_io(c, dims.num_layers, config.profile, family=family,
                                     scores=config.token_select == "visionzip").to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,
