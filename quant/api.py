@@ -281,7 +281,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
             finally:
                 hooks.remove()
         if guard is not None:
-            report["gptq_guard"] = guard.settle(weights, blocks, block_info, cfg, device)
+            report["gptq_guard"] = guard.settle(weights, blocks, block_info, cfg, device,
+                                                calib_data)
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
                                  **calib_read.report,
                                  "layer_input_entropy": calib_data.input_entropy}

@@ -20,7 +20,6 @@ from edgevlm.quant.calibrate import (
     layer_prefix,
     layer_stats,
     linears,
-    prepare,
     relative_error,
     walk,
 )
@@ -57,9 +56,10 @@ class GptqGuard:
         return sum(kls) / len(kls)
 
     def settle(self, weights: dict, blocks: list, block_info: list, cfg: QuantConfig,
-               device: str) -> dict:
+               device: str, calib: Calibration) -> dict:
         """Compare with GPTQ and keep the better; `weights` and `block_info` are updated in
-        place when GPTQ is kept."""
+        place when GPTQ is kept. `calib` is the float model's calibration the search walked
+        from (walk leaves its inputs as they were), so the GPTQ pass starts from the same one."""
         if not self.held:
             return {"kept": "qvlm", "why": "no held-out batches to judge on"}
         if all(b.get("beta", 0.0) == 0.0 for b in block_info):
@@ -70,8 +70,6 @@ class GptqGuard:
         for name, m in self.targets.items():  # start again from the float decoder
             m.weight.data = self.fp[name].clone()
         gptq_cfg = replace(cfg, clip_strengths=(0.0,))
-        with torch.no_grad():
-            calib = prepare(self.model, self.batches, self.heldout)
         gptq_weights: dict = {}
         gptq_info: list = []
         walk(self.model, calib, blocks, qvlm_block(self.model, gptq_cfg, gptq_weights),
