@@ -150,7 +150,7 @@ def main() -> None:
                    "--overwrite", "--quiet"]
             if args.act_bits != 16:
                 cmd += ["--act-bits", str(args.act_bits)]
-            if args.scale_rule != "absmax":
+            if not args.asymmetric:  # named, so a row does not follow the CLI's default
                 cmd += ["--scale-rule", args.scale_rule]
             if method != "RTN":
                 cmd += ["--calib-samples", str(args.calib_samples)]
