@@ -63,7 +63,9 @@ def main() -> None:
         ppl = statistics.mean(r["eval"]["perplexity"]["perplexity"] for r in runs)
         secs = statistics.mean(r["seconds"] for r in runs)
         bpw = ours_bpw(bits, group, "asymmetric" in setting)
-        rows.append((bpw, f"| {setting} | edgevlm {method} | {bpw:.2f} | {acc:.1f} | {ppl:.2f} "
+        # rows made before the signed rule existed name no rule: theirs was absmax
+        shown = f"{setting} absmax" if setting.endswith(" symmetric") else setting
+        rows.append((bpw, f"| {shown} | edgevlm {method} | {bpw:.2f} | {acc:.1f} | {ppl:.2f} "
                      f"({100 * (ppl / fp_ppl - 1):+.1f}%) | {secs:.0f} | {len(runs)} |"))
     for qtype, row in theirs["rows"].items():
         if qtype == "F32":

@@ -28,9 +28,10 @@ def quantize_(
                                    "which transformers loads with a plain from_pretrained) or "
                                    "a zero point per group (loads with "
                                    "CompressedTensorsConfig(dequantize=True))"),
-    scale_rule: str = typer.Option("absmax", help="Symmetric scales: absmax (step "
-                                   "2·max|w|/(2^b-1)) or signed (llama.cpp Q4_0: the extreme "
-                                   "weight exactly on -2^(b-1); 2-4 bits)"),
+    scale_rule: Optional[str] = typer.Option(None, help="Symmetric scales: signed (llama.cpp "
+                                             "Q4_0: the extreme weight exactly on -2^(b-1); "
+                                             "2-4 bits; the default there) or absmax (step "
+                                             "2·max|w|/(2^b-1); the default at 5-8 bits)"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
@@ -42,10 +43,11 @@ def quantize_(
     max_block: int = typer.Option(4, help="Q-VLM: most decoder layers searched jointly"),
     partition: str = typer.Option("entropy", help="Q-VLM blocks: entropy | uniform (same count)"),
     vision_opt: bool = typer.Option(False, "--vision-opt/--no-vision-opt",
-                                    help="Q-VLM: tune the projector and the tower's final norms "
-                                    "against the rounded decoder, kept only as far as held-out "
-                                    "calibration samples confirm (off by default: it did not "
-                                    "improve held-out accuracy or KL; README)"),
+                                    help="Q-VLM: after the search, tune the projector and the "
+                                    "tower's final norms against the quantized decoder, kept "
+                                    "only as far as held-out calibration samples confirm (off "
+                                    "by default: it kept no steps on two models and cost "
+                                    "accuracy on the third; README)"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
     seed: int = typer.Option(0),

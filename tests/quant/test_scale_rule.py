@@ -26,6 +26,15 @@ def test_signed_rule_puts_the_extreme_weight_on_the_grid_and_errs_less():
     assert errors[True] < 0.9 * errors[False], errors  # finer step: measured 0.78x here
 
 
+def test_the_default_rule_is_signed_where_it_applies_and_absmax_elsewhere():
+    assert QuantConfig().scale_rule == "signed"  # symmetric W4: llama.cpp's Q4_0 rule
+    assert QuantConfig(bits=2).scale_rule == "signed"
+    assert QuantConfig(bits=8).scale_rule == "absmax"  # the int8 export's rule
+    assert QuantConfig(symmetric=False).scale_rule == "absmax"  # zero points: min/max
+    assert QuantConfig(scale_rule="absmax").scale_rule == "absmax"
+    assert QuantConfig().to_dict()["scale_rule"] == "signed"  # the report names the rule used
+
+
 def test_signed_rule_needs_symmetric_low_bit_weights():
     with pytest.raises(UserError, match="scale_rule='signed' is not valid; the signed rule"):
         QuantConfig(scale_rule="signed", bits=8)
