@@ -42,7 +42,7 @@ class GptqGuard:
     batches. The report names both KLs and what was kept."""
 
     def __init__(self, model, targets: dict, batches: list[dict], heldout: int):
-        self.model, self.batches, self.heldout = model, batches, heldout
+        self.model = model
         n = len(batches)
         self.held = batches[n - heldout:][: qvlm.SEARCH_BATCHES] if 0 < heldout < n else []
         self.fp = {name: m.weight.detach().clone() for name, m in targets.items()}
