@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import time
@@ -44,13 +42,6 @@ def commit_of(edgevlm: str) -> str:
     return got.stdout.strip() + ("+changes" if dirty else "")
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return platform.processor()
-
-
 def table(results: dict) -> str:
     lines = ["| install (commit) | method | calibration samples | seconds | block walk s | "
              "blocks | GPTQ guard |", "|---|---|---|---|---|---|---|"]
@@ -72,11 +63,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/edgevlm_quantize_time"))
     p.add_argument("--out", type=Path, default=RESULTS / "quantize_time.json")
     args = p.parse_args()
+    from edgevlm.runtime.bench_report import machine_info
+
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}}
     results["command"] = "nice " + shlex.join(["python", "benchmarks/quantize_time.py",
                                                *map(str, __import__("sys").argv[1:])])
-    results["cpu"] = cpu()
+    machine = machine_info()
+    results["cpu"] = f"{machine.cpu}, {machine.logical_cores} cores"
     for spec in args.edgevlm:
         label, _, exe = spec.partition("=")
         exe = exe or label

@@ -179,7 +179,6 @@ def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
     # (data_ptr, shape) of an input seen in this batch -> (first Linear, the tensor): holding the
     # tensor keeps its memory from being reused by a later, different input of the same shape
     owner: dict[tuple, tuple[str, torch.Tensor]] = {}
-    batch = [-1]
 
     def seen(name: str, x: torch.Tensor, mask: torch.Tensor) -> None:
         first = owner.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
@@ -187,11 +186,11 @@ def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
             stats[name] = stats[first] if first != name else LinearStats(
                 torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
         if first == name:
-            stats[name].add(x, mask, with_entropy and batch[0] == 0)
+            # the first batch: no sample's entropy counted yet
+            stats[name].add(x, mask, with_entropy and stats[name].samples == 0)
 
     def batch_start() -> None:
         owner.clear()
-        batch[0] += 1
 
     outs = _run_hooked(layer, xs, kws, masks, targets, seen, batch_start)
     return stats, outs
