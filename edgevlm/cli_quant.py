@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from edgevlm.cli_common import IMAGE_ROOT_HELP, quiet_libraries, summary
+from edgevlm.errors import UserError
 
 
 def quantize_(
@@ -32,6 +33,10 @@ def quantize_(
                                              "Q4_0: the extreme weight exactly on -2^(b-1); "
                                              "2-4 bits; the default there) or absmax (step "
                                              "2·max|w|/(2^b-1); the default at 5-8 bits)"),
+    layer_bits: Optional[str] = typer.Option(None, help="Mixed precision: NAME=BITS,... "
+                                             "quantizes the Linears whose names end with NAME "
+                                             "at BITS, the rest at --bits (e.g. v_proj=8, "
+                                             "near llama.cpp Q4_K_M's quality; README)"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
@@ -64,7 +69,7 @@ def quantize_(
     from edgevlm.quant import QuantConfig, quantize
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
-                      scale_rule=scale_rule,
+                      scale_rule=scale_rule, layer_bits=parse_layer_bits(layer_bits),
                       act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
                       partition=partition,
                       vision_opt=vision_opt, quantize_vision=quantize_vision,
@@ -72,7 +77,23 @@ def quantize_(
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
                  quiet=quiet or as_json, device=device, calib_text=calib_text)
     summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
-                          "bits": bits,
+                          "bits": bits, "layer_bits": r.report["layer_bits"] or None,
+                          "weight_bits_mean": r.report["weight_bits_mean"],
                           "group_size": r.report["group_size"], "layers": r.layers_quantized,
                           "blocks": r.blocks, "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
+
+
+def parse_layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
+    """--layer-bits "v_proj=8,mlp.down_proj=6" as ((name, bits), ...)."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        name, sep, bits = item.strip().partition("=")
+        if not sep or not bits.strip().isdigit():
+            raise UserError(f"--layer-bits {text!r}: {item.strip()!r} is not NAME=BITS; write "
+                            "e.g. --layer-bits v_proj=8,down_proj=8")
+        pairs.append((name.strip(), int(bits)))
+    return tuple(pairs)
+

@@ -37,12 +37,16 @@ def check_source(model_dir: Path) -> Source | None:
     """The kind of quantized checkpoint (None for a float model), which must be one that
     `edgevlm quantize` writes and MatMulNBits or MatMulInteger can carry as it is."""
     from edgevlm.models import read_config
-    from edgevlm.quant.checkpoint import read_scheme
+    from edgevlm.quant.checkpoint import mixed_bits, read_scheme
 
     read_config(model_dir)  # a model folder at all, or its own error
     scheme = read_scheme(model_dir)
     if scheme is None:
         return None
+    if mixed_bits(model_dir):  # q, k and v share one MatMulNBits, and each has one bit width
+        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
+                        "layers (`edgevlm quantize --layer-bits`), which export does not carry "
+                        "yet; export a checkpoint quantized without --layer-bits")
     group, packed = scheme.group_size, scheme.pack_quantized_int
     if (packed and scheme.num_bits == 4 and scheme.strategy == "group"
             and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):

@@ -188,7 +188,18 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
             smaller = f" or --group-size {fit}" if fit >= MIN_GROUP else ""
             raise UserError(f"--group-size {cfg.group_size} is larger than the input width {k} "
                             f"of {name}; choose --group-size -1 (one group per row){smaller}")
+    for end, bits in cfg.layer_bits:
+        if not any(n == end or n.endswith("." + end) for n in out):
+            ends = sorted({n.rsplit(".", 1)[-1] for n in out})
+            raise UserError(f"--layer-bits {end}={bits} names no quantized Linear; their names "
+                            f"end with {', '.join(ends)}")
     return out
+
+
+def _mean_bits(weights: dict[str, QuantizedWeight]) -> float:
+    """Integer bits per quantized weight, over every quantized Linear (scales not counted)."""
+    total = sum(qw.q.numel() for qw in weights.values())
+    return sum(qw.q.numel() * qw.bits for qw in weights.values()) / max(total, 1)
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
@@ -245,7 +256,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     hooks = act.ActHooks()
     if batches is None:
         for name, m in targets.items():  # data-free RTN (W8A8 keeps clip 1: nothing to search)
-            qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
+            qw = rtn.quantize_weight(m.weight.detach().float(), cfg.for_layer(name))
             m.weight.data = qw.dequantize().to(m.weight.dtype)
             weights[name] = qw
             if cfg.act_bits != 16 and not family_of(model).owns(name, "vision_tower"):
@@ -289,7 +300,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
         if cfg.quantize_vision:
             for name, m in targets.items():
                 if family_of(model).owns(name, "vision_tower"):
-                    qw = rtn.quantize_weight(m.weight.detach().float(), cfg)
+                    qw = rtn.quantize_weight(m.weight.detach().float(), cfg.for_layer(name))
                     m.weight.data = qw.dequantize().to(m.weight.dtype)
                     weights[name] = qw
             report["vision_tower"] = "rtn (data-free)"
@@ -306,6 +317,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     seconds = time.time() - t0
     report.update({"device": device, "dtype": str(dtype).removeprefix("torch."),
                    "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                   "layer_bits": {n: b for n, b in cfg.layer_bits},
+                   "weight_bits_mean": _mean_bits(weights),
                    "symmetric": cfg.symmetric, "act_bits": cfg.act_bits,
                    "partition": cfg.partition if cfg.method == "qvlm" else None,
                    "blocks": blocks, "block_search": block_info,
@@ -316,6 +329,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
                        "asymmetric pack-quantized: load with transformers' "
                        "CompressedTensorsConfig(dequantize=True) (llm-compressor issue 1618)")})
     with atomic_dir(out_dir, overwrite, inputs) as tmp:
-        write_checkpoint(loaded, weights, tmp, cfg.bits, cfg.group_size, cfg.symmetric, report)
+        write_checkpoint(loaded, weights, tmp, cfg.bits, cfg.group_size, cfg.symmetric, report,
+                         cfg.layer_bits)
     return QuantResult(out_dir, cfg.method, len(weights), seconds, report["mean_error"], blocks,
                        report, weights)

@@ -99,7 +99,7 @@ def layerwise_block(model, cfg: QuantConfig, weights: dict):
             for name, m in targets.items():
                 W, H = m.weight.detach().float(), stats[name].hessian
                 check_finite(name, W, H)
-                qw = fn(W, H, cfg)
+                qw = fn(W, H, cfg.for_layer(name))
                 deq = qw.dequantize()
                 check_finite(name, deq)
                 m.weight.data = deq.to(m.weight.dtype)

@@ -31,6 +31,7 @@ takes int8 weights).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +91,20 @@ def _scheme_args(bits: int, group_size: int, symmetric: bool):
                             group_size=group_size)
 
 
+def name_target(end: str) -> str:
+    """A compressed-tensors target matching every module whose name ends with `end`."""
+    return r"re:(.*\.)?" + re.escape(end) + "$"
+
+
 def write_checkpoint(loaded, weights: dict[str, QuantizedWeight], out_dir: Path, bits: int,
-                     group_size: int, symmetric: bool, report: dict) -> None:
+                     group_size: int, symmetric: bool, report: dict,
+                     layer_bits: tuple[tuple[str, int], ...] = ()) -> None:
     """Write `loaded` (a LoadedModel whose Linears named in `weights` are quantized) into
-    `out_dir` (which the caller made atomic) with `quantization_config` in config.json."""
+    `out_dir` (which the caller made atomic) with `quantization_config` in config.json.
+
+    Mixed precision (`layer_bits`, QuantConfig.layer_bits) adds a config group per other bit
+    width whose targets are name patterns; compressed-tensors gives a pattern precedence over
+    the class target "Linear" of the last group, as llm-compressor's mixed recipes rely on."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -109,16 +120,24 @@ def write_checkpoint(loaded, weights: dict[str, QuantizedWeight], out_dir: Path,
     missing = set(weights) - set(linears)
     assert not missing, f"quantized weights for unknown modules {sorted(missing)[:3]}"
     ignore = sorted(n for n in linears if n not in weights)
-    scheme = QuantizationScheme(targets=["Linear"],
-                                weights=_scheme_args(bits, group_size, symmetric))
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore,
+    # the name-pattern groups first: compressed-tensors credits a module to the first target
+    # in config order that matches it, and warns of any target it never credited
+    groups = {}
+    for b in sorted({b for _, b in layer_bits if b != bits}):
+        groups[f"group_{len(groups)}"] = QuantizationScheme(
+            targets=[name_target(end) for end, lb in layer_bits if lb == b],
+            weights=_scheme_args(b, group_size, symmetric))
+    groups[f"group_{len(groups)}"] = QuantizationScheme(
+        targets=["Linear"], weights=_scheme_args(bits, group_size, symmetric))
+    qconfig = QuantizationConfig(config_groups=groups, ignore=ignore,
                                  format="pack-quantized",
                                  quantization_status=QuantizationStatus.INITIALIZED)
     apply_quantization_config(model, qconfig, show_progress=False)
-    offset = 1 << (bits - 1)
     for name, qw in weights.items():
         m = linears[name]
-        assert qw.bits == bits, f"{name}: {qw.bits}-bit weight in a {bits}-bit checkpoint"
+        held = m.quantization_scheme.weights.num_bits
+        assert qw.bits == held, f"{name}: {qw.bits}-bit weight where the checkpoint holds {held}"
+        offset = 1 << (qw.bits - 1)
         assert group_size == -1 or (qw.group_size == group_size and not qw.ragged), \
             f"{name}: groups of {qw.group_size} over {qw.q.shape[1]} columns in a checkpoint " \
             f"of group size {group_size} (see storable_group_size)"
@@ -165,6 +184,31 @@ class Scheme:
                 and self.config_groups == 1 and (self.type or "int") == "int")
 
 
+def mixed_bits(model_dir: str | Path) -> list[int]:
+    """The bit widths of a checkpoint's config groups when it has several (`quantize
+    --layer-bits`), else []."""
+    path = Path(model_dir) / "config.json"
+    qcfg = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    groups = (qcfg or {}).get("config_groups") or {}
+    bits = sorted({(g.get("weights") or {}).get("num_bits") for g in groups.values()})
+    return bits if len(groups) > 1 else []
+
+
+def decompress(model) -> None:
+    """A plainly loaded pack-quantized model's Linears as plain ones holding (q − z)·s exactly,
+    as transformers' dequantize-on-load leaves them. That route reads every layer with one
+    config group's bits (`get_dense_scheme`), so mixed checkpoints load plainly and come here."""
+    model.hf_quantizer.compressor.decompress_model(model)
+    for m in model.modules():
+        if hasattr(m, "quantization_scheme"):
+            for name in ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"):
+                if hasattr(m, name):
+                    delattr(m, name)
+            for name in ("quantization_scheme", "quantization_status", "quantization_enabled"):
+                if hasattr(m, name):
+                    delattr(m, name)
+
+
 def read_scheme(model_dir: str | Path) -> Scheme | None:
     """The checkpoint's quantization scheme; None for a float model."""
     path = Path(model_dir) / "config.json"
@@ -199,6 +243,11 @@ def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
     from safetensors.torch import load_file
 
     scheme = read_scheme(model_dir)
+    if mixed_bits(model_dir):
+        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
+                        "layers (`quantize --layer-bits`); its integers are read per bit width "
+                        "only by transformers' plain from_pretrained, so export it from a "
+                        "checkpoint made without --layer-bits")
     if scheme is None or not scheme.pack_quantized_int:
         raise UserError(f"{model_dir} is not a pack-quantized checkpoint (no quantization_config "
                         "with format pack-quantized); make one with `edgevlm quantize`")

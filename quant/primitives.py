@@ -24,7 +24,8 @@ whole group changes neither its min/max nor its scale: that is how the primitive
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,11 @@ class QuantConfig:
     # None: signed for symmetric weights of 2 to 4 bits (on SmolLM2 it lowered every method's
     # perplexity rise, RTN's +53% to +24%; README, "Ranked against llama.cpp"), absmax otherwise
     scale_rule: str | None = None
+    # Mixed precision: (name, bits) pairs. A Linear whose module name ends with `name` (its last
+    # part, e.g. "v_proj", or several, e.g. "mlp.down_proj") is quantized at those bits, every
+    # other at `bits`; llama.cpp's Q4_K_M spends more bits on attn_v and ffn_down the same way.
+    # Its scale rule is `scale_rule` where that rule allows its bits, else absmax.
+    layer_bits: tuple[tuple[str, int], ...] = ()
     act_bits: int = 16  # 16 = weight-only
     calib_samples: int = 128
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
@@ -222,6 +228,24 @@ class QuantConfig:
             bad("scale_rule", self.scale_rule, "the signed rule (llama.cpp's Q4_0) is for "
                 "symmetric weights of 2 to 4 bits; use --scale-rule absmax, or --symmetric "
                 "with --bits 4 or fewer")
+        if isinstance(self.layer_bits, (list, dict)):  # from JSON or the CLI
+            pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) \
+                else self.layer_bits
+            object.__setattr__(self, "layer_bits", tuple((str(n), b) for n, b in pairs))
+        for name, b in self.layer_bits:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", name) or name.endswith("."):
+                bad("layer_bits", self.layer_bits, f"{name!r} is not a module name; give the "
+                    "end of a Linear's name, as in v_proj=8 or mlp.down_proj=8")
+            if not isinstance(b, int) or not 2 <= b <= 8:
+                bad("layer_bits", self.layer_bits, f"{name}={b}: the pack-quantized format "
+                    "stores 2..8 bits")
+        if self.layer_bits and not self.symmetric:
+            bad("layer_bits", self.layer_bits, "mixed bits need symmetric weights: an "
+                "asymmetric checkpoint loads only through transformers' dequantize-on-load, "
+                "which reads every layer with one config group's bits; drop --asymmetric")
+        if self.layer_bits and self.act_bits != 16:
+            bad("layer_bits", self.layer_bits, "mixed bits are for weight-only quantization; "
+                "drop --act-bits or --layer-bits")
         if self.act_bits not in ACT_BITS:
             bad("act_bits", self.act_bits, "use 16 (weight-only), 8 (W8A8, deployable through "
                 "onnxruntime int8) or 6 / 4 (simulated, research mode)")
@@ -257,6 +281,20 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def bits_for(self, name: str) -> int:
+        """The bits of the Linear called `name`: the first layer_bits entry its name ends
+        with, else `bits`."""
+        return next((b for end, b in self.layer_bits
+                     if name == end or name.endswith("." + end)), self.bits)
+
+    def for_layer(self, name: str) -> QuantConfig:
+        """The config that quantizes the Linear called `name` (its own bits)."""
+        bits = self.bits_for(name)
+        if bits == self.bits:
+            return self
+        rule = self.scale_rule if self.scale_rule != "signed" or bits <= 4 else "absmax"
+        return replace(self, bits=bits, scale_rule=rule, layer_bits=())
 
     @property
     def signed(self) -> bool:

@@ -187,8 +187,9 @@ def _quantize_block(layers, block: list[int], targets: dict, fp: dict, xs, calib
         for name, m in targets[i].items():
             W, H = fp[name].float(), stats[name].hessian
             check_finite(name, W, H)
-            clip = 1 - beta * (1 - group_clip(W, H, cfg))
-            qw = gptq.quantize_weight(W, H, cfg, clip)
+            lcfg = cfg.for_layer(name)
+            clip = 1 - beta * (1 - group_clip(W, H, lcfg))
+            qw = gptq.quantize_weight(W, H, lcfg, clip)
             deq = qw.dequantize()
             check_finite(name, deq)
             m.weight.data = deq.to(m.weight.dtype)
