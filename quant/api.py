@@ -196,6 +196,26 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
     return out
 
 
+# Linears that vLLM (qkv_proj, gate_up_proj) and edgevlm's export (one MatMulNBits for q, k, v)
+# fuse into one, which then needs one scheme for all of them
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _split_fused(names, cfg: QuantConfig) -> str | None:
+    """Why --layer-bits will keep the checkpoint out of vLLM, or None when it does not."""
+    for group in FUSED:
+        for name in names:
+            head, _, last = name.rpartition(".")
+            if last == group[0]:
+                bits = {s: cfg.bits_for(f"{head}.{s}") for s in group}
+                if len(set(bits.values())) > 1:
+                    return (f"--layer-bits gives {', '.join(f'{s} {b}' for s, b in bits.items())}"
+                            f" bits in {head}; vLLM fuses {' + '.join(group)} into one layer "
+                            "with one scheme and refuses such a checkpoint (give them the same "
+                            "bits to serve it there); transformers loads it")
+    return None
+
+
 def _mean_bits(weights: dict[str, QuantizedWeight]) -> float:
     """Integer bits per quantized weight, over every quantized Linear (scales not counted)."""
     total = sum(qw.q.numel() for qw in weights.values())
@@ -241,6 +261,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     report: dict = {"config": cfg.to_dict(), "skipped": sorted(
         n for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n not in targets)}
+    fused_note = _split_fused(targets, cfg)
+    if fused_note:
+        log.warning("%s", fused_note)
+        report["layer_bits_note"] = fused_note
     stored, note = storable_group_size({n: m.in_features for n, m in targets.items()},
                                        cfg.group_size)
     if note:  # the methods search the integers the checkpoint will hold

@@ -34,6 +34,16 @@ def test_each_layer_gets_its_bits_and_a_scale_rule_that_allows_them():
     assert parse_layer_bits(" v_proj=8, mlp.down_proj=3") == MIXED
 
 
+def test_only_a_split_fused_group_is_noted():
+    from edgevlm.quant.api import _split_fused
+
+    names = [f"m.layers.0.self_attn.{p}_proj" for p in "qkv"] + ["m.layers.0.mlp.gate_proj"]
+    qkv = QuantConfig(layer_bits=(("q_proj", 8), ("k_proj", 8), ("v_proj", 8)))
+    assert _split_fused(names, qkv) is None  # vLLM can serve it
+    assert "gate_proj 8, up_proj 4 bits" in _split_fused(
+        names, QuantConfig(layer_bits=(("gate_proj", 8),)))
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(layer_bits=(("v_proj", 9),)), "v_proj=9: the pack-quantized format stores 2..8"),
     (dict(layer_bits=(("v proj", 8),)), "'v proj' is not a module name"),
@@ -83,6 +93,8 @@ def test_mixed_checkpoint_loads_plainly_and_in_eval_with_exactly_our_integers(mi
     mean = sum(sizes[n] * bits[n] for n in bits) / sum(sizes.values())
     assert r.report["weight_bits_mean"] == pytest.approx(mean)
     assert r.report["layer_bits"] == {"v_proj": 8, "mlp.down_proj": 3}
+    assert "q_proj 4, k_proj 4, v_proj 8 bits in model.language_model.layers.0.self_attn; " \
+        "vLLM fuses q_proj + k_proj + v_proj" in r.report["layer_bits_note"]
     qcfg = json.loads((r.out_dir / "config.json").read_text())["quantization_config"]
     held = {g["weights"]["num_bits"]: g["targets"] for g in qcfg["config_groups"].values()}
     assert set(held) == {3, 4, 8} and held[4] == ["Linear"]
