@@ -21,20 +21,25 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # SmolLM2-135M decoder layer: (out, in) of q, k, v, o, gate, up, down
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576),
+          "o_proj": (576, 576), "gate_proj": (1536, 576), "up_proj": (1536, 576),
+          "down_proj": (576, 1536)}
 
 
-def ours_bpw(bits: int, group: int, asymmetric: bool = False) -> float:
-    """Decoder bits per weight: the integers, a 16-bit scale per group, and (asymmetric) a
-    `bits`-wide zero point per group, as compressed-tensors packs it."""
-    total = sum(n * k for n, k in SHAPES)
-    scales = 0.0
-    for n, k in SHAPES:
+def ours_bpw(bits: int, group: int, asymmetric: bool = False,
+             layer_bits: dict[str, int] | None = None) -> float:
+    """Decoder bits per weight: the integers (`layer_bits`: {Linear name: bits} where
+    --layer-bits set them), a 16-bit scale per group, and (asymmetric) a `bits`-wide zero point
+    per group, as compressed-tensors packs it."""
+    total = sum(n * k for n, k in SHAPES.values())
+    stored = 0.0
+    for name, (n, k) in SHAPES.items():
+        b = (layer_bits or {}).get(name, bits)
         g = group
         while k % g:  # the checkpoint's group: the largest power of two <= group dividing k
             g //= 2
-        scales += n * k / g
-    return bits + (16 + (bits if asymmetric else 0)) * scales / total
+        stored += n * k * b + n * k / g * (16 + (b if asymmetric else 0))
+    return stored / total
 
 
 def main() -> None:
@@ -62,7 +67,9 @@ def main() -> None:
         acc = statistics.mean(100 * r["eval"]["accuracy"] for r in runs)
         ppl = statistics.mean(r["eval"]["perplexity"]["perplexity"] for r in runs)
         secs = statistics.mean(r["seconds"] for r in runs)
-        bpw = ours_bpw(bits, group, "asymmetric" in setting)
+        layer_bits = {n: int(b) for n, b in (t.split("=") for t in setting.replace(",", " ")
+                                             .split() if "=" in t)}
+        bpw = ours_bpw(bits, group, "asymmetric" in setting, layer_bits)
         # rows made before the signed rule existed name no rule: theirs was absmax
         shown = f"{setting} absmax" if setting.endswith(" symmetric") else setting
         rows.append((bpw, f"| {shown} | edgevlm {method} | {bpw:.2f} | {acc:.1f} | {ppl:.2f} "

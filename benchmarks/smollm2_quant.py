@@ -115,6 +115,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2_quant.json")
+    p.add_argument("--layer-bits", default=None,
+                   help="mixed precision, passed to quantize (e.g. v_proj=8); names the setting")
     p.add_argument("--no-text", action="store_true",
                    help="skip the perplexity (a model whose LM never saw real text)")
     args = p.parse_args()
@@ -136,6 +138,8 @@ def main() -> None:
         setting = f"W{args.bits}A{args.act_bits} (simulated) g{args.group_size} {kind}"
     if args.scale_rule != "absmax":
         setting += f" {args.scale_rule}"
+    if args.layer_bits:
+        setting += f" {args.layer_bits}"
     for method in args.methods:
         for seed in ([0] if method == "RTN" else args.seeds):
             key = f"{setting} | {method} | seed {seed} | {args.calib_samples} samples"
@@ -154,6 +158,8 @@ def main() -> None:
                 cmd += ["--scale-rule", args.scale_rule]
             if method != "RTN":
                 cmd += ["--calib-samples", str(args.calib_samples)]
+            if args.layer_bits:
+                cmd += ["--layer-bits", args.layer_bits]
             print("+", shlex.join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True)
@@ -164,6 +170,7 @@ def main() -> None:
                                     "calibration": {k: v for k, v in report.get(
                                         "calibration", {}).items() if k != "layer_input_entropy"},
                                     "blocks": report.get("blocks"),
+                                    "weight_bits_mean": report.get("weight_bits_mean"),
                                     "group_size_note": report.get("group_size_note"),
                                     "eval": evaluate(out, args, out.with_suffix(".eval.json"))}
             save()
