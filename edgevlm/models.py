@@ -149,9 +149,14 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     import transformers
     from transformers import AutoProcessor
 
+    from edgevlm.quant.checkpoint import decompress, mixed_bits
+
     model_class = getattr(transformers, family_of(read_config(model_dir)).model_class)
     kw = {}
-    if dequantize:
+    # transformers' dequantize-on-load reads every layer with one config group's bits; a mixed
+    # checkpoint (symmetric, QuantConfig.layer_bits) loads plainly and is decompressed after
+    mixed = dequantize and bool(mixed_bits(model_dir))
+    if dequantize and not mixed:
         from transformers import CompressedTensorsConfig
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
@@ -165,6 +170,8 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
             raise UserError(f"{model_dir} has no weights (no model.safetensors); copy the "
                             "whole model folder, or make one with `edgevlm init`") from e
         raise
+    if mixed:
+        decompress(model)
     if device:
         model = model.to(device)
     model.eval()

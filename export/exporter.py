@@ -230,6 +230,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     choice = dec.choose(config, model.config)  # before minutes of validating and tracing
     checkpoint = ({} if source is None
                   else ckpt.checkpoint_weights(model, model_dir, precisions, source))
+    if source is not None and source.mixed:
+        ckpt.check_mixed(checkpoint, choice.kind == "builder")
     shapes = rope = None
     if config.profile == "mobile":
         from edgevlm.export import mobile

@@ -4,8 +4,9 @@ traced graphs' weight names, and the checks that keep them from being re-rounded
 `edgevlm quantize` writes compressed-tensors pack-quantized checkpoints. Two kinds can reach a
 graph as they are: 4 bits in groups (MatMulNBits, block size = group size; a group size that
 does not divide a layer's width is a ragged last block there, which MatMulNBits takes as it is)
-and 8 bits per channel, symmetric (MatMulInteger). Layers the checkpoint kept in float take the
-ordinary path.
+and 8 bits per channel, symmetric (MatMulInteger). A mixed checkpoint (`quantize --layer-bits`)
+of 4-bit layers with some at 8 bits, one group size, reaches the built decoder as it is, each
+layer a MatMulNBits of its own bits. Layers the checkpoint kept in float take the ordinary path.
 """
 
 from __future__ import annotations
@@ -31,22 +32,35 @@ class Source:
     precision: str  # "int4" (MatMulNBits) or "int8" (MatMulInteger)
     bits: int
     group_size: int | None  # int4: the block size; int8: None (one scale per output channel)
+    mixed: bool = False  # int4 with some layers at 8 bits (`quantize --layer-bits`)
 
 
 def check_source(model_dir: Path) -> Source | None:
     """The kind of quantized checkpoint (None for a float model), which must be one that
     `edgevlm quantize` writes and MatMulNBits or MatMulInteger can carry as it is."""
     from edgevlm.models import read_config
-    from edgevlm.quant.checkpoint import mixed_bits, read_scheme
+    from edgevlm.quant.checkpoint import config_groups, mixed_bits, read_scheme
 
     read_config(model_dir)  # a model folder at all, or its own error
     scheme = read_scheme(model_dir)
     if scheme is None:
         return None
-    if mixed_bits(model_dir):  # q, k and v share one MatMulNBits, and each has one bit width
+    if mixed_bits(model_dir):  # `quantize --layer-bits`: MatMulNBits takes each layer's bits
+        groups = config_groups(model_dir)
+        base = next((a for t, a in groups if "Linear" in t), {})
+        sizes = {a.get("group_size") for _, a in groups}
+        if (scheme.quant_method == "compressed-tensors" and scheme.format == "pack-quantized"
+                and base.get("num_bits") == 4 and set(mixed_bits(model_dir)) == {4, 8}
+                and all(a.get("strategy") == "group" for _, a in groups) and len(sizes) == 1
+                and isinstance(base.get("group_size"), int)
+                and base["group_size"] >= int4.MIN_BLOCK
+                and not base["group_size"] & (base["group_size"] - 1)):
+            return Source(Precision.INT4, 4, base["group_size"], mixed=True)
         raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
-                        "layers (`edgevlm quantize --layer-bits`), which export does not carry "
-                        "yet; export a checkpoint quantized without --layer-bits")
+                        "layers (`edgevlm quantize --layer-bits`); export carries 4-bit layers "
+                        "with some at 8 bits, in groups of one size (e.g. --bits 4 --layer-bits "
+                        "v_proj=8); quantize again with such bits, or export without "
+                        "--layer-bits")
     group, packed = scheme.group_size, scheme.pack_quantized_int
     if (packed and scheme.num_bits == 4 and scheme.strategy == "group"
             and isinstance(group, int) and group >= int4.MIN_BLOCK and not group & (group - 1)):
@@ -85,11 +99,14 @@ def block_size(config, group: int | None, model_dir: Path) -> int:
 
 
 def _read_checkpoint(model_dir: Path, source: Source) -> dict:
-    """{module name: Int4Weight | Int8Weight}: the checkpoint's integers per layer."""
-    from edgevlm.quant.checkpoint import read_int4_layers, read_int8_layers
+    """{module name: Int4Weight | Int8Weight, or NBitsWeight for the 8-bit layers of a mixed
+    int4 checkpoint}: the checkpoint's integers per layer."""
+    from edgevlm.export.builder.linear import NBitsWeight
+    from edgevlm.quant.checkpoint import read_int8_layers, read_nbits_layers
 
-    if source.precision is Precision.INT4:
-        return {n: int4.Int4Weight(*v) for n, v in read_int4_layers(model_dir).items()}
+    if source.precision is Precision.INT4:  # a mixed checkpoint's 8-bit layers as they are
+        return {n: int4.Int4Weight(q, s, z, g) if bits == 4 else NBitsWeight(q, s, z, bits, g)
+                for n, (q, s, z, g, bits) in read_nbits_layers(model_dir).items()}
     return {n: int8.Int8Weight(*v) for n, v in read_int8_layers(model_dir).items()}
 
 
@@ -147,6 +164,23 @@ def checkpoint_weights(model, model_dir: Path, precisions: dict[str, str],
         log.warning("%d checkpoint layer(s) exported from their dequantized float weights, not "
                     "as %s (%s ...)", len(left), source.precision, left[0])
     return out
+
+
+def check_mixed(checkpoint: dict[str, dict], built_decoder: bool) -> None:
+    """A mixed checkpoint's 8-bit layers reach MatMulNBits only through the built decoder; the
+    traced graphs' int4 pass (export.int4) writes 4-bit layers alone."""
+    from edgevlm.export.builder.linear import NBitsWeight
+
+    for component, weights in checkpoint.items():
+        if built_decoder and component == "decoder_model_merged":
+            continue
+        eight = sorted(k for k, w in weights.items() if isinstance(w, NBitsWeight))
+        if eight:
+            raise UserError(f"the {component} graph holds 8-bit layers of a mixed checkpoint "
+                            f"({eight[0]} ...), which export carries only in the built decoder: "
+                            "export with --decoder builder (the default) and leave the vision "
+                            "tower out of --layer-bits (quantize without --quantize-vision), or "
+                            "export that graph in float (--vision-precision fp16)")
 
 
 def weight_sources(precisions: dict[str, str],

@@ -181,16 +181,12 @@ def load_for_eval(model_dir: str | Path, device: str | None = None):
     (q − z)·s exactly (the loader route that also reads asymmetric zero points), with its
     activation quantizers installed; a float model as it is. On `device` (default the CPU)."""
     from edgevlm.models import load_model
-    from edgevlm.quant.checkpoint import decompress, is_quantized, mixed_bits
+    from edgevlm.quant.checkpoint import is_quantized
 
-    mixed = bool(mixed_bits(model_dir))  # symmetric (QuantConfig): a plain load reads it
     with warnings.catch_warnings():
         # transformers warns that the checkpoint's own quantization_config wins; only its
         # `dequantize` flag matters here, and that one is applied.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        loaded = load_model(model_dir, device=device,
-                            dequantize=is_quantized(model_dir) and not mixed)
-    if mixed:
-        decompress(loaded.model)
+        loaded = load_model(model_dir, device=device, dequantize=is_quantized(model_dir))
     install_from_checkpoint(loaded.model, model_dir)
     return loaded

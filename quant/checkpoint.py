@@ -2,8 +2,8 @@
 
 Out (`write_checkpoint`): the model's quantized Linear weights are set to their exact
 dequantized values (q − z)·s, compressed-tensors' QuantizationConfig is applied with one
-scheme (int, `bits`, group or channel strategy) and an explicit `ignore` list of every Linear we
-left in float, the scale and zero-point parameters are filled with ours, and ModelCompressor
+scheme (int, `bits`, group or channel strategy; mixed precision adds one per other bit width,
+targeting names) and an explicit `ignore` list of every Linear we left in float, the scale and zero-point parameters are filled with ours, and ModelCompressor
 packs the weights. Its `quantize` computes round(w/s) + z on our exactly-quantized w, which gives
 back our integers, so the stored int32 words hold exactly what the search chose. compressed-tensors
 stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1) (symmetric: no zero point), and
@@ -19,7 +19,7 @@ every dense layer with the first group's scheme. So a checkpoint holds one group
 divides every quantized layer's width (`storable_group_size`), and quant_report.json says when
 that is smaller than the one asked for.
 
-In (`read_scheme`, `packed_module_names`, `read_int4_layers`, `read_int8_layers`): this is the
+In (`read_scheme`, `packed_module_names`, `read_nbits_layers`, `read_int8_layers`): this is the
 one module that parses a compressed-tensors checkpoint; the exporter (edgevlm.export.source)
 asks it. The scheme from config.json's quantization_config, the packed layers' names from the
 safetensors headers, and the packed integers, scales and zero points by
@@ -187,10 +187,8 @@ class Scheme:
 def mixed_bits(model_dir: str | Path) -> list[int]:
     """The bit widths of a checkpoint's config groups when it has several (`quantize
     --layer-bits`), else []."""
-    path = Path(model_dir) / "config.json"
-    qcfg = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
-    groups = (qcfg or {}).get("config_groups") or {}
-    bits = sorted({(g.get("weights") or {}).get("num_bits") for g in groups.values()})
+    groups = config_groups(model_dir)
+    bits = sorted({args.get("num_bits") for _, args in groups})
     return bits if len(groups) > 1 else []
 
 
@@ -235,25 +233,45 @@ def packed_module_names(model_dir: str | Path) -> list[str]:
     return names
 
 
-def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
-    """(the weights' QuantizationArgs as a dict, {module name: (q_ct (N, K) int8, scale (N, G)
-    float32, z_ct (N, G) int8 or None when symmetric)}) in compressed-tensors' signed convention,
-    W = (q_ct − z_ct)·s."""
+def config_groups(model_dir: str | Path) -> list[tuple[list[str], dict]]:
+    """[(targets, weights arguments)] of each config group in config.json, in order."""
+    path = Path(model_dir) / "config.json"
+    qcfg = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return [(g.get("targets") or [], g.get("weights") or {})
+            for g in ((qcfg or {}).get("config_groups") or {}).values()]
+
+
+def _group_of(name: str, groups: list[tuple[list[str], dict]]) -> dict:
+    """The weights' arguments of the config group that holds module `name`, matched as
+    compressed-tensors matches it: an exact name first, then a `re:` pattern, then a class
+    target (edgevlm writes only "Linear", which every packed module is)."""
+    for kind in ("exact", "re", "class"):
+        for targets, args in groups:
+            for t in targets:
+                hit = (t == name if kind == "exact" else
+                       t.startswith("re:") and re.match(t[3:], name) is not None
+                       if kind == "re" else not t.startswith("re:") and t[:1].isupper())
+                if hit:
+                    return args
+    raise UserError(f"no config group of the checkpoint holds its packed layer {name}; the "
+                    "quantization_config does not match its weights (re-run `edgevlm quantize`)")
+
+
+def _packed_layers(model_dir: str | Path) -> dict[str, tuple]:
+    """{module name: (q_ct (N, K) int8, scale (N, G) float32, z_ct (N, G) int8 or None when
+    symmetric, args)} in compressed-tensors' signed convention, W = (q_ct − z_ct)·s; `args` are
+    the module's own config group's weights arguments (num_bits, symmetric, strategy,
+    group_size), so a mixed checkpoint (`quantize --layer-bits`) reads each layer at its bits."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
     scheme = read_scheme(model_dir)
-    if mixed_bits(model_dir):
-        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
-                        "layers (`quantize --layer-bits`); its integers are read per bit width "
-                        "only by transformers' plain from_pretrained, so export it from a "
-                        "checkpoint made without --layer-bits")
-    if scheme is None or not scheme.pack_quantized_int:
+    groups = config_groups(model_dir)
+    if (scheme is None or scheme.quant_method != "compressed-tensors"
+            or scheme.format != "pack-quantized" or not groups
+            or any((a.get("type") or "int") != "int" for _, a in groups)):
         raise UserError(f"{model_dir} is not a pack-quantized checkpoint (no quantization_config "
                         "with format pack-quantized); make one with `edgevlm quantize`")
-    args = {"num_bits": scheme.num_bits, "symmetric": scheme.symmetric,
-            "strategy": scheme.strategy, "group_size": scheme.group_size}
-    bits = args["num_bits"]
     tensors = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         tensors.update(load_file(str(f)))
@@ -262,34 +280,46 @@ def _packed_layers(model_dir: str | Path) -> tuple[dict, dict[str, tuple]]:
         if not key.endswith(".weight_packed"):
             continue
         name = key[: -len(".weight_packed")]
+        args = _group_of(name, groups)
+        bits = args["num_bits"]
         shape = tuple(tensors[f"{name}.weight_shape"].tolist())
         scale = tensors[f"{name}.weight_scale"].float()
         q = unpack_from_int32(tensors[key], bits, torch.Size(shape))
         zp = None
-        if not args["symmetric"]:
+        if not args.get("symmetric", True):
             zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], bits,
                                    torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
-        out[module_name(name, legacy)] = (q, scale, zp)
-    return args, out
+        out[module_name(name, legacy)] = (q, scale, zp, args)
+    return out
 
 
-def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
+def read_nbits_layers(model_dir: str | Path) -> dict[str, tuple]:
     """{module name: (q (N, K) uint8 in [0, 2^b − 1], scale (N, G) float32, zero_point (N, G)
-    uint8, group_size)} for every packed Linear of a checkpoint written by `write_checkpoint`.
+    uint8, group_size, bits)} for every packed Linear of a checkpoint written by
+    `write_checkpoint`, each at its own bits (several in a mixed checkpoint).
 
     Module names are the Hugging Face ones (`model.language_model.layers.0.self_attn.q_proj`);
     the float weight is `{name}.weight`. Values follow edgevlm.quant.primitives: W = (q − z)·s.
     """
-    args, layers = _packed_layers(model_dir)
-    offset = 1 << (args["num_bits"] - 1)
     out = {}
-    for name, (q, scale, zp) in layers.items():
+    for name, (q, scale, zp, args) in _packed_layers(model_dir).items():
+        offset = 1 << (args["num_bits"] - 1)
         q = q.to(torch.int32) + offset
         zp = (torch.full(scale.shape, offset, dtype=torch.int32) if zp is None
               else zp.to(torch.int32) + offset)
         group = args.get("group_size") or q.shape[1]  # channel strategy: one group per row
-        out[name] = (q.to(torch.uint8).numpy(), scale.numpy(), zp.to(torch.uint8).numpy(), group)
+        out[name] = (q.to(torch.uint8).numpy(), scale.numpy(), zp.to(torch.uint8).numpy(), group,
+                     args["num_bits"])
     return out
+
+
+def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
+    """`read_nbits_layers` without the bits, for a checkpoint of one bit width:
+    {module name: (q, scale, zero_point, group_size)}."""
+    if mixed_bits(model_dir):
+        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
+                        "layers (`quantize --layer-bits`); read it with read_nbits_layers")
+    return {n: v[:4] for n, v in read_nbits_layers(model_dir).items()}
 
 
 def read_int8_layers(model_dir: str | Path) -> dict[str, tuple]:
@@ -297,13 +327,14 @@ def read_int8_layers(model_dir: str | Path) -> dict[str, tuple]:
     Linear of an 8-bit per-channel checkpoint: compressed-tensors' signed integers as they are,
     W = (q − z)·s per output row (z = 0 when symmetric), the layout of onnxruntime's int8
     weights. Names as in `read_int4_layers`."""
-    args, layers = _packed_layers(model_dir)
-    if args["num_bits"] != 8 or args.get("strategy") != "channel":
-        raise UserError(f"{model_dir} holds {args['num_bits']}-bit weights with strategy "
-                        f"{args.get('strategy')!r}; int8 needs 8 bits per channel (`edgevlm "
-                        "quantize --bits 8 --group-size -1`)")
+    layers = _packed_layers(model_dir)
+    for args in {str(a): a for *_, a in layers.values()}.values():
+        if args["num_bits"] != 8 or args.get("strategy") != "channel":
+            raise UserError(f"{model_dir} holds {args['num_bits']}-bit weights with strategy "
+                            f"{args.get('strategy')!r}; int8 needs 8 bits per channel "
+                            "(`edgevlm quantize --bits 8 --group-size -1`)")
     out = {}
-    for name, (q, scale, zp) in layers.items():
+    for name, (q, scale, zp, _) in layers.items():
         scale = scale.reshape(-1)  # (N, 1) -> (N,)
         zp = torch.zeros(scale.shape, dtype=torch.int8) if zp is None else zp.reshape(-1)
         out[name] = (q.to(torch.int8).numpy(), scale.numpy(), zp.to(torch.int8).numpy())

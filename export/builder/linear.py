@@ -103,7 +103,9 @@ def plan(decoder, precision: str, block_size: int, checkpoint: dict | None) -> t
             continue
         key = f"{name}.weight"
         held = checkpoint.get(key)
-        if isinstance(held, (int4.Int4Weight, int8.Int8Weight)):
+        if isinstance(held, NBitsWeight):  # a mixed checkpoint's 8-bit layer, as it is
+            out[key] = held
+        elif isinstance(held, (int4.Int4Weight, int8.Int8Weight)):
             out[key] = _nbits(held, block_size)
         else:
             # A layer a quantized checkpoint left in float (its skip list: the LM head) was kept
@@ -250,9 +252,14 @@ class Linears:
         import torch
 
         if self.weights is not None:
-            w = concat_rows([self.weights[key] for key, _ in layers])
-            y = nbits_node(g, w, x, f"{name}/MatMulNBits", prefix, self.accuracy_level,
-                           self.dtype)
+            ws = [self.weights[key] for key, _ in layers]
+            if len({w.bits for w in ws}) == 1:
+                y = nbits_node(g, concat_rows(ws), x, f"{name}/MatMulNBits", prefix,
+                               self.accuracy_level, self.dtype)
+            else:  # a mixed checkpoint (e.g. v_proj at 8 bits): one node per layer, joined
+                ys = [nbits_node(g, w, x, f"{name}/MatMulNBits_{i}", f"{prefix}.{i}",
+                                 self.accuracy_level, self.dtype) for i, w in enumerate(ws)]
+                y = g.node("Concat", ys, f"{name}/Concat", axis=-1)[0]
         else:
             w = torch.cat([m.weight.detach().float().cpu() for _, m in layers])  # (N, K)
             w = np.ascontiguousarray(w.numpy().T.astype(self.dtype))  # (K, N)

@@ -122,9 +122,47 @@ def test_more_bits_err_less_where_they_are_spent(mixed, micro_model_dir, shapes_
             assert rec["error"] > flat.report["layers"][name]["error"], name
 
 
-def test_export_names_a_mixed_checkpoint(mixed, tmp_path):
+def test_export_carries_8_bit_layers_into_their_own_matmulnbits(micro_model_dir, shapes_dir,
+                                                                 tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.quant.checkpoint import read_nbits_layers
+
+    r = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
+        method="gptq", layer_bits=(("v_proj", 8),), **FAST), calib=shapes_dir / "train.json")
+    result = export(r.out_dir, tmp_path / "e", ExportConfig(
+        precision="int4", vision_precision="fp32", embed_precision="fp32"))
+    assert result.parity.passed, result.parity.failures
+    graph = onnx.load(str(result.out_dir / result.components["decoder_model_merged"].file))
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    eight = [n for n in nodes if {a.name: a.i for a in n.attribute}["bits"] == 8
+             and "qkv_proj" in n.input[1]]  # (the float LM head is rounded to 8 bits too)
+    assert len(eight) == 2  # v_proj of each layer, apart from q and k (4 bits)
+    assert sum("qkv_proj" in n.input[1] for n in nodes) == 6
+    held = read_nbits_layers(r.out_dir)
+    for layer, node in enumerate(eight):
+        q, scale, zp, group, bits = held[f"model.language_model.layers.{layer}.self_attn.v_proj"]
+        assert bits == 8 and group == 32
+        stored = numpy_helper.to_array(inits[node.input[1]]).reshape(q.shape)
+        np.testing.assert_array_equal(stored, q)  # the checkpoint's integers, as they are
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(inits[node.input[2]]).reshape(scale.shape), scale)
+
+
+def test_export_names_what_it_cannot_carry(mixed, micro_model_dir, shapes_dir, tmp_path):
     from edgevlm.export import ExportConfig, export
 
-    with pytest.raises(UserError, match="mixes 3 and 4 and 8-bit layers"):
+    with pytest.raises(UserError, match="mixes 3 and 4 and 8-bit layers .* export carries "
+                                        "4-bit layers with some at 8 bits"):
         export(mixed["gptq"].out_dir, tmp_path / "e", ExportConfig(precision="int4"))
-    assert not (tmp_path / "e").exists()
+    r = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
+        method="rtn", layer_bits=(("v_proj", 8),), **FAST), calib=shapes_dir / "train.json")
+    with pytest.raises(UserError, match="holds 8-bit layers of a mixed checkpoint .* only in "
+                                        "the built decoder"):
+        export(r.out_dir, tmp_path / "t", ExportConfig(precision="int4", decoder="traced",
+                                                       vision_precision="fp32"))
+    assert not (tmp_path / "e").exists() and not (tmp_path / "t").exists()
