@@ -34,7 +34,13 @@ from edgevlm.quant.calibrate import (
     walk,
 )
 from edgevlm.quant.checkpoint import read_scheme, storable_group_size
-from edgevlm.quant.primitives import MIN_CALIB_SAMPLES, MIN_GROUP, QuantConfig, QuantizedWeight
+from edgevlm.quant.primitives import (
+    MIN_CALIB_SAMPLES,
+    MIN_GROUP,
+    QuantConfig,
+    QuantizedWeight,
+    name_ends,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +195,7 @@ def _targets(model, cfg: QuantConfig) -> dict[str, torch.nn.Linear]:
             raise UserError(f"--group-size {cfg.group_size} is larger than the input width {k} "
                             f"of {name}; choose --group-size -1 (one group per row){smaller}")
     for end, bits in cfg.layer_bits:
-        if not any(n == end or n.endswith("." + end) for n in out):
+        if not any(name_ends(n, end) for n in out):
             ends = sorted({n.rsplit(".", 1)[-1] for n in out})
             raise UserError(f"--layer-bits {end}={bits} names no quantized Linear; their names "
                             f"end with {', '.join(ends)}")

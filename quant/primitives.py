@@ -164,6 +164,11 @@ class QuantizedWeight:
                                self.zero_point.to(device), self.bits, self.group_size)
 
 
+def name_ends(name: str, end: str) -> bool:
+    """Whether module `name` ends with the whole dotted parts `end` (v_proj, mlp.down_proj)."""
+    return name == end or name.endswith("." + end)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What `edgevlm quantize` does; saved as JSON in quant_report.json beside the weights."""
@@ -285,8 +290,7 @@ class QuantConfig:
     def bits_for(self, name: str) -> int:
         """The bits of the Linear called `name`: the first layer_bits entry its name ends
         with, else `bits`."""
-        return next((b for end, b in self.layer_bits
-                     if name == end or name.endswith("." + end)), self.bits)
+        return next((b for end, b in self.layer_bits if name_ends(name, end)), self.bits)
 
     def for_layer(self, name: str) -> QuantConfig:
         """The config that quantizes the Linear called `name` (its own bits)."""
