@@ -1,13 +1,13 @@
 """Quantized checkpoints in the compressed-tensors `pack-quantized` format, out and back in.
 
-Out (`write_checkpoint`): the model's quantized Linear weights are set to their exact
-dequantized values (q − z)·s, compressed-tensors' QuantizationConfig is applied with one
-scheme (int, `bits`, group or channel strategy; mixed precision adds one per other bit width,
-targeting names) and an explicit `ignore` list of every Linear we left in float, the scale and zero-point parameters are filled with ours, and ModelCompressor
-packs the weights. Its `quantize` computes round(w/s) + z on our exactly-quantized w, which gives
-back our integers, so the stored int32 words hold exactly what the search chose. compressed-tensors
-stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1) (symmetric: no zero point), and
-dequantizes (q_ct − z_ct)·s, bit-identical to our (q − z)·s.
+Out (`write_checkpoint`): the model's quantized Linear weights are set to their exact dequantized
+values (q − z)·s, compressed-tensors' QuantizationConfig is applied with one scheme (int, `bits`,
+group or channel strategy; mixed precision adds one per other bit width, targeting names) and an
+explicit `ignore` list of every Linear we left in float, the scale and zero-point parameters are
+filled with ours, and ModelCompressor packs the weights. Its `quantize` computes round(w/s) + z on
+our exactly-quantized w, which gives back our integers, so the stored int32 words hold exactly what
+the search chose. compressed-tensors stores signed integers: q_ct = q − 2^(b−1), z_ct = z − 2^(b−1)
+(symmetric: no zero point), and dequantizes (q_ct − z_ct)·s, bit-identical to our (q − z)·s.
 
 Group sizes: compressed-tensors sizes group scales (N, ceil(K / group_size)) when it sets a
 module up (initialize.py, `strategy_cdiv`, only a warning when the division is not exact), but
