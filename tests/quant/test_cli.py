@@ -31,3 +31,17 @@ def test_cli_quantize_rtn_json_and_errors(micro_model_dir, shapes_dir, tmp_path)
                               "--method", "nf4"])
     assert isinstance(nf4.exception, UserError) and "BitsAndBytesConfig" in str(nf4.exception)
     assert not (tmp_path / "n").exists()
+
+
+def test_cli_layer_bits(micro_model_dir, tmp_path):
+    runner = CliRunner()
+    args = ["quantize", str(micro_model_dir), "--method", "rtn", "--group-size", "32", "--json"]
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "q"), "--layer-bits", "v_proj=8"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    # per layer v_proj holds 32 x 64 of q, k, v, o, gate, up, down's 36,864 weights
+    assert summary["layer_bits"] == {"v_proj": 8}
+    assert abs(summary["weight_bits_mean"] - (4 + 4 * 2048 / 36864)) < 1e-9
+    bad = runner.invoke(app, args + ["--out", str(tmp_path / "x"), "--layer-bits", "v_proj"])
+    assert isinstance(bad.exception, UserError) and "is not NAME=BITS" in str(bad.exception)
+    assert not (tmp_path / "x").exists()
