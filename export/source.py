@@ -45,18 +45,19 @@ def check_source(model_dir: Path) -> Source | None:
     scheme = read_scheme(model_dir)
     if scheme is None:
         return None
-    if mixed_bits(model_dir):  # `quantize --layer-bits`: MatMulNBits takes each layer's bits
+    mixed = mixed_bits(model_dir)
+    if mixed:  # `quantize --layer-bits`: MatMulNBits takes each layer's bits
         groups = config_groups(model_dir)
         base = next((a for t, a in groups if "Linear" in t), {})
         sizes = {a.get("group_size") for _, a in groups}
         if (scheme.quant_method == "compressed-tensors" and scheme.format == "pack-quantized"
-                and base.get("num_bits") == 4 and set(mixed_bits(model_dir)) == {4, 8}
+                and base.get("num_bits") == 4 and set(mixed) == {4, 8}
                 and all(a.get("strategy") == "group" for _, a in groups) and len(sizes) == 1
                 and isinstance(base.get("group_size"), int)
                 and base["group_size"] >= int4.MIN_BLOCK
                 and not base["group_size"] & (base["group_size"] - 1)):
             return Source(Precision.INT4, 4, base["group_size"], mixed=True)
-        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
+        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed))}-bit "
                         "layers (`edgevlm quantize --layer-bits`); export carries 4-bit layers "
                         "with some at 8 bits, in groups of one size (e.g. --bits 4 --layer-bits "
                         "v_proj=8); quantize again with such bits, or export without "

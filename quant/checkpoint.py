@@ -245,14 +245,15 @@ def _group_of(name: str, groups: list[tuple[list[str], dict]]) -> dict:
     """The weights' arguments of the config group that holds module `name`, matched as
     compressed-tensors matches it: an exact name first, then a `re:` pattern, then a class
     target (edgevlm writes only "Linear", which every packed module is)."""
-    for kind in ("exact", "re", "class"):
+    from compressed_tensors.utils.match import match_name
+
+    ranked = (lambda t: not t.startswith("re:") and match_name(name, t),  # the exact name
+              lambda t: t.startswith("re:") and match_name(name, t),  # a pattern
+              lambda t: not t.startswith("re:") and t[:1].isupper())  # a class ("Linear")
+    for hit in ranked:
         for targets, args in groups:
-            for t in targets:
-                hit = (t == name if kind == "exact" else
-                       t.startswith("re:") and re.match(t[3:], name) is not None
-                       if kind == "re" else not t.startswith("re:") and t[:1].isupper())
-                if hit:
-                    return args
+            if any(hit(t) for t in targets):
+                return args
     raise UserError(f"no config group of the checkpoint holds its packed layer {name}; the "
                     "quantization_config does not match its weights (re-run `edgevlm quantize`)")
 
@@ -316,9 +317,10 @@ def read_nbits_layers(model_dir: str | Path) -> dict[str, tuple]:
 def read_int4_layers(model_dir: str | Path) -> dict[str, tuple]:
     """`read_nbits_layers` without the bits, for a checkpoint of one bit width:
     {module name: (q, scale, zero_point, group_size)}."""
-    if mixed_bits(model_dir):
-        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed_bits(model_dir)))}-bit "
-                        "layers (`quantize --layer-bits`); read it with read_nbits_layers")
+    mixed = mixed_bits(model_dir)
+    if mixed:
+        raise UserError(f"{model_dir} mixes {' and '.join(map(str, mixed))}-bit layers "
+                        "(`quantize --layer-bits`); read it with read_nbits_layers")
     return {n: v[:4] for n, v in read_nbits_layers(model_dir).items()}
 
 
