@@ -4,6 +4,7 @@ ours exactly; Q-VLM's block search never does worse than GPTQ on its block; bad 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -283,16 +284,41 @@ def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, p
     assert not (tmp_path / "s").exists()
 
 
+def gptq_on_the_same_batches(model_dir, data, cfg: QuantConfig) -> dict:
+    """GPTQ's integers, walked layer by layer over the calibration batches Q-VLM builds for `cfg`
+    (its fitting batches, then its held-out ones). Exactness is a property of identical inputs:
+    `quantize(method="gptq")` batches the same samples without a held-out split, so its padding
+    and summation order differ and its Hessians agree with Q-VLM's only to float rounding
+    (about 1e-6 here), which may flip a rounding decision."""
+    from edgevlm.models import load_model
+    from edgevlm.quant.api import _calibration_batches
+    from edgevlm.quant.blocks import layerwise_block
+    from edgevlm.quant.calibrate import decoder_layers, prepare, walk
+
+    loaded = load_model(model_dir, dtype=torch.float32)
+    read = _calibration_batches(loaded, data, cfg, None)
+    with torch.no_grad():
+        calib = prepare(loaded.model, read.batches, read.heldout)
+    weights: dict = {}
+    gptq_cfg = replace(cfg, method="gptq")
+    walk(loaded.model, calib, [[i] for i in range(len(decoder_layers(loaded.model)))],
+         layerwise_block(loaded.model, gptq_cfg, weights))
+    return weights
+
+
 def test_qvlm_at_beta_zero_is_gptq_exactly(micro_model_dir, shapes_dir, tmp_path):
-    """The fact the GPTQ guard rests on: Q-VLM restricted to beta 0 writes GPTQ's integers."""
+    """The fact the GPTQ guard rests on: on the same calibration batches, Q-VLM restricted to
+    beta 0 writes GPTQ's integers. Exact by construction: clip = 1 - 0·(1 - alpha) is 1.0 in
+    every group, and each Linear's Hessian is accumulated from the same inputs in the same
+    order, so gptq.quantize_weight sees bit-equal arguments."""
     data = shapes_dir / "train.json"
-    q = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
-        method="qvlm", bits=3, group_size=32, calib_samples=16, clip_strengths=(0.0,)),
-        calib=data)
-    g = quantize(micro_model_dir, tmp_path / "g", QuantConfig(
-        method="gptq", bits=3, group_size=32, calib_samples=16), calib=data)
-    assert set(q.weights) == set(g.weights)
-    assert all(torch.equal(q.weights[n].q, g.weights[n].q) for n in g.weights)
+    cfg = QuantConfig(method="qvlm", bits=3, group_size=32, calib_samples=16,
+                      clip_strengths=(0.0,))
+    q = quantize(micro_model_dir, tmp_path / "q", cfg, calib=data)
+    g = gptq_on_the_same_batches(micro_model_dir, data, cfg)
+    assert set(q.weights) == set(g) and len(g) == 14
+    assert all(torch.equal(q.weights[n].q, g[n].q) for n in g)
+    assert all(torch.equal(q.weights[n].scale, g[n].scale) for n in g)
     assert q.report["gptq_guard"]["kept"] == "qvlm"  # nothing to compare: beta 0 everywhere
 
 
@@ -304,17 +330,17 @@ def test_gptq_guard_keeps_the_lower_heldout_kl(micro_model_dir, shapes_dir, tmp_
     every group to 30% of its range the guard falls back to GPTQ's integers exactly; with the
     default grid it keeps whichever KL is lower."""
     data = shapes_dir / "train.json"
-    q = quantize(micro_model_dir, tmp_path / "q", QuantConfig(
-        method="qvlm", bits=3, group_size=32, calib_samples=16, clip_strengths=(1.0,),
-        clip_grid=clip_grid), calib=data)
+    q_cfg = QuantConfig(method="qvlm", bits=3, group_size=32, calib_samples=16,
+                        clip_strengths=(1.0,), clip_grid=clip_grid)
+    q = quantize(micro_model_dir, tmp_path / "q", q_cfg, calib=data)
     guard = q.report["gptq_guard"]
     kept = "gptq" if guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"] else "qvlm"
     assert guard["kept"] == kept
     if clip_grid == (0.3,):
         assert kept == "gptq" and guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"]
-        g = quantize(micro_model_dir, tmp_path / "g", QuantConfig(
-            method="gptq", bits=3, group_size=32, calib_samples=16), calib=data)
-        assert all(torch.equal(q.weights[n].q, g.weights[n].q) for n in g.weights)
+        g = gptq_on_the_same_batches(micro_model_dir, data, replace(
+            q_cfg, clip_strengths=(0.0,)))  # the guard's GPTQ pass: beta 0 on the same batches
+        assert all(torch.equal(q.weights[n].q, g[n].q) for n in g)
     from edgevlm.models import load_model
 
     back = dict(load_model(tmp_path / "q", dequantize=True).model.named_modules())
