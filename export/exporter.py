@@ -69,6 +69,8 @@ class ExportResult:
     seconds: float
     readiness: readiness.Readiness | None = None  # mobile: NNAPI/CoreML coverage per graph
     decoder: dict | None = None  # edgevlm.json "decoder": kind, fallback reason, KV buffer, ...
+    vision_int8: dict | None = None  # edgevlm.json "vision_int8": what int8 cost the tower, and
+    # whether it shipped in int8 or stayed fp32
 
 
 def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
@@ -178,6 +180,30 @@ def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Pat
     return config
 
 
+def _int8_vision(model, loaded, config: ExportConfig, checkpoint: dict, automatic: bool):
+    """An int8 vision encoder carries edgevlm's own integers (edgevlm.export.vision_int8; a
+    checkpoint's 8-bit vision layers keep theirs). Returns (config, manifest entry, gate
+    reference, {component: integers} for the quantizer): an automatic int8 tower (`--precision
+    int4` without --vision-precision) whose features move more than the budget is exported in
+    fp32 instead, and says so."""
+    from edgevlm.export import vision_int8
+    from edgevlm.export.graphs import wrapper
+    from edgevlm.export.validate import validation_pixels
+
+    if config.precisions()["vision_encoder"] is not Precision.INT8:
+        return config, None, None, {}
+    module = wrapper("vision_encoder", model)
+    found = {**vision_int8.weights(module), **checkpoint.get("vision_encoder", {})}
+    pixels = validation_pixels(loaded)["pixel_values"].numpy()
+    cost = vision_int8.cost(module, found, pixels)
+    if automatic and not cost.within:
+        entry = cost.to_dict("fp32", automatic)
+        log.warning("vision_encoder: %s (give --vision-precision int8 to export it in int8 "
+                    "anyway)", entry["why"])
+        return replace(config, vision_precision=Precision.FP32), entry, None, {}
+    return config, cost.to_dict("int8", automatic), cost, {"vision_encoder": found}
+
+
 def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
            quiet: bool = True) -> ExportResult:
     """Export a LLaVA-family model folder to an ONNX export folder; see the module docstring."""
@@ -212,9 +238,10 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
-    if (config.precision is Precision.INT4 and config.vision_precision is None
-            and config.profile == "default"
-            and not (source is not None and ckpt.quantized_vision(model_dir))):
+    automatic = (config.precision is Precision.INT4 and config.vision_precision is None
+                 and config.profile == "default"
+                 and not (source is not None and ckpt.quantized_vision(model_dir)))
+    if automatic:
         config = replace(config, vision_precision=INT4_VISION)
     check_new(out, config.overwrite, [model_dir])  # before minutes of loading and tracing
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
@@ -226,10 +253,12 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     if config.visual_tokens is not None:
         token_select.check(config.visual_tokens, loaded.num_image_tokens)
     dims = text_dims(model.config)
-    precisions = config.precisions()
     choice = dec.choose(config, model.config)  # before minutes of validating and tracing
     checkpoint = ({} if source is None
-                  else ckpt.checkpoint_weights(model, model_dir, precisions, source))
+                  else ckpt.checkpoint_weights(model, model_dir, config.precisions(), source))
+    config, vision_entry, vision_carried, own = _int8_vision(model, loaded, config, checkpoint,
+                                                             automatic)
+    precisions = config.precisions()
     if source is not None and source.mixed:
         ckpt.check_mixed(checkpoint, choice.kind == "builder")
     shapes = rope = None
@@ -270,6 +299,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
                                            config, dims.num_layers, shapes)
             bar.update(1)
         info = manifest.build(loaded, dims, config, ckpt.weight_sources(precisions, checkpoint))
+        if vision_entry is not None:
+            info["vision_int8"] = vision_entry
         info["io"][dec.DECODER] = contract.graph_io(dec.DECODER, dims.num_layers, config.profile,
                                                     choice.kind).to_dict()
         genai = dec.write_genai(model, built, tmp, info, config.profile) if built else None
@@ -281,7 +312,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         files: dict[str, ComponentFile] = {}
         for component in order:
             files[component] = _finish(component, precisions[component], *traced[component],
-                                       tmp, config, checkpoint.get(component),
+                                       tmp, config, {**checkpoint, **own}.get(component),
                                        built is not None and component == dec.DECODER)
             bar.update(1)
         shutil.rmtree(tmp / ".float", ignore_errors=True)
@@ -294,7 +325,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         if ref is not None:
             parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims,
                               rope, choice.kind, carried, choice.accuracy_level,
-                              choice.activations or "fp32")
+                              choice.activations or "fp32", vision_carried)
             info["parity"] = parity.to_dict()
             bar.update(1)
         if parity is not None and not parity.passed:
@@ -304,4 +335,5 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
         if measured is not None:
             info["readiness"] = measured.to_dict()
         (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-    return ExportResult(out, files, parity, time.time() - t0, measured, info["decoder"])
+    return ExportResult(out, files, parity, time.time() - t0, measured, info["decoder"],
+                        vision_entry)

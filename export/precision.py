@@ -3,9 +3,11 @@
   fp32  the traced graph as is.
   fp16  traced from the model in half precision (torch keeps RoPE and RMSNorm statistics in
         float32, which a blind graph-level float16 cast would not); IO stays float32.
-  int8  onnxruntime quantize_dynamic: int8 weights per output channel, activations quantized on
-        the fly (MatMulInteger); embedding tables as int8 Gather. The layers of an 8-bit
-        checkpoint then get its integers and scales back (edgevlm.export.int8).
+  int8  onnxruntime quantize_dynamic: 8-bit weights per output channel, stored as uint8 (the u8·s8
+        kernel saturates on AVX2 CPUs; edgevlm.export.int8), activations quantized on the fly
+        (MatMulInteger); embedding tables as int8 Gather. The layers of an 8-bit checkpoint, and
+        every Linear of the vision encoder (edgevlm.export.vision_int8), then get edgevlm's
+        integers and scales (edgevlm.export.int8).
   int4  MatMulNBits with 4-bit weights in blocks of `block_size` input channels (edgevlm.export
         .int4), GatherBlockQuantized for embedding tables; the layers of a quantized checkpoint
         keep its integers, the rest are rounded to nearest.
@@ -52,9 +54,11 @@ def _quantize(component, precision, src, dst, block_size, external, ops, checkpo
             # quantize_dynamic advises running its pre-processing; the traced graph already has
             # shapes inferred and constants folded.
             warnings.simplefilter("ignore")
+            gather = component == "embed_tokens"  # a lookup: no u8·s8 products to saturate
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(ops),
-                             per_channel=component != "embed_tokens",
-                             weight_type=QuantType.QInt8, use_external_data_format=external)
+                             per_channel=not gather,
+                             weight_type=QuantType.QInt8 if gather else QuantType.QUInt8,
+                             use_external_data_format=external)
         if checkpoint:
             int8.use_checkpoint(dst, checkpoint, external)
     elif Precision(precision) is Precision.INT4:

@@ -64,8 +64,8 @@ class ComponentError:
     reference_max_abs: float
     tolerance: float  # on max_abs
     passed: bool
-    gated: bool = True  # False: reported only (a built int4/int8 decoder against the float
-    # model; its gate is the graph check against torch carrying the same integers)
+    gated: bool = True  # False: reported only (a built int4/int8 decoder or an int8 vision
+    # encoder against the float model; its gate is against torch carrying the same integers)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class Parity:
     failures: list[str] = field(default_factory=list)
     graph_check: object | None = None  # edgevlm.export.graph_check.GraphCheck: a built int4/int8
     # decoder against the torch model carrying its integers
+    vision_check: object | None = None  # edgevlm.export.vision_int8.VisionCheck: an int8 vision
+    # encoder against the torch tower carrying its integers
 
     @property
     def passed(self) -> bool:
@@ -96,6 +98,7 @@ class Parity:
                 "components": {k: asdict(v) for k, v in self.components.items()},
                 "greedy": asdict(self.greedy),
                 "graph_check": asdict(self.graph_check) if self.graph_check else None,
+                "vision_check": asdict(self.vision_check) if self.vision_check else None,
                 "tolerances": {"fp32_max_abs": FP32_MAX_ABS, "relative": RELATIVE_TOLERANCE}}
 
 
@@ -106,6 +109,13 @@ def sample_images(size: int):
     scenes = [[Obj("red", "circle", 4), Obj("blue", "square", 0)],
               [Obj("yellow", "triangle", 8)]]
     return [draw(objs, size, random.Random(i)) for i, objs in enumerate(scenes)]
+
+
+def validation_pixels(loaded) -> dict:
+    """The vision inputs of the two validation images, float32 torch tensors."""
+    family = family_of(loaded.model)
+    return {k: (v.float() if v.is_floating_point() else v)
+            for k, v in family.pixel_inputs(loaded.processor, sample_images(48)).items()}
 
 
 def torch_reference(loaded, new_tokens: int) -> Reference:
@@ -123,8 +133,7 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     text = text.replace(IMAGE_TAG, family.expand_image(loaded.processor, loaded.num_image_tokens,
                                                        images[0]))
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    inputs = {k: (v.float() if v.is_floating_point() else v)
-              for k, v in family.pixel_inputs(loaded.processor, images).items()}
+    inputs = validation_pixels(loaded)
     first = {k: v[:1] for k, v in inputs.items()}
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
@@ -267,12 +276,15 @@ def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
 def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims,
              rope: np.ndarray | None = None, decoder: str = "traced",
              carried: Reference | None = None, accuracy_level: int | None = None,
-             activations: str = "fp32") -> Parity:
+             activations: str = "fp32", vision_carried=None) -> Parity:
     """Compare the graphs at `paths` (one per component) with the torch reference. `rope`
     (the mobile profile's cos/sin table) selects the static graphs' calling convention,
     `decoder` "builder" the shared KV buffers. `carried` (a built int4/int8 decoder): the
     reference of the torch model carrying the decoder's integers, which the decoder is held to
-    (edgevlm.export.graph_check); against `ref` (float) its error is then only reported."""
+    (edgevlm.export.graph_check); against `ref` (float) its error is then only reported.
+    `vision_carried` (an int8 vision encoder; edgevlm.export.vision_int8.Int8Cost): the torch
+    tower carrying its integers, which the graph is held to (vision_int8.check); its error
+    against the float tower is then only reported."""
     sessions = {c: _session(p) for c, p in paths.items()}
     positions = ref.input_ids.shape[1] + len(ref.tokens) + 1
     graphs = (_Static(sessions, dims, rope) if rope is not None else
@@ -288,11 +300,19 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     last = slice(-1, None) if decoder == "builder" else slice(None)  # built: last logits only
     wanted = {"vision_encoder": ref.image_features, "embed_tokens": ref.inputs_embeds,
               "decoder_model_merged": ref.prompt_logits[:, last]}
-    errors = {c: _error(precisions[c], outputs[c], wanted[c],
-                        c != "decoder_model_merged" or carried is None)
+    held = {"decoder_model_merged": carried is not None,  # gated against carried integers
+            "vision_encoder": vision_carried is not None}
+    errors = {c: _error(precisions[c], outputs[c], wanted[c], not held.get(c, False))
               for c in contract.COMPONENTS}
     failures = [f"{c} ({e.precision}): max-abs error {e.max_abs:.3g} is over {e.tolerance:.3g}"
                 for c, e in errors.items() if not e.passed]
+    vision_check = None
+    if vision_carried is not None:
+        from edgevlm.export import vision_int8
+
+        vision_check = vision_int8.check(paths["vision_encoder"], ref.pixel_values,
+                                         vision_carried)
+        failures += vision_check.failures()
     check = None
     if carried is not None:
         from edgevlm.export.graph_check import check_graph
@@ -315,4 +335,4 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     if all_fp32 and greedy.logits_max_abs >= FP32_MAX_ABS:
         failures.append(f"greedy logits max-abs error {greedy.logits_max_abs:.3g} is over "
                         f"{FP32_MAX_ABS}")
-    return Parity(errors, greedy, failures, check)
+    return Parity(errors, greedy, failures, check, vision_check)

@@ -67,10 +67,12 @@ def test_matmulinteger_holds_checkpoint_integers_exactly(ckpt, exported):
     names = _graph_names(ckpt)
     for hf_name, (q, scale, zp) in layers.items():
         gq, gs, gz = graph[names[hf_name]]
-        assert gq.dtype == np.int8 and gs.dtype == np.float32
-        np.testing.assert_array_equal(gq, q, err_msg=hf_name)
+        # stored unsigned (the s8 value + 128; edgevlm.export.int8): the same integers
+        assert gq.dtype == np.uint8 and gz.dtype == np.uint8 and gs.dtype == np.float32
+        np.testing.assert_array_equal(gq.astype(np.int16) - 128, q, err_msg=hf_name)
         np.testing.assert_array_equal(gs, scale, err_msg=hf_name)
-        np.testing.assert_array_equal(gz, np.zeros_like(zp), err_msg=hf_name)
+        np.testing.assert_array_equal(gz.astype(np.int16) - 128, np.zeros_like(zp),
+                                      err_msg=hf_name)
     # Every decoder Linear the checkpoint quantized, and lm_head (float there, rounded here).
     assert len(layers) == 14 and set(graph) == {names[n] for n in layers} | {"lm_head"}
     manifest = json.loads((exported.out_dir / contract.MANIFEST).read_text())

@@ -49,9 +49,18 @@ def test_graphs_pass_checker_and_tolerances(exported):
         check(result.out_dir / f.file, ort_ops=component == DECODER)  # the built decoder
         err = result.parity.components[component]
         assert 0 < err.max_abs < RELATIVE_TOLERANCE[precision] * err.reference_max_abs
-        # A built int4/int8 decoder is gated against torch carrying its integers; against the
-        # float model its error is reported only.
-        assert err.gated == (component != DECODER or precision == "fp16")
+        # A built int4/int8 decoder and an int8 vision encoder are gated against torch carrying
+        # their integers; against the float model their error is reported only.
+        carried = (component == DECODER and precision != "fp16") or (
+            component == "vision_encoder" and precision == "int8")
+        assert err.gated == (not carried)
+    vision = result.parity.vision_check
+    if cfg.precisions()["vision_encoder"] == "int8":
+        assert vision.passed and vision.kernel_mismatches == 0 and vision.matmuls > 0
+        assert vision.max_abs < vision.tolerance < result.parity.components[
+            "vision_encoder"].max_abs  # the gate is far tighter than the rounding it ignores
+    else:
+        assert vision is None
     # fp16 keeps greedy decoding on torch's path. Quantized graphs of a random model may pick
     # another token at once (its top logits are close), but the logits stay within tolerance.
     greedy = result.parity.greedy
