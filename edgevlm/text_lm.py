@@ -121,6 +121,13 @@ def _with_image_token(tokenizer, where: str):
 
         tok.chat_template = CHAT_TEMPLATE
         log.warning("%s: the tokenizer has no chat template; using ChatML", where)
+    else:  # a text-only template (SmolLM2's) learns to take image parts
+        from edgevlm.runtime.chat import special_tokens_from_config
+        from edgevlm.tokenizer import with_image_parts
+
+        specials = special_tokens_from_config({k: getattr(tok, k, None) for k in (
+            "bos_token", "eos_token", "pad_token", "unk_token")})
+        tok.chat_template = with_image_parts(tok.chat_template, specials)
     return tok, IMAGE_TOKEN not in vocab
 
 

@@ -32,6 +32,43 @@ CHAT_TEMPLATE = (
 )
 
 
+# Put before a text-only template (one that concatenates message['content'] as a string, as
+# SmolLM2's and most language models' do): a message whose content is a list of typed parts
+# becomes one string, the image tag on its own line where the image part stood, so the same
+# template renders both LLaVA data ("<image>\nWhat ...") and transformers' multimodal messages.
+PARTS_TO_TEXT = (
+    "{%- set ns = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set ns.messages = ns.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '" + IMAGE_TOKEN
+    + "\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': text.value}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.messages -%}"
+)
+
+
+def with_image_parts(template: str, special_tokens: dict[str, str] | None = None) -> str:
+    """`template`, or, when it cannot render a message of typed parts with the image in it,
+    the same template behind PARTS_TO_TEXT."""
+    from edgevlm.runtime.chat import ChatTemplate
+
+    if ChatTemplate(template, special_tokens).takes_parts(IMAGE_TOKEN):
+        return template
+    wrapped = PARTS_TO_TEXT + template
+    assert ChatTemplate(wrapped, special_tokens).takes_parts(IMAGE_TOKEN), \
+        "the wrapped template still does not take image parts"
+    return wrapped
+
+
 def _with_roles(texts: Iterable[str]):
     """The texts, each followed by the template's role names: every rendered conversation
     carries them, so they should merge into single tokens like any frequent word (otherwise

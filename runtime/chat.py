@@ -125,6 +125,24 @@ class ChatTemplate:
                 **_plain({**self.special_tokens, **kwargs}))
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template rejected these messages: {e}") from e
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            # a template written for other message shapes, e.g. `'...' + message['content']`
+            # on a list of content parts
+            raise UserError(f"the chat template cannot render these messages "
+                            f"({type(e).__name__}: {e}); give the content as a string") from e
+
+    def takes_parts(self, image_tag: str) -> bool:
+        """Whether the template renders a user message given as typed parts, [{"type":
+        "image"}, {"type": "text", ...}], with the image where `image_tag` marks it. Templates
+        written for text-only models concatenate `message['content']` as a string and fail or
+        print the list; LLaVA's, SmolVLM's and Qwen2-VL's take parts."""
+        probe = "\u2063probe"  # an invisible separator no template writes itself
+        try:
+            text = self.render([{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": probe}]}])
+        except UserError:
+            return False
+        return probe in text and image_tag in text and "'type'" not in text
 
 
 def special_tokens_from_config(tokenizer_config: dict) -> dict[str, str]:

@@ -131,6 +131,7 @@ class VLM:
             image_id = tokenizer.token_to_id("<image>")
         self.image_token_id = image_id
         self.image_tag = tokenizer.id_to_token(image_id) if image_id is not None else None
+        self._takes_parts = template.takes_parts(self.image_tag or "<image>")
         # A mobile export's static graphs: a fixed cache the runtime fills by position.
         self._static = None
         if info.profile == "mobile":
@@ -207,12 +208,17 @@ class VLM:
     # -- internals ----------------------------------------------------------------------------
 
     def messages(self, image, prompt: str | Sequence[dict]) -> list[dict]:
-        """Chat messages for a call. A plain question without the image tag gets the image as the
-        template's image part before it; explicit messages are used as given."""
+        """Chat messages for a call. A plain question without the image tag gets the image
+        before it: as the template's image part when the template takes typed parts, else as
+        the tag on a line of its own in the text (LLaVA's convention, which a text-only
+        template such as SmolLM2's passes through); explicit messages are used as given."""
         if isinstance(prompt, str):
-            if image is not None and (self.image_tag is None or self.image_tag not in prompt):
-                return [{"role": "user", "content": [{"type": "image"},
-                                                     {"type": "text", "text": prompt}]}]
+            tag = self.image_tag or "<image>"
+            if image is not None and tag not in prompt:
+                if self._takes_parts:
+                    return [{"role": "user", "content": [{"type": "image"},
+                                                         {"type": "text", "text": prompt}]}]
+                return [{"role": "user", "content": f"{tag}\n{prompt}"}]
             return [{"role": "user", "content": prompt}]
         if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
             return list(prompt)
