@@ -63,6 +63,13 @@ def check_new(out: str | Path, overwrite: bool,
                         "it; choose another output, or empty or remove that folder yourself")
 
 
+def work_dir(out: str | Path) -> Path:
+    """`.OUT.work` beside OUT: what a long stage keeps for a killed run to resume from (train's
+    checkpoints, quantize's finished blocks); the stage removes it once OUT is complete."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

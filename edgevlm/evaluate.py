@@ -101,7 +101,7 @@ def evaluate(loaded: LoadedModel, samples: list[Sample], max_new_tokens: int = 1
              batch_size: int = 16, quiet: bool = False) -> EvalResult:
     """Accuracy of greedy answers against each sample's last gpt turn."""
     score, preds, t0 = Score(), [], time.time()
-    with Progress("eval", len(samples), enabled=not quiet) as bar:
+    with Progress("eval", len(samples), enabled=not quiet, unit="samples") as bar:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i: i + batch_size]
             for s, answer in zip(chunk, generate_answers(loaded, chunk, max_new_tokens,

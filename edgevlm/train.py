@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgevlm.atomic import work_dir
 from edgevlm.data import (
     LONG_SAMPLES,
     Collator,
@@ -44,6 +45,9 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.0
     save_every: int = 200
+    # also checkpoint when this many minutes passed since the last checkpoint, so a kill loses
+    # at most that much work however long a step takes; None: by steps only
+    save_every_minutes: float | None = None
     seed: int = 0
     train_vision: bool = False
     max_length: int | None = None  # tokens per sample; None: min(1024, max_position_embeddings)
@@ -60,8 +64,18 @@ class TrainConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        check_save_minutes(self.save_every_minutes)
         check_seed(self.seed)
         check_length_options(self.max_length, self.long_samples)
+
+
+def check_save_minutes(minutes) -> None:
+    """--save-every-minutes: None, or a positive finite number of minutes."""
+    if minutes is not None and (isinstance(minutes, bool)
+                                or not isinstance(minutes, (int, float))
+                                or not math.isfinite(minutes) or minutes <= 0):
+        raise UserError(f"--save-every-minutes {minutes!r} must be a positive number of minutes "
+                        "(e.g. 30); leave it out to checkpoint every --save-every steps only")
 
 
 def check_length_options(max_length, long_samples) -> None:
@@ -173,10 +187,6 @@ class StepBatches:
             yield idx[self.rank:: self.world]
 
 
-def work_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.work"
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted((work_dir(out) / "checkpoints").glob("step_*[0-9]"),
                    key=lambda p: int(p.name.split("_")[1]))
@@ -188,14 +198,17 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
         quiet: bool = False, extra_files: dict[str, dict] | None = None,
         label: str | None = None, fitted: FitReport | None = None,
         inputs: Sequence[str | Path | None] = (),
-        batcher: Callable | None = None) -> TrainResult:
+        batcher: Callable | None = None,
+        clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """Train `loaded.model` on `samples` and write the trained model directory `out`.
 
     `label` names the run in the progress bar (default: the stage), e.g. distillation's "dft".
     Samples over cfg.max_length are truncated or skipped first (`fit_samples`); `fitted` is
     that done already (distillation checks every stage's data before the first trains).
     `batcher`: collator -> the DataLoader's collate_fn, for items that are not plain samples
-    (preference pairs); `fitted` must then hold those items.
+    (preference pairs); `fitted` must then hold those items. A checkpoint is saved every
+    cfg.save_every steps and, with cfg.save_every_minutes, when that long passed on `clock`
+    (seconds) since the last one.
     """
     import torch
     from accelerate import Accelerator
@@ -250,8 +263,9 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
                                          num_workers=cfg.workers)
     history, t0, loss_val = [], time.time(), float("nan")
     show = accel.is_main_process and not quiet
+    saved_at = clock()
     with Progress(f"{label or cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
-                  enabled=show) as bar:
+                  enabled=show, unit="steps") as bar:
         for step, batch in enumerate(loader, start=start):
             batch = {k: v if v is None else v.to(accel.device) for k, v in batch.items()}
             with accel.autocast():
@@ -272,8 +286,10 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
             loss_val = float(accel.reduce(loss.detach().float(), "mean"))
             history.append({"step": step + 1, "loss": loss_val, **terms})
             bar.update(1, **terms)
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            if step + 1 < cfg.steps and _checkpoint_due(accel, step + 1, cfg,
+                                                        clock() - saved_at):
                 _save_checkpoint(accel, work, step + 1)
+                saved_at = clock()
     accel.wait_for_everyone()
     # Every rank takes part: under FSDP this gathers the shards into one full state dict (on the
     # main process); under DDP or a single process it is the unwrapped model's own.
@@ -294,6 +310,23 @@ def _schedule(cfg: TrainConfig):
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return lr_at
+
+
+def _checkpoint_due(accel, step: int, cfg: TrainConfig, since_saved: float) -> bool:
+    """Whether to checkpoint after `step`: every cfg.save_every steps, and when
+    cfg.save_every_minutes passed since the last checkpoint (or the start)."""
+    import torch
+
+    if step % cfg.save_every == 0:
+        return True
+    if cfg.save_every_minutes is None:
+        return False
+    due = since_saved >= 60 * cfg.save_every_minutes
+    if accel.num_processes > 1:
+        # saving is collective and each process reads its own clock: save when any one is due,
+        # or the others would wait for it at the save's barrier forever
+        due = float(accel.reduce(torch.tensor([float(due)], device=accel.device), "sum")) > 0
+    return due
 
 
 def _save_checkpoint(accel, work: Path, step: int, keep: int = 2) -> None:

@@ -214,7 +214,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     from edgevlm.export.graphs import text_dims
     from edgevlm.export.validate import torch_reference, validate
     from edgevlm.models import load_model
-    from edgevlm.progress import Progress
+    from edgevlm.progress import Progress, note
 
     t0 = time.time()
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -247,6 +247,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
     # traced from, and validated against, the model its integers define.
     # the graphs hold the whole tower: a model trained at fewer tokens selects in the runtime
+    note(f"loading model {model_dir} ...", enabled=not quiet)
     loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
     model = loaded.model
     _set_image_splitting(loaded, family, config, model_dir)

@@ -232,17 +232,21 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
              calib: str | Path | None = None, image_root: str | Path | None = None,
              overwrite: bool = False, quiet: bool = True, device: str = "auto",
              dtype: torch.dtype | None = None,
-             calib_text: str | Path | None = None) -> QuantResult:
+             calib_text: str | Path | None = None, resume: bool = False) -> QuantResult:
     """Quantize a LLaVA-family model directory into a compressed-tensors checkpoint.
 
     device: where the decoder blocks are searched ("auto": CUDA when torch sees it); the model
     stays on the CPU and one block at a time goes to the device. dtype: the weights' dtype while
     quantizing (default: the checkpoint's own on CUDA, float32 on the CPU, where bf16 matmuls
-    are slow); the algorithms do their arithmetic in float32/float64 whatever it is."""
+    are slow); the algorithms do their arithmetic in float32/float64 whatever it is.
+    Each finished block of the calibration walk is saved in `.OUT.work/quantize/`
+    (edgevlm.quant.workdir); `resume` continues a killed run with the same arguments from its
+    first unfinished block, to the same integers; without it, a stale folder is cleared."""
     from edgevlm.atomic import atomic_dir, check_new
     from edgevlm.devices import checkpoint_dtype, resolve_device
     from edgevlm.models import load_model, read_config
-    from edgevlm.progress import Progress
+    from edgevlm.progress import Progress, note
+    from edgevlm.quant import workdir
     from edgevlm.quant.checkpoint import write_checkpoint
 
     t0 = time.time()
@@ -257,6 +261,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     torch.manual_seed(cfg.seed)
     if dtype is None:
         dtype = checkpoint_dtype(model_dir) if device == "cuda" else torch.float32
+    run = workdir.identity(cfg, model_dir, calib, calib_text, image_root, dtype)
+    saved_run = workdir.open_run(out_dir, run, resume)  # before minutes of loading
+    note(f"loading model {model_dir} ...", enabled=not quiet)
     loaded = load_model(model_dir, dtype=dtype)
     model = loaded.model
     # an MoE decoder's fused experts become one Linear per expert projection, each calibrated
@@ -264,18 +271,18 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     moe_layers = linearize(model) if is_moe(model.config.text_config) else 0
     targets = _targets(model, cfg)
     weights: dict[str, QuantizedWeight] = {}
-    report: dict = {"config": cfg.to_dict(), "skipped": sorted(
+    report: dict = {"config": cfg.to_dict(), "resumed_blocks": 0, "skipped": sorted(
         n for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and n not in targets)}
     fused_note = _split_fused(targets, cfg)
     if fused_note:
         log.warning("%s", fused_note)
         report["layer_bits_note"] = fused_note
-    stored, note = storable_group_size({n: m.in_features for n, m in targets.items()},
+    stored, group_note = storable_group_size({n: m.in_features for n, m in targets.items()},
                                        cfg.group_size)
-    if note:  # the methods search the integers the checkpoint will hold
-        log.warning("%s", note)
-        report.update(group_size_requested=cfg.group_size, group_size_note=note)
+    if group_note:  # the methods search the integers the checkpoint will hold
+        log.warning("%s", group_note)
+        report.update(group_size_requested=cfg.group_size, group_size_note=group_note)
         cfg = replace(cfg, group_size=stored)
 
     needs = cfg.method in NEEDS_CALIB or cfg.act_bits in act.SEARCHED_BITS
@@ -298,32 +305,56 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
             report["vision_opt"] = "skipped: no image calibration (--calib)"
         elif cfg.method == "qvlm" and cfg.vision_opt:  # the float answers it will aim at
             vision_ref = qvlm.vision_reference(model, batches, calib_read.heldout)
+        note(f"calibration: a float pass over {len(batches)} batch(es) ...", enabled=not quiet)
         with torch.no_grad():
             calib_data = prepare(model, batches, calib_read.heldout)
         n_layers = len(decoder_layers(model))
         blocks = (qvlm.blocks(calib_data.input_entropy, cfg.max_block, cfg.partition)
                   if cfg.method == "qvlm" else [[i] for i in range(n_layers)])
+        workdir.calibrated(out_dir, run, saved_run, {
+            "blocks": blocks, "heldout": calib_read.heldout, "digest": workdir.digest(batches)})
         fn = (qvlm_block if cfg.method == "qvlm" else layerwise_block)(model, cfg, weights)
         if cfg.act_bits != 16:
             fn = with_act_search(fn, model, cfg, act_found, hooks)
+        # from the float model, before any saved block is put back
+        guard = (GptqGuard(model, targets, batches, calib_read.heldout)
+                 if cfg.method == "qvlm" and cfg.act_bits == 16 else None)
         layers, block_info = {}, []
-        with Progress(f"quantize {cfg.method}", len(blocks), enabled=not quiet) as bar:
+        done = workdir.load_blocks(out_dir, blocks) if saved_run is not None else []
+        for saved in done:
+            workdir.apply_block(model, saved, cfg.act_bits, hooks)
+            weights.update(saved.weights)
+            layers.update(saved.records)
+            block_info.append(saved.info)
+            act_found.update(saved.act)
+        report["resumed_blocks"] = len(done)
+        if done:
+            note(f"resuming: {len(done)} of {len(blocks)} blocks quantized before, from "
+                 f"{workdir.path(out_dir)}", enabled=not quiet)
+        unit = "blocks" if cfg.method == "qvlm" else "layers"
+        with Progress(f"quantize {cfg.method}", len(blocks), completed=len(done),
+                      enabled=not quiet, unit=unit) as bar:
             def on_block(result: BlockResult, seconds: float) -> None:
                 for name, rec in result.records.items():
                     layers[name] = {**rec, "seconds": seconds / max(len(result.records), 1)}
                 block_info.append({**result.decision, "seconds": seconds})
+                workdir.save_block(out_dir, len(block_info) - 1, workdir.SavedBlock(
+                    blocks[len(block_info) - 1], {n: weights[n] for n in result.records},
+                    {n: layers[n] for n in result.records}, block_info[-1],
+                    {n: act_found[n] for n in result.records if n in act_found}))
                 bar.update(1, err=max((r["error"] for r in result.records.values()),
                                       default=0.0))
 
-            guard = (GptqGuard(model, targets, batches, calib_read.heldout)
-                     if cfg.method == "qvlm" and cfg.act_bits == 16 else None)
             try:
-                walk(model, calib_data, blocks, fn, on_block, device)
+                walk(model, calib_data, blocks, fn, on_block, device, len(done))
+            except UserError:  # NaN in a block: a resumed run would meet it again
+                workdir.clear(out_dir)
+                raise
             finally:
                 hooks.remove()
         if guard is not None:
             report["gptq_guard"] = guard.settle(weights, blocks, block_info, cfg, device,
-                                                calib_data)
+                                                calib_data, quiet)
         report["calibration"] = {"samples": calib_data.samples, "file": str(calib),
                                  **calib_read.report,
                                  "layer_input_entropy": calib_data.input_entropy}
@@ -361,5 +392,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig,
     with atomic_dir(out_dir, overwrite, inputs) as tmp:
         write_checkpoint(loaded, weights, tmp, cfg.bits, cfg.group_size, cfg.symmetric, report,
                          cfg.layer_bits)
+    workdir.clear(out_dir)  # OUT is whole: nothing left to resume
     return QuantResult(out_dir, cfg.method, len(weights), seconds, report["mean_error"], blocks,
                        report, weights)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from edgevlm.progress import Progress
 from edgevlm.quant import act, gptq, qvlm, rtn
 from edgevlm.quant.calibrate import (
     BlockResult,
@@ -56,10 +57,11 @@ class GptqGuard:
         return sum(kls) / len(kls)
 
     def settle(self, weights: dict, blocks: list, block_info: list, cfg: QuantConfig,
-               device: str, calib: Calibration) -> dict:
+               device: str, calib: Calibration, quiet: bool = True) -> dict:
         """Compare with GPTQ and keep the better; `weights` and `block_info` are updated in
         place when GPTQ is kept. `calib` is the float model's calibration the search walked
-        from (walk leaves its inputs as they were), so the GPTQ pass starts from the same one."""
+        from (walk leaves its inputs as they were), so the GPTQ pass starts from the same one.
+        Its pass takes about as long as a GPTQ run, so it shows a progress bar unless `quiet`."""
         if not self.held:
             return {"kept": "qvlm", "why": "no held-out batches to judge on"}
         if all(b.get("beta", 0.0) == 0.0 for b in block_info):
@@ -72,8 +74,14 @@ class GptqGuard:
         gptq_cfg = replace(cfg, clip_strengths=(0.0,))
         gptq_weights: dict = {}
         gptq_info: list = []
-        walk(self.model, calib, blocks, qvlm_block(self.model, gptq_cfg, gptq_weights),
-             lambda r, s: gptq_info.append({**r.decision, "seconds": s}), device)
+        with Progress("GPTQ guard (beta 0)", len(blocks), enabled=not quiet,
+                      unit="blocks") as bar:
+            def on_block(r, seconds):
+                gptq_info.append({**r.decision, "seconds": seconds})
+                bar.update(1)
+
+            walk(self.model, calib, blocks, qvlm_block(self.model, gptq_cfg, gptq_weights),
+                 on_block, device)
         kl_g = self._heldout_kl()
         out = {"qvlm_heldout_kl": kl_q, "gptq_heldout_kl": kl_g,
                "heldout_batches": len(self.held)}

@@ -286,9 +286,13 @@ def to_device(obj, device):
 
 def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: BlockFn,
          on_block: Callable[[BlockResult, float], None] | None = None,
-         device: str = "cpu") -> list[BlockResult]:
+         device: str = "cpu", done: int = 0) -> list[BlockResult]:
     """The loop: for each block, `quantize_block(layer indices, inputs, calib)` quantizes those
     layers in place; then the block's outputs are recomputed with the quantized weights.
+
+    The first `done` blocks are quantized already (a resumed run put a killed run's integers
+    back): only their outputs are computed, so the next block's inputs are the ones an
+    uninterrupted run gave it. Returns the results of the blocks quantized here.
 
     On a `device` other than the model's (a GPU), only the block being quantized is there: its
     layers and their keyword arguments go to the device before it and the layers come back
@@ -298,13 +302,13 @@ def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: Blo
     calib.masks = [m.to(device) for m in calib.masks]
     xs = [x.to(device) for x in calib.hidden]
     results = []
-    for block in blocks:
+    for k, block in enumerate(blocks):
         t0 = time.time()
         for i in block:
             layers[i].to(device)
             calib.layer_kwargs[i] = to_device(calib.layer_kwargs[i], device)
-        result = quantize_block(block, xs, calib)
-        if result.outputs is not None:
+        result = quantize_block(block, xs, calib) if k >= done else None
+        if result is not None and result.outputs is not None:
             xs, result.outputs = result.outputs, None
         else:
             for i in block:
@@ -313,7 +317,8 @@ def walk(model, calib: Calibration, blocks: list[list[int]], quantize_block: Blo
             check_finite(f"decoder layer {i}", *xs)
             layers[i].to(home)
             calib.layer_kwargs[i] = to_device(calib.layer_kwargs[i], home)
-        results.append(result)
-        if on_block:
-            on_block(result, time.time() - t0)
+        if result is not None:
+            results.append(result)
+            if on_block:
+                on_block(result, time.time() - t0)
     return results
