@@ -22,6 +22,7 @@ from edgevlm.cli_common import (
     console,
     fit_rows,
     quiet_libraries,
+    show_next,
     summary,
 )
 from edgevlm.cli_device import bench_, bench_table, plan_, run
@@ -29,6 +30,7 @@ from edgevlm.cli_distill import distill_, moe_upcycle_
 from edgevlm.cli_export import export_
 from edgevlm.cli_quant import quantize_
 from edgevlm.errors import UserError, check_at_least
+from edgevlm.next_steps import after_demo, after_init, after_shapes, after_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, quantize, export and run vision-language models on devices.")
@@ -58,6 +60,7 @@ def data_shapes(
         s = shapes.generate(tmp, train, eval, seed, image_size, blank)
     summary("shapes", {"out": out, "pretrain": s.n_pretrain, "train": s.n_train,
                         "eval": s.n_eval}, quiet, as_json)
+    show_next(after_shapes(out), quiet, as_json)
 
 
 @data_app.command("pydoc")
@@ -112,6 +115,7 @@ def init(
     summary("init", {"out": out, "parameters": f"{n / 1e6:.2f}M",
                       "vocab": lm.model.config.text_config.vocab_size,
                       "image tokens": lm.num_image_tokens}, quiet, as_json)
+    show_next(after_init(out, tokenizer_data), quiet, as_json)
 
 
 @app.command()
@@ -125,6 +129,10 @@ def train(
     lr: float = typer.Option(1e-3),
     warmup: int = typer.Option(50),
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
+    save_every_minutes: Optional[float] = typer.Option(
+        None, help="Also checkpoint when this many minutes passed since the last checkpoint "
+        "(e.g. 30), so a kill loses at most that much work however long a step takes; "
+        "--resume continues from the latest checkpoint of either kind"),
     seed: int = typer.Option(0),
     train_vision: bool = typer.Option(False, help="Also train the vision tower"),
     visual_tokens: Optional[int] = typer.Option(None, help="Train at this many image tokens, "
@@ -144,13 +152,16 @@ def train(
     from edgevlm import train as training
     from edgevlm.data import load_samples
     from edgevlm.models import load_model
+    from edgevlm.progress import note
 
     cfg = training.TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr,
-                               warmup=warmup, save_every=save_every, seed=seed,
+                               warmup=warmup, save_every=save_every,
+                               save_every_minutes=save_every_minutes, seed=seed,
                                train_vision=train_vision, max_length=max_length,
                                long_samples=long_samples, visual_tokens=visual_tokens,
                                token_select=token_select)
     samples = [s for path in data for s in load_samples(path, image_root)]
+    note(f"loading model {model} ...", enabled=not quiet and int(os.environ.get("RANK", "0")) == 0)
     result = training.run(load_model(model), samples, out, cfg, resume=resume,
                           overwrite=overwrite, quiet=quiet, inputs=[model, *data])
     if int(os.environ.get("RANK", "0")) == 0:
@@ -158,6 +169,7 @@ def train(
                            **fit_rows(result.data), "steps": result.steps,
                            "resumed from": result.resumed_from, "final loss": result.final_loss,
                            "seconds": result.seconds}, quiet, as_json)
+        show_next(after_train(out, data), quiet, as_json)
 
 
 @app.command("eval")
@@ -183,20 +195,23 @@ def eval_(
     from edgevlm.devices import resolve_device
     from edgevlm.evaluate import evaluate
     from edgevlm.perplexity import perplexity, read_text
+    from edgevlm.progress import note
     from edgevlm.quant.act import load_for_eval
+    from edgevlm.runtime.metrics import percent
 
     if data is None and text is None:
         raise UserError("give an evaluation DATA.json, --text FILE, or both")
     check_at_least(1, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     samples = load_samples(data, image_root)[:limit] if data is not None else None
     body = read_text(text) if text is not None else None  # bad input fails before the load
+    note(f"loading model {model} ...", enabled=not quiet)
     loaded = load_for_eval(model, resolve_device(device))
     out, rows = {}, {}
     if samples is not None:
         result = evaluate(loaded, samples, max_new_tokens, batch_size, quiet)
         out = result.to_dict()
-        rows = {"accuracy": result.accuracy, "samples": result.score.total}
-        rows.update({f"  {t}": a for t, a in result.score.type_accuracy().items()})
+        rows = {"accuracy": percent(result.accuracy), "samples": result.score.total}
+        rows.update({f"  {t}": percent(a) for t, a in result.score.type_accuracy().items()})
     if body is not None:
         ppl = perplexity(loaded, body, context, max_tokens, where=str(text), quiet=quiet)
         out["perplexity"] = {**ppl.to_dict(), "text": str(text)}
@@ -225,7 +240,7 @@ def demo(
     Rerunning resumes from the last finished stage.
     """
     quiet_libraries()
-    from edgevlm.demo import DemoConfig, run_demo
+    from edgevlm.demo import SMOKE_NOTE, DemoConfig, run_demo
     from edgevlm.runtime.bench_report import load_report
 
     def log(msg: str) -> None:
@@ -243,9 +258,10 @@ def demo(
         console.print(f"plan (TTFT <= {budget['max_ttft_ms']} ms, half the teacher's; peak <= "
                       f"{budget['max_memory_mb']:.0f} MB): "
                       + (f"{result.chosen}" if result.chosen else result.plan.get("error", "")))
-        if quick:
-            console.print("[yellow]--quick: tiny settings; these accuracies are a smoke test, "
-                          "not a result. Run `edgevlm demo` for the real numbers.[/yellow]")
+        if quick:  # the table's caption says it too; this line says what to do instead
+            console.print(f"[yellow]{SMOKE_NOTE}; run `edgevlm demo` without --quick for "
+                          "numbers that mean something[/yellow]")
+    show_next(after_demo(out / "export", *result.first_question()), quiet, as_json)
 
 
 app.command()(run)

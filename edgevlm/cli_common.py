@@ -1,5 +1,5 @@
-"""What every `edgevlm` command shares: the stderr console, quiet library logging, and the
-closing summary table (or its JSON)."""
+"""What every `edgevlm` command shares: the stderr console, quiet library logging, the
+closing summary table (or its JSON) and the next command to run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -33,6 +34,17 @@ def summary(title: str, rows: dict, quiet: bool = False, as_json: bool = False) 
     for k, v in rows.items():
         table.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
+
+
+def show_next(commands: list[str], quiet: bool = False, as_json: bool = False) -> None:
+    """The next command(s) to run, on stderr after the summary; none under --quiet or --json."""
+    if quiet or as_json or not commands:
+        return
+    for i, command in enumerate(commands):
+        # Text, not markup: a path may hold [brackets]; soft_wrap keeps a command one line to
+        # copy, however narrow the terminal.
+        console.print(Text("next: " if i == 0 else "      ", style="bold") + Text(command),
+                      soft_wrap=True, highlight=False)
 
 
 MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or the model's "

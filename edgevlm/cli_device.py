@@ -15,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgevlm.cli_common import show_next
 from edgevlm.errors import UserError
+from edgevlm.next_steps import after_bench
 
 console = Console(stderr=True)
 
@@ -123,6 +125,7 @@ def bench_(
         print(json.dumps(result.to_dict(), indent=1, default=str))
     elif not quiet:
         bench_table(result, written)
+    show_next(after_bench(report), quiet, as_json)
 
 
 def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
@@ -158,28 +161,76 @@ def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
 
 
 def bench_table(result, written: list[Path]) -> None:
-    def ms(s):
-        return f"{s.median * 1e3:.1f}" if s.n else "–"
-
-    devices = len(result.machines) > 1
-    table = Table(title=f"bench on {result.data} ({result.n_samples} samples)")
-    for col in (["device"] if devices else []) + [
-            "target", "runs on", "precision", "accuracy", "TTFT ms", "vision ms",
-            "prefill ms", "decode tok/s", "peak MB", "disk MB"]:
-        table.add_column(col, justify="left" if col in ("device", "target") else "right")
-    for t in result.targets:
-        rate = t.decode_tokens_per_s
-        runs_on = f"{'torch' if t.backend == 'transformers' else 'ort'}:{t.provider}"
-        table.add_row(*([t.device] if devices else []), t.name, runs_on, t.precision,
-                      f"{t.accuracy:.3f}", ms(t.ttft_s), ms(t.vision_s),
-                      ms(t.prefill_s), f"{rate.median:.1f}" if rate.n else "–",
-                      f"{t.peak_rss_bytes / 1e6:.0f}" if t.peak_rss_bytes else "–",
-                      f"{t.disk_bytes / 1e6:.2f}")
-    # Piped or logged output has no terminal width; rich would squeeze 10 columns into 80 and
-    # cut every label, so give it room there (a real terminal keeps its own width).
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    """The figures a user compares, on stdout, within the terminal's width (80 columns when
+    piped or logged); bench.md keeps every column."""
+    width = Console().width if sys.stdout.isatty() else 80
+    Console(width=width).print(bench_view(result, width))
     for path in written:
         console.print(f"wrote {path}")
+    if written:
+        console.print("bench.md has every column: vision, prefill, p10-p90, machines")
+
+
+def bench_view(result, width: int = 80):
+    """One row per target when that fits in `width`, else one block per target (long names,
+    several devices): never a cut cell, as rich gives a table wider than its console."""
+    from rich.console import Group
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    devices = len(result.machines) > 1
+    title = f"bench on {result.data} ({result.n_samples} samples)"
+    table = Table(title=title, caption=result.note or None, caption_style="bold yellow")
+    for col in (["device"] if devices else []) + ["target", *_HEADERS]:
+        table.add_column(col, justify="left" if col in ("device", "target") else "right",
+                         no_wrap=True)
+    for t in result.targets:
+        target = Text(t.name) + Text(f"\n{_runs_on(t)}", style="dim")
+        table.add_row(*([t.device] if devices else []), target, *_cells(t))
+    # Measured unbounded: a measurement within the console's width is clamped to it.
+    measuring = Console(width=10_000)
+    if Measurement.get(measuring, measuring.options, table).maximum <= width:
+        return table
+    blocks = [Text(title, style="italic")]
+    if result.note:
+        blocks.append(Text(result.note, style="bold yellow"))
+    for t in result.targets:
+        acc, ttft, rate, peak, disk = _cells(t)
+        blocks.append(Text(t.name, style="bold"))
+        blocks += [Text(line) for line in _pack(
+            [_runs_on(t) + (f" @ {t.device}" if devices else ""), f"accuracy {acc}",
+             f"TTFT {ttft} ms", f"decode {rate} tok/s", f"peak {peak} MB", f"disk {disk} MB"],
+            width)]
+    return Group(*blocks)
+
+
+_HEADERS = ("accuracy", "TTFT\nms", "decode\ntok/s", "peak\nMB", "disk\nMB")
+
+
+def _cells(t) -> tuple[str, str, str, str, str]:
+    """A target's accuracy, median TTFT, median decode rate, peak memory and size, printed."""
+    from edgevlm.runtime.metrics import percent
+
+    def median(s, scale: float = 1.0) -> str:
+        return f"{s.median * scale:.1f}" if s.n else "–"
+
+    return (percent(t.accuracy), median(t.ttft_s, 1e3), median(t.decode_tokens_per_s),
+            f"{t.peak_rss_bytes / 1e6:.0f}" if t.peak_rss_bytes else "–",
+            f"{t.disk_bytes / 1e6:.2f}")
+
+
+def _runs_on(t) -> str:
+    return f"{t.precision} on {'torch' if t.backend == 'transformers' else 'ort'}:{t.provider}"
+
+
+def _pack(items: list[str], width: int, indent: str = "  ", gap: str = "   ") -> list[str]:
+    """The items on as few lines of at most `width` characters as hold them, none split."""
+    lines = [indent]
+    for item in items:
+        if lines[-1] != indent and len(lines[-1]) + len(gap) + len(item) > width:
+            lines.append(indent)
+        lines[-1] += ("" if lines[-1] == indent else gap) + item
+    return lines
 
 
 def plan_(
@@ -194,6 +245,7 @@ def plan_(
 ) -> None:
     """The most accurate measured export inside a TTFT / memory budget, and the Pareto front."""
     from edgevlm.runtime import plan as planner
+    from edgevlm.runtime.metrics import percent
 
     result = planner.plan(reports, max_ttft_ms, max_memory_mb)
     written = planner.write(result, out) if out is not None else []
@@ -206,13 +258,13 @@ def plan_(
         table.add_column(col, justify="left" if col in ("target", "family") else "right")
     for c in result.front:
         inside = c.over(max_ttft_ms, max_memory_mb) == 0
-        table.add_row(("* " if c == result.chosen else "") + c.name, f"{c.accuracy:.3f}",
+        table.add_row(("* " if c == result.chosen else "") + c.name, percent(c.accuracy),
                       f"{c.ttft_ms:.1f}", f"{c.memory_mb:.0f}" if c.memory_mb else "–",
                       f"{c.disk_mb:.1f}", str(c.weight_bits or "–"),
                       str(c.visual_tokens or "–"), c.family or "–", "yes" if inside else "no")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     c = result.chosen
-    console.print(f"chosen: {c.name} ({c.source}): accuracy {c.accuracy:.3f}, TTFT "
+    console.print(f"chosen: {c.name} ({c.source}): accuracy {percent(c.accuracy)}, TTFT "
                   f"{c.ttft_ms:.1f} ms, peak {c.memory_mb or 0:.0f} MB")
     for path in written:
         console.print(f"wrote {path}")

@@ -17,9 +17,11 @@ from edgevlm.cli_common import (
     MAX_LENGTH_HELP,
     fit_rows,
     quiet_libraries,
+    show_next,
     summary,
 )
 from edgevlm.errors import UserError
+from edgevlm.next_steps import after_distill
 
 
 def distill_(
@@ -109,6 +111,7 @@ def distill_(
         rows["warnings"] = "; ".join(result.warnings)
     rows["seconds"] = result.seconds
     summary("distill", rows, quiet, as_json)
+    show_next(after_distill(out, result.final_dir, data), quiet, as_json)
 
 
 RECIPES = ("llava-kd", "llava-mod")

@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgevlm.cli_common import console, quiet_libraries, summary
+from edgevlm.cli_common import console, quiet_libraries, show_next, summary
+from edgevlm.next_steps import after_export
 
 
 def export_(
@@ -77,6 +78,9 @@ def export_(
     rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
     for name, f in result.components.items():
         rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
+    if result.vision_int8 is not None:  # what int8 costs the tower, and what shipped
+        rows["  vision int8"] = (f"{result.vision_int8['relative_error']:.1%} from float: "
+                                 f"{result.vision_int8['why']}")
     if result.parity is not None:
         greedy = result.parity.greedy
         rows["parity"] = "passed"
@@ -90,10 +94,17 @@ def export_(
             rows[f"  as shipped (accuracy_level {check.shipped_accuracy_level})"] = (
                 f"max-abs {check.shipped_max_abs:.2g}, tokens "
                 f"{check.shipped_matching_steps}/{check.steps}")
+        vision = result.parity.vision_check
+        if vision is not None:  # an int8 tower: gated on the same integers
+            rows["  vision vs torch, same integers"] = (
+                f"max-abs {vision.max_abs:.2g}, {vision.matmuls} MatMulInteger, "
+                f"{vision.kernel_mismatches} integer outputs off")
+            rows["  as shipped (int8 activations)"] = f"max-abs {vision.shipped_max_abs:.2g}"
     rows["seconds"] = result.seconds
     summary("export", rows, quiet, as_json)
     if result.readiness is not None and not as_json:
         _readiness_table(result.readiness, quiet)
+    show_next(after_export(out), quiet, as_json)
 
 
 def _decoder_row(decoder: dict | None) -> str:

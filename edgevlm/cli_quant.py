@@ -61,6 +61,13 @@ def quantize_(
                                "sees it)"),
     image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
     overwrite: bool = typer.Option(False),
+    resume: bool = typer.Option(False, help="Continue a killed run into the same --out with "
+                                "the same options: its finished decoder blocks (saved in "
+                                ".OUT.work/quantize/ after each one) are put back and the walk "
+                                "goes on from the first unfinished one, to the integers an "
+                                "uninterrupted run gives. Refused when the options or "
+                                "calibration data differ; without --resume a saved run is "
+                                "discarded"),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -75,13 +82,18 @@ def quantize_(
                       vision_opt=vision_opt, quantize_vision=quantize_vision,
                       act_order=act_order, seed=seed)
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
-                 quiet=quiet or as_json, device=device, calib_text=calib_text)
+                 quiet=quiet or as_json, device=device, calib_text=calib_text, resume=resume)
     summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
                           "bits": bits, "layer_bits": r.report["layer_bits"] or None,
                           "weight_bits_mean": r.report["weight_bits_mean"],
                           "group_size": r.report["group_size"], "layers": r.layers_quantized,
-                          "blocks": r.blocks, "mean_error": r.mean_error,
+                          "blocks": r.blocks, "resumed blocks": r.report["resumed_blocks"],
+                          "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
+    from edgevlm.cli_common import show_next
+    from edgevlm.next_steps import after_quantize
+
+    show_next(after_quantize(r.out_dir, bits, group_size, calib), quiet, as_json)
 
 
 def parse_layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:

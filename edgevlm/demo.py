@@ -8,17 +8,23 @@ most half the teacher's (as measured in this run) and peak memory at most 1 GB.
 
 Every stage writes its own folder inside DIR (atomically), so a rerun skips each finished stage
 and resumes at the first missing one. `--quick` uses small settings: a smoke test whose
-accuracies mean nothing, which the summary says.
+accuracies mean nothing, which the summary, bench.md, bench.png and plan.png say.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgevlm.errors import UserError
+
+if TYPE_CHECKING:
+    from edgevlm.runtime.bench_report import BenchReport
+
+SMOKE_NOTE = "smoke test (--quick): tiny settings, so these accuracies mean nothing"
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,11 @@ class DemoConfig:
                    distill_steps=(10, 20, 20), distill_lr=1e-3, batch_size=16,
                    calib_samples=8, bench_limit=20)
 
+    @property
+    def note(self) -> str:
+        """What the bench and plan files say beside their numbers."""
+        return SMOKE_NOTE if self.quick else ""
+
 
 @dataclass
 class DemoResult:
@@ -57,6 +68,23 @@ class DemoResult:
     @property
     def chosen(self) -> str | None:
         return (self.plan.get("chosen") or {}).get("name")
+
+    def first_question(self) -> tuple[Path, str]:
+        """The first eval image and its question: what the summary suggests `edgevlm run`
+        answers next."""
+        row = json.loads((self.out_dir / "data" / "eval.json").read_text())[0]
+        question = row["conversations"][0]["value"].replace("<image>", "").strip()
+        return self.out_dir / "data" / row["image"], question
+
+
+def write_bench(report: BenchReport, report_dir: Path, cfg: DemoConfig) -> None:
+    """The demo's bench.json, .md and .png, atomically; a --quick run's say, beside their
+    numbers, that they come from a smoke test."""
+    from edgevlm.atomic import atomic_dir
+    from edgevlm.runtime.bench_report import write_report
+
+    with atomic_dir(report_dir) as tmp:
+        write_report(replace(report, note=cfg.note), tmp)
 
 
 def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
@@ -82,7 +110,6 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
     from edgevlm.models import create, load_model
     from edgevlm.quant import QuantConfig, quantize
     from edgevlm.runtime.bench import BenchConfig, bench
-    from edgevlm.runtime.bench_report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,10 +165,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
                        max_new_tokens=8)
 
     def run_bench():
-        report = bench([teacher, student, exported], eval_json, bcfg,
-                       model_target="edgevlm.bench_torch:TorchTarget")
-        with atomic_dir(report_dir) as tmp:
-            write_report(report, tmp)
+        write_bench(bench([teacher, student, exported], eval_json, bcfg,
+                          model_target="edgevlm.bench_torch:TorchTarget"), report_dir, cfg)
 
     _stage("bench", report_dir, stages, run_bench, log)
 
@@ -156,7 +181,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
         budget = {"max_ttft_ms": round(0.5 * 1e3 * teacher_ttft, 3), "max_memory_mb": 1024.0}
         with atomic_dir(plan_dir) as tmp:
             try:
-                planner.write(planner.plan([report_dir / "bench.json"], **budget), tmp)
+                planner.write(planner.plan([report_dir / "bench.json"], **budget), tmp,
+                              note=cfg.note)
             except UserError as e:  # a demo run records it and goes on; `edgevlm plan` stops
                 (tmp / "plan.json").write_text(json.dumps({"budget": budget,
                                                            "error": str(e)}, indent=1))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.errors import UserError
+from edgevlm.runtime.metrics import percent
 
 log = logging.getLogger(__name__)
 FILES = ("bench.json", "bench.md", "bench.png")
@@ -123,6 +124,8 @@ class BenchReport:
     machines: dict[str, Machine]
     targets: list[TargetReport]
     sources: list[str]  # the bench.json files a merged report was made from
+    # A caveat every rendering shows beside the numbers (the demo's --quick: a smoke test)
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +141,8 @@ class BenchReport:
             raise UserError(f"{where}: a machine entry is malformed ({e}); re-run the bench") from e
         targets = [TargetReport.from_dict(t, where) for t in d["targets"]]
         return cls(d.get("created", ""), d.get("data", ""), d.get("n_samples", 0),
-                   d.get("config", {}), machines, targets, d.get("sources", []))
+                   d.get("config", {}), machines, targets, d.get("sources", []),
+                   d.get("note", ""))
 
 
 def load_report(path: str | Path) -> BenchReport:
@@ -172,10 +176,12 @@ def merge(reports: list[BenchReport], sources: list[str]) -> BenchReport:
             rename[label] = new
         targets += [t.on_device(rename.get(t.device, t.device)) for t in report.targets]
     datas = sorted({r.data for r in reports})
+    notes = list(dict.fromkeys(r.note for r in reports if r.note))
     return BenchReport(created=max(r.created for r in reports), data=" | ".join(datas),
                        n_samples=max(r.n_samples for r in reports),
                        config=reports[0].config if len(reports) == 1 else {},
-                       machines=machines, targets=targets, sources=list(sources))
+                       machines=machines, targets=targets, sources=list(sources),
+                       note="; ".join(notes))
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -247,16 +253,18 @@ def _mb(n: int | None) -> str:
 
 def to_markdown(report: BenchReport) -> str:
     """The tables of bench.md: speed and size, accuracy per question type, the machines."""
-    lines = [f"# edgevlm bench — {report.data} ({report.n_samples} samples)", "",
-             "Median (p10–p90) over the timed runs; TTFT includes preprocessing and the vision "
-             "encoder; decode excludes the first token.", "",
-             "| device | target | backend | precision | provider | threads | accuracy "
-             "| TTFT ms | vision ms | prefill ms | decode tok/s | peak RSS MB (baseline) "
-             "| disk MB |", "|" + "---|" * 13]
+    lines = [f"# edgevlm bench — {report.data} ({report.n_samples} samples)", ""]
+    if report.note:
+        lines += [f"**{report.note}**", ""]
+    lines += ["Median (p10–p90) over the timed runs; TTFT includes preprocessing and the vision "
+              "encoder; decode excludes the first token.", "",
+              "| device | target | backend | precision | provider | threads | accuracy "
+              "| TTFT ms | vision ms | prefill ms | decode tok/s | peak RSS MB (baseline) "
+              "| disk MB |", "|" + "---|" * 13]
     for t in report.targets:
         lines.append(
             f"| {t.device} | {t.name} | {t.backend} | {t.precision} | {t.provider} "
-            f"| {t.threads or 'default'} | {t.accuracy:.3f} ({t.correct}/{t.total}) "
+            f"| {t.threads or 'default'} | {percent(t.accuracy)} ({t.correct}/{t.total}) "
             f"| {_ms(t.ttft_s)} | {_ms(t.vision_s)} | {_ms(t.prefill_s)} "
             f"| {_rate(t.decode_tokens_per_s)} "
             f"| {_mb(t.peak_rss_bytes)} ({_mb(t.baseline_rss_bytes)}) | {_mb(t.disk_bytes)} |")
@@ -266,7 +274,7 @@ def to_markdown(report: BenchReport) -> str:
                   "| device | target | " + " | ".join(types) + " |",
                   "|---|---|" + "---|" * len(types)]
         for t in report.targets:
-            cells = [f"{t.per_type[q]:.3f}" if q in t.per_type else "–" for q in types]
+            cells = [percent(t.per_type[q]) if q in t.per_type else "–" for q in types]
             lines.append(f"| {t.device} | {t.name} | " + " | ".join(cells) + " |")
     lines += ["", "## Machines", "", "| device | cpu | cores (physical) | RAM GB | OS | python "
               "| versions |", "|---|---|---|---|---|---|---|"]
@@ -302,7 +310,7 @@ def plot(report: BenchReport, path: Path) -> bool:
     for t in report.targets:
         if not t.ttft_s.n:
             continue
-        x, y = t.ttft_s.median * 1e3, t.accuracy
+        x, y = t.ttft_s.median * 1e3, 100 * t.accuracy
         c = colours(devices.index(t.device) % 10 if t.device in devices else 0)
         ax.errorbar(x, y, xerr=[[x - t.ttft_s.p10 * 1e3], [t.ttft_s.p90 * 1e3 - x]], fmt="none",
                     ecolor=c, alpha=0.5)
@@ -311,7 +319,7 @@ def plot(report: BenchReport, path: Path) -> bool:
         label = f"{t.name} ({t.precision}, {t.disk_bytes / 1e6:.1f} MB)"
         # Points that (nearly) coincide, as precisions of one model often do, get their
         # labels stacked instead of printed over each other.
-        near = sum(abs(math.log(x / px)) < 0.7 and abs(y - py) < 0.05 for px, py in placed)
+        near = sum(abs(math.log(x / px)) < 0.7 and abs(y - py) < 5 for px, py in placed)
         placed.append((x, y))
         ax.annotate(label + (f" @ {t.device}" if len(devices) > 1 else ""), (x, y),
                     textcoords="offset points", xytext=(8, 6 + 11 * near), fontsize=8)
@@ -319,9 +327,11 @@ def plot(report: BenchReport, path: Path) -> bool:
     if xs and max(xs) / max(min(xs), 1e-9) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("time to first token, ms (median; bars p10–p90)")
-    ax.set_ylabel("accuracy (normalized exact match)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("edgevlm bench: accuracy vs time to first token (marker area: disk size)")
+    ax.set_ylabel("accuracy, % (normalized exact match)")
+    ax.set_ylim(-5, 105)
+    # The note (a smoke test's) goes in the title: a plot is often looked at without its .md.
+    ax.set_title("edgevlm bench: accuracy vs time to first token (marker area: disk size)"
+                 + (f"\n{report.note}" if report.note else ""))
     ax.grid(alpha=0.3)
     if len(devices) > 1:
         for i, d in enumerate(devices):

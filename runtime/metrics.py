@@ -22,6 +22,12 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
+def percent(accuracy: float) -> str:
+    """An accuracy as every table, report and summary prints it: percent, one decimal
+    ("63.7%"). Files a program reads (bench.json, eval --json) keep the fraction."""
+    return "–" if accuracy != accuracy else f"{100 * accuracy:.1f}%"  # nan: nothing scored
+
+
 @dataclass
 class Score:
     """Accuracy overall and per question type; `add` one answer at a time."""

@@ -134,9 +134,10 @@ def _budget_text(budget: dict) -> str:
     return ", ".join(p for p in parts if p) or "no limit"
 
 
-def write(result: Plan, out_dir: str | Path) -> list[Path]:
+def write(result: Plan, out_dir: str | Path, note: str = "") -> list[Path]:
     """plan.json and, when matplotlib is installed, plan.png (accuracy against TTFT, the front
-    joined, the chosen point marked, the budget drawn)."""
+    joined, the chosen point marked, the budget drawn; `note`, a caveat such as the demo's
+    smoke test, as its title)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "plan.json"]
@@ -160,6 +161,8 @@ def write(result: Plan, out_dir: str | Path) -> list[Path]:
         ax.axvline(result.budget["max_ttft_ms"], color="r", linestyle="--", label="TTFT budget")
     ax.set_xlabel("time to first token with image (ms, median)")
     ax.set_ylabel("accuracy (%)")
+    if note:
+        ax.set_title(note, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "plan.png", dpi=120)

@@ -21,6 +21,7 @@ def test_export_command_json(teacher_dir, tmp_path):
     assert rows["vision_encoder"].startswith("onnx/vision_encoder.onnx (fp32,")
     assert rows["decoder_model_merged"].startswith("onnx/decoder_model_merged_int8.onnx (int8,")
     assert "parity" not in rows
+    assert "next:" not in result.output  # --json: the JSON alone
     manifest = json.loads((out / contract.MANIFEST).read_text())
     assert manifest["parity"] is None
     assert manifest["components"]["embed_tokens"]["precision"] == "int8"
@@ -46,8 +47,11 @@ def test_export_command_decoder_choice(teacher_dir, tmp_path):
     assert rows["  decoder vs torch, same integers"].endswith("tokens 32/32")
     assert "  as shipped (accuracy_level 4)" in rows
     traced = CliRunner().invoke(app, ["export", str(teacher_dir), "--out", str(tmp_path / "t"),
-                                      "--decoder", "traced", "--no-validate", "--json"])
+                                      "--decoder", "traced", "--no-validate"])
     assert traced.exit_code == 0, traced.output
-    assert json.loads(traced.stdout)["decoder"] == "traced"
+    assert "traced" in traced.stdout
+    # the summary ends with what to run on the export, named by its real path
+    assert (f"next: edgevlm run {tmp_path / 't'} --image IMG --prompt 'What is in the image?'\n"
+            f"      edgevlm bench {tmp_path / 't'} --data EVAL.json") in traced.stderr
     manifest = json.loads((tmp_path / "t" / contract.MANIFEST).read_text())
     assert manifest["decoder"]["kind"] == "traced" and manifest["config"]["decoder"] == "traced"

@@ -254,3 +254,67 @@ def test_target_labels_name_the_model_not_the_stage():
     paths = [Path("runs/teacher"), Path("runs/student-distill/final"), Path("a/export"),
              Path("b/export")]
     assert _names(paths) == ["teacher", "student-distill/final", "a/export", "b/export"]
+
+
+def _target(name: str, accuracy: float, ttft_ms: float, rate: float, peak_mb: float,
+            disk_mb: float, device: str = "host"):
+    """A TargetReport built directly: the terminal table needs no model run."""
+    from edgevlm.runtime.bench_report import TargetReport
+
+    def spread(v):
+        return Spread(v, 0.9 * v, 1.1 * v, 4)
+
+    return TargetReport(
+        name=name, path=f"/runs/{name}", kind="export", backend="onnxruntime", provider="cpu",
+        precision="int4", threads=None, accuracy=accuracy, correct=round(300 * accuracy),
+        total=300, per_type={"color": accuracy, "count": 1 - accuracy},
+        ttft_s=spread(ttft_ms / 1e3), vision_s=spread(0.004), prefill_s=spread(0.006),
+        decode_tokens_per_s=spread(rate), preprocess_s=spread(0.001), n_prompt_tokens=80,
+        mean_new_tokens=8.0, timed_runs=4, load_s=0.5, baseline_rss_bytes=int(90e6),
+        loaded_rss_bytes=int(200e6), peak_rss_bytes=int(peak_mb * 1e6),
+        disk_bytes=int(disk_mb * 1e6), files=["onnx/decoder.onnx"], versions={}, predictions=[],
+        device=device)
+
+
+LONG = ["runs/smollm2-llava-qvlm-w4-g128-v_proj8/export-int4-visionzip-49",
+        "runs/smollm2-llava-gptq-w4-g128-act-order/export-int4-divprune-196",
+        "runs/student-distill/final", "runs/teacher-trained-on-llava-665k-and-pretrain"]
+
+
+@pytest.mark.parametrize("names,devices", [
+    (["teacher", "student-distill/final", "export"], ["host"]),  # the demo's: one row each
+    (LONG, ["host"]),  # too long for a row: one block per target
+    (LONG[:3], ["pixel-8-pro.local", "jetson-orin-nano-devkit"]),  # --compare of two devices
+])
+def test_the_terminal_table_fits_80_columns_and_cuts_nothing(names, devices):
+    from rich.console import Console
+
+    from edgevlm.cli_device import bench_view
+    from edgevlm.runtime.bench_report import BenchReport, Machine
+
+    figures = [(0.637, 12345.6, 1234.5, 12345, 1234.56), (0.5, 8.25, 150.2, 312, 12.35),
+               (1.0, 0.4, 87.0, 95, 0.57), (0.0333, 1234.5, 3.4, 4096, 350.0)]
+    targets = [_target(n, *f, device=devices[i % len(devices)])
+               for i, (n, f) in enumerate(zip(names, figures))]
+    machine = Machine("host", "cpu", 2, 1, None, "linux", "3.12", {})
+    report = BenchReport("", "runs/shapes/eval.json", 300, {},
+                         {d: replace(machine, label=d) for d in devices}, targets, [],
+                         note="smoke test (--quick): tiny settings")
+    console = Console(width=80, record=True)
+    console.print(bench_view(report, 80))
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "…" not in text and "smoke test" in text
+    for t, (acc, ttft, rate, peak, disk) in zip(targets, figures):
+        assert t.name in text
+        for cell in (f"{100 * acc:.1f}%", f"{ttft:.1f}", f"{rate:.1f}", f"{peak}",
+                     f"{disk:.2f}"):
+            assert cell in text, (cell, text)
+    if len(devices) > 1:
+        assert all(d in text for d in devices)
+    # bench.md: every column, and the one accuracy unit
+    from edgevlm.runtime.bench_report import to_markdown
+
+    md = to_markdown(report)
+    assert "| 63.7% (191/300) |" in md and "| 63.7% | 36.3% |" in md
+    assert md.splitlines()[2] == "**smoke test (--quick): tiny settings**"
