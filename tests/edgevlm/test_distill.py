@@ -28,6 +28,7 @@ from edgevlm.distill.measure import teacher_kl
 from edgevlm.distill.stages import TeacherLoss
 from edgevlm.errors import UserError
 from edgevlm.models import init_model, load_model, save_model
+from tests.tools import TORCHRUN
 
 CLI = [sys.executable, "-m", "edgevlm.cli"]
 IMG = 7  # image token id in the synthetic logit tests
@@ -195,7 +196,7 @@ def test_three_stages_crash_resume_and_kl(teacher_dir, micro_model_dir, shapes_d
 def test_two_process_distillation(teacher_dir, micro_model_dir, shapes_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29547", "-m", "edgevlm.cli",
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", "29547", "-m", "edgevlm.cli",
            "distill", "--teacher", str(teacher_dir), "--student", str(micro_model_dir),
            "--data", str(shapes_dir / "train.json"), "--out", str(out), "--stages", "sft,dft",
            "--steps", "6", "--batch-size", "2", "--save-every", "3", "--warmup", "1",
@@ -259,7 +260,7 @@ def test_two_process_distillation_with_text_only_batches(teacher_dir, micro_mode
     assert text_only_steps  # a step where one process has only text, the other an image
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29549", "-m", "edgevlm.cli",
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", "29549", "-m", "edgevlm.cli",
            "distill", "--teacher", str(teacher_dir), "--student", str(micro_model_dir),
            "--data", str(data), "--pretrain-data", str(data), "--out", str(out),
            "--stages", "dpt,dft", "--steps", "4", "--batch-size", "1", "--save-every", "10",

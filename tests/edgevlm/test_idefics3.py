@@ -250,17 +250,15 @@ def test_transformers_js_opens_the_smolvlm_export(model_type, precision, trained
     image into the same tiles (same prompt length) and answer with the runtime's tokens. Images
     are given at 96 px, the size the processor resizes them to, so the two resamplers (sharp
     there, PIL here) differ only on the global tile."""
-    import shutil
     import subprocess
 
     from edgevlm.data import load_samples
     from edgevlm.export import ExportConfig, export
     from edgevlm.runtime import VLM
+    from tests import tools
     from tests.runtime.test_transformers_js import JS, NEW_TOKENS, QUESTION
 
-    node = shutil.which("node")
-    assert node and (JS / "node_modules" / "@huggingface" / "transformers").is_dir(), \
-        "node and transformers.js are needed: npm ci --prefix tests/js --ignore-scripts"
+    node = tools.node()
     out = tmp_path / "e"
     model = trained_dir[0] if model_type == "idefics3" else smolvlm_type_dir / "trained"
     export(model, out, ExportConfig(precision=precision, validate=False))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from edgevlm.errors import UserError
 from edgevlm.models import load_model
 from edgevlm.train import TrainConfig, batch_indices, set_trainable
+from tests.tools import TORCHRUN
 
 CLI = [sys.executable, "-m", "edgevlm.cli"]
 
@@ -85,6 +85,56 @@ def test_resume_after_kill_matches_uninterrupted_run(micro_model_dir, shapes_dir
     assert not (tmp_path / ".run.work").exists()
 
 
+def test_checkpoints_by_time_and_resume_from_one(micro_model_dir, shapes_dir, tmp_path):
+    """--save-every-minutes 1 with a clock at 25 s a step and --save-every 4: checkpoints at
+    step 3 (75 s), step 4 (steps; the timer starts again) and step 7 (75 s after it). Killed
+    in step 8, the run resumes from step 7, not a multiple of --save-every, and ends where an
+    uninterrupted run ends."""
+    from edgevlm import train
+    from edgevlm.data import load_samples
+
+    samples = load_samples(shapes_dir / "train.json")
+    kw = dict(stage="sft", steps=10, batch_size=4, lr=3e-3, warmup=2)
+    ref = tmp_path / "ref"
+    train.run(load_model(micro_model_dir), samples, ref, TrainConfig(**kw, save_every=1000),
+              quiet=True)
+
+    cfg = TrainConfig(**kw, save_every=4, save_every_minutes=1)
+    now = [0.0]
+
+    class Killed(Exception):
+        pass
+
+    def loss_25s_a_step(model, batch):
+        if now[0] == 7 * 25:
+            raise Killed  # step 8
+        now[0] += 25
+        return train.ce_loss(model, batch)
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train.run(load_model(micro_model_dir), samples, out, cfg, loss_fn=loss_25s_a_step,
+                  quiet=True, clock=lambda: now[0])
+    ckpts = tmp_path / ".run.work" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_4", "step_7"]  # keeps the last 2
+    r = train.run(load_model(micro_model_dir), samples, out, cfg, resume=True, quiet=True)
+    assert r.resumed_from == 7 and [h["step"] for h in r.history] == [8, 9, 10]
+    a, b = _weights(ref), _weights(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    assert not (tmp_path / ".run.work").exists()
+
+
+def test_save_every_minutes_is_a_positive_number():
+    assert TrainConfig(save_every_minutes=0.5).save_every_minutes == 0.5
+    for bad in (0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(UserError, match=r"--save-every-minutes .* must be a positive number"):
+            TrainConfig(save_every_minutes=bad)
+    r = subprocess.run([*CLI, "train", "m", "d.json", "--out", "o", "--save-every-minutes", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--save-every-minutes 0.0 must be a positive" in r.stderr
+
+
 def test_resume_without_checkpoint_and_existing_out(micro_model_dir, shapes_dir, tmp_path):
     r = subprocess.run(_train_cmd(micro_model_dir, shapes_dir / "train.json", tmp_path / "o",
                                   "--resume"), capture_output=True, text=True)
@@ -95,11 +145,10 @@ def test_resume_without_checkpoint_and_existing_out(micro_model_dir, shapes_dir,
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_process_training(micro_model_dir, shapes_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "edgevlm.cli",
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", "29533", "-m", "edgevlm.cli",
            *_train_cmd(micro_model_dir, shapes_dir / "train.json", out)[3:]]
     subprocess.run(cmd, check=True, env=env, timeout=300)
     log = json.loads((out / "train_log.json").read_text())
@@ -128,7 +177,6 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_process_resume_after_kill(micro_model_dir, shapes_dir, tmp_path):
     """DDP (2 gloo processes): killed at its step-8 checkpoint and resumed, the run ends where
     an uninterrupted 2-process run ends. The model is saved through accelerate's
@@ -138,7 +186,7 @@ def test_two_process_resume_after_kill(micro_model_dir, shapes_dir, tmp_path):
     steps = 60
 
     def cmd(out, port, *extra):
-        return ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+        return [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m",
                 "edgevlm.cli", *_train_cmd(micro_model_dir, shapes_dir / "train.json", out,
                                            *extra, steps=steps)[3:]]
 

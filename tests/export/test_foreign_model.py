@@ -13,7 +13,7 @@ import pytest
 
 from edgevlm.export import ExportConfig, export
 from edgevlm.export.vision_int8 import CARRIED_TOLERANCE, INT8_BUDGET, dynamic_quantize
-from tests.export.hf_llava import SMALL_VISION, build
+from tests.export.hf_llava import build
 
 # SMALL_VISION: 2 layers x (q, k, v, out, fc1, fc2) and the projector's 2 Linears
 MATMULS = 2 * 6 + 2

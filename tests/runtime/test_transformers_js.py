@@ -14,24 +14,21 @@ the README's install command). Missing either is a failure, not a skip: the READ
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-JS = Path(__file__).parents[1] / "js"
+from tests import tools
+
+JS = tools.JS
 QUESTION = "<image>\nWhat color is the circle?"
 NEW_TOKENS = 8  # as answer.mjs asks transformers.js
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    exe = shutil.which("node")
-    assert exe, "node is not installed; transformers.js needs it (README, Set up)"
-    assert (JS / "node_modules" / "@huggingface" / "transformers").is_dir(), (
-        "transformers.js is not installed: npm install --prefix tests/js --ignore-scripts")
-    return exe
+    return tools.node()
 
 
 @pytest.fixture(scope="module")
