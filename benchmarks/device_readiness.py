@@ -10,7 +10,7 @@ The mobile export also checks parity with torch (fp16) and its figures are read 
 edgevlm.json, the file a user's export carries.
 
   python benchmarks/device_readiness.py [--workdir DIR]
-Writes benchmarks/results/device_readiness.json and .md (the table in the README).
+Writes benchmarks/results/device_readiness.json and .md (the table in docs/devices.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     nice python benchmarks/llamacpp_quant.py [--types Q4_0 Q4_K_M Q3_K_M] [--limit 300]
 
-Needs the llama.cpp binaries (`llama-quantize`, `llama-perplexity`, README "Peers") under
+Needs the llama.cpp binaries (`llama-quantize`, `llama-perplexity`;
+docs/results/quant-ranking.md) under
 --llamacpp and its `convert_hf_to_gguf.py` one folder above them, plus `pip install gguf
 sentencepiece` (the converter imports sentencepiece even for a BPE tokenizer).
 

@@ -8,7 +8,7 @@ accuracy is claimed here). `llama-bench -p 64 -n 32 -t THREADS -o json` then mea
 getrusage in a wrapper process that runs nothing else.
 
 llama.cpp is built outside the repository from the sources in the llama-cpp-python sdist
-(README "Benchmarks"):
+(docs/results/runtime-speed.md):
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX512=OFF \
         -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release

@@ -300,8 +300,8 @@ def main() -> None:
 
         console.print("[red]error:[/red] " + escape(
             f"`edgevlm {command}` needs the toolkit, and {e.name} is not installed: install the "
-            "torch build for your machine, then pip install 'edgevlm[toolkit]' (README, "
-            "Install); `edgevlm run` and `bench` on exports need only the runtime install"),
+            "torch build for your machine, then pip install -e '.[toolkit]' from a clone "
+            "(README, Set up); `edgevlm run` and `bench` on exports need only the runtime install"),
             highlight=False, soft_wrap=True)
         sys.exit(2)
     finally:

@@ -35,8 +35,8 @@ def quantize_(
                                              "2·max|w|/(2^b-1); the default at 5-8 bits)"),
     layer_bits: Optional[str] = typer.Option(None, help="Mixed precision: NAME=BITS,... "
                                              "quantizes the Linears whose names end with NAME "
-                                             "at BITS, the rest at --bits (e.g. v_proj=8, "
-                                             "near llama.cpp Q4_K_M's quality; README)"),
+                                             "at BITS, the rest at --bits (e.g. v_proj=8; "
+                                             "docs/quantize.md)"),
     act_bits: int = typer.Option(16, help="16 = weight-only; 8 = W8A8 (onnxruntime int8); "
                                  "6 / 4 = simulated, clipping searched"),
     calib: Optional[Path] = typer.Option(None, help="Calibration data (LLaVA-format JSON)"),
@@ -51,8 +51,7 @@ def quantize_(
                                     help="Q-VLM: after the search, tune the projector and the "
                                     "tower's final norms against the quantized decoder, kept "
                                     "only as far as held-out calibration samples confirm (off "
-                                    "by default: it kept no steps on two models and cost "
-                                    "accuracy on the third; README)"),
+                                    "by default; docs/quantize.md)"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
     seed: int = typer.Option(0),

@@ -1,6 +1,7 @@
 """The model presets `edgevlm init --preset` starts from: config dicts of each family
 (model_type picks it; LLaVA when absent). Tiny ones make the test suite's models; the SmolLM2
-ones are shaped for `--text-from` the real LM (README, "A real pretrained LM")."""
+ones are shaped for `--text-from` the real LM (docs/data-and-training.md, "A real pretrained
+LM")."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class QuantConfig:
     # symmetric scales: "absmax" (step 2·max|w| / (2^b − 1)) or "signed" (llama.cpp Q4_0: the
     # extreme weight exactly on −2^(b−1), step max|w| / 2^(b−1), a scale that may be negative).
     # None: signed for symmetric weights of 2 to 4 bits (on SmolLM2 it lowered every method's
-    # perplexity rise, RTN's +53% to +24%; README, "Ranked against llama.cpp"), absmax otherwise
+    # perplexity rise, RTN's +53% to +24%; docs/results/quant-ranking.md), absmax otherwise
     scale_rule: str | None = None
     # Mixed precision: (name, bits) pairs. A Linear whose module name ends with `name` (its last
     # part, e.g. "v_proj", or several, e.g. "mlp.down_proj") is quantized at those bits, every
@@ -192,7 +192,7 @@ class QuantConfig:
     max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
     partition: str = "entropy"  # Q-VLM: cut blocks at low entropy, or equal sizes (same count)
     # Q-VLM: tune projector/norms to lower visual-token entropy. Off by default: held-out data
-    # showed no gain and one 10x KL loss (README, "On the real LM"; issue 15)
+    # showed no gain and one 10x KL loss (docs/results/quant-smollm2.md; issue 15)
     vision_opt: bool = False
     quantize_vision: bool = False
     skip: tuple[str, ...] = ("multi_modal_projector", "lm_head")

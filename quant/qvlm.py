@@ -40,10 +40,11 @@ Choices made here, each one a place where the paper leaves room:
    untouched start included. These float parameters are saved in the checkpoint. The first
    version ran before the search against the decoder rounded to nearest (a stand-in for the
    searched decoder, which did not exist yet); on SmolLM2 and the shapes teacher it lowered
-   its own held-out KL but not the final model's KL or accuracy on eval questions (README,
-   "On the real LM"), because the rounded decoder errs far more than the searched one. After
-   the search it keeps no steps on the teacher and a CLIP + Llama model, and on the SmolLM2
-   LLaVA lowers the eval KL to FP 2.7x at 2.7 points of accuracy; still off by default.
+   its own held-out KL but not the final model's KL or accuracy on eval questions
+   (docs/results/quant-smollm2.md), because the rounded decoder errs far more than the
+   searched one. After the search it keeps no steps on the teacher and a CLIP + Llama model,
+   and on the SmolLM2 LLaVA lowers the eval KL to FP 2.7x at 2.7 points of accuracy; still off
+   by default.
 5. The GPTQ guard (edgevlm.quant.blocks.GptqGuard): blocks are judged one at a time, so after the
    search the whole model is compared with GPTQ (β = 0 everywhere) by KL(p_fp ‖ p_q) over the
    held-out batches' answer tokens, and the lower one is kept.
