@@ -4,6 +4,7 @@ missing one is a failure that names the install step, never a silent skip."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,3 +21,13 @@ def node() -> str:
     assert (JS / "node_modules" / "@huggingface" / "transformers").is_dir(), (
         "transformers.js is not installed: npm ci --prefix tests/js --ignore-scripts")
     return exe
+
+
+# edgevlm's progress notes (edgevlm.progress.note), printed before minutes of loading: they may
+# precede a refusal, whose error is still the one line that is left
+NOTE = re.compile(r"^(loading model|calibration:|resuming:) .*\.\.\.$")
+
+
+def without_notes(text: str) -> str:
+    """`text` less its progress-note lines."""
+    return "\n".join(line for line in text.splitlines() if not NOTE.match(line))

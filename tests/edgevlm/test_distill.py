@@ -126,6 +126,7 @@ def _grad_parts(model):
     return parts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,expect", [("pretrain", {"projector"}),
                                           ("sft", {"projector", "llm"})])
 def test_gradients_reach_only_the_trained_parts(teacher_dir, micro_model_dir, shapes_dir,
@@ -148,6 +149,7 @@ def test_gradients_reach_only_the_trained_parts(teacher_dir, micro_model_dir, sh
 
 # ---- the three stages -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_three_stages_crash_resume_and_kl(teacher_dir, micro_model_dir, shapes_dir, tmp_path,
                                           monkeypatch):
     out = tmp_path / "kd"
@@ -193,6 +195,7 @@ def test_three_stages_crash_resume_and_kl(teacher_dir, micro_model_dir, shapes_d
     assert kl_dft < 0.9 * kl_sft, (kl_sft, kl_dft)
 
 
+@pytest.mark.slow
 def test_two_process_distillation(teacher_dir, micro_model_dir, shapes_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -248,6 +251,7 @@ def test_teacher_loss_with_text_only_samples(teacher_dir, micro_model_dir, shape
     assert _grad_parts(student.model) == {"llm"}
 
 
+@pytest.mark.slow
 def test_two_process_distillation_with_text_only_batches(teacher_dir, micro_model_dir,
                                                          shapes_dir, tmp_path):
     """DPT trains the projector alone; a process whose batch has no image must still join

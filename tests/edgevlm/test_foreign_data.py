@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import pytest
 
 CLI = [sys.executable, "-m", "edgevlm.cli"]
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
@@ -53,6 +54,7 @@ def run(*args, cwd):
     return r
 
 
+@pytest.mark.slow
 def test_init_train_eval_on_real_images_in_llava_665k_layout(tmp_path):
     data = tmp_path / "llava665k"
     for row in ROWS:

@@ -140,6 +140,7 @@ def test_over_long_samples_are_truncated_after_the_image_or_skipped(llava665k, m
     assert (skip.truncated, skip.skipped) == ([], ["coco-long", "sharegpt-long"])
 
 
+@pytest.mark.slow
 def test_max_length_too_small_is_one_clear_error(llava665k, micro_model_dir, micro, tmp_path):
     samples = load_samples(llava665k)
     collate = Collator(micro.processor, micro.num_image_tokens, 8)
@@ -183,6 +184,7 @@ def test_trains_and_evaluates_on_the_665k_layout(llava665k, micro_model_dir, tmp
     assert [p.id for p in result.predictions] == [s.id for s in samples]
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval_report_counts(llava665k, micro_model_dir, tmp_path):
     out = tmp_path / "m"
     res = subprocess.run([*CLI, "train", str(micro_model_dir), str(llava665k), "--out", str(out),

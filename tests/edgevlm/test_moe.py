@@ -121,6 +121,7 @@ def test_upcycling_an_moe_model_is_refused(moe_dir):
         upcycle(load_model(moe_dir))
 
 
+@pytest.mark.slow
 def test_cli_moe_upcycle(tmp_path, micro_model_dir):
     out = tmp_path / "up"
     r = subprocess.run([*CLI, "moe-upcycle", str(micro_model_dir), "--out", str(out),
@@ -281,6 +282,7 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path, shapes_dir, moe_d
                     ModConfig(stages="pref"))
 
 
+@pytest.mark.slow
 def test_cli_distill_llava_mod(tmp_path, shapes_dir, micro_model_dir, teacher_dir):
     out = tmp_path / "cli"
     r = subprocess.run([*CLI, "distill", "--recipe", "llava-mod", "--teacher", str(teacher_dir),
@@ -419,6 +421,7 @@ def test_expert_calibration_sees_the_routed_tokens(moe_dir, shapes_dir):
     assert stats["l0.self_attn.q_proj"].tokens == real
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "qvlm"])
 def test_quantized_moe_checkpoint_round_trips_into_qmoe(tmp_path, moe_dir, shapes_dir, method):
     """quantize -> a compressed-tensors checkpoint with one packed Linear per expert projection,
@@ -508,6 +511,7 @@ def test_llava_mod_resume_keeps_finished_stages(tmp_path, shapes_dir, micro_mode
     assert load_model(out / "final").model.config.text_config.model_type == "qwen2_moe"
 
 
+@pytest.mark.slow
 def test_two_process_llava_mod(tmp_path, shapes_dir, micro_model_dir, teacher_dir):
     """Every stage under torchrun (a 2-process gloo group): the losses reach the wrapped model's
     routers, the upcycle is written once, the pairs are built on each rank alike."""

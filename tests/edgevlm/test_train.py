@@ -58,6 +58,7 @@ def test_bad_train_config():
         TrainConfig(steps=0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(micro_model_dir, shapes_dir, tmp_path):
     # The run is killed as soon as its step-8 checkpoint appears; STEPS leaves it over a hundred
     # more steps (about a second on a fast machine), so the kill always lands mid-run.
@@ -135,6 +136,7 @@ def test_save_every_minutes_is_a_positive_number():
     assert r.returncode == 2 and "--save-every-minutes 0.0 must be a positive" in r.stderr
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_and_existing_out(micro_model_dir, shapes_dir, tmp_path):
     r = subprocess.run(_train_cmd(micro_model_dir, shapes_dir / "train.json", tmp_path / "o",
                                   "--resume"), capture_output=True, text=True)
@@ -145,6 +147,7 @@ def test_resume_without_checkpoint_and_existing_out(micro_model_dir, shapes_dir,
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_process_training(micro_model_dir, shapes_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -177,6 +180,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_resume_after_kill(micro_model_dir, shapes_dir, tmp_path):
     """DDP (2 gloo processes): killed at its step-8 checkpoint and resumed, the run ends where
     an uninterrupted 2-process run ends. The model is saved through accelerate's
@@ -216,6 +220,7 @@ def test_two_process_resume_after_kill(micro_model_dir, shapes_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_train_mixes_several_data_files(micro_model_dir, shapes_dir, tmp_path):
     files = [shapes_dir / "train.json", shapes_dir / "pretrain.json"]
     r = subprocess.run([*CLI, "train", str(micro_model_dir), *map(str, files), "--out",
@@ -229,6 +234,7 @@ def test_train_mixes_several_data_files(micro_model_dir, shapes_dir, tmp_path):
     assert r.returncode == 2 and "x.json" in r.stderr and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_json(micro_model_dir, shapes_dir, tmp_path):
     res = tmp_path / "res.json"
     subprocess.run([*CLI, "eval", str(micro_model_dir), str(shapes_dir / "eval.json"),

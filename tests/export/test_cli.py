@@ -36,6 +36,7 @@ def test_export_command_bad_input(teacher_dir, tmp_path):
     assert isinstance(result.exception, UserError) and "power of two" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_export_command_decoder_choice(teacher_dir, tmp_path):
     """--decoder picks the graph; the summary says which, with the built one's size and the
     parity of a built int4 decoder against torch carrying its integers."""

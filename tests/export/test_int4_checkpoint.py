@@ -103,6 +103,7 @@ def _graph_name(component: str, model, hf_name: str) -> str | None:
     return next((n for n, m in wrapper(component, model).named_modules() if m is hf), None)
 
 
+@pytest.mark.slow
 def test_graph_holds_checkpoint_integers_exactly(case):
     ckpt, result, cfg = case
     manifest = json.loads((result.out_dir / contract.MANIFEST).read_text())

@@ -39,6 +39,7 @@ def exported(request, teacher_dir, tmp_path_factory):
     return export(teacher_dir, out, cfg), cfg
 
 
+@pytest.mark.slow
 def test_graphs_pass_checker_and_tolerances(exported):
     result, cfg = exported
     assert result.parity.passed, result.parity.failures

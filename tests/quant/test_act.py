@@ -105,6 +105,7 @@ def batch(micro_model_dir, shapes_dir):
     return {k: v for k, v in b.items() if k != "labels"}
 
 
+@pytest.mark.slow
 def test_w8a8_end_to_end_evaluates_quantized_activations(micro_model_dir, shapes_dir, tmp_path,
                                                          batch):
     out = tmp_path / "w8a8"
@@ -129,6 +130,7 @@ def test_w8a8_end_to_end_evaluates_quantized_activations(micro_model_dir, shapes
     assert torch.equal(W, r.weights[name].dequantize())
 
 
+@pytest.mark.slow
 def test_w4a4_searches_clipping_and_marks_research_mode(micro_model_dir, shapes_dir, tmp_path,
                                                         batch):
     out = tmp_path / "w4a4"

@@ -76,6 +76,7 @@ def mixed(micro_model_dir, shapes_dir, tmp_path_factory):
                         calib=shapes_dir / "train.json") for m in ("gptq", "qvlm")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "qvlm"])
 def test_mixed_checkpoint_loads_plainly_and_in_eval_with_exactly_our_integers(mixed, method):
     from transformers import LlavaForConditionalGeneration
@@ -111,6 +112,7 @@ def test_mixed_checkpoint_loads_plainly_and_in_eval_with_exactly_our_integers(mi
     assert sorted(n for n, _ in v.named_parameters()) == ["bias", "weight"]  # plain again
 
 
+@pytest.mark.slow
 def test_more_bits_err_less_where_they_are_spent(mixed, micro_model_dir, shapes_dir, tmp_path):
     flat = quantize(micro_model_dir, tmp_path / "flat", QuantConfig(method="gptq", **FAST),
                     calib=shapes_dir / "train.json")
@@ -122,6 +124,7 @@ def test_more_bits_err_less_where_they_are_spent(mixed, micro_model_dir, shapes_
             assert rec["error"] > flat.report["layers"][name]["error"], name
 
 
+@pytest.mark.slow
 def test_export_carries_8_bit_layers_into_their_own_matmulnbits(micro_model_dir, shapes_dir,
                                                                  tmp_path):
     import numpy as np
@@ -153,6 +156,7 @@ def test_export_carries_8_bit_layers_into_their_own_matmulnbits(micro_model_dir,
             numpy_helper.to_array(inits[node.input[2]]).reshape(scale.shape), scale)
 
 
+@pytest.mark.slow
 def test_export_names_what_it_cannot_carry(mixed, micro_model_dir, shapes_dir, tmp_path):
     from edgevlm.export import ExportConfig, export
 

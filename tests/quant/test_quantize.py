@@ -247,6 +247,7 @@ def prose(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, prose, tmp_path):
     """--calib-text: plain-text windows calibrate the language model, alone or with images."""
     from edgevlm.models import load_model
@@ -322,6 +323,7 @@ def test_qvlm_at_beta_zero_is_gptq_exactly(micro_model_dir, shapes_dir, tmp_path
     assert q.report["gptq_guard"]["kept"] == "qvlm"  # nothing to compare: beta 0 everywhere
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_grid", [(0.3,), (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)],
                          ids=["forced-bad-clip", "default-grid"])
 def test_gptq_guard_keeps_the_lower_heldout_kl(micro_model_dir, shapes_dir, tmp_path,

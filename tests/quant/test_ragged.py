@@ -37,6 +37,7 @@ def test_storable_group_size():
     assert storable_group_size({"a": 200}, -1) == (-1, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_checkpoint_records_the_group_size_it_holds(ragged, name):
     r = ragged[name]

@@ -43,6 +43,7 @@ def stored(out_dir) -> dict[str, torch.Tensor]:
             load_file(str(f)).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_resumed_run_is_bit_identical(micro_model_dir, shapes_dir, tmp_path, monkeypatch, name):
     data = shapes_dir / "train.json"
@@ -80,6 +81,7 @@ def test_resumed_run_is_bit_identical(micro_model_dir, shapes_dir, tmp_path, mon
     assert r.report.get("activations") == ref.report.get("activations")
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_runs_and_clears_stale_ones(micro_model_dir, shapes_dir, tmp_path,
                                                          monkeypatch):
     data = tmp_path / "calib.json"

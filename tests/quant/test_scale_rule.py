@@ -44,6 +44,7 @@ def test_signed_rule_needs_symmetric_low_bit_weights():
         QuantConfig(scale_rule="q4k")
 
 
+@pytest.mark.slow
 def test_signed_checkpoint_loads_plainly_and_exports(micro_model_dir, shapes_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 

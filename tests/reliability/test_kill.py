@@ -66,6 +66,7 @@ def whole(command: str, out: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "quantize"])
 def test_a_killed_run_leaves_out_absent_or_whole(command, micro_model_dir, tmp_path):
     extra = ["--no-validate", "--precision", "fp32"] if command == "export" else RTN

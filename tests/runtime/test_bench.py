@@ -55,6 +55,7 @@ def report(bench_data, model_dir, export_dir, shapes_dir, tmp_path_factory):
     return result, out, write_report(result, out)
 
 
+@pytest.mark.slow
 def test_export_answers_and_accuracy_equal_torch(report, bench_data):
     _, answers, expected = bench_data
     torch_t, export_t = report[0].targets
@@ -158,6 +159,7 @@ def test_cli_bench_export(export_dir, bench_data, shapes_dir, tmp_path):
     assert t.total == 2 and t.timed_runs == 1
 
 
+@pytest.mark.slow
 def test_text_only_samples_are_answered_by_both_backends(model_dir, export_dir, bench_data,
                                                          shapes_dir, tmp_path):
     """LLaVA-665k's text-only conversations: the runtime answers them with no image (vision 0

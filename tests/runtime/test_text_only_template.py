@@ -50,6 +50,7 @@ def text_from_export(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_the_lms_template_is_kept_behind_a_parts_prelude(text_from_export):
     from transformers import AutoTokenizer
 
