@@ -20,9 +20,13 @@ MOBILE_PRECISIONS = ("fp16",)  # what NNAPI and CoreML run without CPU fallback 
 # the weights with onnxruntime's fused ops, except on mobile, whose static graphs are traced.
 PROFILE_DECODERS = {"default": "builder", "mobile": "traced", "gpu": "builder"}
 # The vision encoder of a `--precision int4` export when --vision-precision is not given: int8
-# (MatMulInteger) runs the SigLIP-224 tower of the SmolLM2 LLaVA in 4.2 ms against 12.1 ms as
-# int4 MatMulNBits on this AVX2 CPU (benchmarks/results/runtime_speed.json, "vision"), and rounds
-# less. A checkpoint that quantized its vision layers to 4 bits keeps them (its own integers).
+# (MatMulInteger) ran the SigLIP-224 tower of the SmolLM2 LLaVA in 4.2 ms against 12.1 ms as
+# int4 MatMulNBits on an AVX2 CPU with int8 weights (benchmarks/results/runtime_speed.json,
+# "vision"), and rounds less. Its weights are now stored as uint8, which onnxruntime computes
+# exactly on every CPU but without VNNI's fast path (2.0x the time of int8 weights on an
+# AVX-512 VNNI CPU, benchmarks/results/int8_weights.json). Kept in fp32 instead when int8 costs
+# more than its budget (edgevlm.export.vision_int8). A checkpoint that quantized its vision
+# layers to 4 bits keeps them (its own integers).
 INT4_VISION = Precision.INT8
 
 
