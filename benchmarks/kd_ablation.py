@@ -54,7 +54,7 @@ def run_row(row, seed, args, work: Path) -> dict:
     """One (row, seed) run from the seed's fresh student; runs in a worker process."""
     import torch
 
-    from edgevlm.cli_common import quiet_libraries
+    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.distill.measure import teacher_kl
@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Tiny everything: proves it runs")
     args = p.parse_args()
 
-    from edgevlm.cli_common import quiet_libraries
+    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill.stages import load_teacher
     from edgevlm.evaluate import evaluate

@@ -72,7 +72,7 @@ def pope(model, samples) -> dict:
 def run_row(row, seed, args, work: Path) -> dict:
     import torch
 
-    from edgevlm.cli_common import quiet_libraries
+    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.distill.mod import ModConfig, distill_mod
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
 
-    from edgevlm.cli_common import quiet_libraries
+    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill.stages import load_teacher
     from edgevlm.evaluate import evaluate

@@ -11,7 +11,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from edgevlm.cli import app
-from edgevlm.next_steps import after_bench, after_distill, after_quantize, after_train
+from edgevlm.cli.next_steps import after_bench, after_distill, after_quantize, after_train
 
 CLI = [sys.executable, "-m", "edgevlm.cli"]
 

@@ -3,7 +3,7 @@ are a smoke test. (No test runs the whole demo: its stages are each tested where
 
 from __future__ import annotations
 
-from edgevlm.demo import DemoConfig, write_bench
+from edgevlm.cli.demo import DemoConfig, write_bench
 from edgevlm.runtime.bench_report import BenchReport, load_report
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from edgevlm.cli_quant import parse_layer_bits
+from edgevlm.cli.quant import parse_layer_bits
 from edgevlm.errors import UserError
 from edgevlm.quant import QuantConfig, quantize
 

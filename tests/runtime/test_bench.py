@@ -291,7 +291,7 @@ LONG = ["runs/smollm2-llava-qvlm-w4-g128-v_proj8/export-int4-visionzip-49",
 def test_the_terminal_table_fits_80_columns_and_cuts_nothing(names, devices):
     from rich.console import Console
 
-    from edgevlm.cli_device import bench_view
+    from edgevlm.cli.device import bench_view
     from edgevlm.runtime.bench_report import BenchReport, Machine
 
     figures = [(0.637, 12345.6, 1234.5, 12345, 1234.56), (0.5, 8.25, 150.2, 312, 12.35),

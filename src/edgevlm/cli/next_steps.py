@@ -4,7 +4,7 @@ Each stage's summary ends with these lines ("next: edgevlm export runs/student-w
 pipeline of the README can be walked from the terminal alone. Folders the next command would
 create are named after the input (MODEL-w4, MODEL-onnx); what only the user knows stays a
 placeholder in capitals (DATA.json, IMG). Pure functions of paths: the CLI prints them
-(edgevlm.cli_common.show_next), tests call them directly.
+(edgevlm.cli.common.show_next), tests call them directly.
 """
 
 from __future__ import annotations

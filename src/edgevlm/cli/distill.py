@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from edgevlm.cli_common import (
+from edgevlm.cli.common import (
     IMAGE_ROOT_HELP,
     LONG_SAMPLES_HELP,
     MAX_LENGTH_HELP,
@@ -20,8 +20,8 @@ from edgevlm.cli_common import (
     show_next,
     summary,
 )
+from edgevlm.cli.next_steps import after_distill
 from edgevlm.errors import UserError
-from edgevlm.next_steps import after_distill
 
 
 def distill_(

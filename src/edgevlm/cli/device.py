@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgevlm.cli_common import show_next
+from edgevlm.cli.common import show_next
+from edgevlm.cli.next_steps import after_bench
 from edgevlm.errors import UserError
-from edgevlm.next_steps import after_bench
 
 console = Console(stderr=True)
 

@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from edgevlm.cli_common import console, quiet_libraries, show_next, summary
-from edgevlm.next_steps import after_export
+from edgevlm.cli.common import console, quiet_libraries, show_next, summary
+from edgevlm.cli.next_steps import after_export
 
 
 def export_(

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from edgevlm.cli_common import IMAGE_ROOT_HELP, quiet_libraries, summary
+from edgevlm.cli.common import IMAGE_ROOT_HELP, quiet_libraries, summary
 from edgevlm.errors import UserError
 
 
@@ -89,8 +89,8 @@ def quantize_(
                           "blocks": r.blocks, "resumed blocks": r.report["resumed_blocks"],
                           "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
-    from edgevlm.cli_common import show_next
-    from edgevlm.next_steps import after_quantize
+    from edgevlm.cli.common import show_next
+    from edgevlm.cli.next_steps import after_quantize
 
     show_next(after_quantize(r.out_dir, bits, group_size, calib), quiet, as_json)
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from edgevlm.cli_common import (
+from edgevlm.cli.common import (
     IMAGE_ROOT_HELP,
     LONG_SAMPLES_HELP,
     MAX_LENGTH_HELP,
@@ -25,12 +25,12 @@ from edgevlm.cli_common import (
     show_next,
     summary,
 )
-from edgevlm.cli_device import bench_, bench_table, plan_, run
-from edgevlm.cli_distill import distill_, moe_upcycle_
-from edgevlm.cli_export import export_
-from edgevlm.cli_quant import quantize_
+from edgevlm.cli.device import bench_, bench_table, plan_, run
+from edgevlm.cli.distill import distill_, moe_upcycle_
+from edgevlm.cli.export import export_
+from edgevlm.cli.next_steps import after_demo, after_init, after_shapes, after_train
+from edgevlm.cli.quant import quantize_
 from edgevlm.errors import UserError, check_at_least
-from edgevlm.next_steps import after_demo, after_init, after_shapes, after_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, quantize, export and run vision-language models on devices.")
@@ -240,7 +240,7 @@ def demo(
     Rerunning resumes from the last finished stage.
     """
     quiet_libraries()
-    from edgevlm.demo import SMOKE_NOTE, DemoConfig, run_demo
+    from edgevlm.cli.demo import SMOKE_NOTE, DemoConfig, run_demo
     from edgevlm.runtime.bench_report import load_report
 
     def log(msg: str) -> None:
@@ -307,6 +307,3 @@ def main() -> None:
     finally:
         _close_process_group()
 
-
-if __name__ == "__main__":
-    main()
