@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/edgevlm_quantize_time"))
     p.add_argument("--out", type=Path, default=RESULTS / "quantize_time.json")
     args = p.parse_args()
-    from edgevlm.runtime.bench_report import machine_info
+    from edgevlm.bench.report import machine_info
 
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": {}}

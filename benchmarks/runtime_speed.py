@@ -292,7 +292,7 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from edgevlm.runtime.bench_report import machine_info
+    from edgevlm.bench.report import machine_info
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     image = args.workdir / "image.png"

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgevlm.bench.harness import BenchConfig, peak_rss, rss_now
 from edgevlm.data import Sample
-from edgevlm.runtime.bench import BenchConfig, peak_rss, rss_now
 
 
 def _median(values):
@@ -87,7 +87,7 @@ def _ttft_with_image(target, spec: dict) -> tuple[float, int]:
 def run_transformers(spec: dict) -> dict:
     import torch
 
-    from edgevlm.bench_torch import TokenClock, TorchTarget
+    from edgevlm.bench.torch_target import TokenClock, TorchTarget
 
     baseline = rss_now()
     target = TorchTarget(Path(spec["model"]), BenchConfig(provider="cpu",
@@ -121,7 +121,7 @@ def run_transformers(spec: dict) -> dict:
 def run_ours(spec: dict) -> dict:
     import numpy as np
 
-    from edgevlm.runtime.bench import ExportTarget
+    from edgevlm.bench.harness import ExportTarget
     from edgevlm.runtime.preprocess import preprocess
     from edgevlm.runtime.session import open_session, resolve
 

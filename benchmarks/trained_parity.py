@@ -30,8 +30,8 @@ def sh(*cmd: str) -> None:
 
 
 def compare(model: Path, export: Path, samples, max_new_tokens: int) -> dict:
-    from edgevlm.bench_torch import TorchTarget
-    from edgevlm.runtime.bench import BenchConfig, ExportTarget
+    from edgevlm.bench.harness import BenchConfig, ExportTarget
+    from edgevlm.bench.torch_target import TorchTarget
     from edgevlm.runtime.metrics import Score
 
     cfg = BenchConfig(provider="cpu", threads=2)

@@ -3,8 +3,8 @@ are a smoke test. (No test runs the whole demo: its stages are each tested where
 
 from __future__ import annotations
 
+from edgevlm.bench.report import BenchReport, load_report
 from edgevlm.cli.demo import DemoConfig, write_bench
-from edgevlm.runtime.bench_report import BenchReport, load_report
 
 
 def test_a_quick_demo_report_says_smoke_test(tmp_path):

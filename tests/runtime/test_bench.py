@@ -13,17 +13,17 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
+from edgevlm.bench.harness import BenchConfig, bench
+from edgevlm.bench.report import Spread, load_report, merge, write_report
 from edgevlm.cli import app
 from edgevlm.errors import UserError
-from edgevlm.runtime.bench import BenchConfig, bench
-from edgevlm.runtime.bench_report import Spread, load_report, merge, write_report
 from edgevlm.runtime.metrics import exact_match
 
 NEW_TOKENS = 4
 N_SAMPLES = 6
 CFG = BenchConfig(warmup=1, repeats=2, max_new_tokens=NEW_TOKENS, provider="cpu", threads=1,
                   timing_samples=2)
-TORCH = "edgevlm.bench_torch:TorchTarget"  # what the CLI hands the runtime for model folders
+TORCH = "edgevlm.bench.torch_target:TorchTarget"  # what the CLI hands the runtime for model folders
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,8 @@ sys.meta_path.insert(0, Block())
 
 SCRIPT = """
 import sys
-from edgevlm.runtime.bench import BenchConfig, bench
-from edgevlm.runtime.bench_report import write_report
+from edgevlm.bench.harness import BenchConfig, bench
+from edgevlm.bench.report import write_report
 
 export_dir, data, root, out = sys.argv[1:5]
 cfg = BenchConfig(limit=2, warmup=0, repeats=1, max_new_tokens=2, provider="cpu",
@@ -251,7 +251,7 @@ def test_bench_of_an_export_needs_no_torch(export_dir, bench_data, shapes_dir, t
 def test_target_labels_name_the_model_not_the_stage():
     from pathlib import Path
 
-    from edgevlm.runtime.bench import _names
+    from edgevlm.bench.harness import _names
 
     paths = [Path("runs/teacher"), Path("runs/student-distill/final"), Path("a/export"),
              Path("b/export")]
@@ -261,7 +261,7 @@ def test_target_labels_name_the_model_not_the_stage():
 def _target(name: str, accuracy: float, ttft_ms: float, rate: float, peak_mb: float,
             disk_mb: float, device: str = "host"):
     """A TargetReport built directly: the terminal table needs no model run."""
-    from edgevlm.runtime.bench_report import TargetReport
+    from edgevlm.bench.report import TargetReport
 
     def spread(v):
         return Spread(v, 0.9 * v, 1.1 * v, 4)
@@ -291,8 +291,8 @@ LONG = ["runs/smollm2-llava-qvlm-w4-g128-v_proj8/export-int4-visionzip-49",
 def test_the_terminal_table_fits_80_columns_and_cuts_nothing(names, devices):
     from rich.console import Console
 
+    from edgevlm.bench.report import BenchReport, Machine
     from edgevlm.cli.device import bench_view
-    from edgevlm.runtime.bench_report import BenchReport, Machine
 
     figures = [(0.637, 12345.6, 1234.5, 12345, 1234.56), (0.5, 8.25, 150.2, 312, 12.35),
                (1.0, 0.4, 87.0, 95, 0.57), (0.0333, 1234.5, 3.4, 4096, 350.0)]
@@ -315,7 +315,7 @@ def test_the_terminal_table_fits_80_columns_and_cuts_nothing(names, devices):
     if len(devices) > 1:
         assert all(d in text for d in devices)
     # bench.md: every column, and the one accuracy unit
-    from edgevlm.runtime.bench_report import to_markdown
+    from edgevlm.bench.report import to_markdown
 
     md = to_markdown(report)
     assert "| 63.7% (191/300) |" in md and "| 63.7% | 36.3% |" in md

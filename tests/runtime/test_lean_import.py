@@ -37,14 +37,17 @@ try:
 except SystemExit as e:
     assert not e.code, e.code
 import importlib, pkgutil
+import edgevlm.bench
 import edgevlm.runtime
 
 modules = [m.name for m in pkgutil.iter_modules(edgevlm.runtime.__path__, "edgevlm.runtime.")]
-for name in modules:  # every runtime module imports without torch or the toolkit
+modules += [m.name for m in pkgutil.iter_modules(edgevlm.bench.__path__, "edgevlm.bench.")
+            if m.name != "edgevlm.bench.torch_target"]  # the torch reference: model folders
+for name in modules:  # every runtime and bench module imports without torch or the toolkit
     importlib.import_module(name)
 
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-toolkit = sorted(m for m in sys.modules if m in ("edgevlm.data", "edgevlm.bench_torch",
+toolkit = sorted(m for m in sys.modules if m in ("edgevlm.data", "edgevlm.bench.torch_target",
                                                  "edgevlm.models", "edgevlm.quant"))
 with open(report, "w") as f:
     json.dump({"ids": list(result.token_ids), "provider": vlm.provider,
@@ -62,7 +65,8 @@ def test_runtime_runs_without_torch(export_dir, eval_samples, vlm, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["loaded"] == []
     assert report["toolkit"] == []  # the runtime imports no toolkit module (DESIGN.md)
-    assert {"edgevlm.runtime.bench", "edgevlm.runtime.samples", "edgevlm.runtime.model",
+    assert {"edgevlm.bench.harness", "edgevlm.bench.report", "edgevlm.bench.plan",
+            "edgevlm.runtime.samples", "edgevlm.runtime.model",
             "edgevlm.runtime.session"} <= set(report["modules"])
     assert report["stream"]
     expected = vlm.generate(image, "What color is the circle?", max_new_tokens=5).token_ids

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from edgevlm.bench.plan import Candidate, pareto, plan
 from edgevlm.errors import UserError
-from edgevlm.runtime.plan import Candidate, pareto, plan
 
 
 @pytest.fixture(scope="module")

@@ -240,8 +240,8 @@ def demo(
     Rerunning resumes from the last finished stage.
     """
     quiet_libraries()
+    from edgevlm.bench.report import load_report
     from edgevlm.cli.demo import SMOKE_NOTE, DemoConfig, run_demo
-    from edgevlm.runtime.bench_report import load_report
 
     def log(msg: str) -> None:
         if not (quiet or as_json):

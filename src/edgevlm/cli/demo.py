@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from edgevlm.errors import UserError
 
 if TYPE_CHECKING:
-    from edgevlm.runtime.bench_report import BenchReport
+    from edgevlm.bench.report import BenchReport
 
 SMOKE_NOTE = "smoke test (--quick): tiny settings, so these accuracies mean nothing"
 
@@ -81,7 +81,7 @@ def write_bench(report: BenchReport, report_dir: Path, cfg: DemoConfig) -> None:
     """The demo's bench.json, .md and .png, atomically; a --quick run's say, beside their
     numbers, that they come from a smoke test."""
     from edgevlm.atomic import atomic_dir
-    from edgevlm.runtime.bench_report import write_report
+    from edgevlm.bench.report import write_report
 
     with atomic_dir(report_dir) as tmp:
         write_report(replace(report, note=cfg.note), tmp)
@@ -104,12 +104,12 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
     from edgevlm import shapes
     from edgevlm import train as training
     from edgevlm.atomic import atomic_dir
+    from edgevlm.bench.harness import BenchConfig, bench
     from edgevlm.data import load_samples
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.export.exporter import ExportConfig, export
     from edgevlm.models import create, load_model
     from edgevlm.quant import QuantConfig, quantize
-    from edgevlm.runtime.bench import BenchConfig, bench
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,15 +166,15 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
 
     def run_bench():
         write_bench(bench([teacher, student, exported], eval_json, bcfg,
-                          model_target="edgevlm.bench_torch:TorchTarget"), report_dir, cfg)
+                          model_target="edgevlm.bench.torch_target:TorchTarget"), report_dir, cfg)
 
     _stage("bench", report_dir, stages, run_bench, log)
 
     plan_dir = out / "plan"
 
     def run_plan():
-        from edgevlm.runtime import plan as planner
-        from edgevlm.runtime.bench_report import load_report
+        from edgevlm.bench.report import load_report
+        from edgevlm.bench import plan as planner
 
         report = load_report(report_dir / "bench.json")
         teacher_ttft = next(t for t in report.targets if t.name == teacher.name).ttft_s.median

@@ -104,8 +104,8 @@ def bench_(
 ) -> None:
     """Accuracy, time to first token, prefill, decode rate, memory and size of each target."""
     # The runtime's bench: torch is imported (in a worker process) only for model folders.
-    from edgevlm.runtime.bench import BenchConfig, bench
-    from edgevlm.runtime.bench_report import load_report, merge, write_report
+    from edgevlm.bench.harness import BenchConfig, bench
+    from edgevlm.bench.report import load_report, merge, write_report
 
     targets = targets or []
     if compare:
@@ -140,11 +140,11 @@ def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
 
     # The torch reference for model folders enters the runtime's bench here, from the toolkit;
     # importing it now names a missing toolkit in one line (main), not in a worker's traceback.
-    from edgevlm.runtime.bench import target_kind
+    from edgevlm.bench.harness import target_kind
 
-    model_target = "edgevlm.bench_torch:TorchTarget"
+    model_target = "edgevlm.bench.torch_target:TorchTarget"
     if any(target_kind(t) == "model" for t in targets):
-        import edgevlm.bench_torch  # noqa: F401
+        import edgevlm.bench.torch_target  # noqa: F401
     if quiet:
         return bench(targets, data, cfg, image_root, model_target=model_target)
     tasks: dict[str, int] = {}
@@ -244,7 +244,7 @@ def plan_(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """The most accurate measured export inside a TTFT / memory budget, and the Pareto front."""
-    from edgevlm.runtime import plan as planner
+    from edgevlm.bench import plan as planner
     from edgevlm.runtime.metrics import percent
 
     result = planner.plan(reports, max_ttft_ms, max_memory_mb)

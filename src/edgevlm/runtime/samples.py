@@ -1,5 +1,5 @@
 """Reading LLaVA conversation data (LLaVA-Pretrain / LLaVA-665k), with the standard library and
-pillow only: the runtime's benchmark (edgevlm.runtime.bench) reads eval sets with it on devices
+pillow only: the runtime's benchmark (edgevlm.bench.harness) reads eval sets with it on devices
 without torch, and the toolkit (edgevlm.data) builds its batches on it.
 
 Format: a JSON list of

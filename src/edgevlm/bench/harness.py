@@ -17,7 +17,7 @@ the worker process that loads a model folder imports it. For each:
   disk       bytes of the graphs the runtime loads (with their external data) or of the weights
 
 Timings follow the runtime's `Timings` (runtime/model.py); the torch side measures the same
-spans. Reports are written and merged by runtime/bench_report.py.
+spans. Reports are written and merged by edgevlm.bench.report.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgevlm.errors import UserError
-from edgevlm.runtime.bench_report import (
+from edgevlm.bench.report import (
     BenchReport,
     Spread,
     TargetReport,
     machine_info,
 )
+from edgevlm.errors import UserError
 from edgevlm.runtime.metrics import Score
 from edgevlm.runtime.samples import Sample, load_samples, to_messages
 
@@ -287,7 +287,7 @@ def _run_isolated(path: Path, kind: str, name: str, data: Path, image_root: Path
             "model_target": model_target}))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         with open(Path(tmp) / "stderr.txt", "w+") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "edgevlm.runtime.bench",
+            proc = subprocess.Popen([sys.executable, "-m", "edgevlm.bench.harness",
                                      str(spec_file)], stdout=subprocess.PIPE, stderr=err,
                                     text=True, env=env)
             for line in proc.stdout:  # progress lines; anything else a library prints is dropped
@@ -333,7 +333,7 @@ def bench(targets: Sequence[str | Path], data: str | Path, config: BenchConfig =
     if models and model_target is None:
         raise UserError(f"{models[0]} is a model folder, which runs on the toolkit's torch "
                         "reference: benchmark it with `edgevlm bench` (pip install "
-                        "'edgevlm[toolkit]'), or pass model_target='edgevlm.bench_torch:"
+                        "'edgevlm[toolkit]'), or pass model_target='edgevlm.bench.torch_target:"
                         "TorchTarget' to bench()")
     data = Path(data)
     n_samples = len(load_samples(data, image_root)[: config.limit])  # bad data fails here
@@ -349,6 +349,6 @@ def bench(targets: Sequence[str | Path], data: str | Path, config: BenchConfig =
 
 if __name__ == "__main__":
     # Through the package module, so the worker's classes are the ones the torch target imports.
-    from edgevlm.runtime.bench import _worker as worker
+    from edgevlm.bench.harness import _worker as worker
 
     worker(sys.argv[1])

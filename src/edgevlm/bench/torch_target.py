@@ -14,7 +14,7 @@ the spans the runtime reports (runtime/model.py `Timings`):
               (tokens after the first) / (last token - first token)
 
 Vision and prefill are extra passes beside `generate`; the answer comes from `generate` alone.
-Imported by edgevlm.runtime.bench only for model-folder targets, so benching exports needs no
+Imported by edgevlm.bench.harness only for model-folder targets, so benching exports needs no
 torch.
 """
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from edgevlm.bench.harness import BenchConfig, Run
 from edgevlm.data import Sample, pixel_inputs, pixels_of
 from edgevlm.errors import UserError
 from edgevlm.evaluate import check_context, prompt_text
 from edgevlm.families import family_of
 from edgevlm.models import load_model
 from edgevlm.quant.checkpoint import read_scheme
-from edgevlm.runtime.bench import BenchConfig, Run
 
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -147,7 +147,7 @@ class TorchTarget:
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
     def facts(self, sample: Sample) -> dict:
-        """The planner's facts (runtime.bench.ExportTarget.facts), from the torch model."""
+        """The planner's facts (bench.harness.ExportTarget.facts), from the torch model."""
         loaded = self.loaded
         ids = loaded.processor.tokenizer(prompt_text(loaded, sample),
                                          add_special_tokens=False)["input_ids"]

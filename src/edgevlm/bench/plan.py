@@ -19,8 +19,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgevlm.bench.report import BenchReport, load_report
 from edgevlm.errors import UserError
-from edgevlm.runtime.bench_report import BenchReport, load_report
 
 
 @dataclass(frozen=True)
