@@ -173,8 +173,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
     plan_dir = out / "plan"
 
     def run_plan():
-        from edgevlm.bench.report import load_report
         from edgevlm.bench import plan as planner
+        from edgevlm.bench.report import load_report
 
         report = load_report(report_dir / "bench.json")
         teacher_ttft = next(t for t in report.targets if t.name == teacher.name).ttft_s.median
