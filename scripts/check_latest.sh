@@ -15,7 +15,8 @@ python3 -m venv "$venv"
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0" -e ".[dev]"
 echo "versions that differ from constraints.txt:"
-pip freeze | grep -v -i "^-e\|^edgevlm" | sort > "$venv/latest.txt"
+# freeze's comments, the project itself and torch's local label (+cpu) are not versions to compare
+pip freeze | grep -v -i "^#\|^-e\|^edgevlm" | sed 's/+cpu$//' | sort > "$venv/latest.txt"
 grep -v "^#" constraints.txt | sort | comm -13 - "$venv/latest.txt" | sed 's/^/  /' || true
 export HF_HUB_OFFLINE=1
 if [ "${1:-}" = "--full" ]; then
