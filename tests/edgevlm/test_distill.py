@@ -333,3 +333,20 @@ def test_other_bad_inputs(teacher_dir, micro_model_dir, shapes_dir, tmp_path):
                         str(tmp_path / "cli"), "--stages", "dft,dpt"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "impossible order" in r.stderr
+
+
+def test_save_every_minutes_reaches_each_stage(teacher_dir, micro_model_dir, shapes_dir,
+                                               tmp_path):
+    """distill checkpoints by time as train does: the setting is checked and handed to every
+    stage's training (whose own test kills and resumes from a time checkpoint)."""
+    from edgevlm.distill.mod import ModConfig
+
+    cfg = DistillConfig(stages="sft", steps=2, batch_size=4, warmup=1, save_every_minutes=0.5)
+    distill(teacher_dir, micro_model_dir, shapes_dir / "train.json", tmp_path / "kd", cfg,
+            quiet=True)
+    saved = json.loads((tmp_path / "kd" / "sft" / "train_config.json").read_text())
+    assert saved["save_every_minutes"] == 0.5 and saved["save_every"] == 200
+    for bad in (0, -1.0, float("nan")):
+        for config in (DistillConfig, ModConfig):
+            with pytest.raises(UserError, match=r"--save-every-minutes .* positive"):
+                config(save_every_minutes=bad)

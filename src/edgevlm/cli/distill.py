@@ -40,6 +40,9 @@ def distill_(
     lr: float = typer.Option(1e-3),
     warmup: int = typer.Option(50),
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
+    save_every_minutes: Optional[float] = typer.Option(
+        None, help="Also checkpoint when this many minutes passed since the last checkpoint, so "
+        "a kill loses at most that much work; --resume continues from the latest of either"),
     seed: int = typer.Option(0),
     w_res: float = typer.Option(1.0, help="Weight of the response KL (0 turns it off)"),
     w_vis: float = typer.Option(1.0, help="Weight of the visual KL"),
@@ -82,7 +85,8 @@ def distill_(
                             "trained, e.g. by edgevlm train --stage pretrain)")
         mcfg = ModConfig(stages=stages or MOD_STAGES, steps=steps, batch_size=batch_size,
                          lr=lr, pref_lr=pref_lr, warmup=warmup, save_every=save_every,
-                         seed=seed, experts=experts, top_k=top_k, layers=moe_layers,
+                         save_every_minutes=save_every_minutes, seed=seed, experts=experts,
+                         top_k=top_k, layers=moe_layers,
                          ce_weight=ce_weight, aux_weight=aux_weight, beta=beta,
                          pref_loss=pref_loss, max_length=max_length, long_samples=long_samples)
         result = distill_mod(teacher, student, data, out, mcfg, pref_data=pref_data,
@@ -92,9 +96,9 @@ def distill_(
         if pref_data is not None:
             raise UserError("--pref-data belongs to --recipe llava-mod's pref stage")
         result = _distill_kd(teacher, student, data, out, pretrain_data, stages, steps,
-                             batch_size, lr, warmup, save_every, seed, w_res, w_vis, w_rel,
-                             temperature, rel_batch, max_length, long_samples, image_root,
-                             resume, overwrite, quiet or as_json)
+                             batch_size, lr, warmup, save_every, save_every_minutes, seed,
+                             w_res, w_vis, w_rel, temperature, rel_batch, max_length,
+                             long_samples, image_root, resume, overwrite, quiet or as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     rows: dict = {"out": out, "final": result.final_dir}
@@ -118,14 +122,15 @@ RECIPES = ("llava-kd", "llava-mod")
 
 
 def _distill_kd(teacher, student, data, out, pretrain_data, stages, steps, batch_size, lr,
-                warmup, save_every, seed, w_res, w_vis, w_rel, temperature, rel_batch,
-                max_length, long_samples, image_root, resume, overwrite, quiet):
+                warmup, save_every, save_every_minutes, seed, w_res, w_vis, w_rel, temperature,
+                rel_batch, max_length, long_samples, image_root, resume, overwrite, quiet):
     from edgevlm.distill import DistillConfig
     from edgevlm.distill import distill as run_distill
 
     cfg = DistillConfig(stages=stages or "dpt,sft,dft", steps=steps, batch_size=batch_size,
-                        lr=lr, warmup=warmup,
-                        save_every=save_every, seed=seed, w_res=w_res, w_vis=w_vis, w_rel=w_rel,
+                        lr=lr, warmup=warmup, save_every=save_every,
+                        save_every_minutes=save_every_minutes, seed=seed, w_res=w_res,
+                        w_vis=w_vis, w_rel=w_rel,
                         temperature=temperature, rel_per_sample=not rel_batch,
                         max_length=max_length, long_samples=long_samples)
     return run_distill(teacher, student, data, out, cfg, pretrain_data=pretrain_data,

@@ -49,7 +49,7 @@ from edgevlm.distill.stages import (
 )
 from edgevlm.errors import UserError, check_seed
 from edgevlm.moe import AUX_LOSS_WEIGHT, MoESpec, RouterLogits, is_moe, load_balance_loss
-from edgevlm.train import check_length_options
+from edgevlm.train import check_length_options, check_save_minutes
 
 MOD_STAGES = ("dense", "upcycle", "sparse", "pref")
 TRAIN_STAGE = {"dense": "sft", "sparse": "ffn", "pref": "ffn"}
@@ -67,6 +67,7 @@ class ModConfig:
     pref_lr: float | None = None  # None: lr / 10 (DPO moves a trained model a little)
     warmup: int = 50
     save_every: int = 200
+    save_every_minutes: float | None = None  # also checkpoint by time (TrainConfig's)
     seed: int = 0
     experts: int = 4
     top_k: int = 2
@@ -83,6 +84,7 @@ class ModConfig:
         object.__setattr__(self, "stages", parse_stages(
             self.stages, MOD_STAGES, "dpt/sft/dft are --recipe llava-kd's"))
         check_seed(self.seed)
+        check_save_minutes(self.save_every_minutes)
         for name in ("steps", "dense_steps", "sparse_steps", "pref_steps", "batch_size",
                      "save_every"):
             v = getattr(self, name)
@@ -216,7 +218,8 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
         tcfg = train.TrainConfig(stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
                                  batch_size=cfg.batch_size, lr=cfg.stage_lr(stage),
                                  warmup=min(cfg.warmup, cfg.stage_steps(stage) // 5 or 1),
-                                 save_every=cfg.save_every, seed=cfg.seed,
+                                 save_every=cfg.save_every,
+                                 save_every_minutes=cfg.save_every_minutes, seed=cfg.seed,
                                  max_length=collate.max_length, long_samples=cfg.long_samples)
         meta = {"recipe": "llava-mod", "stage": stage, "teacher": str(teacher_dir),
                 "student": str(student_dir), "started_from": str(src),

@@ -24,7 +24,7 @@ from edgevlm.data import FitReport, fit_samples, pixels_of
 from edgevlm.distill.checks import STAGE_ORDER, check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import LossWeights, distill_terms
 from edgevlm.errors import UserError, check_seed
-from edgevlm.train import check_length_options
+from edgevlm.train import check_length_options, check_save_minutes
 
 # Which of train.py's trainability rules each stage uses: DPT trains the projector only.
 TRAIN_STAGE = {"dpt": "pretrain", "sft": "sft", "dft": "sft"}
@@ -42,6 +42,7 @@ class DistillConfig:
     lr: float = 1e-3
     warmup: int = 50
     save_every: int = 200
+    save_every_minutes: float | None = None  # also checkpoint by time (TrainConfig's)
     seed: int = 0
     w_res: float = 1.0
     w_vis: float = 1.0
@@ -55,6 +56,7 @@ class DistillConfig:
     def __post_init__(self):
         object.__setattr__(self, "stages", parse_stages(self.stages))
         check_seed(self.seed)
+        check_save_minutes(self.save_every_minutes)
         for name in ("steps", "dpt_steps", "sft_steps", "dft_steps", "batch_size", "save_every",
                      "vocab_chunk"):
             v = getattr(self, name)
@@ -209,7 +211,8 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
             continue
         tcfg = train.TrainConfig(stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
                                  batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
-                                 save_every=cfg.save_every, seed=cfg.seed,
+                                 save_every=cfg.save_every,
+                                 save_every_minutes=cfg.save_every_minutes, seed=cfg.seed,
                                  max_length=collate.max_length,
                                  long_samples=cfg.long_samples)
         loss_fn = train.ce_loss
