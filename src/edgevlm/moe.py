@@ -30,7 +30,6 @@ from edgevlm.errors import UserError
 
 MOE_TEXT_TYPES = ("qwen2_moe",)
 DENSE_TEXT_TYPES = ("llama", "qwen2")
-LAYER_CHOICES = ("every-other", "all")
 AUX_LOSS_WEIGHT = 0.01  # LLaVA-MoD's load-balance loss weight
 EXPERT_INITS = ("copy", "random")
 

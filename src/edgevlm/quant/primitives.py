@@ -59,11 +59,6 @@ class QParams:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
-    def column(self, g: int) -> QParams:
-        """The qparams of group g as a (N, 1) QParams (for column-at-a-time algorithms)."""
-        return QParams(self.scale[:, g: g + 1], self.zero_point[:, g: g + 1], self.bits,
-                       self.group_size)
-
     def per_column(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point), each (N, k): every column's own group's values."""
         g = self.scale.shape[1]

@@ -169,12 +169,6 @@ class BlockDecision:
         return self.candidate_errors[self.beta]
 
 
-def _subset(calib: Calibration, xs: list[torch.Tensor], idx: list[int], i: int):
-    """Layer i's inputs, keyword arguments and masks for the batches `idx`."""
-    return ([xs[b] for b in idx], [calib.layer_kwargs[i][b] for b in idx],
-            [calib.masks[b] for b in idx])
-
-
 def _quantize_block(layers, block: list[int], targets: dict, fp: dict, xs, calib: Calibration,
                     idx: list[int], beta: float, cfg: QuantConfig, records: bool):
     """GPTQ with clip strength β over the block's layers in order, Hessians from the batches

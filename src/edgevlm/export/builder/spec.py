@@ -48,14 +48,6 @@ class TextSpec:
     norm_topk: bool = False  # renormalise the top-k router probabilities
     moe_intermediate_size: int = 0
 
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
 
 def _rope_type(tc) -> str:
     params = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
