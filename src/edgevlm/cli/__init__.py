@@ -19,6 +19,7 @@ from edgevlm.cli.common import (
     IMAGE_ROOT_HELP,
     LONG_SAMPLES_HELP,
     MAX_LENGTH_HELP,
+    SAVE_MINUTES_HELP,
     console,
     fit_rows,
     quiet_libraries,
@@ -129,10 +130,7 @@ def train(
     lr: float = typer.Option(1e-3),
     warmup: int = typer.Option(50),
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
-    save_every_minutes: Optional[float] = typer.Option(
-        None, help="Also checkpoint when this many minutes passed since the last checkpoint "
-        "(e.g. 30), so a kill loses at most that much work however long a step takes; "
-        "--resume continues from the latest checkpoint of either kind"),
+    save_every_minutes: Optional[float] = typer.Option(None, help=SAVE_MINUTES_HELP),
     seed: int = typer.Option(0),
     train_vision: bool = typer.Option(False, help="Also train the vision tower"),
     visual_tokens: Optional[int] = typer.Option(None, help="Train at this many image tokens, "

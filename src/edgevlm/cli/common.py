@@ -12,6 +12,9 @@ from rich.text import Text
 
 console = Console(stderr=True)
 
+SAVE_MINUTES_HELP = ("Also checkpoint when this many minutes passed since the last checkpoint "
+                     "(e.g. 30), so a kill loses at most that much work however long a step "
+                     "takes; --resume continues from the latest checkpoint of either kind")
 IMAGE_ROOT_HELP = ("Folder the data file's image paths are relative to (default: the folder of "
                    "the JSON file)")
 

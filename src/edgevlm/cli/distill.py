@@ -15,6 +15,7 @@ from edgevlm.cli.common import (
     IMAGE_ROOT_HELP,
     LONG_SAMPLES_HELP,
     MAX_LENGTH_HELP,
+    SAVE_MINUTES_HELP,
     fit_rows,
     quiet_libraries,
     show_next,
@@ -40,9 +41,7 @@ def distill_(
     lr: float = typer.Option(1e-3),
     warmup: int = typer.Option(50),
     save_every: int = typer.Option(200, help="Checkpoint every N steps"),
-    save_every_minutes: Optional[float] = typer.Option(
-        None, help="Also checkpoint when this many minutes passed since the last checkpoint, so "
-        "a kill loses at most that much work; --resume continues from the latest of either"),
+    save_every_minutes: Optional[float] = typer.Option(None, help=SAVE_MINUTES_HELP),
     seed: int = typer.Option(0),
     w_res: float = typer.Option(1.0, help="Weight of the response KL (0 turns it off)"),
     w_vis: float = typer.Option(1.0, help="Weight of the visual KL"),

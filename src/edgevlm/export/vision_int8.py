@@ -269,11 +269,10 @@ def _feeds(session, pixels: np.ndarray) -> dict:
 
 def _kernel_mismatches(model, pixels: np.ndarray, scratch: Path) -> tuple[int, int]:
     """(MatMulInteger nodes, output values that differ from the exact product of their inputs)
-    on the shipped graph."""
+    on the shipped graph `model`, which gets those values as extra outputs (in place)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     chains = _chains(g)
@@ -305,7 +304,7 @@ def check(path: Path, pixels: np.ndarray, ref: Int8Cost) -> VisionCheck:
 
     shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = shipped.run(None, _feeds(shipped, pixels))[0]
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # a copy of the file's graph: the checks may change it
     scratch = path.parent / ".vision_check"
     scratch.mkdir(exist_ok=True)
     try:

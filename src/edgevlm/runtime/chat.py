@@ -145,6 +145,26 @@ class ChatTemplate:
         return probe in text and image_tag in text and "'type'" not in text
 
 
+def call_messages(prompt: str | Sequence[dict], with_image: bool, tag: str,
+                  takes_parts: bool) -> list[dict]:
+    """Chat messages for one call. A plain question without the image `tag` gets the image
+    before it: as the template's image part when the template takes typed parts
+    (`ChatTemplate.takes_parts`), else as the tag on a line of its own in the text (LLaVA's
+    convention, which a text-only template such as SmolLM2's passes through); explicit messages
+    are used as given."""
+    if isinstance(prompt, str):
+        if with_image and tag not in prompt:
+            if takes_parts:
+                return [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": prompt}]}]
+            return [{"role": "user", "content": f"{tag}\n{prompt}"}]
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+        return list(prompt)
+    raise UserError(f"prompt must be a string or a list of chat messages, got "
+                    f"{type(prompt).__name__}")
+
+
 def special_tokens_from_config(tokenizer_config: dict) -> dict[str, str]:
     """{bos_token: "...", eos_token: "...", ...} from tokenizer_config.json, as the template sees
     them (transformers passes its special_tokens_map)."""

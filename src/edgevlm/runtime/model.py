@@ -29,7 +29,13 @@ import onnxruntime as ort
 
 from edgevlm.errors import UserError
 from edgevlm.runtime import contract, tiling, token_select
-from edgevlm.runtime.chat import ChatTemplate, StreamDecoder, Tokenizer, expand_image_tokens
+from edgevlm.runtime.chat import (
+    ChatTemplate,
+    StreamDecoder,
+    Tokenizer,
+    call_messages,
+    expand_image_tokens,
+)
 from edgevlm.runtime.kv_buffer import SharedKV
 from edgevlm.runtime.manifest import ExportInfo, read_export
 from edgevlm.runtime.preprocess import load_image, preprocess
@@ -208,22 +214,9 @@ class VLM:
     # -- internals ----------------------------------------------------------------------------
 
     def messages(self, image, prompt: str | Sequence[dict]) -> list[dict]:
-        """Chat messages for a call. A plain question without the image tag gets the image
-        before it: as the template's image part when the template takes typed parts, else as
-        the tag on a line of its own in the text (LLaVA's convention, which a text-only
-        template such as SmolLM2's passes through); explicit messages are used as given."""
-        if isinstance(prompt, str):
-            tag = self.image_tag or "<image>"
-            if image is not None and tag not in prompt:
-                if self._takes_parts:
-                    return [{"role": "user", "content": [{"type": "image"},
-                                                         {"type": "text", "text": prompt}]}]
-                return [{"role": "user", "content": f"{tag}\n{prompt}"}]
-            return [{"role": "user", "content": prompt}]
-        if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
-            return list(prompt)
-        raise UserError(f"prompt must be a string or a list of chat messages, got "
-                        f"{type(prompt).__name__}")
+        """Chat messages for a call (edgevlm.runtime.chat.call_messages)."""
+        return call_messages(prompt, image is not None, self.image_tag or "<image>",
+                             self._takes_parts)
 
     def _prepare(self, image, prompt, t0: float) -> _Prepared:
         text = self.template.render(self.messages(image, prompt), add_generation_prompt=True)
