@@ -52,7 +52,7 @@ def teacher_config():
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    from edgevlm import shapes
+    from edgevlm.data import shapes
 
     out = tmp_path_factory.mktemp("shapes")
     shapes.generate(out, n_train=64, n_eval=16, seed=1)
@@ -62,7 +62,7 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(shapes_dir):
     from edgevlm.data import load_samples
-    from edgevlm.tokenizer import train_tokenizer
+    from edgevlm.models.tokenizer import train_tokenizer
 
     texts = [t for name in ("train.json", "pretrain.json")
              for s in load_samples(shapes_dir / name) for turn in s.turns for t in turn]

@@ -1,8 +1,10 @@
-"""The import rules of DESIGN.md that hold today, read from the source (imports inside functions
-count): the runtime an app embeds imports no toolkit module but `edgevlm.errors` and no
-third-party package but its device install's; the bench builds on the runtime alone (its torch
-target aside) and adds only matplotlib; nothing but the CLI imports the CLI. A forbidden import
-fails here with the file and line."""
+"""The layout rules of DESIGN.md, read from the source (imports inside functions count): the
+runtime an app embeds imports no toolkit module but `edgevlm.errors` and no third-party package
+but its device install's; the bench builds on the runtime and the torch-free data readers (its
+torch target aside) and adds only matplotlib; families never import models; nothing but the CLI
+imports the CLI; no two modules import each other, however indirectly; no family or model_type
+name is compared outside the family files and the runtime's manifest reader. A break fails
+here with the file and line."""
 
 from __future__ import annotations
 
@@ -61,13 +63,29 @@ def test_the_runtime_imports_only_its_device_install_and_errors():
     assert not bad, bad
 
 
-def test_the_bench_imports_only_the_runtime():
-    """Exports are benched on the device install (plus matplotlib, to draw)."""
-    bad = _violations("edgevlm.bench", ("edgevlm.errors", "edgevlm.runtime", "edgevlm.bench"),
+def test_the_bench_imports_only_the_runtime_and_data():
+    """Exports are benched on the device install (plus matplotlib, to draw); eval sets are read
+    by edgevlm.data's torch-free readers."""
+    bad = _violations("edgevlm.bench", ("edgevlm.errors", "edgevlm.runtime", "edgevlm.bench",
+                                        "edgevlm.data.samples", "edgevlm.data.metrics"),
                       RUNTIME_THIRD_PARTY | {"matplotlib"})
     assert not bad, bad
     assert not any(mod.startswith("edgevlm.bench") for name, path in _modules().items()
                    if name.startswith("edgevlm.runtime") for _, mod in _imports(path))
+
+
+def test_families_import_only_their_base():
+    """A family file says what differs; it never reaches up into models, data or the stages."""
+    bad = _violations("edgevlm.families", ("edgevlm.errors", "edgevlm.families"),
+                      {"torch", "transformers"})
+    assert not bad, bad
+
+
+def test_data_builds_on_families_and_the_runtime_only():
+    bad = _violations("edgevlm.data", ("edgevlm.errors", "edgevlm.progress", "edgevlm.data",
+                                       "edgevlm.families", "edgevlm.runtime"),
+                      {"torch", "PIL"})
+    assert not bad, bad
 
 
 def test_nothing_outside_the_cli_imports_it():
@@ -85,3 +103,102 @@ def test_the_checks_see_a_forbidden_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    import torch\n    from edgevlm.cli import app\n")
     assert _imports(f) == [(2, "torch"), (3, "edgevlm.cli")]
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the edgevlm modules it imports (`from package import name` counts the submodule
+    `name` when there is one, else the package)."""
+    modules = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in map(resolve, targets) if t and t != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle():
+    assert circles(_graph()) == []
+
+
+def test_the_circle_check_sees_one():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Family names and the model_types of the families, towers and decoders they are built from
+FAMILY_NAMES = {"llava", "idefics3", "smolvlm", "siglip_vision_model", "clip_vision_model",
+                "llama", "qwen2", "qwen2_moe"}
+FAMILY_SEAM = ("edgevlm/families/", "edgevlm/runtime/manifest.py")
+
+
+def family_comparisons(path: Path) -> list[str]:
+    """`x == "llava"`, `x in ("llama", "qwen2")` and the like: a comparison with a family name."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            bad += [f"{path.name}:{node.lineno} compares with {v.value!r}" for v in values
+                    if isinstance(v, ast.Constant) and v.value in FAMILY_NAMES]
+    return bad
+
+
+def test_family_names_are_compared_only_by_the_families():
+    """Outside the family files (and the runtime's manifest reader, which cannot import them),
+    code asks the family: a field or a function, never its name."""
+    bad = [b for path in (SRC / "edgevlm").rglob("*.py")
+           if not path.relative_to(SRC).as_posix().startswith(FAMILY_SEAM)
+           for b in family_comparisons(path)]
+    assert not bad, bad
+
+
+def test_the_family_check_sees_a_comparison(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('def f(c):\n    return c.model_type == "llava" or c.t in ("x", "qwen2")\n')
+    assert family_comparisons(f) == ["m.py:2 compares with 'llava'",
+                                     "m.py:2 compares with 'qwen2'"]
+

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 
 from edgevlm.data import Sample, expand_images, pixel_inputs, pixels_of, to_messages
+from edgevlm.data.metrics import Score
 from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
-from edgevlm.runtime.metrics import Score
 
 
 @dataclass

@@ -53,7 +53,7 @@ class TrainConfig:
     max_length: int | None = None  # tokens per sample; None: min(1024, max_position_embeddings)
     long_samples: str = "truncate"  # over max_length: "truncate" after the image, or "skip"
     workers: int = 0
-    visual_tokens: int | None = None  # train at this many image tokens (edgevlm.token_reduce)
+    visual_tokens: int | None = None  # train at this many image tokens (models.token_reduce)
     token_select: str = "divprune"
 
     def __post_init__(self):
@@ -110,7 +110,7 @@ class TrainResult:
 def _reduce_tokens(loaded: LoadedModel, cfg: TrainConfig) -> LoadedModel:
     """The model hooked to see cfg.visual_tokens image tokens (a model already trained at that
     count has the hook from load_model; another count is refused)."""
-    from edgevlm import token_reduce
+    from edgevlm.models import token_reduce
 
     current = token_reduce.setting(loaded.model.config)
     if current is None:

@@ -89,7 +89,7 @@ def test_labels_cover_only_answers(shapes_dir, micro_model_dir):
 
 
 def test_shapes_is_deterministic_and_disjoint(tmp_path):
-    from edgevlm import shapes
+    from edgevlm.data import shapes
 
     a = shapes.generate(tmp_path / "a", n_train=20, n_eval=10, seed=3)
     b = shapes.generate(tmp_path / "b", n_train=20, n_eval=10, seed=3)

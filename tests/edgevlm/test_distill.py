@@ -294,7 +294,7 @@ def _other_model(tmp_path, tokenizer, name, config, **vision):
 
 def test_mismatched_tokenizers_are_named(teacher_dir, shapes_dir, tokenizer, tmp_path,
                                          teacher_config):
-    from edgevlm.tokenizer import train_tokenizer
+    from edgevlm.models.tokenizer import train_tokenizer
 
     texts = [t for s in load_samples(shapes_dir / "train.json") for turn in s.turns
              for t in turn]

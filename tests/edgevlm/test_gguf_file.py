@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgevlm.tokenizer import train_tokenizer
+from edgevlm.models.tokenizer import train_tokenizer
 from tests.edgevlm.gguf_file import REFUSED_TYPE, write_llama_gguf
 
 TEXTS = [

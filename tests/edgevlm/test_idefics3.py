@@ -355,7 +355,7 @@ def test_visual_tokens_on_a_tiled_family_is_refused(smolvlm_dir, tmp_path):
     from edgevlm.errors import UserError
     from edgevlm.export import ExportConfig, export
     from edgevlm.models import load_model
-    from edgevlm.token_reduce import check
+    from edgevlm.models.token_reduce import check
 
     with pytest.raises(UserError, match="idefics3 family, whose image tokens come in tiles"):
         export(smolvlm_dir, tmp_path / "e",
@@ -363,7 +363,7 @@ def test_visual_tokens_on_a_tiled_family_is_refused(smolvlm_dir, tmp_path):
     assert not (tmp_path / "e").exists()
     loaded = load_model(smolvlm_dir)
     with pytest.raises(UserError, match="this model is of the idefics3 family, whose image tokens"):
-        check("divprune", 4, loaded.num_image_tokens, family_of(loaded.model).name)
+        check("divprune", 4, loaded.num_image_tokens, family_of(loaded.model))
 
 
 @pytest.fixture(scope="module")

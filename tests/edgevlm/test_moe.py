@@ -23,7 +23,7 @@ from edgevlm.distill.preference import (
 )
 from edgevlm.errors import UserError
 from edgevlm.models import init_model, load_model, save_model
-from edgevlm.moe import (
+from edgevlm.models.moe import (
     MoESpec,
     RouterLogits,
     load_balance_loss,
@@ -272,7 +272,7 @@ def test_llava_mod_bad_input(tmp_path, shapes_dir, micro_model_dir, teacher_dir,
 def test_reference_with_another_tokenizer_is_refused(tmp_path, shapes_dir, moe_dir,
                                                      teacher_config):
     from edgevlm.distill.mod import ModConfig, distill_mod
-    from edgevlm.tokenizer import train_tokenizer
+    from edgevlm.models.tokenizer import train_tokenizer
 
     other = tmp_path / "other"
     save_model(init_model(teacher_config, train_tokenizer(["a b c d e"] * 20, 300), seed=0),
@@ -397,7 +397,7 @@ def test_expert_calibration_sees_the_routed_tokens(moe_dir, shapes_dir):
     """Linearized, each expert's Linears collect Hessians over exactly the real tokens the
     router sends them: over the experts, top_k times the layer's real tokens."""
     from edgevlm.data import Collator, load_samples
-    from edgevlm.moe import linearize
+    from edgevlm.models.moe import linearize
     from edgevlm.quant.calibrate import decoder_layers, layer_stats, linears, prepare
 
     loaded = load_model(moe_dir)

@@ -9,7 +9,7 @@ import torch
 
 from edgevlm.errors import UserError
 from edgevlm.models import create, load_model
-from edgevlm.tokenizer import CHAT_TEMPLATE
+from edgevlm.models.tokenizer import CHAT_TEMPLATE
 
 TEXTS = ["the red circle is left of the blue square", "how many shapes are there?",
          "What is the capital of France? Paris.", "a green triangle\nand a yellow star"] * 8

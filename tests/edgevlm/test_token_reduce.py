@@ -1,5 +1,5 @@
-"""Training at a reduced visual token count (edgevlm.token_reduce): the model records it, loads
-with it, exports with it, and its export answers as the torch model does."""
+"""Training at a reduced visual token count (edgevlm.models.token_reduce): the model records it,
+loads with it, exports with it, and its export answers as the torch model does."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import torch
 
 from edgevlm.errors import UserError
 from edgevlm.quant import QuantConfig, quantize
+from edgevlm.quant.calib_data import TEXT_WINDOW, calibration_batches
 from edgevlm.quant.checkpoint import REPORT, read_int4_layers
 from edgevlm.quant.qvlm import partition
 
@@ -134,7 +135,7 @@ def test_nan_stops_with_layer_name_and_leaves_no_out(micro_model_dir, shapes_dir
 def test_vision_opt_keeps_the_checkpoint_heldout_data_confirms(micro_model_dir, shapes_dir,
                                                                 monkeypatch):
     from edgevlm.models import load_model
-    from edgevlm.quant import api, qvlm, rtn
+    from edgevlm.quant import qvlm, rtn
 
     # An entropy weight this large pulls the visual tokens far from what the decoder expects:
     # the held-out KL must catch it, and the step keeps only what lowered that KL.
@@ -142,7 +143,7 @@ def test_vision_opt_keeps_the_checkpoint_heldout_data_confirms(micro_model_dir, 
     loaded = load_model(micro_model_dir)
     model = loaded.model
     cfg = QuantConfig(method="qvlm", **{**FAST, "calib_samples": 8, "vision_opt_steps": 8})
-    read = api._calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
+    read = calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
     assert read.heldout == 1 and read.report["heldout_samples"] == 2
     assert [b["input_ids"].shape[0] for b in read.batches] == [4, 2, 2]
     ref = qvlm.vision_reference(model, read.batches, read.heldout)  # the float model's answers
@@ -189,7 +190,6 @@ def test_calibration_leaves_out_text_only_entries(micro_model_dir, shapes_dir, t
     """LLaVA-665k's text-only conversations in --calib (images found through --image-root):
     calibration, which measures image + text activations, uses the image entries only."""
     from edgevlm.models import load_model
-    from edgevlm.quant import api
 
     rows = json.loads((shapes_dir / "train.json").read_text())[:9]
     for row in rows[:3]:
@@ -198,14 +198,14 @@ def test_calibration_leaves_out_text_only_entries(micro_model_dir, shapes_dir, t
             "<image>\n", "")
     (tmp_path / "mix.json").write_text(json.dumps(rows))
     cfg = QuantConfig(method="gptq", **{**FAST, "calib_samples": 8})
-    read = api._calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg,
+    read = calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg,
                                     shapes_dir)
     assert read.report["text_only_left_out"] == 3
     assert (read.report["truncated"], read.report["skipped_too_long"]) == (0, 0)
     assert sum(b["pixel_values"].shape[0] for b in read.batches) == 6
     assert sum(b["input_ids"].shape[0] for b in read.batches) == 6
     with pytest.raises(UserError, match="--image-root"):
-        api._calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg, None)
+        calibration_batches(load_model(micro_model_dir), tmp_path / "mix.json", cfg, None)
 
 
 @pytest.mark.parametrize("method", ["gptq", "qvlm"])
@@ -251,16 +251,15 @@ def prose(tmp_path_factory):
 def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, prose, tmp_path):
     """--calib-text: plain-text windows calibrate the language model, alone or with images."""
     from edgevlm.models import load_model
-    from edgevlm.quant import api
 
     cfg = QuantConfig(method="gptq", **{**FAST, "calib_samples": 6})
     loaded = load_model(micro_model_dir)
-    text = api._calibration_batches(loaded, None, cfg, None, prose)
-    assert [b["input_ids"].shape for b in text.batches] == [(4, api.TEXT_WINDOW),
-                                                             (2, api.TEXT_WINDOW)]
+    text = calibration_batches(loaded, None, cfg, None, prose)
+    assert [b["input_ids"].shape for b in text.batches] == [(4, TEXT_WINDOW),
+                                                             (2, TEXT_WINDOW)]
     assert all(b["pixel_values"] is None for b in text.batches) and text.heldout == 0
     assert text.report["text_windows"] == 6
-    mixed = api._calibration_batches(loaded, shapes_dir / "train.json",
+    mixed = calibration_batches(loaded, shapes_dir / "train.json",
                                      QuantConfig(method="qvlm", **{**FAST, "calib_samples": 6}),
                                      None, prose)
     kinds = ["image" if b["pixel_values"] is not None else "text" for b in mixed.batches]
@@ -292,12 +291,11 @@ def gptq_on_the_same_batches(model_dir, data, cfg: QuantConfig) -> dict:
     and summation order differ and its Hessians agree with Q-VLM's only to float rounding
     (about 1e-6 here), which may flip a rounding decision."""
     from edgevlm.models import load_model
-    from edgevlm.quant.api import _calibration_batches
     from edgevlm.quant.blocks import layerwise_block
     from edgevlm.quant.calibrate import decoder_layers, prepare, walk
 
     loaded = load_model(model_dir, dtype=torch.float32)
-    read = _calibration_batches(loaded, data, cfg, None)
+    read = calibration_batches(loaded, data, cfg, None)
     with torch.no_grad():
         calib = prepare(loaded.model, read.batches, read.heldout)
     weights: dict = {}

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from edgevlm.bench.harness import BenchConfig, bench
 from edgevlm.bench.report import Spread, load_report, merge, write_report
 from edgevlm.cli import app
+from edgevlm.data.metrics import exact_match
 from edgevlm.errors import UserError
-from edgevlm.runtime.metrics import exact_match
 
 NEW_TOKENS = 4
 N_SAMPLES = 6

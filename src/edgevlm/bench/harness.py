@@ -38,9 +38,9 @@ from edgevlm.bench.report import (
     TargetReport,
     machine_info,
 )
+from edgevlm.data.metrics import Score
+from edgevlm.data.samples import Sample, load_samples, to_messages
 from edgevlm.errors import UserError
-from edgevlm.runtime.metrics import Score
-from edgevlm.runtime.samples import Sample, load_samples, to_messages
 
 PROGRESS_TAG = "@@edgevlm-bench "  # prefix of the worker's progress lines on its stdout
 

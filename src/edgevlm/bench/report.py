@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.data.metrics import percent
 from edgevlm.errors import UserError
-from edgevlm.runtime.metrics import percent
 
 log = logging.getLogger(__name__)
 FILES = ("bench.json", "bench.md", "bench.png")

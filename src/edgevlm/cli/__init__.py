@@ -52,8 +52,8 @@ def data_shapes(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate the synthetic shapes visual-QA set (pretrain.json, train.json, eval.json)."""
-    from edgevlm import shapes
     from edgevlm.atomic import atomic_dir
+    from edgevlm.data import shapes
 
     if train < 1 or eval < 1:
         raise UserError("--train and --eval must be at least 1")
@@ -190,12 +190,12 @@ def eval_(
     --text, the language model's perplexity on real text (float or quantized checkpoints)."""
     quiet_libraries()
     from edgevlm.data import load_samples
+    from edgevlm.data.metrics import percent
     from edgevlm.devices import resolve_device
     from edgevlm.evaluate import evaluate
     from edgevlm.perplexity import perplexity, read_text
     from edgevlm.progress import note
     from edgevlm.quant.act import load_for_eval
-    from edgevlm.runtime.metrics import percent
 
     if data is None and text is None:
         raise UserError("give an evaluation DATA.json, --text FILE, or both")

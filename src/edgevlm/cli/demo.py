@@ -101,11 +101,10 @@ def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
 
 
 def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -> DemoResult:
-    from edgevlm import shapes
     from edgevlm import train as training
     from edgevlm.atomic import atomic_dir
     from edgevlm.bench.harness import BenchConfig, bench
-    from edgevlm.data import load_samples
+    from edgevlm.data import load_samples, shapes
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.export.exporter import ExportConfig, export
     from edgevlm.models import create, load_model

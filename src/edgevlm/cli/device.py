@@ -209,7 +209,7 @@ _HEADERS = ("accuracy", "TTFT\nms", "decode\ntok/s", "peak\nMB", "disk\nMB")
 
 def _cells(t) -> tuple[str, str, str, str, str]:
     """A target's accuracy, median TTFT, median decode rate, peak memory and size, printed."""
-    from edgevlm.runtime.metrics import percent
+    from edgevlm.data.metrics import percent
 
     def median(s, scale: float = 1.0) -> str:
         return f"{s.median * scale:.1f}" if s.n else "–"
@@ -245,7 +245,7 @@ def plan_(
 ) -> None:
     """The most accurate measured export inside a TTFT / memory budget, and the Pareto front."""
     from edgevlm.bench import plan as planner
-    from edgevlm.runtime.metrics import percent
+    from edgevlm.data.metrics import percent
 
     result = planner.plan(reports, max_ttft_ms, max_memory_mb)
     written = planner.write(result, out) if out is not None else []

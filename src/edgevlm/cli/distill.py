@@ -154,7 +154,7 @@ def moe_upcycle_(
     start as copies of the dense FFN, so the new model computes what the old one did."""
     quiet_libraries()
     from edgevlm.errors import check_seed
-    from edgevlm.moe import MoESpec, upcycle_dir
+    from edgevlm.models.moe import MoESpec, upcycle_dir
 
     check_seed(seed)
     spec = MoESpec(experts, top_k, layers, seed=seed, init=init)

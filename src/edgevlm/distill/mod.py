@@ -4,7 +4,7 @@ distillation, on the one training loop (edgevlm.train.run).
   dense     mimic, dense -> dense: the dense student learns the teacher's answer distribution;
             forward KL(teacher ‖ student) on the response tokens, no temperature, no CE;
             projector + LLM train
-  upcycle   the dense student becomes sparse (edgevlm.moe.upcycle: experts on every other
+  upcycle   the dense student becomes sparse (edgevlm.models.moe.upcycle: experts on every other
             layer, each a copy of the dense FFN; no training, OUT/upcycle)
   sparse    mimic, dense -> sparse: KL + CE + 0.01 × load balance; FFNs and routers train,
             attention stays frozen
@@ -48,7 +48,7 @@ from edgevlm.distill.stages import (
     load_teacher,
 )
 from edgevlm.errors import UserError, check_seed
-from edgevlm.moe import AUX_LOSS_WEIGHT, MoESpec, RouterLogits, is_moe, load_balance_loss
+from edgevlm.models.moe import AUX_LOSS_WEIGHT, MoESpec, RouterLogits, is_moe, load_balance_loss
 from edgevlm.train import check_length_options, check_save_minutes
 
 MOD_STAGES = ("dense", "upcycle", "sparse", "pref")
@@ -166,7 +166,7 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
     from edgevlm.atomic import atomic_dir, check_inputs
     from edgevlm.data import fit_samples, load_samples
     from edgevlm.models import load_model, save_model
-    from edgevlm.moe import upcycle
+    from edgevlm.models.moe import upcycle
 
     t0, out = time.time(), Path(out)
     check_inputs(out, [teacher_dir, student_dir, data, pref_data])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgevlm.errors import UserError
 from edgevlm.export.source import QUANTIZED
+from edgevlm.families.backbones import is_moe
 from edgevlm.runtime import contract
 from edgevlm.runtime.contract import Precision
 
@@ -44,7 +45,7 @@ def choose(config, model_config) -> DecoderChoice:
     from edgevlm.export.builder.spec import unsupported
 
     tc = model_config.text_config
-    moe = tc.model_type == "qwen2_moe"
+    moe = is_moe(tc)
     if config.decoder_kind == "traced":
         if moe:
             raise UserError("a mixture-of-experts decoder is written by the decoder builder "

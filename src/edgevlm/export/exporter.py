@@ -29,6 +29,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from edgevlm.errors import UserError
 from edgevlm.export import decoder as dec
@@ -92,7 +93,8 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
                           contract.graph_io(component, num_layers, cfg.profile,
-                                            family=family_of(model).name, scores=scores),
+                                            tiled=family_of(model).expansion_needs_image,
+                                            scores=scores),
                           cfg.opset,
                           static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)
@@ -142,9 +144,6 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
     return out
 
 
-EXPORTABLE_FAMILIES = ("llava", "idefics3")
-
-
 def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) -> None:
     """A tiled model's image recipe for the export: the processor's, or --[no-]image-splitting.
     The reference, the manifest and the processor files all read it from the processor. The
@@ -165,8 +164,9 @@ def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) 
 
 def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Path
                            ) -> ExportConfig:
-    """A model trained at fewer visual tokens (edgevlm.token_reduce) exports at that count."""
-    from edgevlm.token_reduce import CONFIG_KEY
+    """A model trained at fewer visual tokens (edgevlm.models.token_reduce) exports at that
+    count."""
+    from edgevlm.models.token_reduce import CONFIG_KEY
 
     trained = model_cfg.get(CONFIG_KEY)
     if not trained:
@@ -204,37 +204,21 @@ def _int8_vision(model, loaded, config: ExportConfig, checkpoint: dict, automati
     return config, cost.to_dict("int8", automatic), cost, {"vision_encoder": found}
 
 
-def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
-           quiet: bool = True) -> ExportResult:
-    """Export a LLaVA-family model folder to an ONNX export folder; see the module docstring."""
-    import torch
-
-    from edgevlm.atomic import atomic_dir, check_new
-    from edgevlm.export import manifest
-    from edgevlm.export.graphs import text_dims
-    from edgevlm.export.validate import torch_reference, validate
-    from edgevlm.models import load_model
-    from edgevlm.progress import Progress, note
-
-    t0 = time.time()
-    model_dir, out = Path(model_dir), Path(out_dir)
-    from edgevlm.models import read_config
-
-    model_cfg = read_config(model_dir)
+def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
+    """The export's config once the model folder's config.json is read: its trained token count,
+    the checkpoint's block size, the automatic int8 tower. Every flag the model cannot take fails
+    here, before minutes of loading. Returns (config, checkpoint source or None, whether the
+    int8 tower is the automatic choice)."""
     family = family_of(model_cfg)
     config = _trained_token_setting(config, model_cfg, model_dir)
     if config.image_splitting is not None and not family.expansion_needs_image:
         raise UserError(f"--{'' if config.image_splitting else 'no-'}image-splitting sets how a "
                         f"tiled family (idefics3) cuts images; {model_dir} holds a "
                         f"{family.name} model, which takes one image as it is: drop the flag")
-    if config.visual_tokens is not None and family.name != "llava":
+    if config.visual_tokens is not None and family.expansion_needs_image:
         raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family, whose image tokens come in tiles "
                         "of a grid (not supported yet): export it without --visual-tokens")
-    if family.name not in EXPORTABLE_FAMILIES:
-        raise UserError(f"{model_dir} holds a model of the {family.name} family; export writes "
-                        f"{', '.join(EXPORTABLE_FAMILIES)} models only so far; train, eval, "
-                        "distill, quantize and bench of the model folder work for it")
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
@@ -243,98 +227,167 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
                  and not (source is not None and ckpt.quantized_vision(model_dir)))
     if automatic:
         config = replace(config, vision_precision=INT4_VISION)
-    check_new(out, config.overwrite, [model_dir])  # before minutes of loading and tracing
-    # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
-    # traced from, and validated against, the model its integers define.
-    # the graphs hold the whole tower: a model trained at fewer tokens selects in the runtime
-    note(f"loading model {model_dir} ...", enabled=not quiet)
-    loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
+    return config, source, automatic
+
+
+@dataclass
+class _Plan:
+    """What the export writes, settled with the model loaded and before any graph is traced."""
+
+    config: ExportConfig
+    dims: Any  # edgevlm.export.graphs.TextDims
+    choice: dec.DecoderChoice
+    checkpoint: dict  # {component: the checkpoint's integers}
+    own: dict  # {component: edgevlm's own integers} (the int8 vision tower)
+    vision_entry: dict | None  # edgevlm.json "vision_int8"
+    vision_carried: Any = None  # the int8 tower's gate reference
+    shapes: Any = None  # mobile: edgevlm.export.mobile.StaticShapes
+    rope: Any = None  # mobile: the rotary table
+    ref: Any = None  # edgevlm.export.reference.Reference, unless --no-validate
+    decoder_plan: Any = None  # a quantized builder decoder's integers
+    carried: Any = None  # the reference the built decoder is held to: the same integers
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return self.config.precisions()
+
+
+def _plan(loaded, config: ExportConfig, source, automatic: bool, model_dir: Path) -> _Plan:
+    """Settle the decoder kind, the integers each component carries, the mobile shapes and the
+    torch references, failing before minutes of tracing."""
+    from edgevlm.export.graphs import text_dims
+    from edgevlm.export.validate import torch_reference
+
     model = loaded.model
-    _set_image_splitting(loaded, family, config, model_dir)
+    _set_image_splitting(loaded, family_of(model), config, model_dir)
     if config.visual_tokens is not None:
         token_select.check(config.visual_tokens, loaded.num_image_tokens)
-    dims = text_dims(model.config)
     choice = dec.choose(config, model.config)  # before minutes of validating and tracing
     checkpoint = ({} if source is None
                   else ckpt.checkpoint_weights(model, model_dir, config.precisions(), source))
     config, vision_entry, vision_carried, own = _int8_vision(model, loaded, config, checkpoint,
                                                              automatic)
-    precisions = config.precisions()
     if source is not None and source.mixed:
         ckpt.check_mixed(checkpoint, choice.kind == "builder")
-    shapes = rope = None
+    p = _Plan(config, text_dims(model.config), choice, checkpoint, own, vision_entry,
+              vision_carried)
     if config.profile == "mobile":
         from edgevlm.export import mobile
 
         mobile.check_supported(model)
-        shapes = mobile.static_shapes(model.config, config.max_context)
-        rope = mobile.rope_table(model, shapes.context)
-    ref = torch_reference(loaded, config.new_tokens) if config.validate else None
-    if ref is not None:
-        dec.check_context(choice, ref)
-    plan = carried = None
-    if choice.kind == "builder" and precisions[dec.DECODER] in ckpt.QUANTIZED:
-        plan = dec.plan(model, precisions[dec.DECODER], config.block_size,
-                        checkpoint.get(dec.DECODER))
-        if ref is not None:  # the reference the built decoder is held to: the same integers
-            dec.carry(model, plan)
-            carried = torch_reference(loaded, config.new_tokens) if plan.rounded else ref
+        p.shapes = mobile.static_shapes(model.config, config.max_context)
+        p.rope = mobile.rope_table(model, p.shapes.context)
+    p.ref = torch_reference(loaded, config.new_tokens) if config.validate else None
+    if p.ref is not None:
+        dec.check_context(choice, p.ref)
+    precision = p.precisions[dec.DECODER]
+    if choice.kind == "builder" and precision in ckpt.QUANTIZED:
+        p.decoder_plan = dec.plan(model, precision, config.block_size,
+                                  checkpoint.get(dec.DECODER))
+        if p.ref is not None:  # the reference the built decoder is held to: the same integers
+            dec.carry(model, p.decoder_plan)
+            p.carried = (torch_reference(loaded, config.new_tokens) if p.decoder_plan.rounded
+                         else p.ref)
+    return p
+
+
+def _trace_graphs(loaded, p: _Plan, tmp: Path, order: list[str], bar) -> tuple[dict, Any, dict]:
+    """Trace (or build) every component into `tmp`; returns ({component: (graph, external)},
+    the built decoder or None, the manifest dict without its components)."""
+    import torch
+
+    from edgevlm.export import manifest
+
+    model = loaded.model
     # Trace attention as written out (matmul, softmax, matmul): the tracer's translation of
     # torch's fused SDPA turns fp16 attention into float32 and keeps o_proj weights in float32.
-    # Same math; parity against the default (SDPA) model above shows it.
+    # Same math; parity against the default (SDPA) model shows it.
     model.set_attn_implementation("eager")
+    traced, built = {}, None
+    for component in order:
+        precision = p.precisions[component]
+        if Precision(precision).half and model.dtype != torch.float16:
+            model.half()  # fp16 graphs come last: this turns the model in place
+        if component == dec.DECODER and p.choice.kind == "builder":
+            built = dec.build(model, tmp, precision, p.choice, p.decoder_plan, p.config.opset)
+            traced[component] = built.path, True
+        else:
+            traced[component] = _trace(model, component, precision, tmp, p.config,
+                                       p.dims.num_layers, p.shapes)
+        bar.update(1)
+    info = manifest.build(loaded, p.dims, p.config,
+                          ckpt.weight_sources(p.precisions, p.checkpoint))
+    if p.vision_entry is not None:
+        info["vision_int8"] = p.vision_entry
+    info["io"][dec.DECODER] = contract.graph_io(dec.DECODER, p.dims.num_layers, p.config.profile,
+                                                p.choice.kind).to_dict()
+    genai = dec.write_genai(model, built, tmp, info, p.config.profile) if built else None
+    info["decoder"] = dec.manifest_entry(p.choice, built, genai)
+    return traced, built, info
 
-    # fp16 graphs come last: tracing them turns the model to half precision in place.
-    order = sorted(contract.COMPONENTS, key=lambda c: Precision(precisions[c]).half)
-    with atomic_dir(out, config.overwrite, [model_dir]) as tmp, \
-            Progress("export", 2 * len(order) + config.validate, enabled=not quiet) as bar:
-        traced, built = {}, None
-        for component in order:
-            if Precision(precisions[component]).half and model.dtype != torch.float16:
-                model.half()
-            if component == dec.DECODER and choice.kind == "builder":
-                built = dec.build(model, tmp, precisions[component], choice, plan, config.opset)
-                traced[component] = built.path, True
-            else:
-                traced[component] = _trace(model, component, precisions[component], tmp,
-                                           config, dims.num_layers, shapes)
-            bar.update(1)
-        info = manifest.build(loaded, dims, config, ckpt.weight_sources(precisions, checkpoint))
-        if vision_entry is not None:
-            info["vision_int8"] = vision_entry
-        info["io"][dec.DECODER] = contract.graph_io(dec.DECODER, dims.num_layers, config.profile,
-                                                    choice.kind).to_dict()
-        genai = dec.write_genai(model, built, tmp, info, config.profile) if built else None
-        info["decoder"] = dec.manifest_entry(choice, built, genai)
+
+def _complete(tmp: Path, model_dir: Path, p: _Plan, files: dict[str, ComponentFile],
+              info: dict, bar) -> tuple[Parity | None, readiness.Readiness | None]:
+    """The model's own files, the mobile extras, parity with torch, and edgevlm.json; returns
+    the parity and the mobile readiness measured (or None)."""
+    from edgevlm.export import manifest
+    from edgevlm.export.validate import validate
+
+    shutil.rmtree(tmp / ".float", ignore_errors=True)
+    manifest.copy_model_files(model_dir, tmp)
+    manifest.write_processor_files(tmp, info)
+    info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
+    if p.shapes is not None:
+        info.update(_mobile_extras(tmp, files, p.shapes, p.rope, p.config))
+    parity = None
+    if p.ref is not None:
+        parity = validate({c: tmp / f.file for c, f in files.items()}, p.precisions, p.ref,
+                          p.dims, p.rope, p.choice.kind, p.carried, p.choice.accuracy_level,
+                          p.choice.activations or "fp32", p.vision_carried)
+        info["parity"] = parity.to_dict()
+        bar.update(1)
+    if parity is not None and not parity.passed:
+        raise ParityError(f"exported graphs do not match torch: {'; '.join(parity.failures)}"
+                          " (nothing was written; --no-validate exports anyway)", parity)
+    measured = info.get("readiness")
+    if measured is not None:
+        info["readiness"] = measured.to_dict()
+    (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+    return parity, measured
+
+
+def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig(),
+           quiet: bool = True) -> ExportResult:
+    """Export a model folder of any family edgevlm knows to an ONNX export folder; see the module
+    docstring."""
+    from edgevlm.atomic import atomic_dir, check_new
+    from edgevlm.models import load_model, read_config
+    from edgevlm.progress import Progress, note
+
+    t0 = time.time()
+    model_dir, out = Path(model_dir), Path(out_dir)
+    config, source, automatic = _settle_config(model_dir, read_config(model_dir), config)
+    check_new(out, config.overwrite, [model_dir])  # before minutes of loading and tracing
+    # A quantized checkpoint loads as float Linears holding exactly (q − z)·s: the graphs are
+    # traced from, and validated against, the model its integers define. The graphs hold the
+    # whole tower: a model trained at fewer tokens selects in the runtime.
+    note(f"loading model {model_dir} ...", enabled=not quiet)
+    loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
+    p = _plan(loaded, config, source, automatic, model_dir)
+    order = sorted(contract.COMPONENTS, key=lambda c: Precision(p.precisions[c]).half)
+    with atomic_dir(out, p.config.overwrite, [model_dir]) as tmp, \
+            Progress("export", 2 * len(order) + p.config.validate, enabled=not quiet) as bar:
+        traced, built, info = _trace_graphs(loaded, p, tmp, order, bar)
         # Every graph is written: free the torch weights before the quantizers and onnxruntime
         # load the graphs, so those never sit beside a torch copy.
-        del loaded, model
+        del loaded
         gc.collect()
         files: dict[str, ComponentFile] = {}
         for component in order:
-            files[component] = _finish(component, precisions[component], *traced[component],
-                                       tmp, config, {**checkpoint, **own}.get(component),
+            files[component] = _finish(component, p.precisions[component], *traced[component],
+                                       tmp, p.config, {**p.checkpoint, **p.own}.get(component),
                                        built is not None and component == dec.DECODER)
             bar.update(1)
-        shutil.rmtree(tmp / ".float", ignore_errors=True)
-        manifest.copy_model_files(model_dir, tmp)
-        manifest.write_processor_files(tmp, info)
-        info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
-        if shapes is not None:
-            info.update(_mobile_extras(tmp, files, shapes, rope, config))
-        parity = None
-        if ref is not None:
-            parity = validate({c: tmp / f.file for c, f in files.items()}, precisions, ref, dims,
-                              rope, choice.kind, carried, choice.accuracy_level,
-                              choice.activations or "fp32", vision_carried)
-            info["parity"] = parity.to_dict()
-            bar.update(1)
-        if parity is not None and not parity.passed:
-            raise ParityError(f"exported graphs do not match torch: {'; '.join(parity.failures)}"
-                              " (nothing was written; --no-validate exports anyway)", parity)
-        measured = info.get("readiness")
-        if measured is not None:
-            info["readiness"] = measured.to_dict()
-        (tmp / contract.MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+        parity, measured = _complete(tmp, model_dir, p, files, info, bar)
     return ExportResult(out, files, parity, time.time() - t0, measured, info["decoder"],
-                        vision_entry)
+                        p.vision_entry)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm.export.validate import FP32_MAX_ABS, Reference
+from edgevlm.export.reference import FP32_MAX_ABS, Reference
 
 # Relative to the reference's largest logit, with FP32_MAX_ABS as the floor: both sides multiply
 # by the same float weights, in a different summation order. A graph with fp16 activations (the

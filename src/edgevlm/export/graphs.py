@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from edgevlm.families import family_of, part
+from edgevlm.families.backbones import has_cls_token
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class VisionEncoder(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
-        self.cls = cfg.vision_config.model_type == "clip_vision_model"
+        self.cls = has_cls_token(cfg.vision_config)
         self.scores = scores
 
     def forward(self, pixel_values: torch.Tensor):

@@ -56,9 +56,10 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       "full", which both read the same way. That strategy field only counts tokens; the model's
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
-    if info["family"] == "idefics3":  # its processor files say it all, but the
+    family = family_of(info["model_type"])
+    if family.expansion_needs_image:  # its processor files say it all, but the
         # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
-        _name_processor(out_dir, "Idefics3Processor", {
+        _name_processor(out_dir, family.processor_class, {
             "do_image_splitting": info["image_processor"].get("do_image_splitting", True)})
         _template_into_tokenizer(out_dir, info)
         return
@@ -66,7 +67,7 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
     vision = config.get("vision_config") or {}
     patch = int(vision.get("patch_size") or 1)
     patches = (int(vision.get("image_size") or 0) // patch) ** 2
-    _name_processor(out_dir, "LlavaProcessor")
+    _name_processor(out_dir, family.processor_class)
     proc_path = out_dir / "processor_config.json"
     proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
     proc.update(processor_class="LlavaProcessor", image_token=info["image_token"],
@@ -129,7 +130,7 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
     "precision", "bytes", "external_data"}) and "parity" once the graphs are written and
     checked."""
     model, proc = loaded.model, loaded.processor
-    family = family_of(model).name
+    family = family_of(model)
     tok = proc.tokenizer
     tc = model.config.text_config
     gen = model.generation_config
@@ -140,8 +141,9 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
         "components": None,
-        "family": family,
-        "io": {c: contract.graph_io(c, dims.num_layers, config.profile, family=family,
+        "family": family.name,
+        "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
+                                    tiled=family.expansion_needs_image,
                                     scores=config.token_select == "visionzip").to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,

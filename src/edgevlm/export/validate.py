@@ -19,41 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.export.reference import FP32_MAX_ABS, Reference
 from edgevlm.families import family_of
 from edgevlm.runtime import contract
 from edgevlm.runtime.contract import Precision
 from edgevlm.runtime.tiling import full_mask
 
-# Pass thresholds. fp32 must match torch to float rounding. Other precisions are held to an
-# error relative to the largest reference value of that output, measured on tiny random models
-# with room to spare; the quantized greedy tokens may diverge and are only reported.
-FP32_MAX_ABS = 1e-4
+# Pass thresholds. fp32 must match torch to float rounding (FP32_MAX_ABS). Other precisions are
+# held to an error relative to the largest reference value of that output, measured on tiny random
+# models with room to spare; the quantized greedy tokens may diverge and are only reported.
 RELATIVE_TOLERANCE = {"fp16": 0.02, "int8": 0.15, "int4": 0.35}
 PROMPT = "<image>\nWhat color is the circle?"
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Torch outputs on the validation inputs (numpy, float32)."""
-
-    pixel_values: np.ndarray  # (2, 3, H, W); idefics3: (2, N_tiles, 3, S, S)
-    image_features: np.ndarray  # (2, N_img, D); idefics3: (2·N_tiles, T, D), as the graph gives
-    input_ids: np.ndarray  # (1, S) int64, <image> expanded
-    inputs_embeds: np.ndarray  # (1, S, D) token embeddings, before the image scatter
-    prompt_logits: np.ndarray  # (1, S, V) decoder on the merged prompt
-    tokens: list[int]  # greedy continuation
-    step_logits: np.ndarray  # (new_tokens, V) raw logits of each greedy step
-    image_token_id: int
-    suppressed: list[int]  # end-of-sequence ids kept from being chosen
-    step_embeds: np.ndarray | None = None  # (new_tokens, D) token embeddings of `tokens`
-    merge_features: np.ndarray | None = None  # (N_image_tokens, D): the first image's, which
-    # fill the prompt's image slots (None: image_features[0])
-
-    @property
-    def slot_features(self) -> np.ndarray:
-        if self.merge_features is not None:
-            return self.merge_features
-        return self.image_features[0].reshape(-1, self.image_features.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -103,8 +79,8 @@ class Parity:
 
 
 def sample_images(size: int):
-    """Two fixed shapes scenes, drawn as edgevlm.shapes draws its data."""
-    from edgevlm.shapes import Obj, draw
+    """Two fixed shapes scenes, drawn as edgevlm.data.shapes draws its data."""
+    from edgevlm.data.shapes import Obj, draw
 
     scenes = [[Obj("red", "circle", 4), Obj("blue", "square", 0)],
               [Obj("yellow", "triangle", 8)]]

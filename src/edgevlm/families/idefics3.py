@@ -27,7 +27,7 @@ from dataclasses import replace
 from functools import partial
 
 from edgevlm.errors import UserError
-from edgevlm.families import Family
+from edgevlm.families.base import Family, LoadedModel
 
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -81,8 +81,6 @@ def build(cfg: dict, tokenizer, seed: int, classes: tuple[str, str] = (
     import torch
     import transformers
     from transformers import Idefics3Processor
-
-    from edgevlm.models import LoadedModel
 
     config_class, model_class = (getattr(transformers, c) for c in classes)
 

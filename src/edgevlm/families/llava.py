@@ -4,7 +4,9 @@ per patch (plus CLS for CLIP unless the `default` strategy drops it); 1-D positi
 
 from __future__ import annotations
 
-from edgevlm.families import Family
+from edgevlm.errors import UserError
+from edgevlm.families.backbones import TEXT_MODEL_TYPES, VISION_MODEL_TYPES, has_cls_token
+from edgevlm.families.base import Family, LoadedModel
 
 IMAGE_TOKEN = "<image>"
 
@@ -13,7 +15,7 @@ def num_image_tokens(config) -> int:
     """Image tokens per image, as LlavaProcessor expands `<image>`."""
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model":
+    if has_cls_token(vc):
         n += 1  # CLS
     if config.vision_feature_select_strategy == "default":
         n -= 1  # drop CLS
@@ -29,10 +31,52 @@ def image_features(model, inputs: dict):
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
 
-def build(cfg: dict, tokenizer, seed: int):
-    from edgevlm.models import init_llava
+def image_processor_for(vision_config):
+    """The HF image processor a LLaVA checkpoint of this vision tower ships with."""
+    size = vision_config.image_size
+    if has_cls_token(vision_config):
+        from transformers import CLIPImageProcessorPil
 
-    return init_llava(cfg, tokenizer, seed)
+        return CLIPImageProcessorPil(size={"shortest_edge": size},
+                                     crop_size={"height": size, "width": size})
+    from transformers import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def build(cfg: dict, tokenizer, seed: int = 0) -> LoadedModel:
+    """A random LlavaForConditionalGeneration and LlavaProcessor around `tokenizer`."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    check_config(cfg, "config")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise UserError("the tokenizer has no <image> token; build it with edgevlm init "
+                        "--tokenizer-data or add <image> as a special token")
+    vocab = len(tokenizer)
+    cfg["text_config"]["vocab_size"] = vocab
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        cfg["text_config"][key] = getattr(tokenizer, key)
+    cfg["image_token_index"] = image_token_id
+    try:
+        config = LlavaConfig(**cfg)
+    except (ValueError, TypeError) as e:  # transformers' own checks (rope dims, unknown keys)
+        raise UserError(f"config: {e}") from e
+    config.image_seq_length = num_image_tokens(config)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=image_processor_for(config.vision_config),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(has_cls_token(config.vision_config)),
+        chat_template=tokenizer.chat_template,
+    )
+    return LoadedModel(model, processor, image_token_id, config.image_seq_length)
 
 
 def expand_image(processor, n_tokens: int, image) -> str:
@@ -50,9 +94,34 @@ def pixel_inputs(processor, images: list) -> dict:
 
 
 def check_config(cfg: dict, where: str) -> None:
-    from edgevlm.models import check_config as check
-
-    check(cfg, where)
+    """Reject a LlavaConfig dict whose sizes cannot work, naming the field."""
+    for sub_name, allowed in (("vision_config", VISION_MODEL_TYPES),
+                              ("text_config", TEXT_MODEL_TYPES)):
+        sub = cfg.get(sub_name)
+        if not isinstance(sub, dict):
+            raise UserError(f"{where}: {sub_name} is missing; give a {sub_name} with a model_type")
+        if sub.get("model_type") not in allowed:
+            raise UserError(f"{where}: {sub_name}.model_type {sub.get('model_type')!r} is not "
+                            f"supported; use one of {', '.join(allowed)}")
+        heads = sub.get("num_attention_heads", 1)
+        if sub.get("hidden_size", heads) % heads:
+            raise UserError(f"{where}: {sub_name}.hidden_size {sub['hidden_size']} is not "
+                            f"divisible by num_attention_heads {heads}; pick sizes that divide")
+        kv = sub.get("num_key_value_heads")
+        if kv and heads % kv:
+            raise UserError(f"{where}: {sub_name}.num_attention_heads {heads} is not divisible by "
+                            f"num_key_value_heads {kv}; pick sizes that divide")
+    vc = cfg["vision_config"]
+    if vc.get("image_size", 224) % vc.get("patch_size", 16):
+        raise UserError(f"{where}: vision_config.image_size {vc.get('image_size')} is not "
+                        f"divisible by patch_size {vc.get('patch_size')}")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise UserError(f"{where}: vision_feature_select_strategy {strategy!r} must be "
+                        "'default' (drop CLS) or 'full'")
+    if strategy == "default" and not has_cls_token(vc):
+        raise UserError(f"{where}: strategy 'default' drops a CLS token that SigLIP does not have; "
+                        "use vision_feature_select_strategy 'full'")
 
 
 FAMILY = Family(

@@ -159,8 +159,8 @@ def layer_forward(layer, xs: list[torch.Tensor], kws: list[dict]) -> list[torch.
 
 def linears(module, prefix: str, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
     """The quantizable Linears under `module`, by full module name, in forward order. An MoE
-    layer's experts count once linearized (edgevlm.moe.linearize); its router is not a Linear,
-    and Qwen2-MoE's shared expert (empty in edgevlm's upcycled students) and its gate stay
+    layer's experts count once linearized (edgevlm.models.moe.linearize); its router is not a
+    Linear, and Qwen2-MoE's shared expert (empty in edgevlm's upcycled students) and its gate stay
     float."""
     return {f"{prefix}.{n}": m for n, m in module.named_modules()
             if isinstance(m, torch.nn.Linear) and m.in_features and m.out_features
@@ -219,7 +219,7 @@ def _run_hooked(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
     def hook(name):
         def fn(module, args):
             # an expert's Linear sees only its routed rows (1, T_e, K): the expert's own
-            # real-token mask of those rows (edgevlm.moe.linear_experts)
+            # real-token mask of those rows (edgevlm.models.moe.linear_experts)
             expert = expert_of.get(id(module))
             seen(name, args[0].detach(), current["mask"] if expert is None else expert.rows)
         return fn

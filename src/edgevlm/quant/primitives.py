@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from edgevlm.errors import UserError, check_seed
+from edgevlm.quant.methods import METHODS
 
-METHOD_NAMES = ("rtn", "gptq", "qvlm")
 MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
 ACT_BITS = (16, 8, 6, 4)
 PARTITIONS = ("entropy", "uniform")
@@ -211,8 +211,8 @@ class QuantConfig:
                 "bitsandbytes on CUDA and could not be exported or tested here); load the float "
                 "model with transformers' BitsAndBytesConfig(load_in_4bit=True, "
                 "bnb_4bit_quant_type='nf4') for that baseline, or use --method gptq, qvlm or rtn")
-        if self.method not in METHOD_NAMES:
-            bad("method", self.method, f"use one of {', '.join(METHOD_NAMES)}")
+        if self.method not in METHODS:
+            bad("method", self.method, f"use one of {', '.join(METHODS)}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             bad("bits", self.bits, "the pack-quantized format stores 2..8 bits (e.g. --bits 4)")
         gs = self.group_size

@@ -123,15 +123,11 @@ def genai_graph_file(precision: str) -> str:
     return f"{ONNX_DIR}/genai_decoder{SUFFIXES[precision]}.onnx"
 
 
-FAMILIES = ("llava", "idefics3")  # what the runtime knows of each: IO, image recipe, expansion
-
-
-def vision_io(family: str = "llava", scores: bool = False) -> GraphIO:
-    """LLaVA: one image per row. Idefics3 / SmolVLM (transformers.js's layout): the tiles of each
-    image, with their pixel mask, in; every tile's tokens out. `scores`: a LLaVA graph also gives
-    each image token's attention score, for `--token-select visionzip`."""
-    assert family in FAMILIES, f"unknown family {family}"
-    if family == "idefics3":
+def vision_io(tiled: bool = False, scores: bool = False) -> GraphIO:
+    """One image per row (LLaVA); `tiled` (Idefics3 / SmolVLM, transformers.js's layout): the
+    tiles of each image, with their pixel mask, in; every tile's tokens out. `scores`: a LLaVA
+    graph also gives each image token's attention score, for `--token-select visionzip`."""
+    if tiled:
         return GraphIO(inputs={"pixel_values": ("batch_size", "num_images", 3, "height", "width"),
                                "pixel_attention_mask": ("batch_size", "num_images", "height",
                                                         "width")},
@@ -192,14 +188,14 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
 
 
 def graph_io(component: str, num_layers: int, profile: str = "default",
-             decoder: str = "traced", family: str = "llava", scores: bool = False) -> GraphIO:
+             decoder: str = "traced", tiled: bool = False, scores: bool = False) -> GraphIO:
     """The declared IO of one component (the decoder's depends on its layer count and kind). The
     mobile profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert profile in PROFILES, f"unknown profile {profile}"
     assert decoder in DECODER_KINDS, f"unknown decoder kind {decoder}"
     if component == "vision_encoder":
-        return vision_io(family, scores)
+        return vision_io(tiled, scores)
     if component == "embed_tokens":
         return embed_io()
     if decoder == "builder":

@@ -19,7 +19,6 @@ from edgevlm.runtime.chat import special_tokens_from_config
 from edgevlm.runtime.contract import (
     COMPONENTS,
     DECODER_KINDS,
-    FAMILIES,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
@@ -31,6 +30,11 @@ from edgevlm.runtime.paths import check_graph_files, check_inside
 from edgevlm.runtime.preprocess import ImageProcessorConfig
 from edgevlm.runtime.tiling import TilingConfig
 from edgevlm.runtime.token_select import METHODS as TOKEN_SELECT
+
+# The families this runtime runs, and whether each cuts images into tiles (Idefics3 / SmolVLM:
+# the tiled vision IO, image recipe and <image> expansion) or takes one image per row (LLaVA).
+# The one place the runtime reads a family name; the rest asks ModelInfo.tiled.
+FAMILIES = {"llava": False, "idefics3": True}
 
 REEXPORT = "re-run `edgevlm export MODEL --out DIR`"
 
@@ -59,9 +63,14 @@ class ExportInfo:
     # buffers' (prompt + answer either way)
     rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
     decoder: str = "traced"  # contract.DECODER_KINDS; exports before version 3 are "traced"
-    family: str = "llava"  # contract.FAMILIES: the vision IO, image recipe and <image> expansion
+    family: str = "llava"  # FAMILIES: the vision IO, image recipe and <image> expansion
     token_select: str | None = None  # runtime.token_select method keeping num_image_tokens
     vision_tokens: int | None = None  # what the vision graph gives per image, before selection
+
+    @property
+    def tiled(self) -> bool:
+        """Whether images arrive as tiles (the family's vision IO, recipe and expansion)."""
+        return FAMILIES[self.family]
 
     @property
     def max_tokens(self) -> int:
@@ -171,7 +180,7 @@ def _image_processor(root: Path, manifest: dict) -> ImageProcessorConfig | Tilin
     if settings is None:
         raise UserError(f"{root}: no image processor settings (edgevlm.json image_processor, "
                         f"processor_config.json or preprocessor_config.json); {REEXPORT}")
-    if manifest.get("family") == "idefics3":
+    if FAMILIES.get(manifest.get("family", "llava"), False):
         return TilingConfig.from_hf(settings)
     return ImageProcessorConfig.from_hf(settings)
 

@@ -147,7 +147,7 @@ class VLM:
         self._kv = (SharedKV(self._decoder, info.num_layers, self._device)
                     if info.decoder == "builder" else None)
         self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[-2:])
-        self._tiled = info.family == "idefics3"
+        self._tiled = info.tiled
 
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
@@ -176,7 +176,7 @@ class VLM:
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto", trt=trt, spin=spin)
             io = contract.graph_io(component, info.num_layers, info.profile, info.decoder,
-                                   info.family, scores=info.token_select == "visionzip")
+                                   tiled=info.tiled, scores=info.token_select == "visionzip")
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)

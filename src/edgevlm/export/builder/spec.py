@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "qwen2_moe")
+from edgevlm.families.backbones import DENSE_TEXT_TYPES, MOE_TEXT_TYPES, is_moe, o_bias, qkv_bias
+
+FAMILIES = DENSE_TEXT_TYPES + MOE_TEXT_TYPES  # the decoders it writes
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # length-independent frequencies
 HEAD_MULTIPLE = 16  # GroupQueryAttention with rotary caches: head_size % 16 == 0
 
@@ -71,7 +73,7 @@ def unsupported(tc) -> str | None:
         return "sliding-window attention layers are not implemented by the decoder builder"
     if getattr(tc, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings are not implemented by the decoder builder"
-    if kind == "qwen2_moe" and getattr(tc, "shared_expert_intermediate_size", 0):
+    if is_moe(tc) and getattr(tc, "shared_expert_intermediate_size", 0):
         return ("Qwen2-MoE's shared expert is not implemented by the decoder builder (edgevlm's "
                 "upcycled students have none: shared_expert_intermediate_size 0)")
     heads = tc.num_attention_heads
@@ -86,17 +88,14 @@ def text_spec(tc) -> TextSpec:
     """The TextSpec of a supported text config (check `unsupported` first)."""
     assert unsupported(tc) is None, unsupported(tc)
     heads = tc.num_attention_heads
-    bias = bool(getattr(tc, "attention_bias", False))
-    moe = tc.model_type == "qwen2_moe"
+    moe = is_moe(tc)
     return TextSpec(
         model_type=tc.model_type, num_layers=tc.num_hidden_layers, hidden_size=tc.hidden_size,
         intermediate_size=tc.intermediate_size, num_heads=heads,
         num_kv_heads=tc.num_key_value_heads or heads,
         head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
         vocab_size=tc.vocab_size, rms_eps=float(tc.rms_norm_eps),
-        attention_bias=(bias or tc.model_type == "qwen2" or
-                        (moe and bool(getattr(tc, "qkv_bias", True)))),
-        o_bias=bias and tc.model_type == "llama",
+        attention_bias=qkv_bias(tc), o_bias=o_bias(tc),
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         tied=bool(getattr(tc, "tie_word_embeddings", False)), rope_type=_rope_type(tc),
         max_positions=tc.max_position_embeddings,

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm.errors import UserError
+from edgevlm.families.backbones import DENSE_TEXT_TYPES, is_moe, o_bias, qkv_bias  # noqa: F401
 
-MOE_TEXT_TYPES = ("qwen2_moe",)
-DENSE_TEXT_TYPES = ("llama", "qwen2")
 AUX_LOSS_WEIGHT = 0.01  # LLaVA-MoD's load-balance loss weight
 EXPERT_INITS = ("copy", "random")
 
@@ -43,12 +42,6 @@ class MoESpec:
     seed: int = 0
     init: str = "copy"  # "copy": sparse upcycling; "random": fresh experts (the ablation's
     # control, initializer_range as transformers draws new weights)
-
-
-def is_moe(text_config) -> bool:
-    model_type = (text_config.get("model_type") if isinstance(text_config, dict)
-                  else text_config.model_type)
-    return model_type in MOE_TEXT_TYPES
 
 
 def parse_layers(layers: str, num_layers: int) -> list[int]:
@@ -91,7 +84,7 @@ def moe_text_config(tc, spec: MoESpec, layers: list[int]) -> dict:
     if getattr(tc, "mlp_bias", False) or getattr(tc, "hidden_act", "silu") != "silu":
         raise UserError("upcycling copies a SwiGLU FFN without biases into the experts; this "
                         "decoder's FFN has biases or another activation")
-    if tc.model_type == "llama" and getattr(tc, "attention_bias", False):
+    if o_bias(tc):
         raise UserError("this Llama has attention biases on o_proj too, which Qwen2-MoE's "
                         "attention does not hold; upcycling it would change the model")
     n = tc.num_hidden_layers
@@ -111,7 +104,7 @@ def moe_text_config(tc, spec: MoESpec, layers: list[int]) -> dict:
         "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads,
         "hidden_act": "silu", "max_position_embeddings": tc.max_position_embeddings,
         "rms_norm_eps": tc.rms_norm_eps, "rope_parameters": copy.deepcopy(tc.rope_parameters),
-        "qkv_bias": tc.model_type == "qwen2", "tie_word_embeddings": tc.tie_word_embeddings,
+        "qkv_bias": qkv_bias(tc), "tie_word_embeddings": tc.tie_word_embeddings,
         "use_sliding_window": False, "attention_dropout": 0.0,
         "initializer_range": getattr(tc, "initializer_range", 0.02),
         "bos_token_id": tc.bos_token_id, "eos_token_id": tc.eos_token_id,

@@ -75,7 +75,7 @@ def _gguf_check(path: Path) -> str:
 def _hf_check(path: Path) -> str:
     import json
 
-    from edgevlm.models import SUPPORTED_TEXT
+    from edgevlm.families.backbones import TEXT_MODEL_TYPES
 
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -87,9 +87,9 @@ def _hf_check(path: Path) -> str:
         raise UserError(f"--text-from {cfg_path} is not valid JSON ({e})") from e
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type not in SUPPORTED_TEXT:
+    if model_type not in TEXT_MODEL_TYPES:
         raise UserError(f"--text-from {path}: model_type {model_type!r} is not a supported causal "
-                        f"LM; edgevlm takes {', '.join(SUPPORTED_TEXT)} language models")
+                        f"LM; edgevlm takes {', '.join(TEXT_MODEL_TYPES)} language models")
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UserError(f"--text-from {path}: architectures {archs} is not a causal LM; give a "
                         "*ForCausalLM checkpoint")
@@ -117,13 +117,13 @@ def _with_image_token(tokenizer, where: str):
         tok.pad_token = tok.eos_token
         log.warning("%s: the tokenizer has no pad token; padding with eos %r", where, tok.eos_token)
     if not tok.chat_template:
-        from edgevlm.tokenizer import CHAT_TEMPLATE
+        from edgevlm.models.tokenizer import CHAT_TEMPLATE
 
         tok.chat_template = CHAT_TEMPLATE
         log.warning("%s: the tokenizer has no chat template; using ChatML", where)
     else:  # a text-only template (SmolLM2's) learns to take image parts
+        from edgevlm.models.tokenizer import with_image_parts
         from edgevlm.runtime.chat import special_tokens_from_config
-        from edgevlm.tokenizer import with_image_parts
 
         specials = special_tokens_from_config({k: getattr(tok, k, None) for k in (
             "bos_token", "eos_token", "pad_token", "unk_token")})

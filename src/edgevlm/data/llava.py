@@ -21,15 +21,8 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from edgevlm.data.samples import IMAGE_TAG, Sample, open_image, to_messages
 from edgevlm.errors import UserError
-from edgevlm.runtime.samples import (  # noqa: F401  (the reading lives with the runtime)
-    IMAGE_TAG,
-    ROLES,
-    Sample,
-    load_samples,
-    open_image,
-    to_messages,
-)
 
 IGNORE = -100
 

@@ -29,12 +29,13 @@ def setting(config) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def check(method: str, tokens: int, available: int, family: str) -> None:
+def check(method: str, tokens: int, available: int, family) -> None:
+    """Whether `family` (edgevlm.families.Family) can train at `tokens` of `available`."""
     from edgevlm.runtime.token_select import check as check_count
 
-    if family != "llava":
+    if family.expansion_needs_image:
         raise UserError(f"--visual-tokens works on llava models so far; this model is of the "
-                        f"{family} family, whose image tokens come in tiles of a grid")
+                        f"{family.name} family, whose image tokens come in tiles of a grid")
     if method not in TRAINABLE_METHODS:
         raise UserError(f"--token-select {method} cannot train: it ranks tokens by the tower's "
                         f"attention, which training does not compute; use "
@@ -53,7 +54,7 @@ def install(loaded, method: str, tokens: int):
     model = loaded.model
     full = setting(model.config)
     available = full["full_tokens"] if full else loaded.num_image_tokens
-    check(method, tokens, available, family_of(model).name)
+    check(method, tokens, available, family_of(model))
 
     def keep(module, args, out):  # (B, N_full, D) -> (B, N, D)
         rows = []

@@ -1,0 +1,93 @@
+"""Load and save model directories of every family edgevlm knows (edgevlm.families: LLaVA,
+Idefics3/SmolVLM). A model is a plain Hugging Face directory, so the same code loads our tiny
+presets and a real checkpoint such as llava-hf/llava-interleave-qwen-0.5b-hf."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgevlm.errors import UserError
+from edgevlm.families import LoadedModel, family_of, supported_model_types
+from edgevlm.models import token_reduce
+
+SUPPORTED_MODEL_TYPES = supported_model_types()
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens per image, as the family's processor expands `<image>`."""
+    return family_of(config).num_image_tokens(config)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a model directory, checked to be LLaVA-family."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} is not a model directory (no config.json); give a folder "
+                        "made by `edgevlm init`/`train` or a Hugging Face LLaVA checkpoint")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not a model "
+                        f"family edgevlm knows; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return cfg
+
+
+def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
+               dequantize: bool = False, reduce_tokens: bool = True) -> LoadedModel:
+    """Load a LLaVA-family checkpoint directory and its processor. `dequantize`: a
+    compressed-tensors checkpoint comes back as plain Linears holding (q − z)·s exactly."""
+    import torch
+    import transformers
+    from transformers import AutoProcessor
+
+    from edgevlm.quant.checkpoint import decompress, mixed_bits
+
+    model_class = getattr(transformers, family_of(read_config(model_dir)).model_class)
+    kw = {}
+    # transformers' dequantize-on-load reads every layer with one config group's bits; a mixed
+    # checkpoint (symmetric, QuantConfig.layer_bits) loads plainly and is decompressed after
+    mixed = dequantize and bool(mixed_bits(model_dir))
+    if dequantize and not mixed:
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    try:
+        model = model_class.from_pretrained(str(model_dir), dtype=dtype or torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001 -- only the weight files' own errors are renamed
+        if type(e).__name__ == "SafetensorError":
+            raise UserError(f"{model_dir}: a weights file is damaged or truncated ({e}); copy "
+                            "or download the model again") from e
+        if isinstance(e, OSError) and "no file named" in str(e):
+            raise UserError(f"{model_dir} has no weights (no model.safetensors); copy the "
+                            "whole model folder, or make one with `edgevlm init`") from e
+        raise
+    if mixed:
+        decompress(model)
+    if device:
+        model = model.to(device)
+    model.eval()
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir}: could not load the processor ({e}); the folder needs "
+                        "tokenizer and preprocessor_config.json files") from e
+    image_token_id = getattr(model.config, family_of(model).image_token_key)
+    loaded = LoadedModel(model, processor, image_token_id, num_image_tokens(model.config))
+    reduced = token_reduce.setting(model.config)
+    if reduced and reduce_tokens:  # trained at a reduced visual token count: keep seeing it
+        loaded = token_reduce.install(loaded, reduced["method"], reduced["tokens"])
+    return loaded
+
+
+def save_model(loaded: LoadedModel, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """Write model + processor files into `out_dir` (which the caller made atomic).
+    `state_dict`: the weights to write instead of the module's own (a sharded run's gathered
+    full state dict)."""
+    loaded.model.save_pretrained(str(out_dir), state_dict=state_dict)
+    loaded.processor.save_pretrained(str(out_dir))
+    # transformers 5 nests the image processor in processor_config.json; older tools and the
+    # runtime also look for the classic preprocessor_config.json.
+    loaded.processor.image_processor.save_pretrained(str(out_dir))
