@@ -101,14 +101,8 @@ def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
 
 
 def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -> DemoResult:
-    from edgevlm import train as training
     from edgevlm.atomic import atomic_dir
-    from edgevlm.bench.harness import BenchConfig, bench
-    from edgevlm.data import load_samples, shapes
-    from edgevlm.distill import DistillConfig, distill
-    from edgevlm.export.exporter import ExportConfig, export
-    from edgevlm.models import create, load_model
-    from edgevlm.quant import QuantConfig, quantize
+    from edgevlm.data import shapes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +115,25 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
             shapes.generate(tmp, cfg.n_train, cfg.n_eval, seed=0)
 
     _stage("data", data, stages, make_data, log)
-    train_json, pretrain_json, eval_json = (data / n for n in
-                                            ("train.json", "pretrain.json", "eval.json"))
+    teacher, student = _teacher_and_student(out, data, cfg, stages, quiet, log)
+    exported = _compress(out, data, student, cfg, stages, quiet, log)
+    report_dir, plan_dir = out / "report", out / "plan"
+    _bench_and_plan(report_dir, plan_dir, [teacher, student, exported], data / "eval.json", cfg,
+                    stages, log)
+    (out / "demo_stages.json").write_text(json.dumps(stages, indent=1))
+    return DemoResult(out, stages, json.loads((report_dir / "bench.json").read_text()),
+                      json.loads((plan_dir / "plan.json").read_text()))
 
+
+def _teacher_and_student(out: Path, data: Path, cfg: DemoConfig, stages: dict, quiet: bool,
+                         log) -> tuple[Path, Path]:
+    """Train the teacher, then distill the student from it (LLaVA-KD's three stages)."""
+    from edgevlm import train as training
+    from edgevlm.data import load_samples
+    from edgevlm.distill import DistillConfig, distill
+    from edgevlm.models import create, load_model
+
+    train_json, pretrain_json = data / "train.json", data / "pretrain.json"
     teacher_init = out / "teacher-init"
     _stage("teacher init", teacher_init, stages, lambda: create(
         teacher_init, preset="tiny-teacher", tokenizer_data=[train_json, pretrain_json]), log)
@@ -145,38 +155,49 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
     _stage("student distill", student_run / "final", stages, lambda: distill(
         teacher, student_init, train_json, student_run, dcfg, pretrain_data=pretrain_json,
         resume=True, quiet=quiet), log)
-    student = student_run / "final"
+    return teacher, student_run / "final"
+
+
+def _compress(out: Path, data: Path, student: Path, cfg: DemoConfig, stages: dict, quiet: bool,
+              log) -> Path:
+    """Q-VLM W4 on the student, then its int4 export; returns the export folder."""
+    from edgevlm.export.exporter import ExportConfig, export
+    from edgevlm.quant import QuantConfig, quantize
 
     quantized = out / "student-qvlm-w4"
     qcfg = QuantConfig(method="qvlm", bits=4, group_size=128, symmetric=True,
                        calib_samples=cfg.calib_samples)
     _stage("quantize", quantized, stages, lambda: quantize(
-        student, quantized, qcfg, calib=train_json, quiet=quiet), log)
-
+        student, quantized, qcfg, calib=data / "train.json", quiet=quiet), log)
     exported = out / "export"
     ecfg = ExportConfig(precision="int4", vision_precision="int8", embed_precision="int8",
                         block_size=128)
     _stage("export", exported, stages, lambda: export(quantized, exported, ecfg,
                                                        quiet=quiet), log)
+    return exported
 
-    report_dir = out / "report"
+
+def _bench_and_plan(report_dir: Path, plan_dir: Path, targets: list[Path], eval_json: Path,
+                    cfg: DemoConfig, stages: dict, log) -> None:
+    """Bench the teacher, the student and the export; plan under half the teacher's TTFT."""
+    from edgevlm.atomic import atomic_dir
+    from edgevlm.bench.harness import BenchConfig, bench
+
     bcfg = BenchConfig(limit=cfg.bench_limit, warmup=1, repeats=1 if cfg.quick else 3,
                        max_new_tokens=8)
 
     def run_bench():
-        write_bench(bench([teacher, student, exported], eval_json, bcfg,
+        write_bench(bench(targets, eval_json, bcfg,
                           model_target="edgevlm.bench.torch_target:TorchTarget"), report_dir, cfg)
 
     _stage("bench", report_dir, stages, run_bench, log)
-
-    plan_dir = out / "plan"
 
     def run_plan():
         from edgevlm.bench import plan as planner
         from edgevlm.bench.report import load_report
 
         report = load_report(report_dir / "bench.json")
-        teacher_ttft = next(t for t in report.targets if t.name == teacher.name).ttft_s.median
+        teacher_ttft = next(t for t in report.targets if t.name == targets[0].name).ttft_s.median
         budget = {"max_ttft_ms": round(0.5 * 1e3 * teacher_ttft, 3), "max_memory_mb": 1024.0}
         with atomic_dir(plan_dir) as tmp:
             try:
@@ -187,6 +208,3 @@ def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -
                                                            "error": str(e)}, indent=1))
 
     _stage("plan", plan_dir, stages, run_plan, log)
-    (out / "demo_stages.json").write_text(json.dumps(stages, indent=1))
-    return DemoResult(out, stages, json.loads((report_dir / "bench.json").read_text()),
-                      json.loads((plan_dir / "plan.json").read_text()))

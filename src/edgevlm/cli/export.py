@@ -82,29 +82,37 @@ def export_(
         rows["  vision int8"] = (f"{result.vision_int8['relative_error']:.1%} from float: "
                                  f"{result.vision_int8['why']}")
     if result.parity is not None:
-        greedy = result.parity.greedy
-        rows["parity"] = "passed"
-        rows.update({f"  {name} max-abs": e.max_abs
-                     for name, e in result.parity.components.items()})
-        rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
-        check = result.parity.graph_check
-        if check is not None:  # a built int4/int8 decoder: gated on the same integers
-            rows["  decoder vs torch, same integers"] = (
-                f"max-abs {check.max_abs:.2g}, tokens {check.matching_steps}/{check.steps}")
-            rows[f"  as shipped (accuracy_level {check.shipped_accuracy_level})"] = (
-                f"max-abs {check.shipped_max_abs:.2g}, tokens "
-                f"{check.shipped_matching_steps}/{check.steps}")
-        vision = result.parity.vision_check
-        if vision is not None:  # an int8 tower: gated on the same integers
-            rows["  vision vs torch, same integers"] = (
-                f"max-abs {vision.max_abs:.2g}, {vision.matmuls} MatMulInteger, "
-                f"{vision.kernel_mismatches} integer outputs off")
-            rows["  as shipped (int8 activations)"] = f"max-abs {vision.shipped_max_abs:.2g}"
+        rows.update(_parity_rows(result.parity))
     rows["seconds"] = result.seconds
     summary("export", rows, quiet, as_json)
     if result.readiness is not None and not as_json:
         _readiness_table(result.readiness, quiet)
     show_next(after_export(out), quiet, as_json)
+
+
+def _parity_rows(parity) -> dict:
+    """The summary rows of the parity check: per component, greedy tokens, and the gates on the
+    integers a built decoder or an int8 tower carries."""
+    rows: dict = {}
+    greedy = parity.greedy
+    rows["parity"] = "passed"
+    rows.update({f"  {name} max-abs": e.max_abs
+                 for name, e in parity.components.items()})
+    rows["  greedy tokens equal"] = f"{greedy.matching_prefix}/{greedy.new_tokens}"
+    check = parity.graph_check
+    if check is not None:  # a built int4/int8 decoder: gated on the same integers
+        rows["  decoder vs torch, same integers"] = (
+            f"max-abs {check.max_abs:.2g}, tokens {check.matching_steps}/{check.steps}")
+        rows[f"  as shipped (accuracy_level {check.shipped_accuracy_level})"] = (
+            f"max-abs {check.shipped_max_abs:.2g}, tokens "
+            f"{check.shipped_matching_steps}/{check.steps}")
+    vision = parity.vision_check
+    if vision is not None:  # an int8 tower: gated on the same integers
+        rows["  vision vs torch, same integers"] = (
+            f"max-abs {vision.max_abs:.2g}, {vision.matmuls} MatMulInteger, "
+            f"{vision.kernel_mismatches} integer outputs off")
+        rows["  as shipped (int8 activations)"] = f"max-abs {vision.shipped_max_abs:.2g}"
+    return rows
 
 
 def _decoder_row(decoder: dict | None) -> str:

@@ -21,7 +21,7 @@ from edgevlm.errors import UserError
 from edgevlm.export.source import QUANTIZED
 from edgevlm.families.backbones import is_moe
 from edgevlm.runtime import contract
-from edgevlm.runtime.contract import Precision
+from edgevlm.runtime.contract import Activations, DecoderKind, Precision, Profile
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,12 @@ DECODER = "decoder_model_merged"
 
 @dataclass(frozen=True)
 class DecoderChoice:
-    kind: str  # "traced" | "builder"
-    requested: str  # what the config asked for
+    kind: DecoderKind
+    requested: DecoderKind  # what the config asked for
     reason: str | None = None  # why the builder was not used
     max_context: int | None = None  # builder: KV buffer positions
-    activations: str = "fp32"  # builder: float type inside the graph and of the KV buffer
+    activations: Activations = Activations.FP32  # builder: float type inside the graph and of
+    # the KV buffer
     accuracy_level: int | None = None  # builder int4/int8: MatMulNBits accuracy_level
 
 
@@ -46,28 +47,30 @@ def choose(config, model_config) -> DecoderChoice:
 
     tc = model_config.text_config
     moe = is_moe(tc)
-    if config.decoder_kind == "traced":
+    if config.decoder_kind is DecoderKind.TRACED:
         if moe:
             raise UserError("a mixture-of-experts decoder is written by the decoder builder "
                             "only (onnxruntime's MoE / QMoE ops), and "
-                            + ("--profile mobile traces its graphs" if config.profile ==
-                               "mobile" else "--decoder traced asks for a traced one")
+                            + ("--profile mobile traces its graphs"
+                               if config.profile is Profile.MOBILE
+                               else "--decoder traced asks for a traced one")
                             + "; export with the default profile and decoder")
-        return DecoderChoice("traced", "traced")
+        return DecoderChoice(DecoderKind.TRACED, DecoderKind.TRACED)
     reason = unsupported(tc)
     if reason is not None:
-        if config.decoder == "builder":  # asked for by name
+        if config.decoder is DecoderKind.BUILDER:  # asked for by name
             raise UserError(f"--decoder builder: {reason}; export with --decoder traced")
         log.warning("decoder: traced, not built (%s)", reason)
-        return DecoderChoice("traced", "builder", reason)
+        return DecoderChoice(DecoderKind.TRACED, DecoderKind.BUILDER, reason)
     limit = tc.max_position_embeddings
     context = config.max_context or min(limit, DEFAULT_CONTEXT)
     if context > limit:
         raise UserError(f"--max-context {context} is over the model's max_position_embeddings "
                         f"{limit}; use at most {limit}")
     precision = config.precision
-    activations = "fp16" if Precision(precision).half or config.profile == "gpu" else "fp32"
-    if moe and config.profile == "gpu" and precision in QUANTIZED:
+    gpu = config.profile is Profile.GPU
+    activations = Activations.FP16 if precision.half or gpu else Activations.FP32
+    if moe and gpu and precision in QUANTIZED:
         raise UserError("an int4/int8 mixture-of-experts decoder for --profile gpu: CUDA's QMoE "
                         "kernel has no block-wise weights (onnxruntime#29035), so the graph "
                         "would not open on CUDA; export --profile gpu --precision fp16, or "
@@ -76,13 +79,14 @@ def choose(config, model_config) -> DecoderChoice:
     if precision in QUANTIZED:
         level = (config.accuracy_level if config.accuracy_level is not None
                  else ACCURACY_LEVELS[config.profile])
-    return DecoderChoice("builder", "builder", None, context, activations, level)
+    return DecoderChoice(DecoderKind.BUILDER, DecoderKind.BUILDER, None, context, activations,
+                         level)
 
 
 def check_context(choice: DecoderChoice, ref) -> None:
     """Validation runs a prompt and its answer through the KV buffer: they must fit."""
     need = ref.input_ids.shape[1] + len(ref.tokens)
-    if choice.kind == "builder" and need > choice.max_context:
+    if choice.kind is DecoderKind.BUILDER and need > choice.max_context:
         raise UserError(f"validation needs {need} positions (its prompt and {len(ref.tokens)} "
                         f"new tokens) but --max-context is {choice.max_context}; give at least "
                         f"--max-context {need}, or --no-validate")
@@ -97,7 +101,7 @@ class Plan:
     rounded: frozenset
 
 
-def plan(model, precision: str, block_size: int, checkpoint: dict | None) -> Plan:
+def plan(model, precision: Precision, block_size: int, checkpoint: dict | None) -> Plan:
     from edgevlm.export.builder import linear
     from edgevlm.export.graphs import wrapper
 
@@ -113,7 +117,7 @@ def carry(model, p: Plan) -> None:
     linear.carry(wrapper(DECODER, model), p.weights, set(p.rounded))
 
 
-def build(model, out: Path, precision: str, choice: DecoderChoice, p: Plan | None,
+def build(model, out: Path, precision: Precision, choice: DecoderChoice, p: Plan | None,
           opset: int):
     """Write onnx/decoder_model_merged{sfx}.onnx (+ _data); returns the BuiltDecoder."""
     from edgevlm.export.builder.linear import Linears
@@ -127,11 +131,11 @@ def build(model, out: Path, precision: str, choice: DecoderChoice, p: Plan | Non
                          choice.activations, max(opset, 17))
 
 
-def write_genai(model, built, out: Path, info: dict, profile: str) -> str:
+def write_genai(model, built, out: Path, info: dict, profile: Profile) -> str:
     """genai_config.json and its text-only graph (edgevlm.export.builder.genai)."""
     from edgevlm.export.builder import genai
 
-    options = [{"cuda": {}}] if profile == "gpu" else []
+    options = [{"cuda": {}}] if profile is Profile.GPU else []
     path = genai.write(built, model.get_input_embeddings().weight, out, info, options)
     return path.relative_to(out).as_posix()
 

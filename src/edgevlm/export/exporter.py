@@ -40,7 +40,7 @@ from edgevlm.export.config import INT4_VISION, ExportConfig
 from edgevlm.export.validate import Parity
 from edgevlm.families import family_of
 from edgevlm.runtime import contract, token_select
-from edgevlm.runtime.contract import Precision
+from edgevlm.runtime.contract import DecoderKind, Precision, Profile
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ExportResult:
     # whether it shipped in int8 or stayed fp32
 
 
-def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
+def _trace(model, component: str, precision: Precision, out: Path, cfg: ExportConfig,
            num_layers: int, shapes=None) -> tuple[Path, bool]:
     """Trace one component and write its weights; int8/int4 ones go to a scratch float graph
     that `_finish` quantizes. Returns the graph's path and whether its weights are external.
@@ -83,7 +83,7 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
     from edgevlm.export import graphs, mobile, weights
 
     path = out / contract.graph_file(component, precision)
-    traced = path if Precision(precision).floating else out / ".float" / path.name
+    traced = path if precision.floating else out / ".float" / path.name
     scores = cfg.token_select == "visionzip"
     if shapes is None:
         module = graphs.wrapper(component, model, scores)
@@ -100,7 +100,7 @@ def _trace(model, component: str, precision: str, out: Path, cfg: ExportConfig,
     return traced, weights.attach(traced, module, cfg.external_data)
 
 
-def _finish(component: str, precision: str, traced: Path, external: bool, out: Path,
+def _finish(component: str, precision: Precision, traced: Path, external: bool, out: Path,
             cfg: ExportConfig, checkpoint: dict | None = None, built: bool = False
             ) -> ComponentFile:
     """Quantization (if any) and the checker for one traced graph (a built one is checked by
@@ -117,7 +117,7 @@ def _finish(component: str, precision: str, traced: Path, external: bool, out: P
         if kept:
             log.warning("%s %s: %d weight matri%s kept in float (%s)", component, precision,
                         len(kept), "x" if len(kept) == 1 else "ces", ", ".join(kept))
-    if cfg.profile == "mobile":
+    if cfg.profile is Profile.MOBILE:
         onnx_io.fold_constants(path, external)
     onnx_io.check(path, ort_ops=built)
     data = onnx_io.data_file(path)
@@ -154,7 +154,7 @@ def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) 
     images = loaded.processor.image_processor
     if config.image_splitting is not None:
         images.do_image_splitting = config.image_splitting
-    if config.profile == "mobile" and images.do_image_splitting:
+    if config.profile is Profile.MOBILE and images.do_image_splitting:
         raise UserError(f"--profile mobile traces the vision encoder at a fixed tile count, but "
                         f"{model_dir}'s image processor splits images (do_image_splitting: 1 "
                         "to many tiles by aspect ratio); add --no-image-splitting (each image "
@@ -223,7 +223,7 @@ def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
     automatic = (config.precision is Precision.INT4 and config.vision_precision is None
-                 and config.profile == "default"
+                 and config.profile is Profile.DEFAULT
                  and not (source is not None and ckpt.quantized_vision(model_dir)))
     if automatic:
         config = replace(config, vision_precision=INT4_VISION)
@@ -268,10 +268,10 @@ def _plan(loaded, config: ExportConfig, source, automatic: bool, model_dir: Path
     config, vision_entry, vision_carried, own = _int8_vision(model, loaded, config, checkpoint,
                                                              automatic)
     if source is not None and source.mixed:
-        ckpt.check_mixed(checkpoint, choice.kind == "builder")
+        ckpt.check_mixed(checkpoint, choice.kind is DecoderKind.BUILDER)
     p = _Plan(config, text_dims(model.config), choice, checkpoint, own, vision_entry,
               vision_carried)
-    if config.profile == "mobile":
+    if config.profile is Profile.MOBILE:
         from edgevlm.export import mobile
 
         mobile.check_supported(model)
@@ -281,7 +281,7 @@ def _plan(loaded, config: ExportConfig, source, automatic: bool, model_dir: Path
     if p.ref is not None:
         dec.check_context(choice, p.ref)
     precision = p.precisions[dec.DECODER]
-    if choice.kind == "builder" and precision in ckpt.QUANTIZED:
+    if choice.kind is DecoderKind.BUILDER and precision in ckpt.QUANTIZED:
         p.decoder_plan = dec.plan(model, precision, config.block_size,
                                   checkpoint.get(dec.DECODER))
         if p.ref is not None:  # the reference the built decoder is held to: the same integers
@@ -306,9 +306,9 @@ def _trace_graphs(loaded, p: _Plan, tmp: Path, order: list[str], bar) -> tuple[d
     traced, built = {}, None
     for component in order:
         precision = p.precisions[component]
-        if Precision(precision).half and model.dtype != torch.float16:
+        if precision.half and model.dtype != torch.float16:
             model.half()  # fp16 graphs come last: this turns the model in place
-        if component == dec.DECODER and p.choice.kind == "builder":
+        if component == dec.DECODER and p.choice.kind is DecoderKind.BUILDER:
             built = dec.build(model, tmp, precision, p.choice, p.decoder_plan, p.config.opset)
             traced[component] = built.path, True
         else:
@@ -343,7 +343,7 @@ def _complete(tmp: Path, model_dir: Path, p: _Plan, files: dict[str, ComponentFi
     if p.ref is not None:
         parity = validate({c: tmp / f.file for c, f in files.items()}, p.precisions, p.ref,
                           p.dims, p.rope, p.choice.kind, p.carried, p.choice.accuracy_level,
-                          p.choice.activations or "fp32", p.vision_carried)
+                          p.choice.activations, p.vision_carried)
         info["parity"] = parity.to_dict()
         bar.update(1)
     if parity is not None and not parity.passed:
@@ -374,7 +374,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     note(f"loading model {model_dir} ...", enabled=not quiet)
     loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
     p = _plan(loaded, config, source, automatic, model_dir)
-    order = sorted(contract.COMPONENTS, key=lambda c: Precision(p.precisions[c]).half)
+    order = sorted(contract.COMPONENTS, key=lambda c: p.precisions[c].half)
     with atomic_dir(out, p.config.overwrite, [model_dir]) as tmp, \
             Progress("export", 2 * len(order) + p.config.validate, enabled=not quiet) as bar:
         traced, built, info = _trace_graphs(loaded, p, tmp, order, bar)

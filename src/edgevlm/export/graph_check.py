@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.export.reference import FP32_MAX_ABS, Reference
+from edgevlm.runtime.contract import Activations
 
 # Relative to the reference's largest logit, with FP32_MAX_ABS as the floor: both sides multiply
 # by the same float weights, in a different summation order. A graph with fp16 activations (the
@@ -110,7 +111,7 @@ def _compare(logits: np.ndarray, ref: Reference, tol: float) -> tuple[float, flo
 
 
 def check_graph(path: Path, accuracy_level: int, carried: Reference, dims,
-                activations: str = "fp32") -> GraphCheck:
+                activations: Activations = Activations.FP32) -> GraphCheck:
     """The graph check of the built decoder at `path` (see the module docstring)."""
     assert carried.step_embeds is not None, "the reference lacks the greedy tokens' embeddings"
     tol = max(FP32_MAX_ABS,

@@ -22,7 +22,7 @@ import numpy as np
 from edgevlm.export.reference import FP32_MAX_ABS, Reference
 from edgevlm.families import family_of
 from edgevlm.runtime import contract
-from edgevlm.runtime.contract import Precision
+from edgevlm.runtime.contract import Activations, DecoderKind, Precision
 from edgevlm.runtime.tiling import full_mask
 
 # Pass thresholds. fp32 must match torch to float rounding (FP32_MAX_ABS). Other precisions are
@@ -249,10 +249,10 @@ def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
     return tokens, np.stack(steps)
 
 
-def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference, dims,
-             rope: np.ndarray | None = None, decoder: str = "traced",
+def validate(paths: dict[str, Path], precisions: dict[str, Precision], ref: Reference, dims,
+             rope: np.ndarray | None = None, decoder: DecoderKind = DecoderKind.TRACED,
              carried: Reference | None = None, accuracy_level: int | None = None,
-             activations: str = "fp32", vision_carried=None) -> Parity:
+             activations: Activations = Activations.FP32, vision_carried=None) -> Parity:
     """Compare the graphs at `paths` (one per component) with the torch reference. `rope`
     (the mobile profile's cos/sin table) selects the static graphs' calling convention,
     `decoder` "builder" the shared KV buffers. `carried` (a built int4/int8 decoder): the
@@ -264,7 +264,7 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
     sessions = {c: _session(p) for c, p in paths.items()}
     positions = ref.input_ids.shape[1] + len(ref.tokens) + 1
     graphs = (_Static(sessions, dims, rope) if rope is not None else
-              _Built(sessions, dims, positions) if decoder == "builder" else
+              _Built(sessions, dims, positions) if decoder is DecoderKind.BUILDER else
               _Dynamic(sessions, dims))
     merged = ref.inputs_embeds.copy()
     merged[ref.input_ids == ref.image_token_id] = ref.slot_features
@@ -273,7 +273,8 @@ def validate(paths: dict[str, Path], precisions: dict[str, str], ref: Reference,
         "embed_tokens": graphs.embed(ref.input_ids),
         "decoder_model_merged": graphs.decode(merged, 0, graphs.new_state())[0],
     }
-    last = slice(-1, None) if decoder == "builder" else slice(None)  # built: last logits only
+    built = decoder is DecoderKind.BUILDER
+    last = slice(-1, None) if built else slice(None)  # built: last logits only
     wanted = {"vision_encoder": ref.image_features, "embed_tokens": ref.inputs_embeds,
               "decoder_model_merged": ref.prompt_logits[:, last]}
     held = {"decoder_model_merged": carried is not None,  # gated against carried integers

@@ -45,8 +45,6 @@ from dataclasses import dataclass
 
 FORMAT_VERSION = 3  # 3: the "decoder" key and builder decoders; 2: the "profile" key and the
 # mobile graphs; 1 (no profile). Older versions still read (as traced decoders).
-DECODER_KINDS = ("traced", "builder")
-PROFILES = ("default", "mobile", "gpu")
 ROPE_FILE = "onnx/rope_cos_sin.npy"  # mobile: float32 (2, C, hd), cos then sin per position
 MASK_VALUE = -65504.0  # mobile attention_mask for hidden slots: finite in float16 too
 MANIFEST = "edgevlm.json"
@@ -88,6 +86,45 @@ class Precision(str, enum.Enum):
     def half(self) -> bool:
         return self is Precision.FP16
 
+
+
+class Profile(str, enum.Enum):
+    """What an export is made for (edgevlm.json "profile"): the default graphs, the mobile
+    profile's static NPU graphs, or the gpu profile's fp16/int4 mix."""
+
+    DEFAULT = "default"
+    MOBILE = "mobile"
+    GPU = "gpu"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DecoderKind(str, enum.Enum):
+    """How the decoder graph was made (edgevlm.json "decoder.kind"): traced from transformers'
+    modules, or built from the weights with onnxruntime's fused ops."""
+
+    TRACED = "traced"
+    BUILDER = "builder"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Activations(str, enum.Enum):
+    """The float type inside a built decoder graph and of its KV buffers."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PROFILES = tuple(p.value for p in Profile)
+DECODER_KINDS = tuple(k.value for k in DecoderKind)
+
+
 Axes = tuple  # each entry: a symbolic axis name (dynamic) or an int (static)
 
 
@@ -109,14 +146,14 @@ class GraphIO:
                 "outputs": {n: list(a) for n, a in self.outputs.items()}}
 
 
-def graph_file(component: str, precision: str) -> str:
+def graph_file(component: str, precision: Precision) -> str:
     """Relative path of a component's graph at a precision, e.g. onnx/embed_tokens_fp16.onnx."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert precision in SUFFIXES, f"unknown precision {precision}"
     return f"{ONNX_DIR}/{component}{SUFFIXES[precision]}.onnx"
 
 
-def genai_graph_file(precision: str) -> str:
+def genai_graph_file(precision: Precision) -> str:
     """The text-only graph onnxruntime-genai runs (input_ids in; edgevlm.export.builder.genai),
     beside the builder decoder whose weights file it shares."""
     assert precision in SUFFIXES, f"unknown precision {precision}"
@@ -187,8 +224,9 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
                  **{n: kv for n in present_names(num_layers)}})
 
 
-def graph_io(component: str, num_layers: int, profile: str = "default",
-             decoder: str = "traced", tiled: bool = False, scores: bool = False) -> GraphIO:
+def graph_io(component: str, num_layers: int, profile: Profile = Profile.DEFAULT,
+             decoder: DecoderKind = DecoderKind.TRACED, tiled: bool = False,
+             scores: bool = False) -> GraphIO:
     """The declared IO of one component (the decoder's depends on its layer count and kind). The
     mobile profile's vision and embedding graphs have the default names with every axis fixed."""
     assert component in COMPONENTS, f"unknown component {component}"
@@ -198,9 +236,9 @@ def graph_io(component: str, num_layers: int, profile: str = "default",
         return vision_io(tiled, scores)
     if component == "embed_tokens":
         return embed_io()
-    if decoder == "builder":
+    if decoder == DecoderKind.BUILDER:
         return builder_decoder_io(num_layers)
-    return mobile_decoder_io(num_layers) if profile == "mobile" else decoder_io(num_layers)
+    return mobile_decoder_io(num_layers) if profile == Profile.MOBILE else decoder_io(num_layers)
 
 
 # Every graph takes and returns float32 tensors (int64 for ids, mask and positions) at every

@@ -18,12 +18,12 @@ from edgevlm.errors import UserError
 from edgevlm.runtime.chat import special_tokens_from_config
 from edgevlm.runtime.contract import (
     COMPONENTS,
-    DECODER_KINDS,
     FORMAT_VERSION,
     MANIFEST,
     PRECISIONS,
-    PROFILES,
     ROPE_FILE,
+    DecoderKind,
+    Profile,
     graph_file,
 )
 from edgevlm.runtime.paths import check_graph_files, check_inside
@@ -58,11 +58,11 @@ class ExportInfo:
     special_tokens: dict[str, str]
     image_processor: ImageProcessorConfig | TilingConfig  # TilingConfig: idefics3
     tokenizer_file: Path
-    profile: str = "default"  # contract.PROFILES; "mobile" runs the static graphs
+    profile: Profile = Profile.DEFAULT  # MOBILE runs the static graphs
     context: int | None = None  # mobile: the fixed cache's positions; builder decoder: its KV
     # buffers' (prompt + answer either way)
     rope_file: Path | None = None  # mobile: the rotary cos/sin table (contract.ROPE_FILE)
-    decoder: str = "traced"  # contract.DECODER_KINDS; exports before version 3 are "traced"
+    decoder: DecoderKind = DecoderKind.TRACED  # exports before version 3 are traced
     family: str = "llava"  # FAMILIES: the vision IO, image recipe and <image> expansion
     token_select: str | None = None  # runtime.token_select method keeping num_image_tokens
     vision_tokens: int | None = None  # what the vision graph gives per image, before selection
@@ -88,9 +88,6 @@ class ExportInfo:
             raise UserError(f"{self.root}: no eos_token_id in edgevlm.json, generation_config.json "
                             f"or config.json, so generation could never stop; {REEXPORT}")
         assert set(self.graphs) == set(COMPONENTS), f"graphs for {sorted(self.graphs)}"
-        if self.profile not in PROFILES:
-            raise UserError(f"{self.root / MANIFEST}: profile {self.profile!r} is unknown to this "
-                            f"runtime (it knows {', '.join(PROFILES)}): pip install -U edgevlm")
         if self.token_select is not None and self.token_select not in TOKEN_SELECT:
             raise UserError(f"{self.root / MANIFEST}: token_select {self.token_select!r} is "
                             f"unknown to this runtime (it knows {', '.join(TOKEN_SELECT)}): pip "
@@ -98,14 +95,11 @@ class ExportInfo:
         if self.family not in FAMILIES:
             raise UserError(f"{self.root / MANIFEST}: family {self.family!r} is unknown to this "
                             f"runtime (it knows {', '.join(FAMILIES)}): pip install -U edgevlm")
-        if self.decoder not in DECODER_KINDS:
-            raise UserError(f"{self.root / MANIFEST}: decoder.kind {self.decoder!r} is unknown to "
-                            f"this runtime (it knows {', '.join(DECODER_KINDS)}): pip install -U "
-                            "edgevlm")
-        if self.decoder == "builder" and (not isinstance(self.context, int) or self.context < 2):
+        if self.decoder is DecoderKind.BUILDER and (not isinstance(self.context, int)
+                                                    or self.context < 2):
             raise UserError(f"{self.root / MANIFEST}: a builder decoder needs decoder.max_context "
                             f"(its KV buffer length); {REEXPORT}")
-        if self.profile == "mobile" and (self.context is None or self.rope_file is None
+        if self.profile is Profile.MOBILE and (self.context is None or self.rope_file is None
                                          or not self.rope_file.is_file()):
             raise UserError(f"{self.root}: a mobile export needs static_shapes.context and "
                             f"{ROPE_FILE} in {MANIFEST}; {REEXPORT} --profile mobile")
@@ -246,13 +240,25 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         special_tokens=special_tokens_from_config(tok_cfg),
         image_processor=_image_processor(root, m),
         tokenizer_file=tokenizer_file,
-        profile=m.get("profile", "default"),
-        context=_first((m.get("static_shapes") or {}).get("context"), decoder.get("max_context")),
+        profile=_member(Profile, m.get("profile", "default"), root, "profile"),
+        context=_first((m.get("static_shapes") or {}).get("context"),
+                       decoder.get("max_context")),
         rope_file=rope_file,
-        decoder=decoder.get("kind", "traced"),
+        decoder=_member(DecoderKind, decoder.get("kind", "traced"), root, "decoder.kind"),
         family=m.get("family", "llava"),
         token_select=(m.get("token_select") or {}).get("method"),
         vision_tokens=m.get("vision_tokens"))
+
+
+def _member(kind, value, root: Path, key: str):
+    """edgevlm.json's `key` as a member of the enum `kind`; an export from a newer edgevlm may
+    name one this runtime does not know."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"{root / MANIFEST}: {key} {value!r} is unknown to this runtime (it "
+                        f"knows {', '.join(k.value for k in kind)}): pip install -U "
+                        "edgevlm") from None
 
 
 def _added_token_id(tokenizer_file: Path, token) -> int | None:

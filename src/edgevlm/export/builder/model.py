@@ -32,6 +32,7 @@ from edgevlm.export.builder.mlp import mlp
 from edgevlm.export.builder.norms import rms_norm, skip_rms_norm
 from edgevlm.export.builder.spec import TextSpec, rotary_caches, text_spec
 from edgevlm.runtime import contract
+from edgevlm.runtime.contract import Activations, Precision
 
 FLOAT_TYPES = {"fp32": (np.dtype(np.float32), TensorProto.FLOAT),
                "fp16": (np.dtype(np.float16), TensorProto.FLOAT16)}
@@ -75,8 +76,9 @@ def _lm_head(g: Graph, x: str, lm_head, linears: Linears) -> str:
     return g.node("Gemm", [x, g.weight("lm_head.weight", w)], "/lm_head/Gemm", transB=1)[0]
 
 
-def build_graph(decoder, weights: WeightFile, precision: str, max_context: int,
-                linears: Linears, activations: str = "fp32") -> tuple[Graph, TextSpec]:
+def build_graph(decoder, weights: WeightFile, precision: Precision, max_context: int,
+                linears: Linears, activations: Activations = Activations.FP32
+                ) -> tuple[Graph, TextSpec]:
     """The decoder Graph of `decoder` (edgevlm.export.graphs.Decoder, which holds the
     language model as `.text` and the head as `.lm_head`)."""
     spec = text_spec(decoder.text_config)
@@ -84,7 +86,7 @@ def build_graph(decoder, weights: WeightFile, precision: str, max_context: int,
     g = Graph(weights)
     embeds, mask, past, present = _io(g, spec, kv_type)
     h = embeds
-    if activations != "fp32":
+    if activations is not Activations.FP32:
         h = g.node("Cast", [h], "/model/inputs_embeds/Cast", to=kv_type)[0]
     lengths = attn.sequence_lengths(g, mask)
     caches = attn.rotary(g, *rotary_caches(decoder.text.rotary_emb,
@@ -113,14 +115,14 @@ def build_graph(decoder, weights: WeightFile, precision: str, max_context: int,
     last = g.node("Gather", [normed, g.constant(-1)], "/model/last_position/Gather", axis=1)[0]
     logits = _lm_head(g, last, decoder.lm_head, linears)
     logits = g.node("Unsqueeze", [logits, g.constant([1])], "/lm_head/Unsqueeze",
-                    outputs=["logits"] if activations == "fp32" else None)[0]
-    if activations != "fp32":
+                    outputs=["logits"] if activations is Activations.FP32 else None)[0]
+    if activations is not Activations.FP32:
         g.node("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
     return g, spec
 
 
-def build_decoder(decoder, path: Path, precision: str, max_context: int, linears: Linears,
-                  activations: str = "fp32", opset: int = 17) -> BuiltDecoder:
+def build_decoder(decoder, path: Path, precision: Precision, max_context: int, linears: Linears,
+                  activations: Activations = Activations.FP32, opset: int = 17) -> BuiltDecoder:
     """Write the decoder graph to `path` and its weights to `<path>_data`."""
     from edgevlm.export.onnx_io import data_file
 
