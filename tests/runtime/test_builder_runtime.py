@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from edgevlm.errors import UserError
@@ -76,3 +77,28 @@ def test_bad_decoder_entries(export_dir, tmp_path):
         (bad / MANIFEST).write_text(json.dumps(manifest))
         with pytest.raises(UserError, match=message):
             VLM.load(bad)
+
+
+def test_traced_backend_hands_on_growing_presents(vlm, traced_dir, eval_samples):
+    """The traced decoder behind the Decoder interface: its cache starts empty and each pass
+    returns new presents one entry longer per token fed, which carry the prompt exactly as a
+    builder decoder's KV buffers do; a prompt over max_position_embeddings names that limit."""
+    from edgevlm.runtime.decoders import TracedDecoder
+
+    traced = VLM.load(traced_dir, provider="cpu", threads=1)
+    assert type(traced._backend) is TracedDecoder
+    past = traced._new_cache()
+    assert len(past) == 2 * traced.info.num_layers and {p.shape()[2] for p in past} == {0}
+    ids = np.asarray([1, 2, 3, 4], np.int64)
+    _, past3 = traced._decode(traced._embed_ids(ids[:3]), 0, past)
+    assert {p.shape()[2] for p in past3} == {3} and {p.shape()[2] for p in past} == {0}
+    logits, past4 = traced._decode(traced._embed_ids(ids[3:]), 3, past3)
+    assert {p.shape()[2] for p in past4} == {4} and logits.dtype == np.float32
+    whole, _ = traced._decode(traced._embed_ids(ids), 0, traced._new_cache())
+    built, _ = vlm._decode(vlm._embed_ids(ids), 0, vlm._new_cache())
+    assert np.abs(logits - whole).max() <= 1e-5 * np.abs(whole).max()
+    assert np.abs(built - whole).max() <= 1e-4 * np.abs(whole).max()
+    limit = traced.info.max_position_embeddings
+    with pytest.raises(UserError, match=rf"but the model's limit is {limit} "
+                                        r"\(max_position_embeddings\); shorten the prompt$"):
+        traced.generate(eval_samples[0].image, "circle " * limit)

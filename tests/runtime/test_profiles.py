@@ -170,3 +170,28 @@ def test_kv_cache_stays_in_ort_values_between_steps(answers, eval_samples):
     assert past2 is cache and np.abs(past2[0].numpy()[0, :, 3]).min() > 0
     assert np.array_equal(past2[0].numpy()[0, :, :3], keys[0, :, :3])
     assert logits.ndim == 1 and np.isfinite(logits).all()
+
+
+def test_each_export_opens_its_decoder_backend_once(answers):
+    """A mobile export runs its static graphs behind the same Decoder interface (a fixed cache
+    filled in place, by position); the others run the decoder their manifest names."""
+    from edgevlm.runtime.decoders import BuilderDecoder, StaticDecoder, TracedDecoder
+
+    for profile, (vlm, _) in answers.items():
+        want = (StaticDecoder if profile == "mobile" else
+                BuilderDecoder if vlm.info.decoder == "builder" else TracedDecoder)
+        assert type(vlm._backend) is want, profile
+    vlm, base = answers["mobile"][0], answers["default"][0]
+    cache = vlm._new_cache()
+    assert cache.filled == 0 and {t.shape[2] for t in cache.tensors.values()} == {CONTEXT}
+    logits, same = vlm._decode(vlm._embed_ids(np.asarray([1, 2, 3], np.int64)), 0, cache)
+    assert same is cache and cache.filled == 3 and logits.ndim == 1
+    keys = next(iter(cache.tensors.values()))  # (1, kv, C, hd): slots 0..2 written, 3.. empty
+    assert np.abs(keys[0, :, :3]).min() > 0 and not keys[0, :, 3:].any()
+    logits, same = vlm._decode(vlm._embed_ids(np.asarray([4], np.int64)), 3, cache)
+    assert same is cache and cache.filled == 4 and np.abs(keys[0, :, 3]).min() > 0
+    # the same four tokens in one pass of the default export's decoder, within the fp16
+    # tolerance the mobile graphs are held to (tests/export/test_mobile.py)
+    ref, _ = base._decode(base._embed_ids(np.asarray([1, 2, 3, 4], np.int64)), 0,
+                          base._new_cache())
+    assert np.abs(logits - ref).max() <= 2e-3 * np.abs(ref).max()

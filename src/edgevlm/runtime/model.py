@@ -8,10 +8,9 @@ One call runs: chat template -> token ids (each image token expanded to the imag
 -> vision encoder -> token embeddings with the image features scattered in -> the decoder over
 the prompt (prefill: from a past of length 0, in chunks of `prefill_chunk` tokens) -> one
 decoder pass per new token, feeding only that token and the cache the previous pass returned
-(presents become the next pasts, kept as OrtValues through IOBinding, so on a GPU they never
-leave the device; a builder decoder's KV buffers are bound as both, edgevlm.runtime.kv_buffer,
-so a step writes its entries in place). Greedy by default, matching the torch reference
-(edgevlm.evaluate) token for token on an fp32 export.
+(how that cache is held, and how the embeddings are made, is the decoder back-end's business:
+edgevlm.runtime.decoders, one per kind of decoder graph, picked when the VLM opens). Greedy by
+default, matching the torch reference (edgevlm.evaluate) token for token on an fp32 export.
 
 Each call keeps its state (ids, cache, rng) in locals; ONNX Runtime sessions run concurrently,
 so one VLM serves several threads.
@@ -36,7 +35,7 @@ from edgevlm.runtime.chat import (
     call_messages,
     expand_image_tokens,
 )
-from edgevlm.runtime.kv_buffer import SharedKV
+from edgevlm.runtime.decoders import Cache, open_decoder
 from edgevlm.runtime.manifest import ExportInfo, read_export
 from edgevlm.runtime.preprocess import load_image, preprocess
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
@@ -48,10 +47,8 @@ from edgevlm.runtime.session import (
     open_session,
     resolve,
 )
-from edgevlm.runtime.static import StaticGraphs
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True)
@@ -124,28 +121,16 @@ class VLM:
         self._vision = sessions["vision_encoder"]
         self._embed = sessions["embed_tokens"]
         self._decoder = sessions["decoder_model_merged"]
-        self._device = provider.device_type
-        self._past_names = contract.past_names(info.num_layers)
-        self._present_names = contract.present_names(info.num_layers)
-        types = {i.name: _NP_TYPES.get(i.type, np.float32)
-                 for s in sessions.values() for i in s.get_inputs()}
-        self._pixel_dtype = types["pixel_values"]
-        self._embeds_dtype = types["inputs_embeds"]
-        self._past_dtype = types[self._past_names[0]]
+        types = {i.name: i.type for i in self._vision.get_inputs()}
+        self._pixel_dtype = _NP_TYPES.get(types["pixel_values"], np.float32)
         image_id = info.image_token_id
         if image_id is None:
             image_id = tokenizer.token_to_id("<image>")
         self.image_token_id = image_id
         self.image_tag = tokenizer.id_to_token(image_id) if image_id is not None else None
         self._takes_parts = template.takes_parts(self.image_tag or "<image>")
-        # A mobile export's static graphs: a fixed cache the runtime fills by position.
-        self._static = None
-        if info.profile == "mobile":
-            self._static = StaticGraphs(self._embed, self._decoder, np.load(info.rope_file),
-                                        info.num_layers)
-        # A builder decoder: KV buffers of info.context positions that every pass writes in place.
-        self._kv = (SharedKV(self._decoder, info.num_layers, self._device)
-                    if info.decoder == "builder" else None)
+        # Traced, builder (shared KV buffers) or mobile (static graphs), chosen once.
+        self._backend = open_decoder(info, self._embed, self._decoder, provider.device_type)
         self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[-2:])
         self._tiled = info.tiled
 
@@ -256,14 +241,8 @@ class VLM:
         limit = self.info.max_tokens
         if len(ids) >= limit:
             counted = f" (with the image's {self.info.num_image_tokens})" if n_tags else ""
-            what = (f"the mobile export's fixed context is {limit} (static_shapes.context); "
-                    "shorten the prompt or re-export with a larger --max-context"
-                    if self._static is not None else
-                    f"the export's KV buffer holds {limit} positions (decoder.max_context); "
-                    "shorten the prompt or re-export with a larger --max-context"
-                    if self._kv is not None else
-                    f"the model's limit is {limit} (max_position_embeddings); shorten the prompt")
-            raise UserError(f"the prompt is {len(ids)} tokens{counted} but {what}")
+            raise UserError(f"the prompt is {len(ids)} tokens{counted} but "
+                            f"{self._backend.limit_reason(limit)}")
         if image is not None and not self._tiled:
             img = load_image(image)
             pixels = preprocess(img, self.info.image_processor).astype(self._pixel_dtype)
@@ -277,49 +256,17 @@ class VLM:
                          time.perf_counter() - t0)
 
     def _embed_ids(self, ids: np.ndarray) -> np.ndarray:
-        if self._static is not None:
-            return self._static.embed(ids)
-        return self._embed.run(["inputs_embeds"], {"input_ids": ids[None]})[0]  # (1, S, D)
+        """(S,) ids -> (1, S, D) embeddings (the back-end's Decoder.embed)."""
+        return self._backend.embed(ids)
 
-    def _decode(self, embeds: np.ndarray, start: int, past: list) -> tuple[np.ndarray, list]:
+    def _decode(self, embeds: np.ndarray, start: int, past: Cache) -> tuple[np.ndarray, Cache]:
         """One decoder pass over `embeds` at positions start.. ; returns the last logits (V,)
-        and the presents (OrtValues, on the provider's device) to feed as the next past. A
-        mobile export's `past` is its StaticCache, filled in place."""
-        if self._static is not None:
-            return self._static.decode(embeds, start, past)[0, -1], past
-        if self._kv is not None:
-            return self._kv.decode(embeds, start, past)[0, -1].astype(np.float32), past
-        seq = embeds.shape[1]
-        binding = self._decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds.astype(self._embeds_dtype, copy=False))
-        binding.bind_cpu_input("attention_mask", np.ones((1, start + seq), dtype=np.int64))
-        binding.bind_cpu_input("position_ids",
-                               np.arange(start, start + seq, dtype=np.int64)[None])
-        for name, value in zip(self._past_names, past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self._device)
-        self._decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in bind order: logits, then presents
-        assert len(outputs) == 1 + len(self._present_names), "one output per bound name"
-        logits = outputs[0].numpy()  # (1, S, V)
-        return logits[0, -1].astype(np.float32), list(outputs[1:])
+        and the cache to feed the next pass (the back-end's Decoder.decode)."""
+        return self._backend.decode(embeds, start, past)
 
-    def _new_cache(self):
-        """The state a generation starts from: a mobile export's StaticCache, a builder
-        decoder's KV buffers, or a traced decoder's empty past."""
-        if self._static is not None:
-            return self._static.new_cache()
-        if self._kv is not None:
-            return self._kv.new_cache(self.info.context)
-        return self._empty_past()
-
-    def _empty_past(self) -> list:
-        shape = (1, self.info.num_kv_heads, 0, self.info.head_dim)
-        empty = np.zeros(shape, dtype=self._past_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
-                for _ in self._past_names]
+    def _new_cache(self) -> Cache:
+        """The cache a generation starts from (the back-end's Decoder.new_cache)."""
+        return self._backend.new_cache()
 
     def _steps(self, p: _Prepared, cfg: GenerationConfig) -> Iterator[str]:
         """Yield text pieces; return the GenerationResult (see Stream)."""
