@@ -9,11 +9,19 @@ An OUT is replaced (`--overwrite`) only when it is safe to:
     `--overwrite` can never delete a folder of the user's own files.
 Each run's temporary folder is named `.OUT.<pid>.<random>.tmp`; a run sweeps the ones a dead
 process left beside its OUT (killed exports and quantizations) before it starts.
+
+One writer per OUT: `check_new` takes an advisory lock on OUT (fcntl.flock on a file named by
+the hash of OUT's resolved path, in a per-user folder of the system's temp directory, so nothing
+is left beside OUT and the lock goes with its process if that dies), which this process keeps
+until `atomic_dir` has put OUT in place or the process ends; a second command writing the same
+OUT is refused in one line instead of both succeeding and one result being lost. Under torchrun,
+rank 0 holds it for the group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +29,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgevlm.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per OUT is the user's to keep
+    fcntl = None
 
 ARTIFACT_MARKERS = ("edgevlm.json", "config.json", "quant_report.json", "train.json",
                     "eval.json", "bench.json", "report.json")
@@ -40,13 +53,64 @@ def check_inputs(out: str | Path, inputs: Sequence[str | Path | None]) -> None:
                             "output folder elsewhere")
 
 
+_HELD: dict[Path, int] = {}  # OUT (resolved) -> the open lock file this process holds
+
+
+def _lock_path(out: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"edgevlm-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise UserError(f"{folder} belongs to another user, so edgevlm cannot keep its output "
+                        "locks there; remove it, or set TMPDIR to a folder of your own")
+    return folder / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32] + ".lock")
+
+
+def lock(out: str | Path) -> None:
+    """Hold OUT's writer lock for this process (see the module docstring); a UserError naming
+    the process that holds it when another does. Rank > 0 of a torchrun group takes none."""
+    out = Path(out)
+    key = out.resolve()
+    if fcntl is None or key in _HELD or os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    path = _lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{out} is being written by another edgevlm command (process "
+                            f"{holder}); wait for it to finish, or choose another "
+                            "output") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the holder removed this file as it let go: lock the new one
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+
+
+def unlock(out: str | Path) -> None:
+    """Let OUT's writer lock go (its file is removed while still held, so no waiter sees a
+    stale one)."""
+    fd = _HELD.pop(Path(out).resolve(), None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            _lock_path(Path(out)).unlink()
+        os.close(fd)
+
+
 def check_new(out: str | Path, overwrite: bool,
               inputs: Sequence[str | Path | None] = ()) -> None:
     """OUT may be written: it does not exist, or `overwrite` and replacing it is safe (see the
-    module docstring); else a UserError that says why and what to do."""
+    module docstring), and no other command is writing it (this one takes the lock); else a
+    UserError that says why and what to do."""
     out = Path(out)
     where = out.resolve()
     check_inputs(out, inputs)
+    lock(out)
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
@@ -101,19 +165,22 @@ def atomic_dir(out: str | Path, overwrite: bool = False,
     out = Path(out)
     check_new(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=out.parent))
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        sweep_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=out.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        unlock(out)
