@@ -46,6 +46,7 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     from edgevlm.quant.checkpoint import decompress, mixed_bits
 
     model_class = getattr(transformers, family_of(read_config(model_dir)).model_class)
+    _check_weight_format(Path(model_dir))
     kw = {}
     # transformers' dequantize-on-load reads every layer with one config group's bits; a mixed
     # checkpoint (symmetric, QuantConfig.layer_bits) loads plainly and is decompressed after
@@ -54,8 +55,11 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
         from transformers import CompressedTensorsConfig
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    config = _read_hf_config(model_dir)
     try:
-        model = model_class.from_pretrained(str(model_dir), dtype=dtype or torch.float32, **kw)
+        model, info = model_class.from_pretrained(str(model_dir), config=config,
+                                                  dtype=dtype or torch.float32,
+                                                  output_loading_info=True, **kw)
     except Exception as e:  # noqa: BLE001 -- only the weight files' own errors are renamed
         if type(e).__name__ == "SafetensorError":
             raise UserError(f"{model_dir}: a weights file is damaged or truncated ({e}); copy "
@@ -64,6 +68,7 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
             raise UserError(f"{model_dir} has no weights (no model.safetensors); copy the "
                             "whole model folder, or make one with `edgevlm init`") from e
         raise
+    _check_covered(model_dir, info)
     if mixed:
         decompress(model)
     if device:
@@ -80,6 +85,46 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     if reduced and reduce_tokens:  # trained at a reduced visual token count: keep seeing it
         loaded = token_reduce.install(loaded, reduced["method"], reduced["tokens"])
     return loaded
+
+
+def _read_hf_config(model_dir):
+    """config.json as transformers reads it, its own consistency checks (layer_types against
+    num_hidden_layers, rope parameters, ...) failing in one line."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        cause = e.__cause__ or e
+        raise UserError(f"{Path(model_dir) / 'config.json'} is inconsistent ({cause}); fix "
+                        "that field, or copy the model's original config.json") from e
+
+
+def _check_weight_format(model_dir: Path) -> None:
+    """Only safetensors weights load: a pickle checkpoint (pytorch_model.bin) runs code as it
+    unpickles."""
+    if not any(model_dir.glob("*.safetensors")) and any(model_dir.glob("*.bin")):
+        raise UserError(f"{model_dir} holds pickle-format weights (*.bin), which edgevlm does "
+                        "not load: unpickling can run code. Convert them to safetensors first "
+                        "(transformers: load the model and save_pretrained it, which writes "
+                        "model.safetensors)")
+
+
+def _check_covered(model_dir, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not cover its config: transformers would fill the
+    missing tensors with random values and every result would be silently wrong. A packed
+    layer (compressed-tensors, decompressed after loading) covers its `weight`."""
+    packed = {k.rsplit(".", 1)[0] for k in info.get("unexpected_keys", ())
+              if k.endswith(".weight_packed")}
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if not (k.endswith(".weight") and k[: -len(".weight")] in packed))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                         else "")
+        raise UserError(f"{model_dir}: the weights do not cover the model its config.json "
+                        f"describes; missing {shown}. Copy the complete weights files, or fix "
+                        "config.json (its layer count and sizes) to match them")
 
 
 def save_model(loaded: LoadedModel, out_dir: str | Path, state_dict: dict | None = None) -> None:
