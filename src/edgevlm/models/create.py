@@ -12,13 +12,16 @@ from edgevlm.errors import UserError, check_seed
 from edgevlm.families import LoadedModel, family_of, part
 from edgevlm.models.load import read_config, save_model
 from edgevlm.models.presets import PRESETS
+from edgevlm.models.sizes import check_sizes
 
 
 def init_model(config_dict: dict, tokenizer, seed: int = 0) -> LoadedModel:
     """A randomly initialised model of the config's family (model_type; LLaVA when absent) whose
     vocabulary and image token match `tokenizer`."""
     cfg = copy.deepcopy(config_dict)
-    return family_of(cfg.pop("model_type", "llava")).build(cfg, tokenizer, seed)
+    family = family_of(cfg.pop("model_type", "llava"))
+    check_sizes(cfg, "config")
+    return family.build(cfg, tokenizer, seed)
 
 
 def create(out: str | Path, preset: str | None = None, config_path: str | Path | None = None,
@@ -83,9 +86,13 @@ def _vision_source_config(preset, config_path, vision_from, text_from) -> dict:
         return copy.deepcopy(PRESETS[preset])
     if config_path is not None:
         try:
-            return json.loads(Path(config_path).read_text())
+            cfg = json.loads(Path(config_path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read LlavaConfig JSON {config_path} ({e})") from e
+        if not isinstance(cfg, dict):
+            raise UserError(f"--config {config_path} holds a JSON {type(cfg).__name__}, not an "
+                            "object of config fields")
+        return cfg
     if text_from is not None and vision_from is not None:
         src = read_config(vision_from)
         return {k: src[k] for k in ("vision_config", "vision_feature_layer",

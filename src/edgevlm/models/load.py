@@ -10,6 +10,7 @@ from pathlib import Path
 from edgevlm.errors import UserError
 from edgevlm.families import LoadedModel, family_of, supported_model_types
 from edgevlm.models import token_reduce
+from edgevlm.models.sizes import check_sizes
 
 SUPPORTED_MODEL_TYPES = supported_model_types()
 
@@ -29,9 +30,13 @@ def read_config(model_dir: str | Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object of config "
+                        "fields; copy the model's original config.json")
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{model_dir}: model_type {cfg.get('model_type')!r} is not a model "
                         f"family edgevlm knows; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    check_sizes(cfg, str(path))
     return cfg
 
 
