@@ -100,11 +100,31 @@ def _stage(name: str, path: Path, stages: dict, run, log) -> Path:
     return path
 
 
+def _check_resumable(out: Path, cfg: DemoConfig) -> None:
+    """A rerun resumes only a run of the same settings: a full demo over a --quick one would
+    take the quick stages as done and show the smoke test as the full result."""
+    saved = out / "demo_config.json"
+    if saved.is_file():
+        try:
+            before = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{saved} is unreadable ({e}); remove {out} to start over") from e
+        if before != json.loads(json.dumps(asdict(cfg))):
+            kind = "--quick" if before.get("quick") else "the full"
+            raise UserError(f"{out} holds a demo run made with {kind} settings; this run would "
+                            "reuse its stages as if they were its own: choose another --out, or "
+                            f"remove {out} to start over")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} holds files that are not an edgevlm demo run (no "
+                        "demo_config.json); choose another --out or an empty folder")
+
+
 def run_demo(out: str | Path, cfg: DemoConfig, quiet: bool = False, log=print) -> DemoResult:
     from edgevlm.atomic import atomic_dir
     from edgevlm.data import shapes
 
     out = Path(out)
+    _check_resumable(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     stages: dict[str, dict] = {}
@@ -150,8 +170,8 @@ def _teacher_and_student(out: Path, data: Path, cfg: DemoConfig, stages: dict, q
         student_init, preset="tiny-student", tokenizer_from=teacher, vision_from=teacher), log)
     student_run = out / "student-distill"
     dpt, sft, dft = cfg.distill_steps
-    dcfg = DistillConfig(dpt_steps=dpt, sft_steps=sft, dft_steps=dft, lr=cfg.distill_lr,
-                         batch_size=cfg.batch_size, warmup=min(50, dpt // 5 + 1))
+    dcfg = DistillConfig(dpt_steps=dpt, sft_steps=sft, dft_steps=dft, train=training.TrainConfig(
+        lr=cfg.distill_lr, batch_size=cfg.batch_size, warmup=min(50, dpt // 5 + 1)))
     _stage("student distill", student_run / "final", stages, lambda: distill(
         teacher, student_init, train_json, student_run, dcfg, pretrain_data=pretrain_json,
         resume=True, quiet=quiet), log)
