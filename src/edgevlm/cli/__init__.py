@@ -7,6 +7,7 @@ clear line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -281,6 +282,17 @@ TOOLKIT_MODULES = ("torch", "transformers", "accelerate", "safetensors", "onnx",
                    "compressed_tensors", "gguf", "matplotlib")
 
 
+# What writing an output can meet that is the machine's, not a bug: no space, a read-only file
+# system, a quota, no permission, a file where a folder should be (and the reverse)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+WRITE_FIXES = {errno.ENOSPC: "free space or choose another --out",
+               errno.EDQUOT: "free space or choose another --out",
+               errno.EEXIST: "a file stands where a folder is needed: choose another --out",
+               errno.ENOTDIR: "a file stands where a folder is needed: choose another --out",
+               errno.EISDIR: "a folder stands where a file is needed: choose another --out"}
+
+
 def main() -> None:
     try:
         app()
@@ -289,6 +301,17 @@ def main() -> None:
 
         # escaped: a message may name `pip install 'edgevlm[toolkit]'`, which is markup to rich
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        from rich.markup import escape
+
+        where = f" {e.filename}" if e.filename else ""
+        fix = WRITE_FIXES.get(e.errno, "choose an --out you can write")
+        console.print("[red]error:[/red] " + escape(
+            f"cannot write{where}: {e.strerror or e}; {fix} (an existing output was left as "
+            "it was)"), highlight=False, soft_wrap=True)
         sys.exit(2)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TOOLKIT_MODULES:
