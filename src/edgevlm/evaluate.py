@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edgevlm.data import Sample, expand_images, pixel_inputs, pixels_of, to_messages
+from edgevlm.data import Sample, expand_images, pixel_inputs, pixels_of, render_chat, to_messages
 from edgevlm.data.metrics import Score
 from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
@@ -46,8 +46,7 @@ def prompt_text(loaded: LoadedModel, sample: Sample) -> str:
     """The generation prompt for a sample's last question, `<image>` expanded as the model's
     family expands it."""
     msgs = to_messages(sample.turns, with_last_answer=False)
-    text = loaded.processor.tokenizer.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+    text = render_chat(loaded.processor.tokenizer, msgs, add_generation_prompt=True)
     return expand_images(loaded.processor, text, loaded.num_image_tokens, sample)
 
 

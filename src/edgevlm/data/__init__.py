@@ -13,10 +13,12 @@ from edgevlm.data.llava import (
     fit_samples,
     pixel_inputs,
     pixels_of,
+    render_chat,
     resolve_max_length,
 )
 from edgevlm.data.samples import IMAGE_TAG, ROLES, Sample, load_samples, open_image, to_messages
 
 __all__ = ["DEFAULT_MAX_LENGTH", "IGNORE", "IMAGE_TAG", "LONG_SAMPLES", "ROLES", "Collator",
            "Encoded", "FitReport", "Sample", "expand_images", "fit_samples", "load_samples",
-           "open_image", "pixel_inputs", "pixels_of", "resolve_max_length", "to_messages"]
+           "open_image", "pixel_inputs", "pixels_of", "render_chat", "resolve_max_length",
+           "to_messages"]

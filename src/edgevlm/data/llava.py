@@ -86,6 +86,20 @@ def _sized_expansion(family: str, processor, n_tokens: int, size: tuple[int, int
     return family_of(family).expand_image(processor, n_tokens, Image.new("RGB", size))
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`apply_chat_template(..., tokenize=False)`, a broken or missing template ending in one
+    line that names it instead of a jinja or transformers traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"the model's chat template cannot render this conversation "
+                        f"({type(e).__name__}: {e}); fix the template in the model folder "
+                        "(chat_template.jinja or tokenizer_config.json)") from e
+
+
 def resolve_max_length(requested: int | None, positions: int | None) -> int:
     """The token limit a run uses: `requested` (--max-length), checked against the model's
     max_position_embeddings; by default the smaller of 1024 and that."""
@@ -125,15 +139,19 @@ class Collator:
 
     def encode(self, sample: Sample) -> Encoded:
         """The whole sample's ids and labels, never truncated."""
-        render = self.tok.apply_chat_template
         spans, text = [], ""
         for k in range(len(sample.turns)):
             msgs = to_messages(sample.turns[: k + 1])
-            prompt = render(msgs[:-1], tokenize=False, add_generation_prompt=True)
-            full = render(msgs, tokenize=False)
+            prompt = render_chat(self.tok, msgs[:-1], add_generation_prompt=True)
+            full = render_chat(self.tok, msgs)
             prompt, full = (expand_images(self.processor, s, self.n_img, sample)
                             for s in (prompt, full))
-            assert full.startswith(text) and full.startswith(prompt), "template is not a prefix"
+            if not (full.startswith(text) and full.startswith(prompt)):
+                raise UserError(f"sample {sample.id}: the model's chat template renders a "
+                                "conversation that does not begin with its earlier turns, so "
+                                "the answers cannot be told from the prompts; give the model a "
+                                "template that appends each turn (tokenizer_config.json or "
+                                "chat_template.jinja)")
             # Answer plus its <|im_end|>; the newline after it is not taught.
             spans.append((len(prompt), len(full.rstrip("\n"))))
             text = full

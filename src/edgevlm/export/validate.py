@@ -99,13 +99,13 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     import torch
     from transformers import GenerationConfig
 
-    from edgevlm.data import IMAGE_TAG, to_messages
+    from edgevlm.data import IMAGE_TAG, render_chat, to_messages
 
     model, tok = loaded.model, loaded.processor.tokenizer
     family = family_of(model)
     images = sample_images(48)
-    text = tok.apply_chat_template(to_messages(((PROMPT, ""),), with_last_answer=False),
-                                   tokenize=False, add_generation_prompt=True)
+    text = render_chat(tok, to_messages(((PROMPT, ""),), with_last_answer=False),
+                       add_generation_prompt=True)
     text = text.replace(IMAGE_TAG, family.expand_image(loaded.processor, loaded.num_image_tokens,
                                                        images[0]))
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
