@@ -211,8 +211,6 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     (seconds) since the last one.
     """
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     from edgevlm.atomic import check_new
 
@@ -220,6 +218,41 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     check_new(out, overwrite, inputs)
     if not samples:
         raise UserError("the training data set is empty")
+    data = _fit_data(loaded, samples, cfg, fitted, batcher, quiet)
+    work = work_dir(out)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"--resume: no checkpoint in {work / 'checkpoints'}; run without "
+                        "--resume to start from scratch")
+    t = _setup(data.loaded.model, cfg, work, ckpt)
+    sampler = StepBatches(len(data.fitted.samples), cfg.batch_size, t.accel.num_processes,
+                          t.accel.process_index, cfg.seed, t.start, cfg.steps)
+    loader = torch.utils.data.DataLoader(data.fitted.samples, batch_sampler=sampler,
+                                         collate_fn=data.collate, num_workers=cfg.workers)
+    t0 = time.time()
+    with Progress(f"{label or cfg.stage} ({t.n_train / 1e6:.2f}M trainable)", cfg.steps,
+                  t.start, enabled=t.accel.is_main_process and not quiet,
+                  unit="steps") as bar:
+        history = _train_steps(t, loader, cfg, loss_fn, work, bar, clock)
+    extra = {"train_data.json": data.fitted.to_dict(), **(extra_files or {}),
+             "train_processes.json": {"distributed_type": str(t.accel.distributed_type),
+                                      "num_processes": t.accel.num_processes}}
+    _save(t, data.loaded, out, work, cfg, history, extra)
+    loss_val = history[-1]["loss"] if history else float("nan")
+    return TrainResult(out, cfg.steps, loss_val, time.time() - t0, t.start, history,
+                       data.fitted)
+
+
+@dataclass
+class _TrainData:
+    loaded: LoadedModel  # hooked to cfg.visual_tokens when asked
+    fitted: FitReport  # .samples: what trains, cut to the collator's max_length
+    collate: Callable  # the DataLoader's collate_fn
+
+
+def _fit_data(loaded: LoadedModel, samples: list[Sample], cfg: TrainConfig,
+              fitted: FitReport | None, batcher: Callable | None, quiet: bool) -> _TrainData:
+    """The model, the samples fitted to cfg.max_length, and the batches' collate_fn."""
     if cfg.visual_tokens is not None:
         loaded = _reduce_tokens(loaded, cfg)
     collate = make_collator(loaded, cfg.max_length, cfg.long_samples)
@@ -228,21 +261,35 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
         fitted = fit_samples(samples, collate, "the training data", quiet)
     assert (fitted.max_length, fitted.long_samples) == (collate.max_length, cfg.long_samples), \
         "fitted under other length settings"
-    samples = fitted.samples
-    if batcher is not None:
-        collate = batcher(collate)
-    work = work_dir(out)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise UserError(f"--resume: no checkpoint in {work / 'checkpoints'}; run without "
-                        "--resume to start from scratch")
+    return _TrainData(loaded, fitted, batcher(collate) if batcher is not None else collate)
+
+
+@dataclass
+class _Trainer:
+    """What the steps run on: the accelerator and what it prepared."""
+    accel: object
+    model: object  # wrapped by the accelerator (DDP / FSDP) when distributed
+    opt: object
+    sched: object
+    params: list  # the trainable parameters
+    image_params: list  # those a batch without images leaves out of the graph
+    n_train: int  # trainable parameter count
+    start: int  # the step the run starts at: 0, or the resumed checkpoint's
+
+
+def _setup(model, cfg: TrainConfig, work: Path, ckpt: Path | None) -> _Trainer:
+    """Accelerator, trainable parameters, optimizer and schedule; state from `ckpt` if given,
+    else a stale run's leftovers in `work` are removed."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     gpu = torch.cuda.is_available()
     # cpu=True on a machine without GPUs makes torchrun / accelerate launch form a gloo group
     # (accelerate otherwise treats each CPU process as a lone run).
     accel = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu
                         and torch.cuda.is_bf16_supported() else "no")
     set_seed(cfg.seed)
-    model = loaded.model
     n_train = set_trainable(model, cfg.stage, cfg.train_vision)
     unused_without_image = image_params(model)
     model.train()
@@ -257,50 +304,52 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     elif accel.is_main_process and work.exists():
         shutil.rmtree(work)  # a stale run's leftovers; we start from scratch
     accel.wait_for_everyone()
-    sampler = StepBatches(len(samples), cfg.batch_size, accel.num_processes,
-                          accel.process_index, cfg.seed, start, cfg.steps)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.workers)
-    history, t0, loss_val = [], time.time(), float("nan")
-    show = accel.is_main_process and not quiet
-    saved_at = clock()
-    with Progress(f"{label or cfg.stage} ({n_train / 1e6:.2f}M trainable)", cfg.steps, start,
-                  enabled=show, unit="steps") as bar:
-        for step, batch in enumerate(loader, start=start):
-            batch = {k: v if v is None else v.to(accel.device) for k, v in batch.items()}
-            with accel.autocast():
-                loss, terms = loss_fn(model, batch)
-            if batch["pixel_values"] is None and unused_without_image:
-                # A text-only batch leaves the projector out of the graph: a zero term keeps
-                # it in, so DDP's reducer gets every gradient it waits for on each process and
-                # a projector-only stage still has something to backward.
-                loss = loss + 0.0 * sum(p.sum() for p in unused_without_image)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
-            accel.backward(loss)
-            accel.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            terms = {k: float(accel.reduce(v.detach().float(), "mean")) for k, v in terms.items()}
-            loss_val = float(accel.reduce(loss.detach().float(), "mean"))
-            history.append({"step": step + 1, "loss": loss_val, **terms})
-            bar.update(1, **terms)
-            if step + 1 < cfg.steps and _checkpoint_due(accel, step + 1, cfg,
-                                                        clock() - saved_at):
-                _save_checkpoint(accel, work, step + 1)
-                saved_at = clock()
-    accel.wait_for_everyone()
+    return _Trainer(accel, model, opt, sched, params, unused_without_image, n_train, start)
+
+
+def _train_steps(t: _Trainer, loader, cfg: TrainConfig, loss_fn: Callable, work: Path, bar,
+                 clock: Callable[[], float]) -> list[dict]:
+    """Run the loader's steps, checkpointing as cfg asks; returns the loss history."""
+    import torch
+
+    accel, history, saved_at = t.accel, [], clock()
+    for step, batch in enumerate(loader, start=t.start):
+        batch = {k: v if v is None else v.to(accel.device) for k, v in batch.items()}
+        with accel.autocast():
+            loss, terms = loss_fn(t.model, batch)
+        if batch["pixel_values"] is None and t.image_params:
+            # A text-only batch leaves the projector out of the graph: a zero term keeps
+            # it in, so DDP's reducer gets every gradient it waits for on each process and
+            # a projector-only stage still has something to backward.
+            loss = loss + 0.0 * sum(p.sum() for p in t.image_params)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()} at step {step + 1}; lower --lr")
+        accel.backward(loss)
+        accel.clip_grad_norm_(t.params, 1.0)
+        t.opt.step()
+        t.sched.step()
+        t.opt.zero_grad(set_to_none=True)
+        terms = {k: float(accel.reduce(v.detach().float(), "mean")) for k, v in terms.items()}
+        loss_val = float(accel.reduce(loss.detach().float(), "mean"))
+        history.append({"step": step + 1, "loss": loss_val, **terms})
+        bar.update(1, **terms)
+        if step + 1 < cfg.steps and _checkpoint_due(accel, step + 1, cfg, clock() - saved_at):
+            _save_checkpoint(accel, work, step + 1)
+            saved_at = clock()
+    return history
+
+
+def _save(t: _Trainer, loaded: LoadedModel, out: Path, work: Path, cfg: TrainConfig,
+          history: list[dict], extra_files: dict[str, dict]) -> None:
+    """Write the trained model to OUT (on the main process), every process taking part."""
+    t.accel.wait_for_everyone()
     # Every rank takes part: under FSDP this gathers the shards into one full state dict (on the
     # main process); under DDP or a single process it is the unwrapped model's own.
-    state = accel.get_state_dict(model)
-    if accel.is_main_process:
-        extra = {"train_data.json": fitted.to_dict(), **(extra_files or {}),
-                 "train_processes.json": {"distributed_type": str(accel.distributed_type),
-                                          "num_processes": accel.num_processes}}
-        _finish(accel.unwrap_model(model), loaded, out, work, cfg, history, extra, state)
-    accel.wait_for_everyone()
-    return TrainResult(out, cfg.steps, loss_val, time.time() - t0, start, history, fitted)
+    state = t.accel.get_state_dict(t.model)
+    if t.accel.is_main_process:
+        _finish(t.accel.unwrap_model(t.model), loaded, out, work, cfg, history, extra_files,
+                state)
+    t.accel.wait_for_everyone()
 
 
 def _schedule(cfg: TrainConfig):

@@ -153,8 +153,8 @@ def test_gradients_reach_only_the_trained_parts(teacher_dir, micro_model_dir, sh
 def test_three_stages_crash_resume_and_kl(teacher_dir, micro_model_dir, shapes_dir, tmp_path,
                                           monkeypatch):
     out = tmp_path / "kd"
-    cfg = DistillConfig(stages="dpt,sft,dft", steps=12, dpt_steps=6, batch_size=8, lr=3e-3,
-                        warmup=2, save_every=4)
+    cfg = DistillConfig(stages="dpt,sft,dft", dpt_steps=6, train=train.TrainConfig(
+        steps=12, batch_size=8, lr=3e-3, warmup=2, save_every=4))
     args = (teacher_dir, micro_model_dir, shapes_dir / "train.json", out, cfg)
     kw = {"pretrain_data": shapes_dir / "pretrain.json", "quiet": True}
 
@@ -341,7 +341,8 @@ def test_save_every_minutes_reaches_each_stage(teacher_dir, micro_model_dir, sha
     stage's training (whose own test kills and resumes from a time checkpoint)."""
     from edgevlm.distill.mod import ModConfig
 
-    cfg = DistillConfig(stages="sft", steps=2, batch_size=4, warmup=1, save_every_minutes=0.5)
+    cfg = DistillConfig(stages="sft", train=train.TrainConfig(steps=2, batch_size=4, warmup=1,
+                                                              save_every_minutes=0.5))
     distill(teacher_dir, micro_model_dir, shapes_dir / "train.json", tmp_path / "kd", cfg,
             quiet=True)
     saved = json.loads((tmp_path / "kd" / "sft" / "train_config.json").read_text())
@@ -349,4 +350,4 @@ def test_save_every_minutes_reaches_each_stage(teacher_dir, micro_model_dir, sha
     for bad in (0, -1.0, float("nan")):
         for config in (DistillConfig, ModConfig):
             with pytest.raises(UserError, match=r"--save-every-minutes .* positive"):
-                config(save_every_minutes=bad)
+                config(train=train.TrainConfig(save_every_minutes=bad))

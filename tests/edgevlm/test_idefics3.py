@@ -146,10 +146,12 @@ def test_quantize_every_method_with_the_vision_tower(method, trained_dir, shapes
 def test_distill_between_two_smolvlms(trained_dir, smolvlm_dir, shapes_dir, tmp_path):
     from edgevlm.distill import DistillConfig, distill
     from edgevlm.models import load_model
+    from edgevlm.train import TrainConfig
 
     out = tmp_path / "d"
     distill(trained_dir[0], smolvlm_dir, shapes_dir / "train.json", out,
-            DistillConfig(stages=("sft", "dft"), steps=5, batch_size=4, warmup=1))
+            DistillConfig(stages=("sft", "dft"),
+                          train=TrainConfig(steps=5, batch_size=4, warmup=1)))
     assert family_of(load_model(out / "final").model).name == "idefics3"
 
 

@@ -222,9 +222,10 @@ def test_read_pairs_in_rlaif_v_layout(tmp_path, shapes_dir):
 
 def test_llava_mod_recipe_end_to_end(tmp_path, shapes_dir, micro_model_dir, teacher_dir):
     from edgevlm.distill.mod import ModConfig, distill_mod
+    from edgevlm.train import TrainConfig
 
     out = tmp_path / "mod"
-    cfg = ModConfig(steps=3, batch_size=4, warmup=1, save_every=100, lr=3e-3)
+    cfg = ModConfig(train=TrainConfig(steps=3, batch_size=4, warmup=1, save_every=100, lr=3e-3))
     r = distill_mod(teacher_dir, micro_model_dir, shapes_dir / "train.json", out, cfg,
                     quiet=True)
     assert [s.stage for s in r.stages] == ["dense", "upcycle", "sparse", "pref"]
@@ -495,9 +496,10 @@ def test_upcycling_a_smolvlm_keeps_its_function(tokenizer, shapes_dir):
 def test_llava_mod_resume_keeps_finished_stages(tmp_path, shapes_dir, micro_model_dir,
                                                 teacher_dir):
     from edgevlm.distill.mod import ModConfig, distill_mod
+    from edgevlm.train import TrainConfig
 
     out, data = tmp_path / "mod", shapes_dir / "train.json"
-    common = dict(steps=2, batch_size=4, warmup=1, save_every=100)
+    common = dict(train=TrainConfig(steps=2, batch_size=4, warmup=1, save_every=100, lr=1e-4))
     distill_mod(teacher_dir, micro_model_dir, data, out,
                 ModConfig(stages="dense,upcycle", **common), quiet=True)
     before = (out / "upcycle" / "model.safetensors").stat().st_mtime_ns

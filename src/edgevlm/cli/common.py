@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Annotated, Optional
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -54,6 +56,19 @@ MAX_LENGTH_HELP = ("Tokens per sample, image tokens included (default: 1024, or 
                    "max_position_embeddings if smaller)")
 LONG_SAMPLES_HELP = ("A sample over --max-length: truncate (after its image tokens and first "
                      "prompt; skipped if even those do not fit) | skip")
+
+# Options that `edgevlm train` and `edgevlm distill` share, declared once (Typer's Annotated
+# style: `lr: LrOpt = 1e-3`; the default stays in the signature).
+BatchSizeOpt = Annotated[int, typer.Option(help="Per process")]
+LrOpt = Annotated[float, typer.Option()]
+WarmupOpt = Annotated[int, typer.Option()]
+SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N steps")]
+SaveMinutesOpt = Annotated[Optional[float], typer.Option(help=SAVE_MINUTES_HELP)]
+SeedOpt = Annotated[int, typer.Option()]
+MaxLengthOpt = Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)]
+LongSamplesOpt = Annotated[str, typer.Option(help=LONG_SAMPLES_HELP)]
+QuietOpt = Annotated[bool, typer.Option()]
+JsonOpt = Annotated[bool, typer.Option("--json")]
 
 
 def fit_rows(fit, prefix: str = "") -> dict:

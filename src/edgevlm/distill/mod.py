@@ -22,10 +22,9 @@ behave as in the LLaVA-KD recipe (stages.py); OUT/final is the last stage's mode
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgevlm.distill.checks import check_llava, check_pair, parse_stages
@@ -39,36 +38,41 @@ from edgevlm.distill.preference import (
     read_pairs,
 )
 from edgevlm.distill.stages import (
+    StageLoop,
     StageResult,
     _barrier,
     _is_main_process,
     _jsonable,
-    _write_final,
+    check_out,
+    check_stage_training,
     frozen_logits,
     load_teacher,
 )
-from edgevlm.errors import UserError, check_seed
+from edgevlm.errors import UserError
 from edgevlm.models.moe import AUX_LOSS_WEIGHT, MoESpec, RouterLogits, is_moe, load_balance_loss
-from edgevlm.train import check_length_options, check_save_minutes
+from edgevlm.train import TrainConfig
 
 MOD_STAGES = ("dense", "upcycle", "sparse", "pref")
 TRAIN_STAGE = {"dense": "sft", "sparse": "ffn", "pref": "ffn"}
 
 
+def _mod_training() -> TrainConfig:
+    """ModConfig's default `train`: TrainConfig's defaults, but lr 1e-4."""
+    return TrainConfig(lr=1e-4)
+
+
 @dataclass(frozen=True)
 class ModConfig:
     stages: tuple[str, ...] = MOD_STAGES
-    steps: int = 1000  # per training stage, unless its own count is given
+    # every training stage's: steps per stage, unless the stage's own count is given;
+    # batch_size per process (pref: pairs); what trains and max_length are set per stage,
+    # warmup is cut to a fifth of a stage's steps. lr 1e-4 by default here: a TrainConfig
+    # given without lr has TrainConfig's own default, 1e-3
+    train: TrainConfig = field(default_factory=_mod_training)
     dense_steps: int | None = None
     sparse_steps: int | None = None
     pref_steps: int | None = None
-    batch_size: int = 16  # per process; pref: pairs per process
-    lr: float = 1e-4
-    pref_lr: float | None = None  # None: lr / 10 (DPO moves a trained model a little)
-    warmup: int = 50
-    save_every: int = 200
-    save_every_minutes: float | None = None  # also checkpoint by time (TrainConfig's)
-    seed: int = 0
+    pref_lr: float | None = None  # None: train.lr / 10 (DPO moves a trained model a little)
     experts: int = 4
     top_k: int = 2
     layers: str = "every-other"
@@ -77,20 +81,16 @@ class ModConfig:
     aux_weight: float = AUX_LOSS_WEIGHT
     beta: float = 0.1
     pref_loss: str = "sigmoid"
-    max_length: int | None = None
-    long_samples: str = "truncate"
 
     def __post_init__(self):
         object.__setattr__(self, "stages", parse_stages(
             self.stages, MOD_STAGES, "dpt/sft/dft are --recipe llava-kd's"))
-        check_seed(self.seed)
-        check_save_minutes(self.save_every_minutes)
-        for name in ("steps", "dense_steps", "sparse_steps", "pref_steps", "batch_size",
-                     "save_every"):
+        check_stage_training(self.train)
+        for name in ("dense_steps", "sparse_steps", "pref_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be at least 1, got {v}")
-        for name in ("lr", "pref_lr", "beta"):
+        for name in ("pref_lr", "beta"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"{name} must be positive, got {v}")
@@ -103,17 +103,19 @@ class ModConfig:
         if not 1 <= self.top_k <= self.experts:
             raise UserError(f"--top-k {self.top_k} must be between 1 and --experts "
                             f"{self.experts}")
-        check_length_options(self.max_length, self.long_samples)
 
     def stage_steps(self, stage: str) -> int:
-        return getattr(self, f"{stage}_steps") or self.steps
+        """A stage's steps; 0 for upcycle, which does not train."""
+        if stage == "upcycle":
+            return 0
+        return getattr(self, f"{stage}_steps") or self.train.steps
 
     def stage_lr(self, stage: str) -> float:
-        return (self.pref_lr or self.lr / 10) if stage == "pref" else self.lr
+        return (self.pref_lr or self.train.lr / 10) if stage == "pref" else self.train.lr
 
     @property
     def moe(self) -> MoESpec:
-        return MoESpec(self.experts, self.top_k, self.layers, seed=self.seed,
+        return MoESpec(self.experts, self.top_k, self.layers, seed=self.train.seed,
                        init=self.expert_init)
 
 
@@ -163,100 +165,84 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
     its pairs from `data` and the sparse student's own answers (preference.build_pairs).
     """
     from edgevlm import train
-    from edgevlm.atomic import atomic_dir, check_inputs
     from edgevlm.data import fit_samples, load_samples
-    from edgevlm.models import load_model, save_model
-    from edgevlm.models.moe import upcycle
+    from edgevlm.models import load_model
 
     t0, out = time.time(), Path(out)
-    check_inputs(out, [teacher_dir, student_dir, data, pref_data])
-    if out.exists() and not (resume or overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue it (finished stages "
-                        "are kept), --overwrite to redo every stage, or choose another --out")
+    check_out(out, [teacher_dir, student_dir, data, pref_data], resume, overwrite)
     check_llava(teacher_dir, "teacher")
-    student_cfg = check_llava(student_dir, "student")
-    starts_sparse = is_moe(student_cfg.get("text_config", {}))
-    if starts_sparse and ("dense" in cfg.stages or "upcycle" in cfg.stages):
-        raise UserError("the student is already a mixture of experts; the dense and upcycle "
-                        "stages need its dense parent (or run --stages sparse,pref)")
-    if not starts_sparse and "upcycle" not in cfg.stages and (
-            {"sparse", "pref"} & set(cfg.stages)):
-        raise UserError("the sparse and pref stages train a mixture-of-experts student; keep "
-                        "the upcycle stage in --stages or start from an upcycled model "
-                        "(edgevlm moe-upcycle)")
-    if data is None and {"dense", "sparse"} & set(cfg.stages):
-        raise UserError("the dense and sparse stages distill on instruction data: pass --data")
-    if "pref" in cfg.stages and data is None and pref_data is None:
-        raise UserError("the pref stage needs --data (pairs are built from it) or --pref-data")
+    _check_inputs(cfg.stages, check_llava(student_dir, "student"), data, pref_data)
     samples = load_samples(data, image_root) if data is not None else []
     pairs = read_pairs(pref_data, image_root) if pref_data is not None else None
     teacher = load_teacher(teacher_dir)
     student = load_model(student_dir)
     warnings = check_pair(teacher, student)
-    collate = train.make_collator(student, cfg.max_length, cfg.long_samples, also=(teacher,))
+    collate = train.make_collator(student, cfg.train.max_length, cfg.train.long_samples,
+                                  also=(teacher,))
     fitted = fit_samples(samples, collate, f"--data {data}", quiet) if samples else None
     pair_fit = fit_pairs(pairs, collate, f"--pref-data {pref_data}", quiet) if pairs else None
     del student
-    results, src, pair_counts = [], Path(student_dir), {}
-    for stage in cfg.stages:
-        stage_out = out / stage
-        done = stage_out.is_dir() and (stage_out / "config.json").is_file() and not overwrite
-        if done:
-            results.append(StageResult(stage, stage_out, 0 if stage == "upcycle"
-                                       else cfg.stage_steps(stage), None, 0.0, skipped=True))
-            src = stage_out
-            continue
+    loop, pair_counts = StageLoop(out, student_dir, resume, overwrite, quiet), {}
+    for stage in loop.pending(cfg.stages, cfg.stage_steps):
         if stage == "upcycle":
-            s0 = time.time()
-            if _is_main_process():
-                with atomic_dir(stage_out, overwrite=True) as tmp:
-                    save_model(upcycle(load_model(src), cfg.moe), tmp)
-            _barrier()
-            results.append(StageResult(stage, stage_out, 0, None, time.time() - s0))
-            src = stage_out
+            _upcycle(loop, cfg.moe)
             continue
-        tcfg = train.TrainConfig(stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
-                                 batch_size=cfg.batch_size, lr=cfg.stage_lr(stage),
-                                 warmup=min(cfg.warmup, cfg.stage_steps(stage) // 5 or 1),
-                                 save_every=cfg.save_every,
-                                 save_every_minutes=cfg.save_every_minutes, seed=cfg.seed,
-                                 max_length=collate.max_length, long_samples=cfg.long_samples)
+        steps = cfg.stage_steps(stage)
+        tcfg = replace(cfg.train, stage=TRAIN_STAGE[stage], steps=steps, lr=cfg.stage_lr(stage),
+                       warmup=min(cfg.train.warmup, steps // 5 or 1),
+                       max_length=collate.max_length)
         meta = {"recipe": "llava-mod", "stage": stage, "teacher": str(teacher_dir),
-                "student": str(student_dir), "started_from": str(src),
+                "student": str(student_dir), "started_from": str(loop.src),
                 **_jsonable(asdict(cfg))}
-        policy = load_model(src)
+        policy = load_model(loop.src)
         if stage == "pref":
             if pair_fit is None:
-                made, pair_counts = build_pairs(policy, fitted.samples, cfg.seed, quiet=quiet)
+                made, pair_counts = build_pairs(policy, fitted.samples, cfg.train.seed,
+                                                quiet=quiet)
                 pair_fit = fit_pairs(made, collate, f"pairs from --data {data}", quiet)
             else:
                 pair_counts = {"file": len(pair_fit.samples)}
             meta["pairs"] = pair_counts
-            loss_fn = PreferenceLoss(teacher.model, cfg.beta, cfg.pref_loss)
-            r = train.run(policy, pair_fit.samples, stage_out, tcfg, loss_fn=loss_fn,
-                          resume=resume and train.latest_checkpoint(stage_out) is not None,
-                          overwrite=overwrite, quiet=quiet, label=stage,
-                          extra_files={"distill_config.json": meta}, fitted=pair_fit,
-                          batcher=PairCollator)
+            loop.train(stage, policy, pair_fit.samples, tcfg,
+                       PreferenceLoss(teacher.model, cfg.beta, cfg.pref_loss), meta, pair_fit,
+                       batcher=PairCollator)
         else:
             ce = 0.0 if stage == "dense" else cfg.ce_weight
             aux = cfg.aux_weight if stage == "sparse" else 0.0
-            r = train.run(policy, samples, stage_out, tcfg,
-                          loss_fn=MimicLoss(teacher.model, ce, aux),
-                          resume=resume and train.latest_checkpoint(stage_out) is not None,
-                          overwrite=overwrite, quiet=quiet, label=stage,
-                          extra_files={"distill_config.json": meta}, fitted=fitted)
-        results.append(StageResult(stage, stage_out, r.steps, r.final_loss, r.seconds,
-                                   resumed_from=r.resumed_from, history=r.history))
-        src = stage_out
-    final = out / "final"
+            loop.train(stage, policy, samples, tcfg, MimicLoss(teacher.model, ce, aux), meta,
+                       fitted)
+    final = loop.finish({"recipe": "llava-mod", "teacher": str(teacher_dir),
+                         "student": str(student_dir), "config": _jsonable(asdict(cfg)),
+                         "warnings": warnings, "pairs": pair_counts})
+    return ModResult(out, final, loop.results, warnings, time.time() - t0, pair_counts)
+
+
+def _check_inputs(stages: tuple[str, ...], student_cfg: dict, data, pref_data) -> None:
+    """The stages fit the student (dense or already sparse) and have the data they need."""
+    starts_sparse = is_moe(student_cfg.get("text_config", {}))
+    if starts_sparse and ("dense" in stages or "upcycle" in stages):
+        raise UserError("the student is already a mixture of experts; the dense and upcycle "
+                        "stages need its dense parent (or run --stages sparse,pref)")
+    if not starts_sparse and "upcycle" not in stages and {"sparse", "pref"} & set(stages):
+        raise UserError("the sparse and pref stages train a mixture-of-experts student; keep "
+                        "the upcycle stage in --stages or start from an upcycled model "
+                        "(edgevlm moe-upcycle)")
+    if data is None and {"dense", "sparse"} & set(stages):
+        raise UserError("the dense and sparse stages distill on instruction data: pass --data")
+    if "pref" in stages and data is None and pref_data is None:
+        raise UserError("the pref stage needs --data (pairs are built from it) or --pref-data")
+
+
+def _upcycle(loop: StageLoop, spec: MoESpec) -> None:
+    """The upcycle stage: OUT/upcycle, the previous stage's model with MoE FFNs (no training),
+    written once (by the main process)."""
+    from edgevlm.atomic import atomic_dir
+    from edgevlm.models import load_model, save_model
+    from edgevlm.models.moe import upcycle
+
+    s0, stage_out = time.time(), loop.out / "upcycle"
     if _is_main_process():
-        _write_final(src, final)
-        report = {"recipe": "llava-mod", "teacher": str(teacher_dir),
-                  "student": str(student_dir), "config": _jsonable(asdict(cfg)),
-                  "warnings": warnings, "pairs": pair_counts,
-                  "stages": [{k: v for k, v in _jsonable(asdict(r)).items() if k != "history"}
-                             for r in results]}
-        (out / "distill.json").write_text(json.dumps(report, indent=1))
+        with atomic_dir(stage_out, overwrite=True) as tmp:
+            save_model(upcycle(load_model(loop.src), spec), tmp)
     _barrier()
-    return ModResult(out, final, results, warnings, time.time() - t0, pair_counts)
+    loop.results.append(StageResult("upcycle", stage_out, 0, None, time.time() - s0))

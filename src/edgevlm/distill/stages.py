@@ -17,14 +17,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgevlm.data import FitReport, fit_samples, pixels_of
 from edgevlm.distill.checks import STAGE_ORDER, check_llava, check_pair, parse_stages
 from edgevlm.distill.losses import LossWeights, distill_terms
-from edgevlm.errors import UserError, check_seed
-from edgevlm.train import check_length_options, check_save_minutes
+from edgevlm.errors import UserError
+from edgevlm.train import TrainConfig
 
 # Which of train.py's trainability rules each stage uses: DPT trains the projector only.
 TRAIN_STAGE = {"dpt": "pretrain", "sft": "sft", "dft": "sft"}
@@ -34,31 +34,23 @@ DISTILLS = {"dpt": True, "sft": False, "dft": True}
 @dataclass(frozen=True)
 class DistillConfig:
     stages: tuple[str, ...] = STAGE_ORDER  # or "dpt,sft,dft"
-    steps: int = 1000  # per stage, unless the stage's own count is given
+    # every stage's training: steps per stage, unless the stage's own count is given; what
+    # trains is set per stage; max_length None: min(1024, both models' max_position_embeddings)
+    train: TrainConfig = field(default_factory=TrainConfig)
     dpt_steps: int | None = None
     sft_steps: int | None = None
     dft_steps: int | None = None
-    batch_size: int = 16  # per process
-    lr: float = 1e-3
-    warmup: int = 50
-    save_every: int = 200
-    save_every_minutes: float | None = None  # also checkpoint by time (TrainConfig's)
-    seed: int = 0
     w_res: float = 1.0
     w_vis: float = 1.0
     w_rel: float = 1.0
     temperature: float = 1.0
     rel_per_sample: bool = True
     vocab_chunk: int = 8192
-    max_length: int | None = None  # None: min(1024, the models' max_position_embeddings)
-    long_samples: str = "truncate"  # over max_length: "truncate" after the image, or "skip"
 
     def __post_init__(self):
         object.__setattr__(self, "stages", parse_stages(self.stages))
-        check_seed(self.seed)
-        check_save_minutes(self.save_every_minutes)
-        for name in ("steps", "dpt_steps", "sft_steps", "dft_steps", "batch_size", "save_every",
-                     "vocab_chunk"):
+        check_stage_training(self.train)
+        for name in ("dpt_steps", "sft_steps", "dft_steps", "vocab_chunk"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be at least 1, got {v}")
@@ -68,17 +60,28 @@ class DistillConfig:
                                 f"{getattr(self, name)}")
         if not self.temperature > 0:
             raise UserError(f"temperature must be positive, got {self.temperature}")
-        if not self.lr > 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        check_length_options(self.max_length, self.long_samples)
 
     def stage_steps(self, stage: str) -> int:
-        return getattr(self, f"{stage}_steps") or self.steps
+        return getattr(self, f"{stage}_steps") or self.train.steps
 
     @property
     def weights(self) -> LossWeights:
         return LossWeights(self.w_res, self.w_vis, self.w_rel, self.temperature,
                            self.rel_per_sample, self.vocab_chunk)
+
+
+def check_stage_training(train: TrainConfig) -> None:
+    """A recipe's `train`: a TrainConfig whose stage and token count the recipe leaves alone
+    (it sets what each stage trains; teacher and student see the same image tokens)."""
+    if not isinstance(train, TrainConfig):
+        raise UserError(f"train must be an edgevlm.train.TrainConfig, got {type(train).__name__}")
+    if train.stage != TrainConfig.stage:
+        raise UserError(f"train.stage {train.stage!r}: each distillation stage sets what it "
+                        "trains; leave train.stage at its default")
+    if train.visual_tokens is not None:
+        raise UserError("train.visual_tokens: distillation matches the teacher's image tokens "
+                        "one to one; reduce the distilled model's tokens afterwards (edgevlm "
+                        "train --visual-tokens)")
 
 
 @dataclass
@@ -161,36 +164,19 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
     Everything that can be checked is checked before any training starts.
     """
     from edgevlm import train
-    from edgevlm.atomic import check_inputs
-    from edgevlm.data import load_samples
     from edgevlm.models import load_model
 
     t0, out = time.time(), Path(out)
-    # OUT itself is never deleted (each stage folder is replaced on its own, as an artifact),
-    # but it must not be one of the inputs
-    check_inputs(out, [teacher_dir, student_dir, data, pretrain_data])
-    if out.exists() and not (resume or overwrite):
-        raise UserError(f"{out} already exists; pass --resume to continue it (finished stages "
-                        "are kept), --overwrite to redo every stage, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out")
+    check_out(out, [teacher_dir, student_dir, data, pretrain_data], resume, overwrite)
     check_llava(teacher_dir, "teacher")
     check_llava(student_dir, "student")
-    if "dpt" in cfg.stages and pretrain_data is None:
-        raise UserError("stage dpt (distilled pre-training) needs captions: pass "
-                        "--pretrain-data CAPTIONS.json, or drop dpt from --stages")
-    samples = {}
-    if "dpt" in cfg.stages:
-        samples["dpt"] = load_samples(pretrain_data, image_root)
-    if {"sft", "dft"} & set(cfg.stages):
-        if data is None:
-            raise UserError("stages sft and dft train on instruction data: pass --data DATA.json")
-        samples["sft"] = samples["dft"] = load_samples(data, image_root)
+    samples = _load_kd_data(cfg.stages, data, pretrain_data, image_root)
     teacher = load_teacher(teacher_dir)
     student = load_model(student_dir)
     warnings = check_pair(teacher, student)
     # Every data set measured under the limit both models can read, before any stage trains.
-    collate = train.make_collator(student, cfg.max_length, cfg.long_samples, also=(teacher,))
+    collate = train.make_collator(student, cfg.train.max_length, cfg.train.long_samples,
+                                  also=(teacher,))
     fits = {}
     if "dpt" in samples:
         fits["dpt"] = fit_samples(samples["dpt"], collate, f"--pretrain-data {pretrain_data}",
@@ -201,44 +187,112 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
     del student
     if not any(DISTILLS[s] for s in cfg.stages) or not cfg.weights.uses_teacher:
         teacher = None  # no stage needs its logits; free the memory
-    results, src = [], Path(student_dir)
-    for stage in cfg.stages:
-        stage_out = out / stage
-        if stage_out.is_dir() and (stage_out / "config.json").is_file() and not overwrite:
-            results.append(StageResult(stage, stage_out, cfg.stage_steps(stage), None, 0.0,
-                                       skipped=True))
-            src = stage_out
-            continue
-        tcfg = train.TrainConfig(stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
-                                 batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
-                                 save_every=cfg.save_every,
-                                 save_every_minutes=cfg.save_every_minutes, seed=cfg.seed,
-                                 max_length=collate.max_length,
-                                 long_samples=cfg.long_samples)
+    loop = StageLoop(out, student_dir, resume, overwrite, quiet)
+    for stage in loop.pending(cfg.stages, cfg.stage_steps):
+        tcfg = replace(cfg.train, stage=TRAIN_STAGE[stage], steps=cfg.stage_steps(stage),
+                       max_length=collate.max_length)
         loss_fn = train.ce_loss
         if DISTILLS[stage] and teacher is not None:
             loss_fn = TeacherLoss(teacher.model, teacher.image_token_id, cfg.weights)
         meta = {"stage": stage, "teacher": str(teacher_dir), "student": str(student_dir),
-                "started_from": str(src), **_jsonable(asdict(cfg))}
-        r = train.run(load_model(src), samples[stage], stage_out, tcfg, loss_fn=loss_fn,
-                      resume=resume and train.latest_checkpoint(stage_out) is not None,
-                      overwrite=overwrite, quiet=quiet, label=stage,
-                      extra_files={"distill_config.json": meta}, fitted=fits[stage])
-        results.append(StageResult(stage, stage_out, r.steps, r.final_loss, r.seconds,
-                                   resumed_from=r.resumed_from, history=r.history))
-        src = stage_out
-    final = out / "final"
-    if _is_main_process():
-        _write_final(src, final)
-        report = {"teacher": str(teacher_dir), "student": str(student_dir),
-                  "config": _jsonable(asdict(cfg)), "warnings": warnings,
-                  "data": {k: f.to_dict() for k, f in fits.items() if k != "dft"},
-                  "stages": [{k: v for k, v in _jsonable(asdict(r)).items() if k != "history"}
-                             for r in results]}
-        (out / "distill.json").write_text(json.dumps(report, indent=1))
-    _barrier()
-    return DistillResult(out, final, results, warnings, time.time() - t0,
+                "started_from": str(loop.src), **_jsonable(asdict(cfg))}
+        loop.train(stage, load_model(loop.src), samples[stage], tcfg, loss_fn, meta,
+                   fits[stage])
+    final = loop.finish({"teacher": str(teacher_dir), "student": str(student_dir),
+                         "config": _jsonable(asdict(cfg)), "warnings": warnings,
+                         "data": {k: f.to_dict() for k, f in fits.items() if k != "dft"}})
+    return DistillResult(out, final, loop.results, warnings, time.time() - t0,
                          {k: f for k, f in fits.items() if k != "dft"})
+
+
+def check_out(out: Path, inputs: list, resume: bool, overwrite: bool) -> None:
+    """OUT exists only when resumed or overwritten, is a folder, and is none of the inputs."""
+    from edgevlm.atomic import check_inputs
+
+    # OUT itself is never deleted (each stage folder is replaced on its own, as an artifact),
+    # but it must not be one of the inputs
+    check_inputs(out, inputs)
+    if out.exists() and not (resume or overwrite):
+        raise UserError(f"{out} already exists; pass --resume to continue it (finished stages "
+                        "are kept), --overwrite to redo every stage, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
+
+
+def _load_kd_data(stages, data, pretrain_data, image_root) -> dict[str, list]:
+    """Each stage's samples: captions for dpt, instructions for sft and dft."""
+    from edgevlm.data import load_samples
+
+    if "dpt" in stages and pretrain_data is None:
+        raise UserError("stage dpt (distilled pre-training) needs captions: pass "
+                        "--pretrain-data CAPTIONS.json, or drop dpt from --stages")
+    samples = {}
+    if "dpt" in stages:
+        samples["dpt"] = load_samples(pretrain_data, image_root)
+    if {"sft", "dft"} & set(stages):
+        if data is None:
+            raise UserError("stages sft and dft train on instruction data: pass --data DATA.json")
+        samples["sft"] = samples["dft"] = load_samples(data, image_root)
+    return samples
+
+
+class StageLoop:
+    """The stage loop of both recipes (LLaVA-KD here, LLaVA-MoD in mod.py).
+
+    Each stage starts from the previous one's folder (the first from the student) and writes
+    OUT/<stage>; a finished stage is kept and skipped unless `overwrite`, an unfinished one
+    resumes from its last checkpoint under `resume`. `finish` writes OUT/final and
+    OUT/distill.json.
+    """
+
+    def __init__(self, out: Path, student_dir, resume: bool, overwrite: bool, quiet: bool):
+        self.out, self.src = Path(out), Path(student_dir)
+        self.resume, self.overwrite, self.quiet = resume, overwrite, quiet
+        self.results: list[StageResult] = []
+
+    def pending(self, stages, steps_of):
+        """Yield each stage to run, in order; `self.src` is then the folder it starts from and
+        the caller records its StageResult (`train` does). A finished stage is recorded as
+        skipped, of steps_of(stage) steps."""
+        for stage in stages:
+            stage_out = self.out / stage
+            if stage_out.is_dir() and (stage_out / "config.json").is_file() and \
+                    not self.overwrite:
+                self.results.append(StageResult(stage, stage_out, steps_of(stage), None, 0.0,
+                                                skipped=True))
+            else:
+                yield stage
+                assert self.results and self.results[-1].stage == stage, \
+                    f"stage {stage} ran and recorded no result"
+            self.src = stage_out
+
+    def train(self, stage: str, model, samples, cfg, loss_fn, meta: dict, fitted,
+              batcher=None) -> None:
+        """train.run from `model` into OUT/<stage>, with `meta` saved beside the model as
+        distill_config.json; records the stage's result."""
+        from edgevlm import train
+
+        stage_out = self.out / stage
+        r = train.run(model, samples, stage_out, cfg, loss_fn=loss_fn,
+                      resume=self.resume and train.latest_checkpoint(stage_out) is not None,
+                      overwrite=self.overwrite, quiet=self.quiet, label=stage,
+                      extra_files={"distill_config.json": meta}, fitted=fitted,
+                      batcher=batcher)
+        self.results.append(StageResult(stage, stage_out, r.steps, r.final_loss, r.seconds,
+                                        resumed_from=r.resumed_from, history=r.history))
+
+    def finish(self, report: dict) -> Path:
+        """OUT/final = the last stage's model; OUT/distill.json = `report` and every stage's
+        result. Returns OUT/final."""
+        final = self.out / "final"
+        if _is_main_process():
+            _write_final(self.src, final)
+            stages = [{k: v for k, v in _jsonable(asdict(r)).items() if k != "history"}
+                      for r in self.results]
+            (self.out / "distill.json").write_text(json.dumps({**report, "stages": stages},
+                                                              indent=1))
+        _barrier()
+        return final
 
 
 def _write_final(src: Path, final: Path) -> None:
