@@ -117,13 +117,14 @@ def test_quantize_every_method_with_the_vision_tower(method, trained_dir, shapes
     from transformers import Idefics3ForConditionalGeneration
 
     from edgevlm.models import load_model
-    from edgevlm.quant import QuantConfig, quantize
+    from edgevlm.quant import QuantConfig, QvlmConfig, quantize
     from edgevlm.quant.checkpoint import packed_module_names
 
     out = tmp_path / "q"
     quantize(trained_dir[0], out, QuantConfig(method=method, bits=4, group_size=32,
                                               calib_samples=8, batch_size=4,
-                                              clip_strengths=(0.0, 1.0), quantize_vision=True),
+                                              qvlm=QvlmConfig(clip_strengths=(0.0, 1.0)),
+                                              quantize_vision=True),
              calib=shapes_dir / "train.json", quiet=True)
     names = packed_module_names(out)
     assert any(n.startswith("model.vision_model.") for n in names)

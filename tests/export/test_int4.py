@@ -45,13 +45,14 @@ def test_ragged_last_block_carries_the_searched_integers(method, k, block):
     block's zero point, and the node computes x @ ((q − z)·s)ᵀ to float rounding."""
     import torch
 
-    from edgevlm.quant import gptq, rtn
+    from edgevlm.quant import GptqConfig, gptq, rtn
     from edgevlm.quant.primitives import QuantConfig
 
     torch.manual_seed(0)
     n = 24
     W = torch.randn(n, k)
-    cfg = QuantConfig(method=method, group_size=block, gptq_block=max(128, block))
+    cfg = QuantConfig(method=method, group_size=block,
+                      gptq=GptqConfig(gptq_block=max(128, block)))
     X = torch.randn(512, k)
     qw = (rtn.quantize_weight(W, cfg) if method == "rtn"
           else gptq.quantize_weight(W, gptq.hessian(X), cfg))

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from edgevlm.errors import UserError
-from edgevlm.quant import QuantConfig, quantize
+from edgevlm.quant import QuantConfig, QvlmConfig, quantize
 from edgevlm.quant.act import best_clip, clip_errors, fake_quantize_tokens, load_for_eval
 from edgevlm.quant.checkpoint import REPORT
 from edgevlm.quant.primitives import choose_qparams
 from edgevlm.quant.qvlm import blocks, uniform
 
-FAST = dict(calib_samples=4, batch_size=4, clip_grid=(1.0, 0.9), clip_strengths=(0.0, 1.0),
-            vision_opt_steps=2)
+FAST = dict(calib_samples=4, batch_size=4, qvlm=QvlmConfig(
+    clip_grid=(1.0, 0.9), clip_strengths=(0.0, 1.0), vision_opt_steps=2))
 GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
@@ -65,7 +65,7 @@ def test_uniform_partition_keeps_the_entropy_block_count():
     assert blocks(ent, 3) == [[0, 1], [2, 3, 4], [5, 6]]
     assert blocks(ent, 3, "uniform") == [[0, 1, 2], [3, 4], [5, 6]]
     with pytest.raises(UserError, match="partition='size'.*entropy, uniform"):
-        QuantConfig(partition="size")
+        QuantConfig(qvlm=QvlmConfig(partition="size"))
 
 
 def test_unsupported_activation_bits_are_named(micro_model_dir, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgevlm.quant import gptq, rtn
+from edgevlm.quant.methods import GptqConfig
 from edgevlm.quant.primitives import QuantConfig, dequantize, quantize
 
 
@@ -26,8 +27,8 @@ def test_gptq_beats_rtn_on_layer_output(bits, group_size, act_order, symmetric):
     torch.manual_seed(1)
     W = torch.randn(64, 128)
     X = correlated_inputs()
-    cfg = QuantConfig(method="gptq", bits=bits, group_size=group_size, act_order=act_order,
-                      symmetric=symmetric)
+    cfg = QuantConfig(method="gptq", bits=bits, group_size=group_size,
+                      gptq=GptqConfig(act_order=act_order), symmetric=symmetric)
     qr = rtn.quantize_weight(W, cfg)
     qg = gptq.quantize_weight(W, gptq.hessian(X), cfg)
     e_rtn, e_gptq = out_err(W, qr.dequantize(), X), out_err(W, qg.dequantize(), X)
@@ -63,7 +64,7 @@ def test_ragged_last_group_gets_its_own_qparams(act_order):
     W = torch.randn(32, 96)
     W[:, 64:] *= 8
     X = correlated_inputs(k=96)
-    cfg = QuantConfig(method="gptq", bits=4, group_size=64, act_order=act_order)
+    cfg = QuantConfig(method="gptq", bits=4, group_size=64, gptq=GptqConfig(act_order=act_order))
     qg = gptq.quantize_weight(W, gptq.hessian(X), cfg)
     qr = rtn.quantize_weight(W, cfg)
     assert qg.scale.shape == qr.scale.shape == (32, 2) and qg.group_size == 64 and qg.ragged
@@ -92,6 +93,6 @@ def test_qvlm_group_clip_scores_the_ragged_group_on_its_own_columns():
     Wg, Hg = W[:, 64:], H[64:, 64:]
     errs = torch.stack([torch.einsum("ni,ij,nj->n", d, Hg, d) for d in (
         Wg - fake_quantize(Wg, choose_qparams(Wg, 4, -1, cfg.symmetric, a, cfg.signed))
-        for a in cfg.clip_grid)])
-    best = torch.tensor(cfg.clip_grid)[errs.argmin(0)]
+        for a in cfg.qvlm.clip_grid)])
+    best = torch.tensor(cfg.qvlm.clip_grid)[errs.argmin(0)]
     assert torch.equal(clip[:, 1], best)

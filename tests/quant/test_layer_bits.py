@@ -11,10 +11,10 @@ import torch
 
 from edgevlm.cli.quant import parse_layer_bits
 from edgevlm.errors import UserError
-from edgevlm.quant import QuantConfig, quantize
+from edgevlm.quant import QuantConfig, QvlmConfig, quantize
 
-FAST = dict(group_size=32, calib_samples=4, batch_size=4, clip_grid=(1.0, 0.9),
-            clip_strengths=(0.0, 1.0))
+FAST = dict(group_size=32, calib_samples=4, batch_size=4,
+            qvlm=QvlmConfig(clip_grid=(1.0, 0.9), clip_strengths=(0.0, 1.0)))
 MIXED = (("v_proj", 8), ("mlp.down_proj", 3))
 
 
@@ -30,7 +30,7 @@ def test_each_layer_gets_its_bits_and_a_scale_rule_that_allows_them():
     assert (d.bits, d.scale_rule) == (3, "signed")
     assert cfg.for_layer("layers.0.mlp.up_proj") is cfg
     # the report's JSON round trip (lists) comes back as pairs
-    assert QuantConfig(layer_bits=[["v_proj", 8]]).layer_bits == (("v_proj", 8),)
+    assert QuantConfig.from_dict({"layer_bits": [["v_proj", 8]]}).layer_bits == (("v_proj", 8),)
     assert parse_layer_bits(" v_proj=8, mlp.down_proj=3") == MIXED
 
 

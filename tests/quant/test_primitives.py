@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgevlm.errors import UserError
+from edgevlm.quant.methods import GptqConfig
 from edgevlm.quant.primitives import (
     QuantConfig,
     choose_qparams,
@@ -71,14 +72,14 @@ def test_clip_shrinks_range_per_group():
 ])
 def test_config_errors_name_field_and_fix(field, value, words):
     with pytest.raises(UserError, match=rf"QuantConfig\.{field}=.*{re.escape(words[:4])}"):
-        QuantConfig(**{field: value})
+        QuantConfig.from_dict({field: value})
 
 
 def test_config_round_trips_json():
     import json
 
     cfg = QuantConfig(method="gptq", bits=3, group_size=64, skip=("lm_head",))
-    again = QuantConfig(**json.loads(json.dumps(cfg.to_dict())))
+    again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 
 
@@ -112,8 +113,8 @@ def test_ragged_last_group_gets_its_own_qparams(symmetric):
 
 @pytest.mark.parametrize("group_size", [16, 256, 1024, -1])
 def test_group_size_is_a_power_of_two_of_at_least_16(group_size):
-    assert QuantConfig(group_size=group_size, gptq_block=max(128, group_size)).group_size \
-        == group_size
+    assert QuantConfig(group_size=group_size,
+                       gptq=GptqConfig(gptq_block=max(128, group_size))).group_size == group_size
     for bad in (8, 48, 96, 0, -2):
         with pytest.raises(UserError, match=r"QuantConfig\.group_size=.*power of two >= 16"):
             QuantConfig(group_size=bad)

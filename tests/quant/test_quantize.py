@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from edgevlm.errors import UserError
-from edgevlm.quant import QuantConfig, quantize
+from edgevlm.quant import QuantConfig, QvlmConfig, quantize
 from edgevlm.quant.calib_data import TEXT_WINDOW, calibration_batches
 from edgevlm.quant.checkpoint import REPORT, read_int4_layers
 from edgevlm.quant.qvlm import partition
 
-FAST = dict(group_size=32, calib_samples=4, batch_size=4, clip_grid=(1.0, 0.9),
-            clip_strengths=(0.0, 1.0), vision_opt_steps=2)
+FAST_QVLM = QvlmConfig(clip_grid=(1.0, 0.9), clip_strengths=(0.0, 1.0), vision_opt_steps=2)
+FAST = dict(group_size=32, calib_samples=4, batch_size=4, qvlm=FAST_QVLM)
 
 
 def load_hf(path, symmetric):
@@ -35,9 +35,10 @@ def load_hf(path, symmetric):
 @pytest.fixture(scope="module")
 def results(micro_model_dir, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quant")
+    # gptq, qvlm: symmetric (default)
     runs = {"rtn": dict(method="rtn", symmetric=False), "gptq": dict(method="gptq"),
-            "qvlm": dict(method="qvlm", vision_opt=True)}  # gptq, qvlm: symmetric (default)
-    return {name: quantize(micro_model_dir, out / name, QuantConfig(**kw, **FAST),
+            "qvlm": dict(method="qvlm", qvlm=replace(FAST_QVLM, vision_opt=True))}
+    return {name: quantize(micro_model_dir, out / name, QuantConfig(**{**FAST, **kw}),
                            calib=shapes_dir / "train.json")
             for name, kw in runs.items()}
 
@@ -70,7 +71,7 @@ def test_report_records_entropy_errors_and_blocks(results):
     assert rep["blocks"] == [[0, 1]]  # max_block 4 holds both layers
     assert all(0 < v["entropy"] <= 8 and 0 < v["error"] < 0.5 for v in rep["layers"].values())
     assert rep["vision_opt"]["steps"] == 2  # asked for: off by default
-    assert QuantConfig().vision_opt is False
+    assert QuantConfig().qvlm.vision_opt is False
     guard = rep["gptq_guard"]
     if guard["kept"] == "qvlm":
         search = rep["block_search"][0]
@@ -142,7 +143,8 @@ def test_vision_opt_keeps_the_checkpoint_heldout_data_confirms(micro_model_dir, 
     monkeypatch.setattr(qvlm, "ENTROPY_WEIGHT", 1e4)
     loaded = load_model(micro_model_dir)
     model = loaded.model
-    cfg = QuantConfig(method="qvlm", **{**FAST, "calib_samples": 8, "vision_opt_steps": 8})
+    cfg = QuantConfig(method="qvlm", **{**FAST, "calib_samples": 8,
+                                        "qvlm": replace(FAST_QVLM, vision_opt_steps=8)})
     read = calibration_batches(loaded, shapes_dir / "train.json", cfg, None)
     assert read.heldout == 1 and read.report["heldout_samples"] == 2
     assert [b["input_ids"].shape[0] for b in read.batches] == [4, 2, 2]
@@ -266,7 +268,8 @@ def test_text_calibration_alone_and_beside_images(micro_model_dir, shapes_dir, p
     assert kinds == ["image", "text", "text", "image"] and mixed.heldout == 1  # images held out
 
     runs = {name: quantize(micro_model_dir, tmp_path / name, QuantConfig(method=m, **{
-        **FAST, "calib_samples": 6, "vision_opt": m == "qvlm"}), calib_text=prose)
+        **FAST, "calib_samples": 6, "qvlm": replace(FAST_QVLM, vision_opt=m == "qvlm")}),
+        calib_text=prose)
         for name, m in (("gptq", "gptq"), ("qvlm", "qvlm"), ("rtn", "rtn"))}
     rep = runs["qvlm"].report
     assert rep["vision_opt"].startswith("skipped: no image calibration")
@@ -312,7 +315,7 @@ def test_qvlm_at_beta_zero_is_gptq_exactly(micro_model_dir, shapes_dir, tmp_path
     order, so gptq.quantize_weight sees bit-equal arguments."""
     data = shapes_dir / "train.json"
     cfg = QuantConfig(method="qvlm", bits=3, group_size=32, calib_samples=16,
-                      clip_strengths=(0.0,))
+                      qvlm=QvlmConfig(clip_strengths=(0.0,)))
     q = quantize(micro_model_dir, tmp_path / "q", cfg, calib=data)
     g = gptq_on_the_same_batches(micro_model_dir, data, cfg)
     assert set(q.weights) == set(g) and len(g) == 14
@@ -331,15 +334,15 @@ def test_gptq_guard_keeps_the_lower_heldout_kl(micro_model_dir, shapes_dir, tmp_
     default grid it keeps whichever KL is lower."""
     data = shapes_dir / "train.json"
     q_cfg = QuantConfig(method="qvlm", bits=3, group_size=32, calib_samples=16,
-                        clip_strengths=(1.0,), clip_grid=clip_grid)
+                        qvlm=QvlmConfig(clip_strengths=(1.0,), clip_grid=clip_grid))
     q = quantize(micro_model_dir, tmp_path / "q", q_cfg, calib=data)
     guard = q.report["gptq_guard"]
     kept = "gptq" if guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"] else "qvlm"
     assert guard["kept"] == kept
     if clip_grid == (0.3,):
         assert kept == "gptq" and guard["gptq_heldout_kl"] < guard["qvlm_heldout_kl"]
-        g = gptq_on_the_same_batches(micro_model_dir, data, replace(
-            q_cfg, clip_strengths=(0.0,)))  # the guard's GPTQ pass: beta 0 on the same batches
+        g = gptq_on_the_same_batches(micro_model_dir, data, replace(q_cfg, qvlm=replace(
+            q_cfg.qvlm, clip_strengths=(0.0,))))  # the guard's GPTQ pass: beta 0, same batches
         assert all(torch.equal(q.weights[n].q, g[n].q) for n in g)
     from edgevlm.models import load_model
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from edgevlm.errors import UserError
-from edgevlm.quant import QuantConfig, quantize, workdir
+from edgevlm.quant import QuantConfig, QvlmConfig, quantize, workdir
 
-FAST = dict(group_size=32, calib_samples=4, batch_size=4, clip_grid=(1.0, 0.9),
-            clip_strengths=(0.0, 1.0), vision_opt_steps=2)
+FAST_QVLM = QvlmConfig(clip_grid=(1.0, 0.9), clip_strengths=(0.0, 1.0), vision_opt_steps=2)
+FAST = dict(group_size=32, calib_samples=4, batch_size=4, qvlm=FAST_QVLM)
 # two blocks of one decoder layer each (Q-VLM's max_block 1), so a kill can fall between them
-RUNS = {"gptq": dict(method="gptq"), "qvlm": dict(method="qvlm", max_block=1),
+RUNS = {"gptq": dict(method="gptq"),
+        "qvlm": dict(method="qvlm", qvlm=replace(FAST_QVLM, max_block=1)),
         "gptq-a4": dict(method="gptq", act_bits=4, act_clip_grid=(1.0, 0.8))}
 
 
@@ -47,7 +49,7 @@ def stored(out_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_resumed_run_is_bit_identical(micro_model_dir, shapes_dir, tmp_path, monkeypatch, name):
     data = shapes_dir / "train.json"
-    cfg = QuantConfig(**RUNS[name], **FAST)
+    cfg = QuantConfig(**{**FAST, **RUNS[name]})
     ref = quantize(micro_model_dir, tmp_path / "ref", cfg, calib=data)
     assert ref.blocks == [[0], [1]] and ref.report["resumed_blocks"] == 0
 

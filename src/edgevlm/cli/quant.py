@@ -11,7 +11,16 @@ from typing import Optional
 
 import typer
 
-from edgevlm.cli.common import IMAGE_ROOT_HELP, quiet_libraries, summary
+from edgevlm.cli.common import (
+    IMAGE_ROOT_HELP,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    quiet_libraries,
+    show_next,
+    summary,
+)
+from edgevlm.cli.next_steps import after_quantize
 from edgevlm.errors import UserError
 
 
@@ -54,7 +63,7 @@ def quantize_(
                                     "by default; docs/quantize.md)"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: act-order"),
-    seed: int = typer.Option(0),
+    seed: SeedOpt = 0,
     device: str = typer.Option("auto", help="auto | cpu | cuda: where each decoder block is "
                                "searched (the model stays on the CPU; auto: CUDA when torch "
                                "sees it)"),
@@ -67,19 +76,20 @@ def quantize_(
                                 "uninterrupted run gives. Refused when the options or "
                                 "calibration data differ; without --resume a saved run is "
                                 "discarded"),
-    quiet: bool = typer.Option(False),
-    as_json: bool = typer.Option(False, "--json"),
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Post-training quantization into a compressed-tensors checkpoint (+ quant_report.json)."""
     quiet_libraries()
-    from edgevlm.quant import QuantConfig, quantize
+    from edgevlm.quant import GptqConfig, QuantConfig, QvlmConfig, quantize
 
     cfg = QuantConfig(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
                       scale_rule=scale_rule, layer_bits=parse_layer_bits(layer_bits),
-                      act_bits=act_bits, calib_samples=calib_samples, max_block=max_block,
-                      partition=partition,
-                      vision_opt=vision_opt, quantize_vision=quantize_vision,
-                      act_order=act_order, seed=seed)
+                      act_bits=act_bits, calib_samples=calib_samples,
+                      quantize_vision=quantize_vision, seed=seed,
+                      gptq=GptqConfig(act_order=act_order),
+                      qvlm=QvlmConfig(max_block=max_block, partition=partition,
+                                      vision_opt=vision_opt))
     r = quantize(model, out, cfg, calib=calib, image_root=image_root, overwrite=overwrite,
                  quiet=quiet or as_json, device=device, calib_text=calib_text, resume=resume)
     summary("quantize", {"out": r.out_dir, "method": r.method, "device": r.report["device"],
@@ -89,9 +99,6 @@ def quantize_(
                           "blocks": r.blocks, "resumed blocks": r.report["resumed_blocks"],
                           "mean_error": r.mean_error,
                           "seconds": r.seconds}, quiet, as_json)
-    from edgevlm.cli.common import show_next
-    from edgevlm.cli.next_steps import after_quantize
-
     show_next(after_quantize(r.out_dir, bits, group_size, calib), quiet, as_json)
 
 

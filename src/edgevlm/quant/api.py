@@ -148,16 +148,16 @@ class _Run:
 
         cfg, model, batches = self.cfg, self.model, calib_read.batches
         vision_ref = None
-        if self.method.joint_blocks and cfg.vision_opt and calib is None:
+        if self.method.joint_blocks and cfg.qvlm.vision_opt and calib is None:
             self.report["vision_opt"] = "skipped: no image calibration (--calib)"
-        elif self.method.joint_blocks and cfg.vision_opt:  # the float answers it will aim at
+        elif self.method.joint_blocks and cfg.qvlm.vision_opt:  # the float answers it will aim at
             vision_ref = qvlm.vision_reference(model, batches, calib_read.heldout)
         note(f"calibration: a float pass over {len(batches)} batch(es) ...",
              enabled=not self.quiet)
         with torch.no_grad():
             calib_data = prepare(model, batches, calib_read.heldout)
-        self.blocks = (qvlm.blocks(calib_data.input_entropy, cfg.max_block, cfg.partition)
-                       if self.method.joint_blocks
+        self.blocks = (qvlm.blocks(calib_data.input_entropy, cfg.qvlm.max_block,
+                                   cfg.qvlm.partition) if self.method.joint_blocks
                        else [[i] for i in range(len(decoder_layers(model)))])
         workdir.calibrated(out_dir, run_id, saved_run, {
             "blocks": self.blocks, "heldout": calib_read.heldout,
@@ -244,7 +244,7 @@ class _Run:
             "layer_bits": {n: b for n, b in cfg.layer_bits},
             "weight_bits_mean": _mean_bits(self.weights),
             "symmetric": cfg.symmetric, "act_bits": cfg.act_bits,
-            "partition": cfg.partition if self.method.joint_blocks else None,
+            "partition": cfg.qvlm.partition if self.method.joint_blocks else None,
             "blocks": self.blocks, "block_search": self.block_info,
             "layers": self.layers, "mean_error": sum(errors) / len(errors) if errors else None,
             "seconds": seconds, "layers_quantized": len(self.weights),

@@ -71,7 +71,7 @@ class GptqGuard:
         chosen = dict(weights)
         for name, m in self.targets.items():  # start again from the float decoder
             m.weight.data = self.fp[name].clone()
-        gptq_cfg = replace(cfg, clip_strengths=(0.0,))
+        gptq_cfg = replace(cfg, qvlm=replace(cfg.qvlm, clip_strengths=(0.0,)))
         gptq_weights: dict = {}
         gptq_info: list = []
         with Progress("GPTQ guard (beta 0)", len(blocks), enabled=not quiet,

@@ -42,8 +42,9 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     n, k = W.shape
     gs = k if cfg.group_size == -1 else cfg.group_size
     G = n_groups(k, gs)  # the last group holds k - (G - 1)·gs columns
-    assert cfg.gptq_block % gs == 0 or gs == k, \
-        f"gptq_block {cfg.gptq_block} does not start on group boundaries of {gs}"
+    knobs = cfg.gptq  # percdamp, act_order, gptq_block
+    assert knobs.gptq_block % gs == 0 or gs == k, \
+        f"gptq_block {knobs.gptq_block} does not start on group boundaries of {gs}"
     clip = torch.as_tensor(clip, dtype=torch.float32, device=W.device).expand(n, G)
 
     dead = torch.diag(H) == 0
@@ -51,13 +52,13 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     W[:, dead] = 0.0
 
     static = None
-    if cfg.act_order or gs == k:
+    if knobs.act_order or gs == k:
         static = choose_qparams(W.float(), cfg.bits, gs, cfg.symmetric, clip, cfg.signed)
-    perm = (torch.argsort(torch.diag(H), descending=True) if cfg.act_order
+    perm = (torch.argsort(torch.diag(H), descending=True) if knobs.act_order
             else torch.arange(k, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
 
-    H += cfg.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
+    H += knobs.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     maxq = (1 << cfg.bits) - 1
@@ -67,8 +68,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     if static is not None:
         scales, zeros = static.scale, static.zero_point
 
-    for i1 in range(0, k, cfg.gptq_block):
-        i2 = min(i1 + cfg.gptq_block, k)
+    for i1 in range(0, k, knobs.gptq_block):
+        i2 = min(i1 + knobs.gptq_block, k)
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]

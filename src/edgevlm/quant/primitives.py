@@ -25,17 +25,23 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
-from edgevlm.errors import UserError, check_seed
-from edgevlm.quant.methods import METHODS
+from edgevlm.errors import check_seed
+from edgevlm.quant.methods import (
+    METHODS,
+    GptqConfig,
+    QvlmConfig,
+    check_tuple,
+    config_error,
+    tuples,
+)
 
 MIN_GROUP = 16  # group sizes are powers of two >= 16 (MatMulNBits' block sizes), or -1
 ACT_BITS = (16, 8, 6, 4)
-PARTITIONS = ("entropy", "uniform")
 SCALE_RULES = ("absmax", "signed")  # symmetric scales: see QuantConfig.scale_rule
 MIN_CALIB_SAMPLES = 2
 
@@ -166,7 +172,12 @@ def name_ends(name: str, end: str) -> bool:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What `edgevlm quantize` does; saved as JSON in quant_report.json beside the weights."""
+    """What `edgevlm quantize` does; saved as JSON in quant_report.json beside the weights.
+
+    The fields every method shares; each method's own knobs sit in its config, `gptq` and
+    `qvlm` (quant/methods.py), held whatever the method: Q-VLM runs GPTQ too (its per-layer
+    pass and its guard), and RTN reads neither. JSON reads back through `from_dict`.
+    """
 
     method: str = "qvlm"
     bits: int = 4
@@ -184,27 +195,18 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, int], ...] = ()
     act_bits: int = 16  # 16 = weight-only
     calib_samples: int = 128
-    max_block: int = 4  # Q-VLM: at most this many decoder layers searched jointly
-    partition: str = "entropy"  # Q-VLM: cut blocks at low entropy, or equal sizes (same count)
-    # Q-VLM: tune projector/norms to lower visual-token entropy. Off by default: held-out data
-    # showed no gain and one 10x KL loss (docs/results/quant-smollm2.md; issue 15)
-    vision_opt: bool = False
     quantize_vision: bool = False
     skip: tuple[str, ...] = ("multi_modal_projector", "lm_head")
     seed: int = 0
-    percdamp: float = 0.01  # GPTQ: damping, as a fraction of the mean Hessian diagonal
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
-    gptq_block: int = 128  # GPTQ: columns updated lazily per block
-    clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # Q-VLM clip candidates
-    clip_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # Q-VLM β candidates
     # Activation clip ratios searched per Linear at act_bits 6 and 4 (8 keeps 1.0, as onnxruntime)
     act_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
     batch_size: int = 8  # calibration samples per forward pass
-    vision_opt_steps: int = 20
+    gptq: GptqConfig = field(default_factory=GptqConfig)
+    qvlm: QvlmConfig = field(default_factory=QvlmConfig)
 
     def __post_init__(self):
         def bad(name: str, value, fix: str):
-            raise UserError(f"QuantConfig.{name}={value!r} is not valid; {fix}")
+            raise config_error(name, value, fix)
 
         if self.method == "nf4":
             bad("method", self.method, "edgevlm no longer offers NF4 (it ran only through "
@@ -220,6 +222,9 @@ class QuantConfig:
             bad("group_size", gs, f"use a power of two >= {MIN_GROUP} (32, 64, 128, ...; "
                 "MatMulNBits' block sizes), or -1 for one group per row")
         if self.scale_rule is None:
+            # The one field filled in here, not left None beside a resolved property: the rule
+            # is part of what the config is, so that the report names the rule used and the
+            # JSON reads back equal (from_dict(to_dict()) == cfg), which a None could not give
             object.__setattr__(self, "scale_rule", "signed" if self.symmetric and self.bits <= 4
                                else "absmax")
         if self.scale_rule not in SCALE_RULES:
@@ -228,56 +233,66 @@ class QuantConfig:
             bad("scale_rule", self.scale_rule, "the signed rule (llama.cpp's Q4_0) is for "
                 "symmetric weights of 2 to 4 bits; use --scale-rule absmax, or --symmetric "
                 "with --bits 4 or fewer")
-        if isinstance(self.layer_bits, (list, dict)):  # from JSON or the CLI
-            pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) \
-                else self.layer_bits
-            object.__setattr__(self, "layer_bits", tuple((str(n), b) for n, b in pairs))
-        for name, b in self.layer_bits:
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", name) or name.endswith("."):
-                bad("layer_bits", self.layer_bits, f"{name!r} is not a module name; give the "
-                    "end of a Linear's name, as in v_proj=8 or mlp.down_proj=8")
-            if not isinstance(b, int) or not 2 <= b <= 8:
-                bad("layer_bits", self.layer_bits, f"{name}={b}: the pack-quantized format "
-                    "stores 2..8 bits")
-        if self.layer_bits and not self.symmetric:
-            bad("layer_bits", self.layer_bits, "mixed bits need symmetric weights: an "
-                "asymmetric checkpoint loads only through transformers' dequantize-on-load, "
-                "which reads every layer with one config group's bits; drop --asymmetric")
-        if self.layer_bits and self.act_bits != 16:
-            bad("layer_bits", self.layer_bits, "mixed bits are for weight-only quantization; "
-                "drop --act-bits or --layer-bits")
+        self._check_layer_bits()
         if self.act_bits not in ACT_BITS:
             bad("act_bits", self.act_bits, "use 16 (weight-only), 8 (W8A8, deployable through "
                 "onnxruntime int8) or 6 / 4 (simulated, research mode)")
         if self.calib_samples < MIN_CALIB_SAMPLES:
             bad("calib_samples", self.calib_samples,
                 f"calibration needs at least {MIN_CALIB_SAMPLES} samples")
-        if self.max_block < 1:
-            bad("max_block", self.max_block, "a block holds at least one decoder layer")
-        if self.partition not in PARTITIONS:
-            bad("partition", self.partition, f"use one of {', '.join(PARTITIONS)}")
-        if not 0 < self.percdamp < 1:
-            bad("percdamp", self.percdamp, "use a small fraction such as 0.01")
+        for name, kind in (("gptq", GptqConfig), ("qvlm", QvlmConfig)):
+            if not isinstance(getattr(self, name), kind):
+                bad(name, getattr(self, name), f"give a {kind.__name__} (QuantConfig.from_dict "
+                    "reads JSON)")
         # GPTQ chooses a group's qparams at its first column, so a lazy block must start on a
         # group boundary: a multiple of the group size (a ragged last group then ends the last
         # block, which is cut short at K).
-        if self.gptq_block < 1 or (self.group_size > 0 and self.gptq_block % self.group_size):
-            bad("gptq_block", self.gptq_block, "use a multiple of the group size, e.g. "
+        if self.group_size > 0 and self.gptq.gptq_block % self.group_size:
+            bad("gptq_block", self.gptq.gptq_block, "use a multiple of the group size, e.g. "
                 f"{max(128, self.group_size)}")
-        if not self.clip_grid or any(not 0 < c <= 1 for c in self.clip_grid):
-            bad("clip_grid", self.clip_grid, "clip ratios must lie in (0, 1]")
-        if not self.clip_strengths or any(not 0 <= b <= 1 for b in self.clip_strengths):
-            bad("clip_strengths", self.clip_strengths, "strengths must lie in [0, 1]")
+        check_tuple("act_clip_grid", self.act_clip_grid)
         if not self.act_clip_grid or any(not 0 < c <= 1 for c in self.act_clip_grid):
             bad("act_clip_grid", self.act_clip_grid, "clip ratios must lie in (0, 1]")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "use at least 1")
         check_seed(self.seed)
-        if isinstance(self.skip, list):  # from JSON
-            object.__setattr__(self, "skip", tuple(self.skip))
-        for name in ("clip_grid", "clip_strengths", "act_clip_grid"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_tuple("skip", self.skip)
+
+    def _check_layer_bits(self) -> None:
+        def bad(fix: str):
+            raise config_error("layer_bits", self.layer_bits, fix)
+
+        check_tuple("layer_bits", self.layer_bits)
+        for pair in self.layer_bits:
+            check_tuple("layer_bits", pair)
+            name, b = pair
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", name) or name.endswith("."):
+                bad(f"{name!r} is not a module name; give the end of a Linear's name, as in "
+                    "v_proj=8 or mlp.down_proj=8")
+            if not isinstance(b, int) or not 2 <= b <= 8:
+                bad(f"{name}={b}: the pack-quantized format stores 2..8 bits")
+        if self.layer_bits and not self.symmetric:
+            bad("mixed bits need symmetric weights: an asymmetric checkpoint loads only through "
+                "transformers' dequantize-on-load, which reads every layer with one config "
+                "group's bits; drop --asymmetric")
+        if self.layer_bits and self.act_bits != 16:
+            bad("mixed bits are for weight-only quantization; drop --act-bits or --layer-bits")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        """The config a JSON dict holds: `to_dict`'s (quant_report.json, a resume's run.json),
+        or the flat one that reports held before each method's knobs got a config of their own
+        (issue 32), every knob beside the shared fields. JSON's lists come back as tuples and
+        layer_bits may be a {name: bits} mapping."""
+        d = tuples(d)
+        if isinstance(d.get("layer_bits"), dict):
+            d["layer_bits"] = tuple(d["layer_bits"].items())
+        for key, kind in (("gptq", GptqConfig), ("qvlm", QvlmConfig)):
+            own = d.pop(key, {})
+            own = asdict(own) if isinstance(own, kind) else tuples(own)
+            flat = {f.name: d.pop(f.name) for f in fields(kind) if f.name in d}
+            d[key] = kind(**{**flat, **own})
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -131,7 +131,7 @@ def blocks(input_entropy: list[float], max_block: int, how: str = "entropy") -> 
 
 
 def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Per (row, group) clip ratio from cfg.clip_grid minimising e_g H_gg e_gᵀ; (N, G).
+    """Per (row, group) clip ratio from cfg.qvlm.clip_grid minimising e_g H_gg e_gᵀ; (N, G).
 
     A ragged last group (K mod gs columns) is scored on its own columns: the error and H are
     padded with zeros to whole groups, so the padding adds nothing to eᵀHe."""
@@ -143,7 +143,7 @@ def group_clip(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tens
     Hg = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])
     best_err = torch.full((n, G), float("inf"), device=W.device)
     best = torch.ones((n, G), device=W.device)
-    for a in cfg.clip_grid:
+    for a in cfg.qvlm.clip_grid:
         D = (W - fake_quantize(W, choose_qparams(W, cfg.bits, gs, cfg.symmetric, a,
                                                  cfg.signed)))
         D = F.pad(D, (0, pad)).reshape(n, G, gs)
@@ -229,15 +229,15 @@ def search_block(model, block: list[int], xs: list[torch.Tensor], calib: Calibra
     fit = every[: n - calib.heldout] if 0 < calib.heldout < n else every
     fit, held = fit[:SEARCH_BATCHES], held[:SEARCH_BATCHES]
     errors: dict[float, float] = {}
-    if len(cfg.clip_strengths) > 1:
+    if len(cfg.qvlm.clip_strengths) > 1:
         ys = [xs[b] for b in held]
         for i in block:
             ys = layer_forward(layers[i], ys, [calib.layer_kwargs[i][b] for b in held])
-        for beta in cfg.clip_strengths:
+        for beta in cfg.qvlm.clip_strengths:
             _quantize_block(layers, block, targets, fp, xs, calib, fit, beta, cfg, False)
             errors[beta] = _block_error(layers, block, xs, calib, held, ys)
             restore()
-    beta = min(errors, key=errors.get) if errors else cfg.clip_strengths[0]
+    beta = min(errors, key=errors.get) if errors else cfg.qvlm.clip_strengths[0]
     weights, clips, records, outputs = _quantize_block(layers, block, targets, fp, xs, calib,
                                                        every, beta, cfg, True)
     restore()
@@ -340,7 +340,7 @@ def optimize_vision(model, ref: VisionReference, cfg: QuantConfig) -> dict:
                 ents.append(entropy(store["tokens"]))
         return sum(kls) / len(kls), sum(ents) / len(ents)
 
-    steps = cfg.vision_opt_steps
+    steps = cfg.qvlm.vision_opt_steps
     checkpoints = sorted({s for s in (steps // 4, steps // 2, steps) if s > 0})
     best = (float("inf"), 0, None, start, float("nan"))  # (KL, steps, lr, params, entropy)
     try:

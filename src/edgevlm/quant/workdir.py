@@ -88,9 +88,14 @@ def _write(target: Path, write) -> None:
 
 
 def _differences(saved: dict, now: dict) -> list[str]:
-    """"field (saved X, now Y)" for each field of `identity` (QuantConfig's flattened in)."""
+    """"field (saved X, now Y)" for each field of `identity` (QuantConfig's flattened in, its
+    method configs' as gptq.percdamp, qvlm.max_block, ...)."""
     def flat(run: dict) -> dict:
-        return {**run.get("config", {}), **{k: v for k, v in run.items() if k != "config"}}
+        cfg = run.get("config", {})
+        knobs = {f"{key}.{k}": v for key, own in cfg.items() if isinstance(own, dict)
+                 for k, v in own.items()}
+        return {**{k: v for k, v in cfg.items() if not isinstance(v, dict)}, **knobs,
+                **{k: v for k, v in run.items() if k != "config"}}
 
     was, now = flat(saved), flat(now)
     return [f"{k} (saved {was.get(k)!r}, now {v!r})" for k, v in now.items() if was.get(k) != v]
