@@ -36,7 +36,7 @@ except ImportError:  # Windows: no advisory locks; one writer per OUT is the use
     fcntl = None
 
 ARTIFACT_MARKERS = ("edgevlm.json", "config.json", "quant_report.json", "train.json",
-                    "eval.json", "bench.json", "report.json")
+                    "eval.json", "bench.json", "report.json", "plan.json")
 
 
 def _related(a: Path, b: Path) -> bool:
@@ -58,7 +58,11 @@ _HELD: dict[Path, int] = {}  # OUT (resolved) -> the open lock file this process
 
 def _lock_path(out: Path) -> Path:
     folder = Path(tempfile.gettempdir()) / f"edgevlm-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot keep edgevlm's output locks in {folder} ({e.strerror}); set "
+                        "TMPDIR to a folder you can write") from e
     if folder.stat().st_uid != os.getuid():
         raise UserError(f"{folder} belongs to another user, so edgevlm cannot keep its output "
                         "locks there; remove it, or set TMPDIR to a folder of your own")

@@ -22,6 +22,7 @@ spans. Reports are written and merged by edgevlm.bench.report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -336,15 +337,38 @@ def bench(targets: Sequence[str | Path], data: str | Path, config: BenchConfig =
                         "'edgevlm[toolkit]'), or pass model_target='edgevlm.bench.torch_target:"
                         "TorchTarget' to bench()")
     data = Path(data)
-    n_samples = len(load_samples(data, image_root)[: config.limit])  # bad data fails here
+    samples = load_samples(data, image_root)[: config.limit]  # bad data fails here
+    eval_sha256 = eval_set_sha256(samples)
     image_root = Path(image_root) if image_root else None
     machine = machine_info()
     reports = [_run_isolated(p, k, n, data, image_root, config, on_progress, model_target)
                for p, k, n in zip(paths, kinds, _names(paths))]
     reports = [r.on_device(machine.label) for r in reports]
     return BenchReport(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), data=str(data),
-                       n_samples=n_samples, config=asdict(config),
-                       machines={machine.label: machine}, targets=reports, sources=[])
+                       n_samples=len(samples), config=asdict(config),
+                       machines={machine.label: machine}, targets=reports, sources=[],
+                       eval_sha256=eval_sha256)
+
+
+def eval_set_sha256(samples: Sequence[Sample]) -> str:
+    """What makes two reports' accuracies comparable: sha256 over each sample's questions and
+    answers and its image's bytes, the samples' digests sorted (the order of a file does not
+    change which questions it asks; ids and file names are labels, not content). Recorded in
+    bench.json; `edgevlm plan` refuses reports whose hashes differ."""
+    digests = []
+    for s in samples:
+        h = hashlib.sha256(json.dumps(s.turns, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\0text-only" if s.image is None else b"\0image\0")
+        if s.image is not None:
+            try:
+                with open(s.image, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError as e:
+                raise UserError(f"cannot read image {s.image} ({e.strerror or e}); fix or "
+                                "remove that entry of the data file") from e
+        digests.append(h.digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.bench.schema import check_report, read_json
 from edgevlm.data.metrics import percent
 from edgevlm.errors import UserError
 
@@ -108,7 +109,8 @@ class TargetReport:
                             "by `edgevlm bench` (or by an older version): re-run the bench")
         values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         for k in _SPREADS:  # bench.json stores an empty spread's nan as null
-            values[k] = Spread(**{f: math.nan if v is None else v for f, v in values[k].items()})
+            values[k] = Spread(**{f.name: math.nan if values[k][f.name] is None
+                                  else values[k][f.name] for f in fields(Spread)})
         return cls(**values)
 
     def on_device(self, label: str) -> TargetReport:
@@ -126,36 +128,38 @@ class BenchReport:
     sources: list[str]  # the bench.json files a merged report was made from
     # A caveat every rendering shows beside the numbers (the demo's --quick: a smoke test)
     note: str = ""
+    # The eval set's identity: sha256 of its samples' questions, answers and image bytes
+    # (harness.eval_set_sha256); "" in reports from before it was recorded; a merged report of
+    # several sets holds theirs joined by " | ".
+    eval_sha256: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> BenchReport:
-        if not isinstance(d, dict) or not {"machines", "targets"} <= set(d):
-            raise UserError(f"{where} is not a bench report (no 'machines' and 'targets'); "
-                            "give the bench.json that `edgevlm bench --report DIR` wrote")
-        try:
-            machines = {k: Machine(**m) for k, m in d["machines"].items()}
-        except TypeError as e:
-            raise UserError(f"{where}: a machine entry is malformed ({e}); re-run the bench") from e
+        """The report of bench.json's contents, after checking them against schema.REPORT (a
+        UserError naming `where` and the field otherwise)."""
+        check_report(d, where)
+        names = {f.name for f in fields(Machine)}
+        machines = {k: Machine(**{n: v for n, v in m.items() if n in names})
+                    for k, m in d["machines"].items()}
         targets = [TargetReport.from_dict(t, where) for t in d["targets"]]
         return cls(d.get("created", ""), d.get("data", ""), d.get("n_samples", 0),
                    d.get("config", {}), machines, targets, d.get("sources", []),
-                   d.get("note", ""))
+                   d.get("note", ""), d.get("eval_sha256", ""))
 
 
 def load_report(path: str | Path) -> BenchReport:
+    """A bench.json (or the folder holding one), checked field by field (schema.py): bad
+    input of any kind is one line naming the file, the field and the fix."""
     path = Path(path)
     if path.is_dir():
         path = path / "bench.json"
     if not path.is_file():
         raise UserError(f"bench report {path} does not exist; make it with "
                         "`edgevlm bench TARGET... --data EVAL.json --report DIR`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); give a bench.json file") from e
+    data = read_json(path)
     return BenchReport.from_dict(data, str(path))
 
 
@@ -177,11 +181,14 @@ def merge(reports: list[BenchReport], sources: list[str]) -> BenchReport:
         targets += [t.on_device(rename.get(t.device, t.device)) for t in report.targets]
     datas = sorted({r.data for r in reports})
     notes = list(dict.fromkeys(r.note for r in reports if r.note))
+    # One set: its hash; several (or one unknown beside a known): all, which plan refuses.
+    hashes = sorted({h for r in reports for h in (r.eval_sha256 or "none").split(" | ")})
     return BenchReport(created=max(r.created for r in reports), data=" | ".join(datas),
                        n_samples=max(r.n_samples for r in reports),
                        config=reports[0].config if len(reports) == 1 else {},
                        machines=machines, targets=targets, sources=list(sources),
-                       note="; ".join(notes))
+                       note="; ".join(notes),
+                       eval_sha256="" if hashes == ["none"] else " | ".join(hashes))
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -287,6 +294,8 @@ def to_markdown(report: BenchReport) -> str:
                      + ", ".join(f"{k} {v}" for k, v in versions) + " |")
     if report.sources:
         lines += ["", "Merged from: " + ", ".join(report.sources)]
+    if report.eval_sha256:
+        lines += ["", f"Eval set sha256 (questions, answers, image bytes): {report.eval_sha256}"]
     return "\n".join(lines) + "\n"
 
 
@@ -357,6 +366,11 @@ def _no_nan(value):
     return value
 
 
+def to_json(report: BenchReport) -> str:
+    """bench.json's text: strict JSON (an empty spread's nan as null)."""
+    return json.dumps(_no_nan(report.to_dict()), indent=1) + "\n"
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # a killed run never leaves half a file
     tmp.write_text(text, encoding="utf-8")
@@ -369,7 +383,7 @@ def write_report(report: BenchReport, out_dir: str | Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise UserError(f"--report {out} is a file; give a folder for bench.json/.md/.png")
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "bench.json", json.dumps(_no_nan(report.to_dict()), indent=1) + "\n")
+    _write_text(out / "bench.json", to_json(report))
     _write_text(out / "bench.md", to_markdown(report))
     written = [out / "bench.json", out / "bench.md"]
     if plot(report, out / "bench.png"):

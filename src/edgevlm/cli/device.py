@@ -7,14 +7,19 @@ registers them on the app.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from edgevlm.atomic import atomic_dir, check_new, unlock
 from edgevlm.cli.common import show_next
 from edgevlm.cli.next_steps import after_bench
 from edgevlm.errors import UserError
@@ -99,33 +104,107 @@ def bench_(
                                               "relative to (default: the JSON file's folder)"),
     compare: bool = typer.Option(False, "--compare", help="Merge the bench.json files given as "
                                  "TARGETs (one per device) into one table and plot"),
+    overwrite: bool = typer.Option(False, help="Replace an existing --report folder (one "
+                                   "edgevlm wrote)"),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
 ) -> None:
     """Accuracy, time to first token, prefill, decode rate, memory and size of each target."""
     # The runtime's bench: torch is imported (in a worker process) only for model folders.
     from edgevlm.bench.harness import BenchConfig, bench
-    from edgevlm.bench.report import load_report, merge, write_report
+    from edgevlm.bench.report import load_report, merge
 
     targets = targets or []
-    if compare:
-        if not targets:
-            raise UserError("--compare needs the bench.json files to merge, e.g. `edgevlm bench "
-                            "--compare phone/bench.json laptop/bench.json --report DIR`")
-        result = merge([load_report(t) for t in targets], [str(t) for t in targets])
-    else:
-        if data is None:
-            raise UserError("--data EVAL.json is required: the LLaVA-format samples to answer")
-        cfg = BenchConfig(limit=limit, warmup=warmup, repeats=repeats,
-                          max_new_tokens=max_new_tokens, provider=provider, threads=threads,
-                          timing_samples=timing_samples, precision=precision)
-        result = _bench_with_progress(bench, targets, data, cfg, image_root, quiet or as_json)
-    written = write_report(result, report) if report else []
+    inputs = [*targets, data, image_root]
+    if compare and not targets:
+        raise UserError("--compare needs the bench.json files to merge, e.g. `edgevlm bench "
+                        "--compare phone/bench.json laptop/bench.json --report DIR`")
+    if not compare and data is None:
+        raise UserError("--data EVAL.json is required: the LLaVA-format samples to answer")
+    try:
+        if report is not None:  # refused now, not after minutes of measuring
+            _check_out(report, overwrite, inputs, "--report")
+        if compare:
+            result = merge([load_report(t) for t in targets], [str(t) for t in targets])
+        else:
+            cfg = BenchConfig(limit=limit, warmup=warmup, repeats=repeats,
+                              max_new_tokens=max_new_tokens, provider=provider,
+                              threads=threads, timing_samples=timing_samples,
+                              precision=precision)
+            result = _bench_with_progress(bench, targets, data, cfg, image_root,
+                                          quiet or as_json)
+        written = _save_bench(result, report, overwrite, inputs, as_json) if report else []
+    finally:
+        if report is not None:
+            unlock(report)
     if as_json:
         print(json.dumps(result.to_dict(), indent=1, default=str))
     elif not quiet:
         bench_table(result, written)
     show_next(after_bench(report), quiet, as_json)
+
+
+def _check_out(out: Path, overwrite: bool, inputs: list, flag: str) -> None:
+    """OUT can be written, before any work: the first folder that exists on its way is a
+    writable folder (not a file, not on a read-only file system), and OUT is new, or
+    `overwrite` and replacing it is safe (edgevlm.atomic.check_new, which takes OUT's lock)."""
+    above = out.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} {out} cannot be made: {above} is a file; choose another "
+                        f"{flag}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out} cannot be written: {above} is read-only (a read-only "
+                        f"file system or no permission); choose another {flag}")
+    check_new(out, overwrite, [i for i in inputs if i is not None])
+
+
+def _write_out(out: Path, overwrite: bool, inputs: list, write) -> list[Path]:
+    """`write(folder) -> files` into a folder beside OUT that replaces it when complete
+    (edgevlm.atomic.atomic_dir); the files as they lie in OUT."""
+    with atomic_dir(out, overwrite, [i for i in inputs if i is not None]) as tmp:
+        names = [p.name for p in write(tmp)]
+    return [out / n for n in names]
+
+
+def _why(e: OSError) -> str:
+    """"No space left on device: PATH" from an OSError, whatever raised it."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    return f"{reason}: {e.filename}" if e.filename else reason
+
+
+def _fallback_path() -> Path:
+    """Where bench keeps the measurements when its report folder cannot be written: the
+    temporary folder, which is most often on another file system than the user's runs."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / f"edgevlm-bench-{stamp}-{os.getpid()}.json"
+
+
+def _save_bench(result, report: Path, overwrite: bool, inputs: list, as_json: bool):
+    """Write the report folder; when that fails (disk full, read-only, a file in the way) keep
+    what was measured, in a file of the temporary folder, or on stdout if even that fails,
+    and end in one line that says where and how to write the report from it."""
+    from edgevlm.bench.report import to_json, write_report
+
+    try:
+        return _write_out(report, overwrite, inputs, lambda tmp: write_report(result, tmp))
+    except OSError as e:
+        failure = e
+    text = to_json(result)
+    kept = _fallback_path()
+    try:
+        kept.write_text(text, encoding="utf-8")
+        where = f"are saved in {kept}"
+    except OSError:
+        if not as_json:  # --json prints them below anyway
+            print(text, end="")
+        where, kept = "are printed on stdout (save them as BENCH.json)", Path("BENCH.json")
+    if as_json:
+        print(text, end="")
+    raise UserError(f"could not write the bench report to {report} ({_why(failure)}); the "
+                    f"measurements {where}: free space or choose a writable folder, then "
+                    f"`edgevlm bench --compare {kept} --report DIR` writes the report from them")
 
 
 def _bench_with_progress(bench, targets, data, cfg, image_root, quiet: bool):
@@ -166,7 +245,7 @@ def bench_table(result, written: list[Path]) -> None:
     width = Console().width if sys.stdout.isatty() else 80
     Console(width=width).print(bench_view(result, width))
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(Text(f"wrote {path}"))
     if written:
         console.print("bench.md has every column: vision, prefill, p10-p90, machines")
 
@@ -176,17 +255,19 @@ def bench_view(result, width: int = 80):
     several devices): never a cut cell, as rich gives a table wider than its console."""
     from rich.console import Group
     from rich.measure import Measurement
-    from rich.text import Text
 
     devices = len(result.machines) > 1
     title = f"bench on {result.data} ({result.n_samples} samples)"
-    table = Table(title=title, caption=result.note or None, caption_style="bold yellow")
+    # Text, never markup: names, paths and devices come from folders and bench.json files.
+    table = Table(title=Text(title, style="italic"),
+                  caption=Text(result.note) if result.note else None,
+                  caption_style="bold yellow")
     for col in (["device"] if devices else []) + ["target", *_HEADERS]:
         table.add_column(col, justify="left" if col in ("device", "target") else "right",
                          no_wrap=True)
     for t in result.targets:
         target = Text(t.name) + Text(f"\n{_runs_on(t)}", style="dim")
-        table.add_row(*([t.device] if devices else []), target, *_cells(t))
+        table.add_row(*([Text(t.device)] if devices else []), target, *map(Text, _cells(t)))
     # Measured unbounded: a measurement within the console's width is clamped to it.
     measuring = Console(width=10_000)
     if Measurement.get(measuring, measuring.options, table).maximum <= width:
@@ -241,30 +322,62 @@ def plan_(
     max_memory_mb: Optional[float] = typer.Option(None, help="Peak resident memory at most "
                                                   "this"),
     out: Optional[Path] = typer.Option(None, help="Write plan.json (and plan.png) here"),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder (one edgevlm "
+                                   "wrote)"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """The most accurate measured export inside a TTFT / memory budget, and the Pareto front."""
     from edgevlm.bench import plan as planner
+
+    try:
+        if out is not None:
+            _check_out(out, overwrite, reports, "--out")
+        result = planner.plan(reports, max_ttft_ms, max_memory_mb)
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=1))
+        else:
+            plan_table(result, max_ttft_ms, max_memory_mb)
+        written = _save_plan(result, out, overwrite, reports) if out is not None else []
+    finally:
+        if out is not None:
+            unlock(out)
+    if not as_json:
+        for path in written:
+            console.print(Text(f"wrote {path}"))
+
+
+def plan_table(result, max_ttft_ms: float | None, max_memory_mb: float | None) -> None:
+    """The Pareto front on stdout and the chosen point on stderr; names and paths printed as
+    they are, never read as rich markup."""
+    from rich.markup import escape
+
     from edgevlm.data.metrics import percent
 
-    result = planner.plan(reports, max_ttft_ms, max_memory_mb)
-    written = planner.write(result, out) if out is not None else []
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=1))
-        return
     table = Table(title="Pareto front (accuracy up, TTFT and memory down)")
     for col in ("target", "accuracy", "TTFT ms", "peak MB", "disk MB", "bits", "visual tokens",
                 "family", "in budget"):
         table.add_column(col, justify="left" if col in ("target", "family") else "right")
     for c in result.front:
         inside = c.over(max_ttft_ms, max_memory_mb) == 0
-        table.add_row(("* " if c == result.chosen else "") + c.name, percent(c.accuracy),
-                      f"{c.ttft_ms:.1f}", f"{c.memory_mb:.0f}" if c.memory_mb else "–",
-                      f"{c.disk_mb:.1f}", str(c.weight_bits or "–"),
-                      str(c.visual_tokens or "–"), c.family or "–", "yes" if inside else "no")
+        table.add_row(("* " if c == result.chosen else "") + escape(c.name),
+                      percent(c.accuracy), f"{c.ttft_ms:.1f}",
+                      f"{c.memory_mb:.0f}" if c.memory_mb else "–", f"{c.disk_mb:.1f}",
+                      str(c.weight_bits or "–"), str(c.visual_tokens or "–"),
+                      escape(c.family) or "–", "yes" if inside else "no")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     c = result.chosen
-    console.print(f"chosen: {c.name} ({c.source}): accuracy {percent(c.accuracy)}, TTFT "
-                  f"{c.ttft_ms:.1f} ms, peak {c.memory_mb or 0:.0f} MB")
-    for path in written:
-        console.print(f"wrote {path}")
+    console.print(Text(f"chosen: {c.name} ({c.source}): accuracy {percent(c.accuracy)}, TTFT "
+                       f"{c.ttft_ms:.1f} ms, peak {c.memory_mb or 0:.0f} MB"))
+
+
+def _save_plan(result, out: Path, overwrite: bool, reports: list[Path]) -> list[Path]:
+    """plan.json (and plan.png) into OUT, atomically; a failed write is one line (the plan is
+    printed above, and is made again from the same reports in seconds)."""
+    from edgevlm.bench import plan as planner
+
+    try:
+        return _write_out(out, overwrite, reports, lambda tmp: planner.write(result, tmp))
+    except OSError as e:
+        raise UserError(f"could not write the plan to {out} ({_why(e)}); nothing was written "
+                        "there and the plan is printed above: free space or choose a writable "
+                        "--out, and run `edgevlm plan` again") from None
