@@ -6,6 +6,7 @@ registers it on the app.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -109,7 +110,7 @@ def parse_layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
     pairs = []
     for item in text.split(","):
         name, sep, bits = item.strip().partition("=")
-        if not sep or not bits.strip().isdigit():
+        if not sep or not re.fullmatch(r"[0-9]{1,3}", bits.strip()):  # ASCII digits: '²' is not
             raise UserError(f"--layer-bits {text!r}: {item.strip()!r} is not NAME=BITS; write "
                             "e.g. --layer-bits v_proj=8,down_proj=8")
         pairs.append((name.strip(), int(bits)))

@@ -266,11 +266,19 @@ class QuantConfig:
         for pair in self.layer_bits:
             check_tuple("layer_bits", pair)
             name, b = pair
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", name) or name.endswith("."):
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name, re.ASCII) \
+                    or name.endswith(".") or ".." in name:
                 bad(f"{name!r} is not a module name; give the end of a Linear's name, as in "
                     "v_proj=8 or mlp.down_proj=8")
-            if not isinstance(b, int) or not 2 <= b <= 8:
+            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
                 bad(f"{name}={b}: the pack-quantized format stores 2..8 bits")
+        names = [n for n, _ in self.layer_bits]
+        for i, a in enumerate(names):  # the first match wins: two that can match one Linear
+            for c in names[i + 1:]:  # would store one bits and report the other
+                if a == c:
+                    bad(f"{a} is given twice; give each layer once")
+                if name_ends(a, c) or name_ends(c, a):
+                    bad(f"{a} and {c} can name the same Linear; give each layer once")
         if self.layer_bits and not self.symmetric:
             bad("mixed bits need symmetric weights: an asymmetric checkpoint loads only through "
                 "transformers' dequantize-on-load, which reads every layer with one config "
