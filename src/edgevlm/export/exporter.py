@@ -9,7 +9,7 @@ Memory: the torch model is loaded once and each graph's weights are streamed fro
 tensor (edgevlm.export.weights). Graphs derived from fp32 (fp32, int8, int4) are traced first;
 then, only if some component is fp16, the model is turned to half precision in place and those
 are traced. The torch model is freed before the quantizers and onnxruntime load the graphs.
-Measured in benchmarks/export_memory.py.
+Measured in benchmarks/export/memory.py.
 
 A quantized checkpoint (`edgevlm quantize`, compressed-tensors pack-quantized) is loaded
 dequantized for tracing and validation, and its layers' integers, scales and zero points reach

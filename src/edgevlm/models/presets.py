@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # SmolLM2-135M (SmolVLM-256M's decoder) under a small SigLIP-style tower at 224 px: 196
     # image tokens, as a LLaVA of that resolution sees. Meant for `--text-from` the real LM
-    # (benchmarks/smollm2.py); alone it is a random model of the same shape.
+    # (python -m benchmarks.smollm2 locate); alone it is a random model of the same shape.
     "llava-smollm2": {
         "vision_config": {"model_type": "siglip_vision_model", **_SMALL_224_TOWER},
         "text_config": _SMOLLM2_TEXT,

@@ -1,0 +1,1 @@
+"""Runtime: decode, prefill and TTFT against transformers, onnxruntime-genai and llama.cpp."""
