@@ -533,3 +533,32 @@ def test_two_process_llava_mod(tmp_path, shapes_dir, micro_model_dir, teacher_di
     log = json.loads((out / "sparse" / "train_log.json").read_text())
     assert len(log) == 3 and all(h["aux"] > 0 and h["kd"] >= 0 for h in log)
     assert load_model(out / "final").model.config.text_config.model_type == "qwen2_moe"
+
+
+@pytest.mark.slow
+def test_an_expert_no_calibration_token_reaches_is_rounded_to_nearest(tmp_path, micro_model_dir,
+                                                                      shapes_dir):
+    """With 32 random experts and top-1 routing some expert gets no calibration token: it has
+    no Hessian, and quantize ended in a KeyError (benchmarks/distill/mod_quant.py, issue 33).
+    Such an expert is rounded to nearest, says so in the report, and the rest is GPTQ's."""
+    from edgevlm.models import create
+    from edgevlm.models.moe import MoESpec
+    from edgevlm.quant import QuantConfig, quantize, rtn
+
+    moe = tmp_path / "moe32"
+    create(tmp_path / "student", preset="tiny-student", tokenizer_from=micro_model_dir)
+    upcycle_dir(tmp_path / "student", moe, MoESpec(experts=32, top_k=1, init="random"))
+    cfg = QuantConfig(method="gptq", group_size=32, calib_samples=8)
+    r = quantize(moe, tmp_path / "q", cfg, calib=shapes_dir / "train.json")
+    unrouted = {n: rec for n, rec in r.report["layers"].items()
+                if rec.get("calibration_tokens") == 0}
+    assert unrouted and all(".experts." in n for n in unrouted)
+    assert len(unrouted) < len([n for n in r.report["layers"] if ".experts." in n])
+    from edgevlm.models.moe import linearize
+
+    floats = load_model(moe).model
+    linearize(floats)
+    modules = dict(floats.named_modules())
+    for name in unrouted:
+        W = modules[name].weight.detach().float()
+        assert torch.equal(r.weights[name].q, rtn.quantize_weight(W, cfg.for_layer(name)).q)

@@ -21,6 +21,7 @@ from edgevlm.quant.calibrate import (
     layer_prefix,
     layer_stats,
     linears,
+    no_tokens_fallback,
     relative_error,
     walk,
 )
@@ -105,15 +106,19 @@ def layerwise_block(model, cfg: QuantConfig, weights: dict):
             targets = linears(layers[i], layer_prefix(model, i), cfg.skip)
             stats, _ = layer_stats(layers[i], xs, calib.layer_kwargs[i], calib.masks, targets)
             for name, m in targets.items():
-                W, H = m.weight.detach().float(), stats[name].hessian
-                check_finite(name, W, H)
-                qw = fn(W, H, cfg.for_layer(name))
+                W, H, extra = m.weight.detach().float(), stats[name].hessian, {}
+                fallback = no_tokens_fallback(stats[name], W, cfg.for_layer(name))
+                if fallback is not None:
+                    qw, H, extra = fallback
+                else:
+                    check_finite(name, W, H)
+                    qw = fn(W, H, cfg.for_layer(name))
                 deq = qw.dequantize()
                 check_finite(name, deq)
                 m.weight.data = deq.to(m.weight.dtype)
                 weights[name] = qw
                 result.records[name] = {"entropy": stats[name].entropy,
-                                        "error": relative_error(W, deq, H)}
+                                        "error": relative_error(W, deq, H), **extra}
         return result
 
     return quantize_block

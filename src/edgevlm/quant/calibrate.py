@@ -23,6 +23,8 @@ import torch
 from edgevlm.data import pixels_of
 from edgevlm.errors import UserError
 from edgevlm.families import family_of, part
+from edgevlm.quant import rtn
+from edgevlm.quant.primitives import QuantConfig
 
 BINS = 256
 
@@ -193,7 +195,24 @@ def layer_stats(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],
         owner.clear()
 
     outs = _run_hooked(layer, xs, kws, masks, targets, seen, batch_start)
+    for name, m in targets.items():  # an expert no calibration token was routed to
+        stats.setdefault(name, LinearStats(torch.zeros(m.in_features, m.in_features,
+                                                       dtype=torch.float64,
+                                                       device=m.weight.device)))
     return stats, outs
+
+
+def no_tokens_fallback(stat: LinearStats, W: torch.Tensor, cfg: QuantConfig):
+    """For a Linear that saw no calibration token (an MoE expert the router never chose on the
+    calibration data): its weights rounded to nearest and the identity as its Hessian, so its
+    error is the plain weight error. GPTQ on a zero Hessian would zero every column instead.
+    Returns (QuantizedWeight, H, record fields), or None for a Linear that saw tokens."""
+    if stat.tokens:
+        return None
+    H = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
+    return rtn.quantize_weight(W, cfg), H, {"calibration_tokens": 0,
+                                           "rounded": "to nearest: no calibration token "
+                                                      "was routed to it"}
 
 
 def visit_inputs(layer, xs, kws, masks, targets: dict[str, torch.nn.Linear],

@@ -75,6 +75,7 @@ from edgevlm.quant.calibrate import (
     layer_prefix,
     layer_stats,
     linears,
+    no_tokens_fallback,
     relative_error,
 )
 from edgevlm.quant.primitives import (
@@ -180,18 +181,22 @@ def _quantize_block(layers, block: list[int], targets: dict, fp: dict, xs, calib
         kws, masks = [calib.layer_kwargs[i][b] for b in idx], [calib.masks[b] for b in idx]
         stats, _ = layer_stats(layers[i], h, kws, masks, targets[i], with_entropy=records)
         for name, m in targets[i].items():
-            W, H = fp[name].float(), stats[name].hessian
-            check_finite(name, W, H)
+            W, H, extra = fp[name].float(), stats[name].hessian, {}
             lcfg = cfg.for_layer(name)
-            clip = 1 - beta * (1 - group_clip(W, H, lcfg))
-            qw = gptq.quantize_weight(W, H, lcfg, clip)
+            fallback = no_tokens_fallback(stats[name], W, lcfg)
+            if fallback is not None:
+                (qw, H, extra), clip = fallback, torch.ones(1)
+            else:
+                check_finite(name, W, H)
+                clip = 1 - beta * (1 - group_clip(W, H, lcfg))
+                qw = gptq.quantize_weight(W, H, lcfg, clip)
             deq = qw.dequantize()
             check_finite(name, deq)
             m.weight.data = deq.to(m.weight.dtype)
             weights[name], clips[name] = qw, clip
             if records:
                 recs[name] = {"entropy": stats[name].entropy,
-                              "error": relative_error(W, deq, H)}
+                              "error": relative_error(W, deq, H), **extra}
         h = layer_forward(layers[i], h, kws)
     check_finite(f"decoder layers {block}", *h)
     return weights, clips, recs, h
