@@ -4,6 +4,8 @@ Runs on Hugging Face accelerate, so `accelerate launch -m edgevlm.cli train ...`
 spreads it over processes, GPUs and nodes with no code of ours. The data order is a function
 of (seed, step), so a run resumed from a checkpoint sees exactly the batches it would have
 seen; checkpoints hold model, optimizer, scheduler and RNG state (accelerator.save_state).
+A resume is exact only with the run's own settings: they are saved beside the checkpoints
+(`resume_settings.json`) and a resume with other ones is refused, naming each difference.
 
 Work happens in `.{OUT}.work/` beside OUT (checkpoints live there); OUT appears, complete, by
 one rename at the end, so a killed run never leaves a half model that looks whole.
@@ -12,6 +14,7 @@ one rename at the end, so a killed run never leaves a half model that looks whol
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -20,6 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgevlm.atomic import work_dir
+from edgevlm.checkpoints import (
+    RESUME_SETTINGS,
+    check_resume,
+    checkpoint_due,
+    latest_checkpoint,
+    load_checkpoint,
+    run_settings,
+    save_checkpoint,
+)
 from edgevlm.data import (
     LONG_SAMPLES,
     Collator,
@@ -32,6 +44,8 @@ from edgevlm.errors import UserError, check_seed
 from edgevlm.families import part
 from edgevlm.models import LoadedModel
 from edgevlm.progress import Progress
+
+log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "sft", "ffn")
 
@@ -187,18 +201,12 @@ class StepBatches:
             yield idx[self.rank:: self.world]
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((work_dir(out) / "checkpoints").glob("step_*[0-9]"),
-                   key=lambda p: int(p.name.split("_")[1]))
-    return ckpts[-1] if ckpts else None
-
-
 def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainConfig,
         loss_fn: Callable = ce_loss, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, extra_files: dict[str, dict] | None = None,
         label: str | None = None, fitted: FitReport | None = None,
         inputs: Sequence[str | Path | None] = (),
-        batcher: Callable | None = None,
+        batcher: Callable | None = None, also_match: dict | None = None,
         clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """Train `loaded.model` on `samples` and write the trained model directory `out`.
 
@@ -208,7 +216,9 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     `batcher`: collator -> the DataLoader's collate_fn, for items that are not plain samples
     (preference pairs); `fitted` must then hold those items. A checkpoint is saved every
     cfg.save_every steps and, with cfg.save_every_minutes, when that long passed on `clock`
-    (seconds) since the last one.
+    (seconds) since the last one. `resume` continues the last checkpoint only when the run's
+    settings (`run_settings`, with `also_match`: a caller's own, e.g. its loss weights) are
+    the checkpointed run's.
     """
     import torch
 
@@ -224,7 +234,7 @@ def run(loaded: LoadedModel, samples: list[Sample], out: str | Path, cfg: TrainC
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint in {work / 'checkpoints'}; run without "
                         "--resume to start from scratch")
-    t = _setup(data.loaded.model, cfg, work, ckpt)
+    t = _setup(data.loaded.model, cfg, work, ckpt, run_settings(cfg, data.fitted, also_match))
     sampler = StepBatches(len(data.fitted.samples), cfg.batch_size, t.accel.num_processes,
                           t.accel.process_index, cfg.seed, t.start, cfg.steps)
     loader = torch.utils.data.DataLoader(data.fitted.samples, batch_sampler=sampler,
@@ -277,9 +287,10 @@ class _Trainer:
     start: int  # the step the run starts at: 0, or the resumed checkpoint's
 
 
-def _setup(model, cfg: TrainConfig, work: Path, ckpt: Path | None) -> _Trainer:
-    """Accelerator, trainable parameters, optimizer and schedule; state from `ckpt` if given,
-    else a stale run's leftovers in `work` are removed."""
+def _setup(model, cfg: TrainConfig, work: Path, ckpt: Path | None, settings: dict) -> _Trainer:
+    """Accelerator, trainable parameters, optimizer and schedule; state from `ckpt` if given
+    (and `settings` are the checkpointed run's), else a stale run's leftovers in `work` are
+    removed and `settings` saved there for a resume to compare."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -297,12 +308,16 @@ def _setup(model, cfg: TrainConfig, work: Path, ckpt: Path | None) -> _Trainer:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     model, opt, sched = accel.prepare(model, opt, sched)
+    settings = {**settings, "processes": accel.num_processes}
     start = 0
     if ckpt is not None:
-        accel.load_state(str(ckpt))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-    elif accel.is_main_process and work.exists():
-        shutil.rmtree(work)  # a stale run's leftovers; we start from scratch
+        check_resume(work, settings)
+        start = load_checkpoint(accel, model, ckpt)
+    elif accel.is_main_process:
+        if work.exists():
+            shutil.rmtree(work)  # a stale run's leftovers; we start from scratch
+        work.mkdir(parents=True)
+        (work / RESUME_SETTINGS).write_text(json.dumps(settings, indent=1))
     accel.wait_for_everyone()
     return _Trainer(accel, model, opt, sched, params, unused_without_image, n_train, start)
 
@@ -333,8 +348,8 @@ def _train_steps(t: _Trainer, loader, cfg: TrainConfig, loss_fn: Callable, work:
         loss_val = float(accel.reduce(loss.detach().float(), "mean"))
         history.append({"step": step + 1, "loss": loss_val, **terms})
         bar.update(1, **terms)
-        if step + 1 < cfg.steps and _checkpoint_due(accel, step + 1, cfg, clock() - saved_at):
-            _save_checkpoint(accel, work, step + 1)
+        if step + 1 < cfg.steps and checkpoint_due(accel, step + 1, cfg, clock() - saved_at):
+            save_checkpoint(accel, work, step + 1)
             saved_at = clock()
     return history
 
@@ -359,37 +374,6 @@ def _schedule(cfg: TrainConfig):
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return lr_at
-
-
-def _checkpoint_due(accel, step: int, cfg: TrainConfig, since_saved: float) -> bool:
-    """Whether to checkpoint after `step`: every cfg.save_every steps, and when
-    cfg.save_every_minutes passed since the last checkpoint (or the start)."""
-    import torch
-
-    if step % cfg.save_every == 0:
-        return True
-    if cfg.save_every_minutes is None:
-        return False
-    due = since_saved >= 60 * cfg.save_every_minutes
-    if accel.num_processes > 1:
-        # saving is collective and each process reads its own clock: save when any one is due,
-        # or the others would wait for it at the save's barrier forever
-        due = float(accel.reduce(torch.tensor([float(due)], device=accel.device), "sum")) > 0
-    return due
-
-
-def _save_checkpoint(accel, work: Path, step: int, keep: int = 2) -> None:
-    ckpts = work / "checkpoints"
-    tmp = ckpts / f"step_{step}.tmp"
-    accel.save_state(str(tmp))
-    accel.wait_for_everyone()
-    if accel.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
-        tmp.rename(ckpts / f"step_{step}")
-        done = sorted(ckpts.glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
-        for old in done[:-keep]:
-            shutil.rmtree(old)
-    accel.wait_for_everyone()
 
 
 def _finish(model, loaded, out: Path, work: Path, cfg, history, extra_files,

@@ -207,15 +207,15 @@ def test_read_pairs_in_rlaif_v_layout(tmp_path, shapes_dir):
              "rejected": "blue"}]
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(good))
-    (pair,) = read_pairs(path)
+    (pair,) = read_pairs(path, image_root=shapes_dir)
     assert isinstance(pair, Pair) and pair.question.startswith("<image>")
     assert (pair.chosen, pair.rejected, pair.source) == ("red", "blue", "file")
     path.write_text(json.dumps([{**good[0], "rejected": "Red."}]))
     with pytest.raises(UserError, match="entry 0: the chosen and rejected answers are the same"):
-        read_pairs(path)
+        read_pairs(path, image_root=shapes_dir)
     path.write_text(json.dumps([{**good[0], "image": "missing.png"}]))
     with pytest.raises(UserError, match="missing.png does not exist"):
-        read_pairs(path)
+        read_pairs(path, image_root=shapes_dir)
 
 
 # ---- the recipe -------------------------------------------------------------------------------

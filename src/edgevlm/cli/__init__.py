@@ -141,7 +141,8 @@ def train(
     max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
     long_samples: str = typer.Option("truncate", help=LONG_SAMPLES_HELP),
     image_root: Optional[Path] = typer.Option(None, help=IMAGE_ROOT_HELP),
-    resume: bool = typer.Option(False, help="Continue from the last checkpoint"),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint, with the "
+                                "settings the run started with (a difference is refused)"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),

@@ -76,7 +76,7 @@ ImageRootOpt = Annotated[Optional[Path], typer.Option(
     help=IMAGE_ROOT_HELP + "; --data and --pretrain-data alike")]
 ResumeOpt = Annotated[bool, typer.Option(
     help="Continue OUT: skip finished stages, resume the unfinished one from its last "
-    "checkpoint")]
+    "checkpoint, with the settings it started with (a difference is refused)")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Redo every stage into an existing OUT")]
 
 

@@ -59,8 +59,9 @@ def load_samples(json_path: str | Path, image_root: str | Path | None = None) ->
     return [_parse(row, i, path, root) for i, row in enumerate(rows)]
 
 
-def _image_path(row: dict, where: str, root: Path) -> Path | None:
-    """The entry's image file, or None for a text-only entry (no "image", or null)."""
+def image_path(row: dict, where: str, root: Path) -> Path | None:
+    """The entry's image file, or None for a text-only entry (no "image", or null); inside
+    `root` once symlinks are resolved, or one line."""
     rel = row.get("image")
     if rel is None:
         return None
@@ -73,7 +74,10 @@ def _image_path(row: dict, where: str, root: Path) -> Path | None:
     if "://" in rel:
         raise UserError(f"{where}: 'image' is a URL ({rel}); edgevlm reads local files only "
                         "and never downloads: save the image and give its path")
-    image = (root / rel).resolve()
+    try:
+        image = (root / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, ...
+        raise UserError(f"{where}: image path {rel!r} cannot be resolved ({e}); fix it") from e
     if not image.is_relative_to(root):
         raise UserError(f"{where}: image path {rel!r} leaves the data folder {root}; "
                         "keep images inside it or pass --image-root")
@@ -90,7 +94,7 @@ def _parse(row, i: int, path: Path, root: Path) -> Sample:
     conv = row.get("conversations")
     if not isinstance(conv, list) or len(conv) < 2:
         raise UserError(f"{where}: 'conversations' must be a list of human/gpt turns")
-    image = _image_path(row, where, root)
+    image = image_path(row, where, root)
     turns, n_tags = [], 0
     for k in range(0, len(conv) - 1, 2):
         q, a = conv[k], conv[k + 1]

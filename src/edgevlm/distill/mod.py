@@ -54,6 +54,10 @@ from edgevlm.train import TrainConfig
 
 MOD_STAGES = ("dense", "upcycle", "sparse", "pref")
 TRAIN_STAGE = {"dense": "sft", "sparse": "ffn", "pref": "ffn"}
+# The loss settings each training stage's resume must match besides train.run's own (dense's
+# loss has none: KL only).
+LOSS_SETTINGS = {"dense": (), "sparse": ("ce_weight", "aux_weight"),
+                 "pref": ("beta", "pref_loss")}
 
 
 def _mod_training() -> TrainConfig:
@@ -195,6 +199,7 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
                 "student": str(student_dir), "started_from": str(loop.src),
                 **_jsonable(asdict(cfg))}
         policy = load_model(loop.src)
+        match = {k: getattr(cfg, k) for k in LOSS_SETTINGS[stage]}
         if stage == "pref":
             if pair_fit is None:
                 made, pair_counts = build_pairs(policy, fitted.samples, cfg.train.seed,
@@ -205,12 +210,12 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
             meta["pairs"] = pair_counts
             loop.train(stage, policy, pair_fit.samples, tcfg,
                        PreferenceLoss(teacher.model, cfg.beta, cfg.pref_loss), meta, pair_fit,
-                       batcher=PairCollator)
+                       batcher=PairCollator, settings=match)
         else:
             ce = 0.0 if stage == "dense" else cfg.ce_weight
             aux = cfg.aux_weight if stage == "sparse" else 0.0
             loop.train(stage, policy, samples, tcfg, MimicLoss(teacher.model, ce, aux), meta,
-                       fitted)
+                       fitted, settings=match)
     final = loop.finish({"recipe": "llava-mod", "teacher": str(teacher_dir),
                          "student": str(student_dir), "config": _jsonable(asdict(cfg)),
                          "warnings": warnings, "pairs": pair_counts})

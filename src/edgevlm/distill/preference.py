@@ -8,7 +8,8 @@ from RLAIF-V; without it, `build_pairs` makes them from the instruction data its
   there, or denying one that is, the error POPE measures), else another answer the data gives
   to questions of the same type (a colour, shape or count that is not the one in the image).
 `read_pairs` reads RLAIF-V's layout instead: a JSON list of {"image", "question", "chosen",
-"rejected"} ("image" relative to the file or --image-root).
+"rejected"} ("image" relative to the file or --image-root, and, as in LLaVA data, not leaving
+that folder: edgevlm.data.samples' rule, symlinks resolved).
 
 The loss compares the policy's (the student's) summed response log-probabilities on chosen and
 rejected with the reference model's (the dense teacher's), β = 0.1:
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm.data import IMAGE_TAG, Sample
+from edgevlm.data.samples import image_path
 from edgevlm.distill.losses import IGNORE
 from edgevlm.errors import UserError
 
@@ -89,18 +91,25 @@ def build_pairs(student, samples: list[Sample], seed: int = 0, max_new_tokens: i
 
 
 def read_pairs(path, image_root=None) -> list[Pair]:
-    """RLAIF-V's layout: [{"image": ..., "question": ..., "chosen": ..., "rejected": ...}]."""
+    """RLAIF-V's layout: [{"image": ..., "question": ..., "chosen": ..., "rejected": ...}].
+
+    Every entry is checked here, its image inside the file's folder (or `image_root`) and an
+    image file, so a bad pairs file is refused before the first stage trains, not at the last.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"preference data {path} does not exist")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: preference data must be a non-empty JSON list of "
                         '{"image", "question", "chosen", "rejected"} objects')
-    root = Path(image_root) if image_root else path.parent
+    if image_root is not None and not Path(image_root).is_dir():
+        raise UserError(f"--image-root {image_root} is not a folder; give the folder the "
+                        f"image paths in {path} are relative to")
+    root = Path(image_root or path.parent).resolve()
     pairs = []
     for i, e in enumerate(entries):
         where = f"{path} entry {i}"
@@ -112,15 +121,9 @@ def read_pairs(path, image_root=None) -> list[Pair]:
         if _norm(e["chosen"]) == _norm(e["rejected"]):
             raise UserError(f"{where}: the chosen and rejected answers are the same "
                             f"({e['chosen']!r}), so the pair teaches nothing; fix or drop it")
-        image = e.get("image") or e.get("image_path")
         question = e["question"]
+        image = _pair_image(e, where, root)
         if image is not None:
-            if not isinstance(image, str):
-                raise UserError(f"{where}: 'image' must be a path string")
-            image = root / image
-            if not image.is_file():
-                raise UserError(f"{where}: image {image} does not exist; give paths relative "
-                                "to the file or pass --image-root")
             if IMAGE_TAG not in question:
                 question = f"{IMAGE_TAG}\n{question}"
         elif IMAGE_TAG in question:
@@ -128,6 +131,29 @@ def read_pairs(path, image_root=None) -> list[Pair]:
         pairs.append(Pair(str(e.get("id", e.get("idx", i))), image, question, e["chosen"],
                           e["rejected"], "file"))
     return pairs
+
+
+def _pair_image(entry: dict, where: str, root: Path) -> Path | None:
+    """The entry's image ("image", or RLAIF-V's "image_path"; None: text-only), by LLaVA data's
+    rule: relative to `root`, resolved (symlinks too) and inside it; and an image PIL knows by
+    its header (the pixels are decoded as the pairs train; a header keeps a pairs file of any
+    size quick to check)."""
+    from PIL import Image, UnidentifiedImageError
+
+    rel = entry.get("image")
+    if rel is None:
+        rel = entry.get("image_path")
+    path = image_path({"image": rel}, where, root)
+    if path is None:
+        return None
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as e:
+        raise UserError(f"{where}: cannot read image {path} ({e}); replace or remove that "
+                        "pair") from e
+    return path
 
 
 class PairCollator:

@@ -84,6 +84,13 @@ def check_stage_training(train: TrainConfig) -> None:
                         "train --visual-tokens)")
 
 
+def kd_loss_settings(cfg: DistillConfig) -> dict:
+    """What a distilling stage's resume must match besides train.run's own settings, by the
+    flags' names: the loss. vocab_chunk may change: it bounds memory, not the math."""
+    return {"w_res": cfg.w_res, "w_vis": cfg.w_vis, "w_rel": cfg.w_rel,
+            "temperature": cfg.temperature, "rel_batch": not cfg.rel_per_sample}
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -196,8 +203,9 @@ def distill(teacher_dir, student_dir, data, out, cfg: DistillConfig = DistillCon
             loss_fn = TeacherLoss(teacher.model, teacher.image_token_id, cfg.weights)
         meta = {"stage": stage, "teacher": str(teacher_dir), "student": str(student_dir),
                 "started_from": str(loop.src), **_jsonable(asdict(cfg))}
+        match = kd_loss_settings(cfg) if DISTILLS[stage] else {}
         loop.train(stage, load_model(loop.src), samples[stage], tcfg, loss_fn, meta,
-                   fits[stage])
+                   fits[stage], settings=match)
     final = loop.finish({"teacher": str(teacher_dir), "student": str(student_dir),
                          "config": _jsonable(asdict(cfg)), "warnings": warnings,
                          "data": {k: f.to_dict() for k, f in fits.items() if k != "dft"}})
@@ -267,9 +275,11 @@ class StageLoop:
             self.src = stage_out
 
     def train(self, stage: str, model, samples, cfg, loss_fn, meta: dict, fitted,
-              batcher=None) -> None:
+              batcher=None, settings: dict | None = None) -> None:
         """train.run from `model` into OUT/<stage>, with `meta` saved beside the model as
-        distill_config.json; records the stage's result."""
+        distill_config.json; records the stage's result. A resumed stage continues its
+        checkpoint only when `cfg`, the data and `settings` (the recipe's loss settings) are
+        the checkpointed run's (checkpoints.check_resume)."""
         from edgevlm import train
 
         stage_out = self.out / stage
@@ -277,7 +287,7 @@ class StageLoop:
                       resume=self.resume and train.latest_checkpoint(stage_out) is not None,
                       overwrite=self.overwrite, quiet=self.quiet, label=stage,
                       extra_files={"distill_config.json": meta}, fitted=fitted,
-                      batcher=batcher)
+                      batcher=batcher, also_match=settings)
         self.results.append(StageResult(stage, stage_out, r.steps, r.final_loss, r.seconds,
                                         resumed_from=r.resumed_from, history=r.history))
 
