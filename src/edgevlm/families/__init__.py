@@ -3,12 +3,12 @@ place (DESIGN.md, "Model families").
 
 A family is one small file exposing a `Family`: its Hugging Face classes, where the vision tower,
 connector, language model and LM head live (dotted module paths from the top model), how image
-features are made, how many tokens one `<image>` becomes, the kind of position ids, and the
-image recipe's processor class. Code outside this package asks `family_of(model_or_config)` and
-`part(model, "language_model")`, and never names a module path itself.
+features are made, how many tokens one `<image>` becomes, and the processor class. Code outside
+this package asks `family_of(model_or_config)` and `part(model, "language_model")`, and never names
+a module path itself.
 
 The runtime stays torch-free and does not import this package: what it needs of a family
-(image recipe, token expansion, position kind) is written into `edgevlm.json` by the exporter.
+(image recipe, token expansion) is written into `edgevlm.json` by the exporter.
 """
 
 from __future__ import annotations

@@ -17,11 +17,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # config.model_type values this family claims
     model_class: str  # transformers class names
-    config_class: str
     processor_class: str
-    image_processor_class: str | None  # None: the one the vision config implies
     paths: dict[str, str]  # part name (PARTS) -> dotted module path from the top model
-    position_ids: str  # "1d" | "mrope"
     num_image_tokens: Callable[[Any], int]  # config -> image tokens per image (per tile)
     # (model, pixel inputs) -> (..., D_text): every image token's feature, in prompt order
     image_features: Callable[[Any, dict], Any]

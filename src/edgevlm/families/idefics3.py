@@ -154,12 +154,9 @@ FAMILY = Family(
     name="idefics3",
     model_types=("idefics3",),
     model_class="Idefics3ForConditionalGeneration",
-    config_class="Idefics3Config",
     processor_class="Idefics3Processor",
-    image_processor_class="Idefics3ImageProcessor",
     paths={"vision_tower": "model.vision_model", "connector": "model.connector",
            "language_model": "model.text_model", "lm_head": "lm_head", "backbone": "model"},
-    position_ids="1d",
     num_image_tokens=num_image_tokens,
     image_features=image_features,
     build=build,
@@ -172,6 +169,5 @@ FAMILY = Family(
 
 # SmolVLM2's classes (model_type smolvlm): the same parts, recipe and expansion.
 SMOLVLM = replace(FAMILY, model_types=("smolvlm",), model_class="SmolVLMForConditionalGeneration",
-                  config_class="SmolVLMConfig",
                   build=partial(build, classes=("SmolVLMConfig",
                                                 "SmolVLMForConditionalGeneration")))
