@@ -25,6 +25,7 @@ import numpy as np
 from edgevlm.bench.schema import check_report, read_json
 from edgevlm.data.metrics import percent
 from edgevlm.errors import UserError
+from edgevlm.runtime.limits import machine_memory
 
 log = logging.getLogger(__name__)
 FILES = ("bench.json", "bench.md", "bench.png")
@@ -225,19 +226,12 @@ def _physical_cores() -> int | None:
     return len(cores) or None
 
 
-def _ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def machine_info() -> Machine:
     import onnxruntime
 
     return Machine(label=platform.node() or "device", cpu=_cpu_name(),
                    logical_cores=os.cpu_count(), physical_cores=_physical_cores(),
-                   ram_bytes=_ram_bytes(), os=platform.platform(),
+                   ram_bytes=machine_memory(), os=platform.platform(),
                    python=platform.python_version(),
                    versions={"numpy": np.__version__, "onnxruntime": onnxruntime.__version__})
 

@@ -8,22 +8,14 @@ edgevlm loads weights in."""
 
 from __future__ import annotations
 
-import os
-
 from edgevlm.errors import UserError
+from edgevlm.runtime.limits import machine_memory
 
 LIMITS = {"hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
           "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
           "head_dim": 4096, "vocab_size": 1 << 22, "num_experts": 1024, "image_size": 8192,
           "patch_size": 8192, "max_position_embeddings": 1 << 24}
 BYTES_PER_PARAMETER = 2  # bfloat16 / float16
-
-
-def _ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _dims(sub: dict, name: str, where: str) -> dict[str, int]:
@@ -67,7 +59,7 @@ def check_sizes(cfg: dict, where: str) -> None:
         total += _parameters(dims, vision=name == "vision_config")
         named += [f"{name + '.' if name else ''}{k} {dims[k]:,}"
                   for k in ("num_hidden_layers", "hidden_size", "intermediate_size") if k in dims]
-    ram = _ram_bytes()
+    ram = machine_memory()
     if ram and total * BYTES_PER_PARAMETER > ram:
         raise UserError(f"{where}: it describes a model of about {total / 1e9:,.1f}B "
                         f"parameters, {total * BYTES_PER_PARAMETER / 2**30:,.0f} GiB even in "

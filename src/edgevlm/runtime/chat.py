@@ -21,10 +21,10 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from edgevlm.errors import UserError
+from edgevlm.runtime.sandbox import BoundedEnvironment, TemplateLimitError, budget
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 REPLACEMENT = "\ufffd"  # what a byte-level decoder emits for an incomplete UTF-8 sequence
@@ -90,17 +90,18 @@ class ChatTemplate:
         if not isinstance(source, str) or not source.strip():
             raise UserError("the export has no chat template; re-export a model whose tokenizer "
                             "has one (chat_template.jinja or tokenizer_config.json)")
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
+        # transformers' sandbox, bounded in steps, time and sizes, one template (runtime.sandbox)
+        env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                 extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+        env.add_filter("tojson", _tojson)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise UserError(f"the chat template does not parse ({e}); fix chat_template.jinja "
-                            "in the export") from e
+        except (jinja2.TemplateSyntaxError, RecursionError) as e:
+            reason = "it nests too deeply" if isinstance(e, RecursionError) else e
+            raise UserError(f"the chat template does not parse ({reason}); fix "
+                            "chat_template.jinja in the export") from e
         self.source = source
         self.special_tokens = dict(special_tokens or {})
 
@@ -119,12 +120,19 @@ class ChatTemplate:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             chat.append(_plain(m))
         try:
-            return self._template.render(
-                messages=chat, tools=None, documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **_plain({**self.special_tokens, **kwargs}))
+            with budget():
+                return self._template.render(
+                    messages=chat, tools=None, documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **_plain({**self.special_tokens, **kwargs}))
+        except TemplateLimitError as e:
+            raise UserError(f"the chat template went past the sandbox's bounds: {e}; fix "
+                            "chat_template.jinja in the export") from e
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template rejected these messages: {e}") from e
+        except (RecursionError, ArithmeticError) as e:  # a macro calling itself, 1/0, ...
+            raise UserError(f"the chat template fails ({type(e).__name__}: {e}); fix "
+                            "chat_template.jinja in the export") from e
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             # a template written for other message shapes, e.g. `'...' + message['content']`
             # on a list of content parts

@@ -28,7 +28,7 @@ from edgevlm.runtime import contract
 from edgevlm.runtime.contract import DecoderKind, Profile
 from edgevlm.runtime.kv_buffer import KVCache, SharedKV
 from edgevlm.runtime.manifest import ExportInfo
-from edgevlm.runtime.static import StaticCache, StaticGraphs
+from edgevlm.runtime.static import StaticCache, StaticGraphs, load_rope_table
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -146,7 +146,7 @@ def open_decoder(info: ExportInfo, embed: ort.InferenceSession, decoder: ort.Inf
                  device: str) -> Decoder:
     """The back-end for an export's decoder graph (`device`: the provider's, for OrtValues)."""
     if info.profile == Profile.MOBILE:
-        return StaticDecoder(StaticGraphs(embed, decoder, np.load(info.rope_file),
+        return StaticDecoder(StaticGraphs(embed, decoder, load_rope_table(info.rope_file),
                                           info.num_layers))
     if info.decoder == DecoderKind.BUILDER:
         return BuilderDecoder(embed, SharedKV(decoder, info.num_layers, device), info.context)

@@ -38,12 +38,13 @@ from edgevlm.runtime.chat import (
 from edgevlm.runtime.decoders import Cache, open_decoder
 from edgevlm.runtime.manifest import ExportInfo, read_export
 from edgevlm.runtime.preprocess import load_image, preprocess
-from edgevlm.runtime.sampling import GenerationConfig, StopFilter, pick_token
+from edgevlm.runtime.sampling import GenerationConfig, StopFilter, Trim, pick_token
 from edgevlm.runtime.session import (
     Provider,
     SessionConfig,
     TensorrtConfig,
     check_io,
+    check_past,
     open_session,
     resolve,
 )
@@ -72,7 +73,8 @@ class Timings:
 @dataclass(frozen=True)
 class GenerationResult:
     """One answer. `text` is trimmed of surrounding whitespace, as the torch reference reports
-    it; `token_ids` are the generated ids without the end-of-sequence token."""
+    it, and is exactly what `stream` yields, joined; `token_ids` are the generated ids without
+    the end-of-sequence token."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -121,6 +123,11 @@ class VLM:
         self._vision = sessions["vision_encoder"]
         self._embed = sessions["embed_tokens"]
         self._decoder = sessions["decoder_model_merged"]
+        vocab = self._decoder.get_outputs()[0].shape[-1]  # logits (B, S, V)
+        if isinstance(vocab, int) and max(info.eos_token_ids) >= vocab:
+            raise UserError(f"{info.root / contract.MANIFEST}: eos_token_id "
+                            f"{max(info.eos_token_ids)} is past the model's {vocab}-token "
+                            "vocabulary; re-export")
         types = {i.name: i.type for i in self._vision.get_inputs()}
         self._pixel_dtype = _NP_TYPES.get(types["pixel_values"], np.float32)
         image_id = info.image_token_id
@@ -160,6 +167,8 @@ class VLM:
             spin = component == "decoder_model_merged"
             session, chosen = open_session(path, chosen, cfg.threads,
                                            strict=cfg.provider != "auto", trt=trt, spin=spin)
+            if component == "decoder_model_merged":  # before names for num_layers are made
+                check_past(session, path, info.num_layers, info.num_kv_heads, info.head_dim)
             io = contract.graph_io(component, info.num_layers, info.profile, info.decoder,
                                    tiled=info.tiled, scores=info.token_select == "visionzip")
             check_io(session, path, io.inputs, io.outputs)
@@ -302,7 +311,8 @@ class VLM:
         prefill_s = time.perf_counter() - t
         n_prompt = len(p.ids)
         budget = min(cfg.max_new_tokens, self.info.max_tokens - n_prompt)
-        detok, stops = StreamDecoder(self.tokenizer), StopFilter(cfg.stop)
+        # the stream shows what `text` holds: stop strings cut, then the answer stripped
+        detok, stops, trim = StreamDecoder(self.tokenizer), StopFilter(cfg.stop), Trim()
         ids, pieces, finish, ttft, steps = [], [], "length", 0.0, 0
         t_decode = time.perf_counter()
         while True:
@@ -316,7 +326,7 @@ class VLM:
                 finish = "eos"
                 break
             ids.append(token)
-            piece = stops.feed(detok.push(token))
+            piece = trim.feed(stops.feed(detok.push(token)))
             if piece:
                 pieces.append(piece)
                 yield piece
@@ -330,7 +340,7 @@ class VLM:
                                         position, past)
             steps += 1
         if not stops.hit:
-            tail = stops.feed(detok.flush()) + stops.flush()
+            tail = trim.feed(stops.feed(detok.flush()) + stops.flush())
             if tail:
                 pieces.append(tail)
                 yield tail
@@ -340,4 +350,4 @@ class VLM:
         rate = steps / decode_s if steps and decode_s > 0 else float("nan")
         timings = Timings(p.preprocess_s, vision_s, prefill_s, ttft, decode_s, rate,
                           end - p.t0, n_prompt, n_new, p.resized_from)
-        return GenerationResult("".join(pieces).strip(), tuple(ids), finish, timings)
+        return GenerationResult("".join(pieces), tuple(ids), finish, timings)

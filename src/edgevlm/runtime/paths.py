@@ -95,12 +95,21 @@ def external_data_locations(graph: Path) -> list[str]:
     return out
 
 
+def _safe(path: Path) -> str:
+    """The path as one line: a name from a crafted manifest may hold a newline."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path)[:300])
+
+
 def check_inside(root: Path, path: Path, what: str) -> Path:
     """`path` (after following symlinks) lies inside `root`; returns it."""
-    real_root = root.resolve()
-    real = path.resolve()
+    try:
+        real_root = root.resolve()
+        real = path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, ...
+        raise UserError(f"{what} names a path that cannot be resolved ({e}); the export is "
+                        "damaged: re-export it") from e
     if not real.is_relative_to(real_root):
-        raise UserError(f"{what} points to {path}, outside the export folder {root}; the "
+        raise UserError(f"{what} points to {_safe(path)}, outside the export folder {root}; the "
                         "export is damaged or was made to read other files: re-export it")
     return path
 

@@ -22,12 +22,43 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgevlm.errors import UserError
+from edgevlm.runtime.limits import check_image_edge, shown
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STANDARD_MEAN = (0.5, 0.5, 0.5)
 STANDARD_STD = (0.5, 0.5, 0.5)
 BICUBIC = 3
+
+# Where a user fixes a setting: the export's image processor settings come from either.
+SOURCE = "edgevlm.json's image_processor or preprocessor_config.json"
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false",
+          "rgb": "three finite numbers (R, G, B) or one for all three"}
+
+
+def setting(d: dict[str, Any], key: str, kind: str, default):
+    """`d[key]` (`default` when absent or null) as `kind`, one of _KINDS; any other type is a
+    UserError naming the field, never a traceback from int() or float() further on."""
+    value = d.get(key)
+    if value is None:
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and number and isinstance(value, int):
+        return value
+    if kind == "float" and number and math.isfinite(value):
+        return float(value)
+    if kind == "bool" and (isinstance(value, bool) or value in (0, 1)):
+        return bool(value)
+    if kind == "rgb":
+        if number:
+            value = [value] * 3
+        if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in value):
+            return tuple(float(x) for x in value)
+    raise UserError(f"image processor {key}={shown(value)} must be {_KINDS[kind]}; fix it in "
+                    f"{SOURCE}")
+
 
 # What each HF processor does when its config leaves a field out (the class defaults).
 _DEFAULTS = {
@@ -66,9 +97,8 @@ class ImageProcessorConfig:
                             "(found both or neither); fix `size` in preprocessor_config.json")
         for name in ("height", "width", "shortest_edge", "crop_height", "crop_width"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserError(f"image processor {name}={value!r} must be a positive integer; "
-                                "fix it in preprocessor_config.json")
+            if value is not None:  # 1 to 4096 px, before PIL is asked to resize to it
+                check_image_edge(value, name, SOURCE)
         if (self.height is None) != (self.width is None):
             raise UserError("image processor size needs both height and width")
         if (self.crop_height is None) != (self.crop_width is None):
@@ -80,40 +110,50 @@ class ImageProcessorConfig:
             raise UserError(f"image processor resample={self.resample} is not a PIL filter id "
                             "(0 nearest .. 5 hamming; bicubic is 3)")
 
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every preprocessed image, or None when it follows the image's."""
+        if self.crop_height is not None:
+            return self.crop_height, self.crop_width
+        if self.do_resize and self.height is not None:
+            return self.height, self.width
+        return None
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ImageProcessorConfig:
         """From a preprocessor_config.json dict (or the `image_processor` part of
         processor_config.json), filling absent fields with that processor class's defaults."""
-        kind = str(d.get("image_processor_type", "SiglipImageProcessor")).removesuffix("Pil")
-        kind = kind.removesuffix("Fast")
-        if kind not in _DEFAULTS:
-            raise UserError(f"image_processor_type {kind!r} is not supported by the runtime; "
-                            f"supported: {', '.join(_DEFAULTS)}")
+        kind = d.get("image_processor_type") or "SiglipImageProcessor"
+        kind = kind.removesuffix("Pil").removesuffix("Fast") if isinstance(kind, str) else kind
+        if not isinstance(kind, str) or kind not in _DEFAULTS:
+            raise UserError(f"image_processor_type {shown(kind)} is not supported by the "
+                            f"runtime; supported: {', '.join(_DEFAULTS)}")
         d = {**_DEFAULTS[kind], **{k: v for k, v in d.items() if v is not None}}
         size = d["size"]
         if isinstance(size, int):  # old configs: an int means the shortest edge
             size = {"shortest_edge": size}
         if not isinstance(size, dict) or not ({"height", "width"} <= set(size)
                                               or set(size) == {"shortest_edge"}):
-            raise UserError(f"image processor size {size!r} is not supported by the runtime; use "
-                            "{'height': H, 'width': W} or {'shortest_edge': S}")
-        crop = d.get("crop_size") if d.get("do_center_crop") else None
+            raise UserError(f"image processor size {shown(size)} is not supported by the "
+                            "runtime; use {'height': H, 'width': W} or {'shortest_edge': S}")
+        crop = d.get("crop_size") if setting(d, "do_center_crop", "bool", False) else None
         if isinstance(crop, int):
             crop = {"height": crop, "width": crop}
         if crop is not None and not (isinstance(crop, dict) and {"height", "width"} <= set(crop)):
-            raise UserError(f"image processor crop_size {crop!r} must be {{'height', 'width'}}")
+            raise UserError(f"image processor crop_size {shown(crop)} must be "
+                            "{'height', 'width'}")
         return cls(height=size.get("height"), width=size.get("width"),
                    shortest_edge=size.get("shortest_edge"),
                    crop_height=crop["height"] if crop else None,
                    crop_width=crop["width"] if crop else None,
-                   do_resize=bool(d.get("do_resize", True)),
-                   do_rescale=bool(d.get("do_rescale", True)),
-                   do_normalize=bool(d.get("do_normalize", True)),
-                   do_convert_rgb=bool(d.get("do_convert_rgb", True)),
-                   resample=int(d.get("resample", BICUBIC)),
-                   rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-                   image_mean=tuple(float(x) for x in d["image_mean"]),
-                   image_std=tuple(float(x) for x in d["image_std"]))
+                   do_resize=setting(d, "do_resize", "bool", True),
+                   do_rescale=setting(d, "do_rescale", "bool", True),
+                   do_normalize=setting(d, "do_normalize", "bool", True),
+                   do_convert_rgb=setting(d, "do_convert_rgb", "bool", True),
+                   resample=setting(d, "resample", "int", BICUBIC),
+                   rescale_factor=setting(d, "rescale_factor", "float", 1 / 255),
+                   image_mean=setting(d, "image_mean", "rgb", None),
+                   image_std=setting(d, "image_std", "rgb", None))
 
 
 def load_image(source) -> Image.Image:

@@ -96,3 +96,27 @@ class StopFilter:
     def flush(self) -> str:
         out, self._pending = ("" if self.hit else self._pending), ""
         return out
+
+
+class Trim:
+    """Streams text as `str.strip` leaves the whole of it: whitespace before the first visible
+    character is dropped, and whitespace after one is held back until more visible text follows
+    (so an answer's trailing whitespace is never shown). The pieces then join to exactly the
+    stripped answer, GenerationResult.text."""
+
+    def __init__(self):
+        self._started = False
+        self._pending = ""  # whitespace seen since the last visible character
+
+    def feed(self, piece: str) -> str:
+        if not self._started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self._started = True
+        body = piece.rstrip()
+        if not body:
+            self._pending += piece
+            return ""
+        out, self._pending = self._pending + body, piece[len(body):]
+        return out

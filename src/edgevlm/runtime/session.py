@@ -14,6 +14,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgevlm.errors import UserError
+from edgevlm.runtime.limits import check_threads
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -87,9 +88,7 @@ class SessionConfig:
         if self.provider not in CHOICES:
             raise UserError(f"provider {self.provider!r} is unknown; choose one of "
                             f"{', '.join(CHOICES)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise UserError(f"threads={self.threads!r} must be a positive integer (or None for "
-                            "onnxruntime's default, one per physical core)")
+        check_threads(self.threads)  # 1 to the usable cores (runtime.limits)
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,7 @@ def open_session(path: str | Path, provider: Provider, threads: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise UserError(f"graph {path} is missing; re-run `edgevlm export` to rebuild the export")
+    check_threads(threads)  # every session, whoever opens it (run, bench, the API)
     chain = provider_chain(provider, trt)
     try:
         session = ort.InferenceSession(str(path), sess_options=options(threads, provider.chosen,
@@ -214,3 +214,20 @@ def check_io(session: ort.InferenceSession, path: str | Path, inputs, outputs) -
         raise UserError(f"graph {path} takes inputs the runtime would not feed "
                         f"({', '.join(unfed[:4])}{more}): edgevlm.json does not describe it "
                         "(num_layers lower than the graph's?); re-export")
+
+
+def check_past(session: ort.InferenceSession, path: str | Path, num_layers: int, kv_heads: int,
+               head_dim: int) -> None:
+    """The decoder graph takes a past for at least edgevlm.json's num_layers (checked before the
+    IO names of that many layers are made: a crafted 10^9 would take all memory), with its
+    num_kv_heads and head_dim where the graph fixes them (a traced decoder's empty first past
+    is made from them)."""
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    if num_layers > len(pasts) // 2:
+        raise UserError(f"edgevlm.json says num_layers={num_layers} but graph {Path(path).name} "
+                        f"takes the past of {len(pasts) // 2} layers; re-export")
+    shape = pasts[0].shape if pasts else []
+    for axis, name, value in ((1, "num_kv_heads", kv_heads), (3, "head_dim", head_dim)):
+        if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != value:
+            raise UserError(f"edgevlm.json says {name}={value} but graph {Path(path).name} has "
+                            f"{shape[axis]}; re-export")

@@ -20,6 +20,36 @@ from edgevlm.errors import UserError
 from edgevlm.runtime import contract
 
 
+def check_rope_table(path, context: int, head_dim: int) -> None:
+    """The rope table (contract.ROPE_FILE) is a float (2, context, head_dim) .npy whose data is
+    all there, read from its header before np.load: an object array would be unpickled (code
+    from the file run), a wrong shape or a short file fail deep inside numpy."""
+    fix = f"re-export with --profile mobile to rewrite {contract.ROPE_FILE}"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            start, size = f.tell(), f.seek(0, 2)
+    except (OSError, ValueError, SyntaxError, TypeError) as e:
+        raise UserError(f"{path} is not a .npy array file ({e}); {fix}") from e
+    if dtype.kind != "f":
+        raise UserError(f"{path} holds a {dtype} array; the rope table must be floating point "
+                        f"(an object array is never loaded: it would unpickle code); {fix}")
+    if tuple(shape) != (2, context, head_dim):
+        raise UserError(f"{path} has shape {tuple(shape)}; the decoder needs (2, {context}, "
+                        f"{head_dim}) (cos and sin per position); {fix}")
+    if size - start < 2 * context * head_dim * dtype.itemsize:
+        raise UserError(f"{path} is truncated ({size} bytes for a {dtype} array of shape "
+                        f"{tuple(shape)}); {fix}")
+
+
+def load_rope_table(path) -> np.ndarray:
+    """The rope table, checked by `check_rope_table` first; never unpickles."""
+    return np.load(path, allow_pickle=False)
+
+
 @dataclass
 class StaticCache:
     """The C-slot key/value cache of one generation: (1, kv, C, hd) float32 per past name."""

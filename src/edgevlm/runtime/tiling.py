@@ -23,12 +23,16 @@ import numpy as np
 from PIL import Image
 
 from edgevlm.errors import UserError
-from edgevlm.runtime.preprocess import load_image, rescale_normalize, to_rgb
+from edgevlm.runtime.limits import check_image_edge
+from edgevlm.runtime.preprocess import SOURCE, load_image, rescale_normalize, setting, to_rgb
 
 LANCZOS = 1
 MAX_IMAGE_SIZE = 4096  # transformers' upper bound on any resized edge
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
+# Tiles per image edge at most: SmolVLM and Idefics3 cut 4 x 4 (longest_edge four tiles); a
+# longest_edge of 4096 over tiles of 1 px would cut 16 million tiles before any prompt check.
+MAX_TILES_PER_EDGE = 16
 
 
 @dataclass(frozen=True)
@@ -45,31 +49,38 @@ class TilingConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
-        for name in ("longest_edge", "tile"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"image processor {name}={value!r} must be a positive integer; "
-                                "fix it in preprocessor_config.json")
+        check_image_edge(self.longest_edge, "size.longest_edge", SOURCE)
+        check_image_edge(self.tile, "max_image_size.longest_edge", SOURCE)
+        per_edge = math.ceil(self.longest_edge / self.tile)
+        if self.splitting and self.do_resize and per_edge > MAX_TILES_PER_EDGE:
+            raise UserError(f"image processor size.longest_edge {self.longest_edge} over tiles "
+                            f"of {self.tile} px cuts {per_edge} x {per_edge} tiles, more than "
+                            f"the {MAX_TILES_PER_EDGE} x {MAX_TILES_PER_EDGE} this runtime "
+                            f"allows; fix it in {SOURCE}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
             raise UserError(f"image_mean {self.image_mean} / image_std {self.image_std} must hold "
                             "three values each (RGB) and std must not be 0")
+        if self.resample not in (0, 1, 2, 3, 4, 5):
+            raise UserError(f"image processor resample={self.resample} is not a PIL filter id "
+                            f"(0 nearest .. 5 hamming; Lanczos is 1); fix it in {SOURCE}")
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> TilingConfig:
         """From an Idefics3 preprocessor_config.json dict."""
-        size, tile = d.get("size") or {}, d.get("max_image_size") or {}
-        if "longest_edge" not in size or "longest_edge" not in tile:
+        size, tile = d.get("size"), d.get("max_image_size")
+        if not (isinstance(size, dict) and isinstance(tile, dict) and "longest_edge" in size
+                and "longest_edge" in tile):
             raise UserError("an Idefics3 image processor needs size.longest_edge and "
-                            "max_image_size.longest_edge; fix preprocessor_config.json")
-        return cls(longest_edge=int(size["longest_edge"]), tile=int(tile["longest_edge"]),
-                   splitting=bool(d.get("do_image_splitting", True)),
-                   resample=int(d.get("resample", LANCZOS)),
-                   do_resize=bool(d.get("do_resize", True)),
-                   do_rescale=bool(d.get("do_rescale", True)),
-                   do_normalize=bool(d.get("do_normalize", True)),
-                   rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-                   image_mean=tuple(float(x) for x in d.get("image_mean", (0.5,) * 3)),
-                   image_std=tuple(float(x) for x in d.get("image_std", (0.5,) * 3)))
+                            f"max_image_size.longest_edge; fix {SOURCE}")
+        return cls(longest_edge=size["longest_edge"], tile=tile["longest_edge"],
+                   splitting=setting(d, "do_image_splitting", "bool", True),
+                   resample=setting(d, "resample", "int", LANCZOS),
+                   do_resize=setting(d, "do_resize", "bool", True),
+                   do_rescale=setting(d, "do_rescale", "bool", True),
+                   do_normalize=setting(d, "do_normalize", "bool", True),
+                   rescale_factor=setting(d, "rescale_factor", "float", 1 / 255),
+                   image_mean=setting(d, "image_mean", "rgb", (0.5,) * 3),
+                   image_std=setting(d, "image_std", "rgb", (0.5,) * 3))
 
 
 def longest_edge_size(height: int, width: int, max_len: int) -> tuple[int, int]:
