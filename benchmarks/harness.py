@@ -30,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -349,6 +350,20 @@ def run_grid(fn: Callable[..., dict], jobs: Sequence[tuple], workers: int | Proc
         done.append((job, result))
         print(f"[{time.time() - t0:6.0f}s] {describe(job, result)}", flush=True)
     return done, errors
+
+
+def distill_work(args, name: str) -> Path:
+    """The work folder of a distillation ablation (args.work, else a new temp folder), with the
+    quiet libraries every ablation wants; a --quick run without --teacher/--data gets its own
+    quick_teacher there (args.data and args.teacher are set)."""
+    from edgevlm.cli.common import quiet_libraries
+
+    quiet_libraries()
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.quick and (args.teacher is None or args.data is None):
+        args.data, args.teacher = quick_teacher(work)
+    return work
 
 
 def quick_teacher(root: Path) -> tuple[Path, Path]:

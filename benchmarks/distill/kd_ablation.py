@@ -22,7 +22,6 @@ without --teacher/--data trains its own teacher for 20 steps (benchmarks.harness
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -128,18 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     record = harness.Record.start(__spec__.name, argv)
 
-    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill.stages import load_teacher
     from edgevlm.evaluate import evaluate
     from edgevlm.models import create
 
-    quiet_libraries()
-    work = args.work or Path(tempfile.mkdtemp(prefix="kd_ablation_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = harness.distill_work(args, "kd_ablation")
     if args.quick:
-        if args.teacher is None or args.data is None:
-            args.data, args.teacher = harness.quick_teacher(work)
         args.total_steps, args.batch_size, args.lr, args.warmup = 8, 4, 3e-3, 1
         args.seeds = args.seeds if args.seeds != "0,1,2" else "0,1"
         args.eval_limit = args.eval_limit or 12

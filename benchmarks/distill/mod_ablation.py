@@ -26,7 +26,6 @@ Writes mod_ablation.{json,md} into --out (benchmarks/results; --quick: its work 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -190,19 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     record = harness.Record.start(__spec__.name, argv)
 
-    from edgevlm.cli.common import quiet_libraries
     from edgevlm.data import load_samples
     from edgevlm.distill.stages import load_teacher
     from edgevlm.evaluate import evaluate
     from edgevlm.models import create
     from edgevlm.models.moe import parameter_counts
 
-    quiet_libraries()
-    work = args.work or Path(tempfile.mkdtemp(prefix="mod_ablation_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = harness.distill_work(args, "mod_ablation")
     if args.quick:
-        if args.teacher is None or args.data is None:
-            args.data, args.teacher = harness.quick_teacher(work)
         args.total_steps, args.pref_steps, args.batch_size, args.warmup = 8, 4, 4, 1
         args.lr, args.seeds, args.eval_limit, args.pope = 3e-3, "0", 12, 12
         args.decode_samples = 2
