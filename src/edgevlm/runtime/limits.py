@@ -1,4 +1,5 @@
-"""The machine's bounds on what a run may ask for: threads, KV-cache memory, image sizes.
+"""The machine's bounds on what a run may ask for: threads, KV-cache memory, image sizes, the
+image-feature cache.
 
 Every number the runtime would size a resource by — the `--threads` option, the KV buffers an
 edgevlm.json's `decoder.max_context` implies, an image processor's resize target — is checked
@@ -17,6 +18,10 @@ from edgevlm.errors import UserError
 # resized edges by the same 4096 px (runtime.tiling.MAX_IMAGE_SIZE); vision encoders take
 # 224-1536 px, and a 4096 x 4096 float32 image is already 200 MB of pixel values.
 MAX_IMAGE_EDGE = 4096
+
+# The largest image-feature cache in MB on any machine (64 GiB): a LLaVA-1.5 image is 9.4 MB
+# of features, so this holds thousands; check_cache_mb also caps it at half the memory.
+MAX_CACHE_MB = 65536
 
 # Bytes per KV element when edgevlm.json does not say: float32, the widest the runtime uses.
 KV_BYTES = {"fp16": 2, "fp32": 4}
@@ -65,6 +70,21 @@ def check_kv_memory(nbytes: int, what: str, fix: str) -> None:
     if memory is not None and nbytes > memory:
         raise UserError(f"{what} needs a {_gib(nbytes)} KV cache, more than this machine's "
                         f"{_gib(memory)} of memory; {fix}")
+
+
+def check_cache_mb(value, name: str = "image_cache_mb") -> None:
+    """A cache bound in MB is a whole number from 0 (off) to half the machine's physical memory
+    (MAX_CACHE_MB where the OS does not say): the model, its KV cache and the images being
+    decoded need the other half, and a bound past that would let one process's cache, filled by
+    its callers' images, exhaust the host."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{name}={shown(value)} must be a whole number of MB, 0 to turn the cache "
+                        "off")
+    memory = machine_memory()
+    cap = min(MAX_CACHE_MB, memory // 2 // 2**20) if memory is not None else MAX_CACHE_MB
+    if value > cap:
+        raise UserError(f"{name}={value} MB is more than the {cap} MB this machine allows (half "
+                        f"its physical memory, at most {MAX_CACHE_MB}); give at most {cap}")
 
 
 def check_image_edge(value, name: str, source: str) -> None:

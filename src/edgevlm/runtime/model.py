@@ -13,7 +13,9 @@ edgevlm.runtime.decoders, one per kind of decoder graph, picked when the VLM ope
 default, matching the torch reference (edgevlm.evaluate) token for token on an fp32 export.
 
 Each call keeps its state (ids, cache, rng) in locals; ONNX Runtime sessions run concurrently,
-so one VLM serves several threads.
+so one VLM serves several threads. With `image_cache_mb` the image features are kept by the
+image's hash (edgevlm.runtime.image_cache), and a second question on one image skips the image
+decode, the preprocessing and the vision encoder.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from edgevlm.runtime.chat import (
     expand_image_tokens,
 )
 from edgevlm.runtime.decoders import Cache, open_decoder
+from edgevlm.runtime.image_cache import MB, ImageCache
+from edgevlm.runtime.limits import check_cache_mb
 from edgevlm.runtime.manifest import ExportInfo, read_export
-from edgevlm.runtime.preprocess import load_image, preprocess
+from edgevlm.runtime.preprocess import encoder_pixels, load_image
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, Trim, pick_token
 from edgevlm.runtime.session import (
     Provider,
@@ -68,6 +72,7 @@ class Timings:
     n_new_tokens: int
     image_resized_from: tuple[int, int] | None = None  # (W, H) of an image that was resized
     # to the vision encoder's input size (the fixed size of a mobile export)
+    image_cached: bool = False  # the image's features came from the image cache (vision_s ~ 0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,9 @@ class _Prepared:
     resized_from: tuple[int, int] | None  # (W, H) of the image when it was not the input size
     t0: float
     preprocess_s: float
+    feats: np.ndarray | None = None  # (1, N_img, D) from the image cache: no vision encoder run
+    grid: tuple[int, int] | None = None  # Idefics3: the image's (rows, cols) of tiles
+    key: str | None = None  # the image cache key its features are kept under (None: not kept)
 
 
 class Stream:
@@ -108,9 +116,11 @@ class VLM:
 
     def __init__(self, info: ExportInfo, sessions: dict[str, ort.InferenceSession],
                  provider: Provider, tokenizer: Tokenizer, template: ChatTemplate,
-                 prefill_chunk: int = 512, load_s: float = 0.0):
+                 prefill_chunk: int = 512, load_s: float = 0.0, image_cache_mb: int = 0):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise UserError(f"prefill_chunk={prefill_chunk!r} must be a positive integer")
+        check_cache_mb(image_cache_mb)
+        self.image_cache = ImageCache(image_cache_mb * MB)  # stats(): hits, misses, bytes
         self.info = info
         self.provider = provider.chosen  # the short name actually in use, e.g. "cpu"
         self.tokenizer = tokenizer
@@ -144,15 +154,19 @@ class VLM:
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
              precision: str | None = None, prefill_chunk: int = 512,
-             trt_cache: str | Path | None = None, trt_fp16: bool = True) -> VLM:
+             trt_cache: str | Path | None = None, trt_fp16: bool = True,
+             image_cache_mb: int = 0) -> VLM:
         """Open an export directory made by `edgevlm export` (see `read_export` for the files).
 
         provider: "auto" (best available; `vlm.provider` says which) or cpu, cuda, tensorrt,
         coreml, nnapi, qnn, dml. threads: intra-op threads (None: onnxruntime's default).
         precision: which graphs of the export (None: those the manifest names).
         trt_cache, trt_fp16: with provider "tensorrt", where its engines are kept (default:
-        EXPORT/trt_cache) and whether they are built in fp16."""
+        EXPORT/trt_cache) and whether they are built in fp16. image_cache_mb: MB of image
+        features kept by image hash, least recently used evicted first (0: off, the default;
+        at most half the machine's memory)."""
         t0 = time.perf_counter()
+        check_cache_mb(image_cache_mb)  # before any session opens
         cfg = SessionConfig(provider, threads)
         chosen = resolve(cfg.provider)
         info = read_export(export_dir, precision)
@@ -175,7 +189,7 @@ class VLM:
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
         return cls(info, sessions, chosen, Tokenizer(info.tokenizer_file), template,
-                   prefill_chunk, time.perf_counter() - t0)
+                   prefill_chunk, time.perf_counter() - t0, image_cache_mb)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -183,9 +197,10 @@ class VLM:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
                  min_new_tokens: int = 0) -> GenerationResult:
-        """Answer `prompt` (a question, or chat messages) about `image` (path, PIL image, uint8
-        array, or None for text only). temperature 0 is greedy; end-of-sequence is not picked
-        before `min_new_tokens` tokens (a fixed-length run, as for a benchmark)."""
+        """Answer `prompt` (a question, or chat messages) about `image` (path, encoded image
+        bytes, PIL image, uint8 array, or None for text only). temperature 0 is greedy;
+        end-of-sequence is not picked before `min_new_tokens` tokens (a fixed-length run, as
+        for a benchmark)."""
         stream = self.stream(image, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
                              min_new_tokens)
         for _ in stream:
@@ -212,7 +227,8 @@ class VLM:
         return call_messages(prompt, image is not None, self.image_tag or "<image>",
                              self._takes_parts)
 
-    def _prepare(self, image, prompt, t0: float) -> _Prepared:
+    def _prompt_ids(self, image, prompt) -> list[int]:
+        """The rendered prompt's token ids, its one image placeholder (or none) checked."""
         text = self.template.render(self.messages(image, prompt), add_generation_prompt=True)
         try:
             text.encode("utf-8")
@@ -231,38 +247,49 @@ class VLM:
         if image is None and n_tags:
             raise UserError(f"the prompt has {n_tags} image placeholder(s) but no image was "
                             "given; pass an image or remove the placeholder")
-        pixels = resized_from = tiles_ids = None
+        return ids
+
+    def _image_settings(self) -> str:
+        """Everything besides the image that shapes its features (the image cache's key)."""
+        info = self.info
+        return (f"{info.image_processor!r}|{np.dtype(self._pixel_dtype).str}|"
+                f"{info.graphs['vision_encoder']}|{info.token_select}|{info.num_image_tokens}")
+
+    def _prepare(self, image, prompt, t0: float) -> _Prepared:
+        ids = self._prompt_ids(image, prompt)
+        look = self.image_cache.look_up(image, self._image_settings)
+        source, name, key, hit = look.source, look.name, look.key, look.hit
+        pixels = resized_from = grid = None
         if image is not None and self._tiled:
             # SmolVLM: the image's tiles decide what <image> becomes (markers and a run of image
             # tokens per tile), as Idefics3Processor writes it; the markers are special tokens,
             # so the expansion tokenizes on its own exactly as inside the whole prompt.
-            img = load_image(image)
-            pixels, rows, cols = tiling.tiles(img, self.info.image_processor)
-            pixels = pixels[None].astype(self._pixel_dtype)  # (1, N_tiles, 3, S, S)
+            if hit is None:
+                pixels, grid, resized_from = tiling.tiled_pixels(
+                    load_image(source, name), self.info.image_processor, self._pixel_dtype)
+            else:
+                grid = hit.grid
             tiles_ids = self.tokenizer.encode(tiling.image_prompt(
-                rows, cols, self.info.num_image_tokens, self.image_tag or "<image>"))
+                *grid, self.info.num_image_tokens, self.image_tag or "<image>"))
             at = ids.index(self.image_token_id)
             ids = ids[:at] + tiles_ids + ids[at + 1:]
-            if (img.height, img.width) != pixels.shape[-2:]:
-                resized_from = (img.width, img.height)
         else:
             ids = expand_image_tokens(ids, self.image_token_id, self.info.num_image_tokens)
         limit = self.info.max_tokens
         if len(ids) >= limit:
-            counted = f" (with the image's {self.info.num_image_tokens})" if n_tags else ""
+            counted = f" (with the image's {self.info.num_image_tokens})" if image is not None \
+                else ""
             raise UserError(f"the prompt is {len(ids)} tokens{counted} but "
                             f"{self._backend.limit_reason(limit)}")
-        if image is not None and not self._tiled:
-            img = load_image(image)
-            pixels = preprocess(img, self.info.image_processor).astype(self._pixel_dtype)
-            fixed = self._image_size
-            if all(isinstance(d, int) for d in fixed) and pixels.shape[2:] != fixed:
-                raise UserError(f"the image processor settings give {pixels.shape[2:]} pixels but "
-                                f"the vision encoder takes {fixed}; re-export")
-            if (img.height, img.width) != pixels.shape[2:]:
-                resized_from = (img.width, img.height)
+        if image is not None and not self._tiled and hit is None:
+            pixels, resized_from = encoder_pixels(load_image(source, name),
+                                                  self.info.image_processor, self._pixel_dtype,
+                                                  self._image_size)
+        if hit is not None:
+            resized_from = hit.resized_from
         return _Prepared(np.asarray(ids, dtype=np.int64), pixels, resized_from, t0,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, hit.features if hit is not None else None,
+                         grid, key)
 
     def _embed_ids(self, ids: np.ndarray) -> np.ndarray:
         """(S,) ids -> (1, S, D) embeddings (the back-end's Decoder.embed)."""
@@ -277,23 +304,31 @@ class VLM:
         """The cache a generation starts from (the back-end's Decoder.new_cache)."""
         return self._backend.new_cache()
 
+    def _image_features(self, p: _Prepared) -> np.ndarray | None:
+        """(1, N_img, D) for the decoder: the cached ones, or the vision encoder's (then kept in
+        the cache when the call has a key); None without an image."""
+        if p.feats is not None or p.pixels is None:
+            return p.feats
+        feeds = {"pixel_values": p.pixels}
+        if self._tiled:  # every tile of one image is full
+            feeds["pixel_attention_mask"] = tiling.full_mask(p.pixels)
+        wanted = ["image_features"] + (["visual_scores"]
+                                       if self.info.token_select == "visionzip" else [])
+        out = self._vision.run(wanted, feeds)
+        feats = out[0].reshape(1, -1, out[0].shape[-1])  # (1, N_img, D): tiles in order
+        if self.info.token_select is not None:  # the decoder sees num_image_tokens of them
+            feats = token_select.select(self.info.token_select, feats[0],
+                                        self.info.num_image_tokens,
+                                        out[1][0] if len(out) > 1 else None)[None]
+        if p.key is not None:
+            feats = self.image_cache.keep(p.key, feats, p.grid, p.resized_from)
+        return feats
+
     def _steps(self, p: _Prepared, cfg: GenerationConfig) -> Iterator[str]:
         """Yield text pieces; return the GenerationResult (see Stream)."""
         rng = np.random.default_rng(cfg.seed)
         t = time.perf_counter()
-        feats = None
-        if p.pixels is not None:
-            feeds = {"pixel_values": p.pixels}
-            if self._tiled:  # every tile of one image is full
-                feeds["pixel_attention_mask"] = tiling.full_mask(p.pixels)
-            wanted = ["image_features"] + (["visual_scores"]
-                                           if self.info.token_select == "visionzip" else [])
-            out = self._vision.run(wanted, feeds)
-            feats = out[0].reshape(1, -1, out[0].shape[-1])  # (1, N_img, D): tiles in order
-            if self.info.token_select is not None:  # the decoder sees num_image_tokens of them
-                feats = token_select.select(self.info.token_select, feats[0],
-                                            self.info.num_image_tokens,
-                                            out[1][0] if len(out) > 1 else None)[None]
+        feats = self._image_features(p)
         vision_s = time.perf_counter() - t
         t = time.perf_counter()
         slots = np.flatnonzero(p.ids == self.image_token_id) if feats is not None else []
@@ -349,5 +384,5 @@ class VLM:
         n_new = len(ids)
         rate = steps / decode_s if steps and decode_s > 0 else float("nan")
         timings = Timings(p.preprocess_s, vision_s, prefill_s, ttft, decode_s, rate,
-                          end - p.t0, n_prompt, n_new, p.resized_from)
+                          end - p.t0, n_prompt, n_new, p.resized_from, p.feats is not None)
         return GenerationResult("".join(pieces), tuple(ids), finish, timings)

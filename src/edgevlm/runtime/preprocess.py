@@ -13,6 +13,7 @@ The settings come from the export's manifest or its preprocessor_config.json, re
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,27 +157,41 @@ class ImageProcessorConfig:
                    image_std=setting(d, "image_std", "rgb", None))
 
 
-def load_image(source) -> Image.Image:
-    """A PIL image from a path, a PIL image or a uint8 array (H, W[, C]); UserError names it."""
+def load_image(source, name: str | None = None) -> Image.Image:
+    """A PIL image from a path, encoded image bytes (PNG, JPEG, ... as read from a file or a
+    data URL), a PIL image or a uint8 array (H, W[, C]); UserError names it (`name`: what to
+    call bytes in an error, such as the file they were read from)."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
         return _from_array(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(source), name or f"({memoryview(source).nbytes} bytes)")
+    path = image_path(source)
+    return _decode(path, str(path))
+
+
+def image_path(source) -> Path:
+    """`source` as the path of an existing file; a UserError for anything else."""
     if not isinstance(source, (str, Path)):
-        raise UserError(f"image must be a file path, a PIL image or a uint8 array, got "
-                        f"{type(source).__name__}")
+        raise UserError(f"image must be a file path, encoded image bytes, a PIL image or a uint8 "
+                        f"array, got {type(source).__name__}")
     path = Path(source)
     if not path.is_file():
         raise UserError(f"image {path} does not exist; give the path of a PNG/JPEG/... file")
+    return path
+
+
+def _decode(file, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(file) as im:
             im.load()  # decode now, so a truncated file fails here and not later
             return im.copy()
     except Image.DecompressionBombError as e:
-        raise UserError(f"image {path} is too large to decode safely ({e}); downscale it "
+        raise UserError(f"image {name} is too large to decode safely ({e}); downscale it "
                         "first") from e
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: not an image PIL can decode ({e}); give a "
+        raise UserError(f"cannot read image {name}: not an image PIL can decode ({e}); give a "
                         "PNG, JPEG, WebP, ... file") from e
 
 
@@ -242,6 +257,20 @@ def preprocess(image, cfg: ImageProcessorConfig) -> np.ndarray:
     if cfg.crop_height is not None:
         chw = center_crop(chw, cfg.crop_height, cfg.crop_width)
     return rescale_normalize(chw, cfg)[None]  # (1, 3, H, W)
+
+
+def encoder_pixels(image: Image.Image, cfg: ImageProcessorConfig, dtype, fixed: tuple
+                   ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(1, 3, H, W) pixel values in `dtype` for a vision encoder whose input is `fixed` (H, W;
+    symbolic dims are not checked), and the (W, H) the image was resized from (None: it was
+    not)."""
+    pixels = preprocess(image, cfg).astype(dtype)
+    if all(isinstance(d, int) for d in fixed) and pixels.shape[2:] != tuple(fixed):
+        raise UserError(f"the image processor settings give {pixels.shape[2:]} pixels but "
+                        f"the vision encoder takes {tuple(fixed)}; re-export")
+    resized = (image.width, image.height) if (image.height, image.width) != pixels.shape[2:] \
+        else None
+    return pixels, resized
 
 
 def rescale_normalize(chw: np.ndarray, cfg) -> np.ndarray:

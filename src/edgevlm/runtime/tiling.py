@@ -139,6 +139,17 @@ def tiles(image, cfg: TilingConfig) -> tuple[np.ndarray, int, int]:
     return np.stack([rescale_normalize(np.moveaxis(f, -1, 0), cfg) for f in frames]), rows, cols
 
 
+def tiled_pixels(image: Image.Image, cfg: TilingConfig, dtype
+                 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int] | None]:
+    """(1, N_tiles, 3, tile, tile) pixel values in `dtype`, the (rows, cols) grid, and the
+    (W, H) the image was resized from (None: it was a tile's size already)."""
+    pixels, rows, cols = tiles(image, cfg)
+    pixels = pixels[None].astype(dtype)  # (1, N_tiles, 3, S, S)
+    resized = (image.width, image.height) if (image.height, image.width) != pixels.shape[-2:] \
+        else None
+    return pixels, (rows, cols), resized
+
+
 def full_mask(pixels: np.ndarray) -> np.ndarray:
     """pixel_attention_mask (B, N_tiles, H, W) of ones for pixel_values (B, N_tiles, 3, H, W):
     every tile of one image is full."""
