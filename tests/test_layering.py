@@ -1,7 +1,8 @@
 """The layout rules of DESIGN.md, read from the source (imports inside functions count): the
 runtime an app embeds imports no toolkit module but `edgevlm.errors` and no third-party package
 but its device install's; the bench builds on the runtime and the torch-free data readers (its
-torch target aside) and adds only matplotlib; families never import models; nothing but the CLI
+torch target aside) and adds only matplotlib; the server builds on the runtime and adds only
+starlette and uvicorn; families never import models; nothing but the CLI
 imports the CLI; no two modules import each other, however indirectly; no family or model_type
 name is compared outside the family files and the runtime's manifest reader. A break fails
 here with the file and line."""
@@ -72,6 +73,17 @@ def test_the_bench_imports_only_the_runtime_and_data():
     assert not bad, bad
     assert not any(mod.startswith("edgevlm.bench") for name, path in _modules().items()
                    if name.startswith("edgevlm.runtime") for _, mod in _imports(path))
+
+
+def test_the_server_imports_only_the_runtime_and_its_asgi_stack():
+    """`edgevlm serve` runs on the device install plus the serve extra (starlette, uvicorn):
+    never torch, transformers or the toolkit, and nothing but the CLI imports it."""
+    bad = _violations("edgevlm.serve", ("edgevlm.errors", "edgevlm.runtime", "edgevlm.serve"),
+                      RUNTIME_THIRD_PARTY | {"starlette", "uvicorn"})
+    assert not bad, bad
+    assert not any(mod.startswith("edgevlm.serve") for name, path in _modules().items()
+                   if not name.startswith(("edgevlm.serve", CLI))
+                   for _, mod in _imports(path))
 
 
 def test_families_import_only_their_base():

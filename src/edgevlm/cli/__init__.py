@@ -39,6 +39,7 @@ from edgevlm.cli.distill import distill_, moe_upcycle_
 from edgevlm.cli.export import export_
 from edgevlm.cli.next_steps import after_demo, after_init, after_shapes, after_train
 from edgevlm.cli.quant import quantize_
+from edgevlm.cli.serve import serve_
 from edgevlm.errors import UserError, check_at_least
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -274,6 +275,7 @@ def demo(
 app.command()(run)
 app.command("bench")(bench_)
 app.command("plan")(plan_)
+app.command("serve")(serve_)
 
 
 def _close_process_group() -> None:
