@@ -48,10 +48,25 @@ def image_of(url: str):
 
 
 @contextlib.contextmanager
+def wait_healthy(url: str, seconds: float, proc=None) -> None:
+    """Until the server at `url` answers /health with 200 (its process, if given, alive)."""
+    import httpx2
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc is None or proc.poll() is None, proc.communicate()
+        try:
+            if httpx2.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no /health 200 in {seconds} s"
+        time.sleep(0.05)
+
+
 def live_server(load, **cfg):
     """uvicorn serving create_app(load, ServeConfig(**cfg)) on 127.0.0.1:<free port>; yields the
     base URL once /health answers 200."""
-    import httpx2
     import uvicorn
 
     from edgevlm.serve import ServeConfig, create_app
@@ -64,15 +79,7 @@ def live_server(load, **cfg):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx2.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx2.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up in 30 s"
-        time.sleep(0.05)
+    wait_healthy(url, 30)
     try:
         yield url
     finally:

@@ -9,11 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx2
 
-from tests.serve.conftest import png_url
+from tests.serve.conftest import png_url, wait_healthy
 
 LEAN = """
 import sys
@@ -46,16 +45,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(serve_export):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx2.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "no /health 200 in 60 s"
-            time.sleep(0.1)
+        wait_healthy(url, 60, proc)
         model = httpx2.get(url + "/v1/models").json()["data"][0]["id"]
         assert model == serve_export.name
         ask = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
