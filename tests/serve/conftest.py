@@ -47,7 +47,6 @@ def image_of(url: str):
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
-@contextlib.contextmanager
 def wait_healthy(url: str, seconds: float, proc=None) -> None:
     """Until the server at `url` answers /health with 200 (its process, if given, alive)."""
     import httpx2
@@ -64,6 +63,7 @@ def wait_healthy(url: str, seconds: float, proc=None) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
 def live_server(load, **cfg):
     """uvicorn serving create_app(load, ServeConfig(**cfg)) on 127.0.0.1:<free port>; yields the
     base URL once /health answers 200."""
