@@ -10,7 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edgevlm.data import Sample, expand_images, pixel_inputs, pixels_of, render_chat, to_messages
+from edgevlm.data import (
+    Sample,
+    expand_images,
+    pixel_inputs,
+    pixels_of,
+    render_chat,
+    text_inputs,
+    to_messages,
+)
 from edgevlm.data.metrics import Score
 from edgevlm.errors import UserError
 from edgevlm.models import LoadedModel
@@ -84,7 +92,8 @@ def generate_answers(loaded: LoadedModel, samples: list[Sample], max_new_tokens:
             mask[j, width - len(row):] = 1
         # generate must not see pixel_values=None (it would run the vision tower on it).
         images = {k: v.to(device) for k, v in
-                  pixels_of(pixel_inputs(loaded.processor, chunk), model.dtype).items()}
+                  pixels_of({**pixel_inputs(loaded.processor, chunk),
+                             **text_inputs(loaded.processor, input_ids)}, model.dtype).items()}
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  **images, max_new_tokens=max_new_tokens, do_sample=False,

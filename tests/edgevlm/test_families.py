@@ -43,9 +43,10 @@ def test_an_unknown_model_type_names_the_supported_ones(tmp_path):
     from edgevlm.models import read_config
 
     assert "llava" in supported_model_types()
-    with pytest.raises(UserError, match=r"model_type 'qwen2_vl' belongs to no family edgevlm "
-                                        r"knows; supported: llava, idefics3"):
-        family_of({"model_type": "qwen2_vl"})
+    with pytest.raises(UserError, match=r"model_type 'mllama' belongs to no family edgevlm "
+                                        r"knows; supported: llava, idefics3, smolvlm, qwen2_vl, "
+                                        r"qwen2_5_vl"):
+        family_of({"model_type": "mllama"})
     (tmp_path / "config.json").write_text('{"model_type": "blip-2"}')
     with pytest.raises(UserError, match="'blip-2' is not a model family edgevlm knows; "
                                         "supported: llava, idefics3"):

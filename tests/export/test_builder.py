@@ -131,7 +131,8 @@ def test_coverage_reasons():
 
     assert unsupported(LlamaConfig()) is None and unsupported(Qwen2Config()) is None
     assert unsupported(MistralConfig()) == ("the decoder builder covers text models llama, "
-                                            "qwen2, qwen2_moe, not 'mistral'")
+                                            "qwen2, qwen2_moe, qwen2_vl_text, qwen2_5_vl_text, "
+                                            "not 'mistral'")
     from transformers import Qwen2MoeConfig
 
     assert "shared expert is not implemented" in unsupported(Qwen2MoeConfig())

@@ -109,9 +109,10 @@ def test_cache_feeds_one_token_per_step(vlm, eval_samples, monkeypatch):
     seen = []
     real = vlm._decode
 
-    def spy(embeds, start, past):
+    def spy(embeds, start, past, positions=None):
+        assert positions is None  # a 1-D (llava) decoder
         seen.append((embeds.shape[1], start, past[0].shape()[2]))
-        return real(embeds, start, past)
+        return real(embeds, start, past, positions)
 
     monkeypatch.setattr(vlm, "_decode", spy)
     out = vlm.generate(eval_samples[0].image, eval_samples[0].question, max_new_tokens=6)

@@ -15,10 +15,11 @@ from edgevlm.data.llava import (
     pixels_of,
     render_chat,
     resolve_max_length,
+    text_inputs,
 )
 from edgevlm.data.samples import IMAGE_TAG, ROLES, Sample, load_samples, open_image, to_messages
 
 __all__ = ["DEFAULT_MAX_LENGTH", "IGNORE", "IMAGE_TAG", "LONG_SAMPLES", "ROLES", "Collator",
            "Encoded", "FitReport", "Sample", "expand_images", "fit_samples", "load_samples",
            "open_image", "pixel_inputs", "pixels_of", "render_chat", "resolve_max_length",
-           "to_messages"]
+           "text_inputs", "to_messages"]

@@ -43,14 +43,27 @@ def pixel_inputs(processor, samples: list[Sample]) -> dict:
     return family_of_processor(processor).pixel_inputs(processor, images)
 
 
+PASSED_AS_IS = ("pixel_attention_mask", "image_grid_thw", "mm_token_type_ids")
+
+
+def text_inputs(processor, input_ids) -> dict:
+    """What the model's family needs beside the ids (Qwen2-VL: mm_token_type_ids); {}."""
+    from edgevlm.families import family_of_processor
+
+    family = family_of_processor(processor)
+    return family.text_inputs(processor, input_ids) if family.text_inputs else {}
+
+
 def pixels_of(batch: dict, dtype) -> dict:
     """The batch's pixel inputs for a model call: pixel_values in the model's dtype (absent for
-    a text-only batch), pixel_attention_mask as it is."""
+    a text-only batch); pixel_attention_mask, image_grid_thw and mm_token_type_ids as they
+    are."""
     out = {}
     if batch.get("pixel_values") is not None:
         out["pixel_values"] = batch["pixel_values"].to(dtype)
-    if batch.get("pixel_attention_mask") is not None:
-        out["pixel_attention_mask"] = batch["pixel_attention_mask"]
+    for key in PASSED_AS_IS:
+        if batch.get(key) is not None:
+            out[key] = batch[key]
     return out
 
 
@@ -195,7 +208,7 @@ class Collator:
             mask[i, : len(ids)] = 1
         pixels = pixel_inputs(self.processor, samples)
         return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None, **pixels,
-                "labels": labels}
+                **text_inputs(self.processor, input_ids), "labels": labels}
 
 
 @dataclass

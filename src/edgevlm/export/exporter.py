@@ -87,14 +87,14 @@ def _trace(model, component: str, precision: Precision, out: Path, cfg: ExportCo
     scores = cfg.token_select == "visionzip"
     if shapes is None:
         module = graphs.wrapper(component, model, scores)
-        args = graphs.example_inputs(component, model.config)
+        args = (module.example_inputs() if hasattr(module, "example_inputs")  # a family's own
+                else graphs.example_inputs(component, model.config))
     else:
         module = mobile.wrapper(component, model)
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
-                          contract.graph_io(component, num_layers, cfg.profile,
-                                            tiled=family_of(model).expansion_needs_image,
-                                            scores=scores),
+                          contract.graph_io(component, num_layers, cfg.profile, scores=scores,
+                                            **family_of(model).graph_options(model.config)),
                           cfg.opset,
                           static=shapes is not None)
     return traced, weights.attach(traced, module, cfg.external_data)
@@ -149,7 +149,7 @@ def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) 
     The reference, the manifest and the processor files all read it from the processor. The
     mobile profile's vision graph takes a fixed tile count, which splitting does not give (1 to
     many tiles by aspect ratio): it takes the global image only."""
-    if not family.expansion_needs_image:
+    if not family.tiled:
         return
     images = loaded.processor.image_processor
     if config.image_splitting is not None:
@@ -188,14 +188,13 @@ def _int8_vision(model, loaded, config: ExportConfig, checkpoint: dict, automati
     fp32 instead, and says so."""
     from edgevlm.export import vision_int8
     from edgevlm.export.graphs import wrapper
-    from edgevlm.export.validate import validation_pixels
+    from edgevlm.export.validate import vision_inputs
 
     if config.precisions()["vision_encoder"] is not Precision.INT8:
         return config, None, None, {}
     module = wrapper("vision_encoder", model)
     found = {**vision_int8.weights(module), **checkpoint.get("vision_encoder", {})}
-    pixels = validation_pixels(loaded)["pixel_values"].numpy()
-    cost = vision_int8.cost(module, found, pixels)
+    cost = vision_int8.cost(module, found, vision_inputs(loaded))
     if automatic and not cost.within:
         entry = cost.to_dict("fp32", automatic)
         log.warning("vision_encoder: %s (give --vision-precision int8 to export it in int8 "
@@ -211,14 +210,19 @@ def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
     int8 tower is the automatic choice)."""
     family = family_of(model_cfg)
     config = _trained_token_setting(config, model_cfg, model_dir)
-    if config.image_splitting is not None and not family.expansion_needs_image:
+    if config.image_splitting is not None and not family.tiled:
         raise UserError(f"--{'' if config.image_splitting else 'no-'}image-splitting sets how a "
                         f"tiled family (idefics3) cuts images; {model_dir} holds a "
                         f"{family.name} model, which takes one image as it is: drop the flag")
     if config.visual_tokens is not None and family.expansion_needs_image:
+        how = "tiles of a grid" if family.tiled else "a count that depends on the image"
         raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
-                        f"model of the {family.name} family, whose image tokens come in tiles "
-                        "of a grid (not supported yet): export it without --visual-tokens")
+                        f"model of the {family.name} family, whose image tokens come in {how} "
+                        "(not supported yet): export it without --visual-tokens")
+    if config.profile is Profile.MOBILE and family.image_layout == "patches":
+        raise UserError(f"--profile mobile fixes every graph's shapes, and a {family.name} "
+                        "model's vision graph takes each image at its own resolution (no "
+                        "fixed-grid graph yet): export it with the default or gpu profile")
     source = ckpt.check_source(model_dir)
     group = source.group_size if source is not None else None
     config = replace(config, block_size=ckpt.block_size(config, group, model_dir))
@@ -319,8 +323,9 @@ def _trace_graphs(loaded, p: _Plan, tmp: Path, order: list[str], bar) -> tuple[d
                           ckpt.weight_sources(p.precisions, p.checkpoint))
     if p.vision_entry is not None:
         info["vision_int8"] = p.vision_entry
-    info["io"][dec.DECODER] = contract.graph_io(dec.DECODER, p.dims.num_layers, p.config.profile,
-                                                p.choice.kind).to_dict()
+    info["io"][dec.DECODER] = contract.graph_io(
+        dec.DECODER, p.dims.num_layers, p.config.profile, p.choice.kind,
+        mrope=family_of(model).positions == "mrope").to_dict()
     genai = dec.write_genai(model, built, tmp, info, p.config.profile) if built else None
     info["decoder"] = dec.manifest_entry(p.choice, built, genai)
     return traced, built, info

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm.export.reference import FP32_MAX_ABS, Reference
+from edgevlm.export.reference import FP32_MAX_ABS, Reference, step_positions
 from edgevlm.runtime.contract import Activations
 
 # Relative to the reference's largest logit, with FP32_MAX_ABS as the floor: both sides multiply
@@ -91,9 +91,10 @@ def teacher_forced(path: Path, ref: Reference, dims) -> np.ndarray:
     merged[ref.input_ids == ref.image_token_id] = ref.slot_features
     start = merged.shape[1]
     cache = kv.new_cache(start + len(ref.tokens))
-    steps = [kv.decode(merged, 0, cache)[0, -1]]
+    steps = [kv.decode(merged, 0, cache, positions=ref.positions)[0, -1]]
     for j in range(len(ref.tokens) - 1):
-        steps.append(kv.decode(ref.step_embeds[None, j: j + 1], start + j, cache)[0, -1])
+        steps.append(kv.decode(ref.step_embeds[None, j: j + 1], start + j, cache,
+                               positions=step_positions(ref, start + j))[0, -1])
     return np.stack(steps).astype(np.float32)
 
 

@@ -163,7 +163,7 @@ def example_inputs(component: str, config) -> tuple:
     """Tracing inputs. Batch 2 and a non-empty past keep the tracer from baking in a size of 1
     or 0 as a constant; the real sizes are dynamic axes."""
     vc = config.vision_config
-    if component == "vision_encoder" and family_of(config).expansion_needs_image:
+    if component == "vision_encoder" and family_of(config).tiled:
         s = vc.image_size
         return (torch.randn(2, 3, vc.num_channels, s, s), torch.ones(2, 3, s, s, dtype=torch.bool))
     if component == "vision_encoder":
@@ -175,6 +175,8 @@ def example_inputs(component: str, config) -> tuple:
     embeds = torch.randn(batch, seq, dims.hidden_size)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    if family_of(config).positions == "mrope":  # the three streams, here equal (text)
+        positions = positions.expand(3, batch, seq).contiguous()
     cache = [torch.randn(batch, dims.num_kv_heads, past, dims.head_dim)
              for _ in range(2 * dims.num_layers)]
     return (embeds, mask, positions, *cache)
@@ -184,8 +186,10 @@ def wrapper(component: str, model, scores: bool = False) -> nn.Module:
     """The export module of one component (shares the model's weights). `scores`: the LLaVA
     vision graph also outputs VisionZip's token scores."""
     if component == "vision_encoder":
-        tiled = family_of(model).expansion_needs_image
-        return (TiledVisionEncoder(model) if tiled else VisionEncoder(model, scores)).eval()
+        family = family_of(model)
+        if family.vision_graph is not None:
+            return family.vision_graph(model).eval()
+        return (TiledVisionEncoder(model) if family.tiled else VisionEncoder(model, scores)).eval()
     if component == "embed_tokens":
         return EmbedTokens(model).eval()
     assert component == "decoder_model_merged", f"unknown component {component}"

@@ -29,7 +29,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 # Image processor settings a runtime needs to reproduce pixel_values.
 IMAGE_KEYS = ("image_processor_type", "do_convert_rgb", "do_resize", "size", "resample",
               "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
-              "image_mean", "image_std", "do_pad", "max_image_size", "do_image_splitting")
+              "image_mean", "image_std", "do_pad", "max_image_size", "do_image_splitting",
+              "patch_size", "temporal_patch_size", "merge_size")
 
 
 def copy_model_files(model_dir: Path, out_dir: Path) -> list[str]:
@@ -57,7 +58,7 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
       unchanged and already inside the vision encoder graph."""
     family = family_of(info["model_type"])
-    if family.expansion_needs_image:  # its processor files say it all, but the
+    if family.image_layout != "fixed":  # its processor files say it all, but the
         # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
         _name_processor(out_dir, family.processor_class, {
             "do_image_splitting": info["image_processor"].get("do_image_splitting", True)})
@@ -143,8 +144,8 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "components": None,
         "family": family.name,
         "io": {c: contract.graph_io(c, dims.num_layers, config.profile,
-                                    tiled=family.expansion_needs_image,
-                                    scores=config.token_select == "visionzip").to_dict()
+                                    scores=config.token_select == "visionzip",
+                                    **family.graph_options(model.config)).to_dict()
                for c in contract.COMPONENTS},
         "io_float_dtype": contract.IO_FLOAT_DTYPE,
         "num_layers": dims.num_layers,

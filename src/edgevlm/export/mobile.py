@@ -56,7 +56,7 @@ def static_shapes(config, max_context: int | None, step: int = 1) -> StaticShape
     if not 1 <= context <= limit:
         raise UserError(f"--max-context {context} must be between 1 and the model's "
                         f"max_position_embeddings {limit}")
-    tiles = 1 if family_of(config).expansion_needs_image else None  # the global image only
+    tiles = 1 if family_of(config).tiled else None  # the global image only
     return StaticShapes(config.vision_config.image_size, context, step, tiles)
 
 
@@ -300,7 +300,7 @@ def example_inputs(component: str, config, shapes: StaticShapes) -> tuple:
 def wrapper(component: str, model) -> nn.Module:
     from edgevlm.export.graphs import EmbedTokens
 
-    if component == "vision_encoder" and family_of(model).expansion_needs_image:
+    if component == "vision_encoder" and family_of(model).tiled:
         return StaticTiledVisionEncoder(model).eval()
     if component == "vision_encoder":
         return StaticVisionEncoder(model).eval()

@@ -27,9 +27,21 @@ class Reference:
     step_embeds: np.ndarray | None = None  # (new_tokens, D) token embeddings of `tokens`
     merge_features: np.ndarray | None = None  # (N_image_tokens, D): the first image's, which
     # fill the prompt's image slots (None: image_features[0])
+    vision_feeds: list[dict] | None = None  # a patch graph (Qwen2-VL): each image's feeds;
+    # image_features is then every image's tokens, concatenated
+    positions: np.ndarray | None = None  # M-RoPE: the prompt's (3, 1, S) position ids
+    rope_delta: int = 0  # M-RoPE: a generated token at cache length P sits at P + rope_delta
 
     @property
     def slot_features(self) -> np.ndarray:
         if self.merge_features is not None:
             return self.merge_features
         return self.image_features[0].reshape(-1, self.image_features.shape[-1])
+
+
+def step_positions(ref: Reference, start: int) -> np.ndarray | None:
+    """M-RoPE: a generated token's three equal position streams at start + rope_delta, (3, 1, 1);
+    None for a 1-D decoder."""
+    if ref.positions is None:
+        return None
+    return np.full((3, 1, 1), start + ref.rope_delta, np.int64)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevlm.export.reference import FP32_MAX_ABS, Reference
+from edgevlm.export.reference import FP32_MAX_ABS, Reference, step_positions
 from edgevlm.families import family_of
 from edgevlm.runtime import contract
 from edgevlm.runtime.contract import Activations, DecoderKind, Precision
@@ -87,11 +87,41 @@ def sample_images(size: int):
     return [draw(objs, size, random.Random(i)) for i, objs in enumerate(scenes)]
 
 
-def validation_pixels(loaded) -> dict:
-    """The vision inputs of the two validation images, float32 torch tensors."""
+def validation_pixels(loaded, count: int = 2) -> dict:
+    """The vision inputs of the first `count` validation images, float32 torch tensors."""
     family = family_of(loaded.model)
+    images = sample_images(48)[:count]
     return {k: (v.float() if v.is_floating_point() else v)
-            for k, v in family.pixel_inputs(loaded.processor, sample_images(48)).items()}
+            for k, v in family.pixel_inputs(loaded.processor, images).items()}
+
+
+def vision_inputs(loaded):
+    """What the vision graph is checked on: the validation images' pixels, or a patch graph's
+    feeds, one dict per image (Qwen2-VL)."""
+    inputs = validation_pixels(loaded)
+    if family_of(loaded.model).image_layout == "patches":
+        return _patch_feeds(loaded.model, inputs)
+    return inputs["pixel_values"].numpy()
+
+
+def _patch_feeds(model, inputs: dict) -> list[dict]:
+    """A patch vision graph's feeds (Qwen2-VL), one image per call."""
+    encoder = family_of(model).vision_graph(model)
+    grids = inputs["image_grid_thw"]
+    rows = np.cumsum([0] + [int(g.prod()) for g in grids])
+    return [encoder.feeds(inputs["pixel_values"][rows[i]:rows[i + 1]], grids[i:i + 1])
+            for i in range(len(grids))]
+
+
+def _positions(loaded, ids, first: dict) -> tuple[dict, dict]:
+    """M-RoPE families: (the position_ids a forward on embeddings needs, the Reference fields
+    for the graphs); ({}, {}) for the rest."""
+    family = family_of(loaded.model)
+    if family.rope_index is None:
+        return {}, {}
+    positions, delta = family.rope_index(loaded.model, ids, first, loaded.processor)
+    return ({"position_ids": positions},
+            {"positions": positions.numpy(), "rope_delta": int(delta[0, 0])})
 
 
 def torch_reference(loaded, new_tokens: int) -> Reference:
@@ -109,19 +139,24 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
     text = text.replace(IMAGE_TAG, family.expand_image(loaded.processor, loaded.num_image_tokens,
                                                        images[0]))
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    inputs = validation_pixels(loaded)
-    first = {k: v[:1] for k, v in inputs.items()}
+    inputs, first = validation_pixels(loaded), validation_pixels(loaded, 1)
+    patches = family.image_layout == "patches"
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    forward_positions, fields = _positions(loaded, ids, first)
     with torch.no_grad():
         width = model.config.text_config.hidden_size
-        feats = family.image_features(model, inputs).reshape(-1, loaded.num_image_tokens, width)
+        feats = family.image_features(model, inputs)
+        if not patches:  # per image; a patch family's images differ in token count
+            feats = feats.reshape(-1, loaded.num_image_tokens, width)
         slot_feats = family.image_features(model, first).reshape(-1, width)
         embeds = model.get_input_embeddings()(ids)
         merged = embeds.masked_scatter((ids == loaded.image_token_id)[..., None], slot_feats)
-        logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids)).logits
+        logits = model(inputs_embeds=merged, attention_mask=torch.ones_like(ids),
+                       **forward_positions).logits
         gen = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), **first,
+            **(family.text_inputs(loaded.processor, ids) if family.text_inputs else {}),
             generation_config=GenerationConfig(
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 eos_token_id=eos, pad_token_id=tok.pad_token_id, output_logits=True,
@@ -131,7 +166,7 @@ def torch_reference(loaded, new_tokens: int) -> Reference:
         logits.float().numpy(), gen.sequences[0, ids.shape[1]:].tolist(),
         torch.cat(gen.logits).float().numpy(), loaded.image_token_id, eos,
         model.get_input_embeddings()(gen.sequences[0, ids.shape[1]:]).detach().float().numpy(),
-        slot_feats.float().numpy())
+        slot_feats.float().numpy(), _patch_feeds(model, inputs) if patches else None, **fields)
 
 
 def _error(precision: str, got: np.ndarray, want: np.ndarray, gated: bool = True
@@ -171,6 +206,10 @@ class _Dynamic:
         return self.s["vision_encoder"].run(None, vision_feeds(self.s["vision_encoder"],
                                                                pixels))[0]
 
+    def patch_vision(self, feeds: list[dict]) -> np.ndarray:
+        """A patch graph (Qwen2-VL): one image per call, every image's tokens concatenated."""
+        return np.concatenate([self.s["vision_encoder"].run(None, f)[0] for f in feeds])
+
     def embed(self, ids: np.ndarray) -> np.ndarray:  # (1, S) -> (1, S, D)
         return self.s["embed_tokens"].run(None, {"input_ids": ids})[0]
 
@@ -178,10 +217,12 @@ class _Dynamic:
         shape = (1, self.dims.num_kv_heads, 0, self.dims.head_dim)
         return {n: np.zeros(shape, np.float32) for n in self.names}
 
-    def decode(self, embeds, start: int, past: dict):
+    def decode(self, embeds, start: int, past: dict, positions=None):
         total = start + embeds.shape[1]
+        if positions is None:
+            positions = np.arange(start, total, dtype=np.int64)[None]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
-                 "position_ids": np.arange(start, total, dtype=np.int64)[None], **past}
+                 "position_ids": positions, **past}
         out = self.s["decoder_model_merged"].run(None, feeds)
         return out[0], dict(zip(self.names, out[1:], strict=True))
 
@@ -200,8 +241,9 @@ class _Built(_Dynamic):
     def new_state(self):
         return self.kv.new_cache(self.positions)
 
-    def decode(self, embeds, start: int, cache):
-        return self.kv.decode(embeds.astype(np.float32), start, cache).astype(np.float32), cache
+    def decode(self, embeds, start: int, cache, positions=None):
+        logits = self.kv.decode(embeds.astype(np.float32), start, cache, positions=positions)
+        return logits.astype(np.float32), cache
 
 
 class _Static:
@@ -225,17 +267,23 @@ class _Static:
     def new_state(self):
         return self.g.new_cache()
 
-    def decode(self, embeds, start: int, cache):
+    def decode(self, embeds, start: int, cache, positions=None):  # 1-D only (no M-RoPE)
         return self.g.decode(embeds, start, cache), cache
+
+
+def _vision(graphs, ref: Reference, first_only: bool = False) -> np.ndarray:
+    if ref.vision_feeds is not None:
+        return graphs.patch_vision(ref.vision_feeds[:1] if first_only else ref.vision_feeds)
+    return graphs.vision(ref.pixel_values[:1] if first_only else ref.pixel_values)
 
 
 def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
     """The numpy generation loop over the three graphs; returns tokens and each step's logits."""
-    feats = graphs.vision(ref.pixel_values[:1])
+    feats = _vision(graphs, ref, first_only=True)
     embeds = graphs.embed(ref.input_ids)
     embeds[ref.input_ids == ref.image_token_id] = feats.reshape(-1, feats.shape[-1])
     total = ref.input_ids.shape[1]
-    logits, past = graphs.decode(embeds, 0, graphs.new_state())
+    logits, past = graphs.decode(embeds, 0, graphs.new_state(), ref.positions)
     tokens, steps = [], []
     for _ in range(len(ref.tokens)):
         step = logits[0, -1]
@@ -244,7 +292,7 @@ def _greedy(graphs, ref: Reference) -> tuple[list[int], np.ndarray]:
         masked[ref.suppressed] = -np.inf
         tokens.append(int(masked.argmax()))
         embeds = graphs.embed(np.array([[tokens[-1]]]))
-        logits, past = graphs.decode(embeds, total, past)
+        logits, past = graphs.decode(embeds, total, past, step_positions(ref, total))
         total += 1
     return tokens, np.stack(steps)
 
@@ -269,9 +317,9 @@ def validate(paths: dict[str, Path], precisions: dict[str, Precision], ref: Refe
     merged = ref.inputs_embeds.copy()
     merged[ref.input_ids == ref.image_token_id] = ref.slot_features
     outputs = {
-        "vision_encoder": graphs.vision(ref.pixel_values),
+        "vision_encoder": _vision(graphs, ref),
         "embed_tokens": graphs.embed(ref.input_ids),
-        "decoder_model_merged": graphs.decode(merged, 0, graphs.new_state())[0],
+        "decoder_model_merged": graphs.decode(merged, 0, graphs.new_state(), ref.positions)[0],
     }
     built = decoder is DecoderKind.BUILDER
     last = slice(-1, None) if built else slice(None)  # built: last logits only
@@ -287,8 +335,10 @@ def validate(paths: dict[str, Path], precisions: dict[str, Precision], ref: Refe
     if vision_carried is not None:
         from edgevlm.export import vision_int8
 
-        vision_check = vision_int8.check(paths["vision_encoder"], ref.pixel_values,
-                                         vision_carried)
+        vision_check = vision_int8.check(
+            paths["vision_encoder"],
+            ref.vision_feeds if ref.vision_feeds is not None else ref.pixel_values,
+            vision_carried)
         failures += vision_check.failures()
     check = None
     if carried is not None:

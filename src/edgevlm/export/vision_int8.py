@@ -107,8 +107,13 @@ def carried(module: nn.Module, found: dict[str, Int8Weight], activations: bool =
             linears[name].weight.data = data
 
 
-def features(module: nn.Module, pixels: np.ndarray) -> np.ndarray:
-    """The encoder wrapper's image features on `pixels`, with the graph's feeds."""
+def features(module: nn.Module, pixels) -> np.ndarray:
+    """The encoder wrapper's image features on `pixels`, with the graph's feeds. `pixels`: an
+    array, or a patch graph's feeds (one dict per image, Qwen2-VL), features concatenated."""
+    if isinstance(pixels, list):
+        with torch.no_grad():
+            return np.concatenate([module(*(torch.from_numpy(v) for v in f.values())).float()
+                                   .numpy() for f in pixels])
     with torch.no_grad():
         x = torch.from_numpy(pixels)
         if x.dim() == 5:  # tiled (idefics3): every tile full, as the runtime feeds the graph
@@ -267,7 +272,20 @@ def _feeds(session, pixels: np.ndarray) -> dict:
     return feeds
 
 
-def _kernel_mismatches(model, pixels: np.ndarray, scratch: Path) -> tuple[int, int]:
+def _runs(session, pixels) -> list[list[np.ndarray]]:
+    """Every output of `session` per run: one run on an array of pixels, one per image on a
+    patch graph's feeds (Qwen2-VL)."""
+    if not isinstance(pixels, list):
+        return [session.run(None, _feeds(session, pixels))]
+    return [session.run(None, f) for f in pixels]
+
+
+def _features(session, pixels) -> np.ndarray:
+    """The image features (the first output), concatenated over the runs."""
+    return np.concatenate([r[0] for r in _runs(session, pixels)])
+
+
+def _kernel_mismatches(model, pixels, scratch: Path) -> tuple[int, int]:
     """(MatMulInteger nodes, output values that differ from the exact product of their inputs)
     on the shipped graph `model`, which gets those values as extra outputs (in place)."""
     import onnx
@@ -285,17 +303,18 @@ def _kernel_mismatches(model, pixels: np.ndarray, scratch: Path) -> tuple[int, i
                 g.output.append(helper.make_tensor_value_info(name, dtype, None))
                 wanted.append(name)
     session = _session(model, scratch)
-    got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, _feeds(session, pixels)), strict=True))
+    names = [o.name for o in session.get_outputs()]
     bad = 0
-    for mm, _, _, _ in chains:
-        a = got[mm.input[0]].astype(np.int64) - got[mm.input[2]].astype(np.int64)
-        b = inits[mm.input[1]].astype(np.int64) - inits[mm.input[3]].astype(np.int64)
-        bad += int((np.matmul(a, b) != got[mm.output[0]]).sum())
+    for run in _runs(session, pixels):
+        got = dict(zip(names, run, strict=True))
+        for mm, _, _, _ in chains:
+            a = got[mm.input[0]].astype(np.int64) - got[mm.input[2]].astype(np.int64)
+            b = inits[mm.input[1]].astype(np.int64) - inits[mm.input[3]].astype(np.int64)
+            bad += int((np.matmul(a, b) != got[mm.output[0]]).sum())
     return len(chains), bad
 
 
-def check(path: Path, pixels: np.ndarray, ref: Int8Cost) -> VisionCheck:
+def check(path: Path, pixels, ref: Int8Cost) -> VisionCheck:
     """The int8 vision graph at `path` on the validation pixels, against `ref` (see above)."""
     import shutil
 
@@ -303,13 +322,13 @@ def check(path: Path, pixels: np.ndarray, ref: Int8Cost) -> VisionCheck:
     import onnxruntime as ort
 
     shipped = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = shipped.run(None, _feeds(shipped, pixels))[0]
+    out = _features(shipped, pixels)
     model = onnx.load(str(path))  # a copy of the file's graph: the checks may change it
     scratch = path.parent / ".vision_check"
     scratch.mkdir(exist_ok=True)
     try:
         floats = _session(_float_activations(model), scratch)
-        got = floats.run(None, _feeds(floats, pixels))[0]
+        got = _features(floats, pixels)
         matmuls, bad = _kernel_mismatches(model, pixels, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import operator
 
 from edgevlm.errors import UserError
-from edgevlm.families import idefics3, llava
+from edgevlm.families import idefics3, llava, qwen2_vl
 from edgevlm.families.base import PARTS, Family, LoadedModel  # noqa: F401  (re-exported)
 
 
 def _registry() -> dict[str, Family]:
-    return {t: f for f in (llava.FAMILY, idefics3.FAMILY, idefics3.SMOLVLM)
+    return {t: f for f in (llava.FAMILY, idefics3.FAMILY, idefics3.SMOLVLM,
+                                 qwen2_vl.FAMILY, qwen2_vl.QWEN2_5_VL)
             for t in f.model_types}
 
 
@@ -47,10 +48,11 @@ def family_of(obj) -> Family:
 
 def family_of_processor(processor) -> Family:
     """The family whose processor class this is (LlavaProcessor, Idefics3Processor, ...)."""
-    name = type(processor).__name__
+    names = [c.__name__ for c in type(processor).__mro__]  # a family's own subclass counts
+    name = names[0]
     families = {f.name: f for f in _registry().values()}.values()
     for family in families:
-        if family.processor_class == name:
+        if family.processor_class in names:
             return family
     raise UserError(f"processor {name} belongs to no family edgevlm knows; supported: "
                     f"{', '.join(f.processor_class for f in families)}")

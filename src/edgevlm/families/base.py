@@ -31,7 +31,37 @@ class Family:
     check_config: Callable[[dict, str], None]  # (config dict, where) -> UserError if unusable
     image_token_key: str  # the config field holding the image token id
     legacy_keys: tuple[tuple[str, str], ...] = ()  # old checkpoint key prefixes -> current
-    expansion_needs_image: bool = False  # one <image>'s tokens depend on the image (tiling)
+    expansion_needs_image: bool = False  # one <image>'s tokens depend on the image
+    # how images reach the tower: "fixed" (one resized image, a fixed token count), "tiles"
+    # (Idefics3: a grid of tiles plus the global image), "patches" (Qwen2-VL: the image at its
+    # own resolution as a run of patches, with its grid)
+    image_layout: str = "fixed"
+    positions: str = "1d"  # "1d", or "mrope": three position streams (Qwen2-VL)
+    # (processor, input_ids tensor) -> what the model needs beside the ids ({} for most)
+    text_inputs: Callable[[Any, Any], dict] | None = None
+    # model folder -> its processor, where AutoProcessor cannot build it (None: AutoProcessor)
+    load_processor: Callable[[str], Any] | None = None
+    # processor -> the most tokens one image can become, where that depends on the processor
+    max_image_tokens: Callable[[Any], int] | None = None
+    # model -> the torch module the exporter traces for the vision encoder, where the family
+    # has its own (None: the exporter's LLaVA or tiled encoder)
+    vision_graph: Callable[[Any], Any] | None = None
+    # config -> "full" or "windowed" (Qwen2.5-VL's window attention): the patch graph's inputs
+    patch_kind: Callable[[Any], str] | None = None
+    # (model, input_ids, pixel inputs, processor) -> (position_ids (3, B, S), delta (B, 1)):
+    # an M-RoPE family's positions, as the model lays them out
+    rope_index: Callable[[Any, Any, dict, Any], Any] | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.image_layout == "tiles"
+
+    def graph_options(self, config) -> dict:
+        """How this family's graphs differ from LLaVA's (runtime.contract.graph_io's keywords):
+        tiled vision IO, patch vision IO ("full" / "windowed"), M-RoPE positions."""
+        return {"tiled": self.tiled,
+                "patches": self.patch_kind(config) if self.patch_kind else None,
+                "mrope": self.positions == "mrope"}
 
     def path(self, part_name: str) -> str:
         if part_name not in self.paths:

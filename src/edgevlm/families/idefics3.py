@@ -165,6 +165,7 @@ FAMILY = Family(
     check_config=check_config,
     image_token_key="image_token_id",
     expansion_needs_image=True,
+    image_layout="tiles",
 )
 
 # SmolVLM2's classes (model_type smolvlm): the same parts, recipe and expansion.

@@ -79,13 +79,16 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
     if device:
         model = model.to(device)
     model.eval()
+    family = family_of(model)
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir))
+        processor = (family.load_processor or AutoProcessor.from_pretrained)(str(model_dir))
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: could not load the processor ({e}); the folder needs "
                         "tokenizer and preprocessor_config.json files") from e
-    image_token_id = getattr(model.config, family_of(model).image_token_key)
-    loaded = LoadedModel(model, processor, image_token_id, num_image_tokens(model.config))
+    image_token_id = getattr(model.config, family.image_token_key)
+    tokens = (family.max_image_tokens(processor) if family.max_image_tokens
+              else num_image_tokens(model.config))
+    loaded = LoadedModel(model, processor, image_token_id, tokens)
     reduced = token_reduce.setting(model.config)
     if reduced and reduce_tokens:  # trained at a reduced visual token count: keep seeing it
         loaded = token_reduce.install(loaded, reduced["method"], reduced["tokens"])

@@ -37,6 +37,15 @@ _SMALL_224_TOWER = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_la
                     "num_attention_heads": 3, "image_size": 224, "patch_size": 16,
                     "num_channels": 3}
 
+_TINY_QWEN_VISION = {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 2,
+                     "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
+                     "temporal_patch_size": 2}
+_TINY_QWEN_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "max_position_embeddings": 1024, "tie_word_embeddings": False,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [4, 6, 6]}}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolVLM in small (issue 17): Idefics3 with a SigLIP-style tower of 8-px patches at 48 px
     # (36 patches), pixel shuffle by 2 (9 tokens per tile), images split 2 x 2 plus the global
@@ -113,5 +122,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scale_factor": 2,
         "do_image_splitting": True,
         "max_tiles_per_side": 2,
+    },
+    # Qwen2-VL in small: a 14-px-patch tower of 2 layers, 2 x 2 merge, a 2-layer Qwen2 decoder
+    # with M-RoPE; images resized to 4..25 merged tokens (112x112 .. 140x140 px and aspect
+    # ratios between), so tests see several grids.
+    "tiny-qwen2vl": {
+        "model_type": "qwen2_vl",
+        "vision_config": _TINY_QWEN_VISION,
+        "text_config": {**_TINY_QWEN_TEXT, "model_type": "qwen2_vl_text"},
+        "min_pixels": 28 * 28 * 4,
+        "max_pixels": 28 * 28 * 25,
+    },
+    "tiny-qwen2.5vl": {
+        "model_type": "qwen2_5_vl",
+        "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128,
+                          "num_heads": 2, "out_hidden_size": 128, "patch_size": 14,
+                          "spatial_merge_size": 2, "temporal_patch_size": 2,
+                          "window_size": 56, "fullatt_block_indexes": [1]},
+        "text_config": {**_TINY_QWEN_TEXT, "model_type": "qwen2_5_vl_text"},
+        "min_pixels": 28 * 28 * 4,
+        "max_pixels": 28 * 28 * 25,
     },
 }

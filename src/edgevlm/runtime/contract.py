@@ -160,10 +160,17 @@ def genai_graph_file(precision: Precision) -> str:
     return f"{ONNX_DIR}/genai_decoder{SUFFIXES[precision]}.onnx"
 
 
-def vision_io(tiled: bool = False, scores: bool = False) -> GraphIO:
+def vision_io(tiled: bool = False, scores: bool = False, patches: str | None = None) -> GraphIO:
     """One image per row (LLaVA); `tiled` (Idefics3 / SmolVLM, transformers.js's layout): the
     tiles of each image, with their pixel mask, in; every tile's tokens out. `scores`: a LLaVA
-    graph also gives each image token's attention score, for `--token-select visionzip`."""
+    graph also gives each image token's attention score, for `--token-select visionzip`.
+    `patches` (Qwen2-VL): one image at its own resolution as flat patches and its (t, h, w)
+    grid, "windowed" (Qwen2.5-VL) with the window order and bounds the runtime computes."""
+    if patches is not None:
+        inputs = {"pixel_values": ("num_patches", "patch_dim"), "image_grid_thw": (1, 3)}
+        if patches == "windowed":
+            inputs.update(window_index=("image_tokens",), cu_window_seqlens=("windows_plus_1",))
+        return GraphIO(inputs=inputs, outputs={"image_features": ("image_tokens", "hidden")})
     if tiled:
         return GraphIO(inputs={"pixel_values": ("batch_size", "num_images", 3, "height", "width"),
                                "pixel_attention_mask": ("batch_size", "num_images", "height",
@@ -189,7 +196,7 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
-def decoder_io(num_layers: int) -> GraphIO:
+def decoder_io(num_layers: int, mrope: bool = False) -> GraphIO:
     past = {n: ("batch_size", "kv_heads", "past_sequence_length", "head_dim")
             for n in past_names(num_layers)}
     present = {n: ("batch_size", "kv_heads", "total_sequence_length", "head_dim")
@@ -197,7 +204,8 @@ def decoder_io(num_layers: int) -> GraphIO:
     return GraphIO(
         inputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden"),
                 "attention_mask": ("batch_size", "total_sequence_length"),
-                "position_ids": ("batch_size", "sequence_length"), **past},
+                "position_ids": ((3,) if mrope else ()) + ("batch_size", "sequence_length"),
+                **past},
         outputs={"logits": ("batch_size", "sequence_length", "vocab"), **present})
 
 
@@ -213,12 +221,14 @@ def mobile_decoder_io(num_layers: int) -> GraphIO:
         outputs={"logits": (1, "step", "vocab"), **present})
 
 
-def builder_decoder_io(num_layers: int) -> GraphIO:
-    """The builder's decoder (see the module docstring): shared KV buffers, last logits only."""
+def builder_decoder_io(num_layers: int, mrope: bool = False) -> GraphIO:
+    """The builder's decoder (see the module docstring): shared KV buffers, last logits only.
+    `mrope` (Qwen2-VL): position_ids [3, B, S], the three M-RoPE streams the runtime computes."""
     kv = ("batch_size", "kv_heads", "max_context", "head_dim")
+    positions = ({"position_ids": (3, "batch_size", "sequence_length")} if mrope else {})
     return GraphIO(
         inputs={"inputs_embeds": ("batch_size", "sequence_length", "hidden"),
-                "attention_mask": ("batch_size", "total_sequence_length"),
+                "attention_mask": ("batch_size", "total_sequence_length"), **positions,
                 **{n: kv for n in past_names(num_layers)}},
         outputs={"logits": ("batch_size", 1, "vocab"),
                  **{n: kv for n in present_names(num_layers)}})
@@ -226,19 +236,22 @@ def builder_decoder_io(num_layers: int) -> GraphIO:
 
 def graph_io(component: str, num_layers: int, profile: Profile = Profile.DEFAULT,
              decoder: DecoderKind = DecoderKind.TRACED, tiled: bool = False,
-             scores: bool = False) -> GraphIO:
+             scores: bool = False, patches: str | None = None, mrope: bool = False) -> GraphIO:
     """The declared IO of one component (the decoder's depends on its layer count and kind). The
-    mobile profile's vision and embedding graphs have the default names with every axis fixed."""
+    mobile profile's vision and embedding graphs have the default names with every axis fixed.
+    `patches` and `mrope`: Qwen2-VL's vision and decoder graphs (vision_io, decoder_io)."""
     assert component in COMPONENTS, f"unknown component {component}"
     assert profile in PROFILES, f"unknown profile {profile}"
     assert decoder in DECODER_KINDS, f"unknown decoder kind {decoder}"
     if component == "vision_encoder":
-        return vision_io(tiled, scores)
+        return vision_io(tiled, scores, patches)
     if component == "embed_tokens":
         return embed_io()
     if decoder == DecoderKind.BUILDER:
-        return builder_decoder_io(num_layers)
-    return mobile_decoder_io(num_layers) if profile == Profile.MOBILE else decoder_io(num_layers)
+        return builder_decoder_io(num_layers, mrope)
+    if profile == Profile.MOBILE:
+        return mobile_decoder_io(num_layers)
+    return decoder_io(num_layers, mrope)
 
 
 # Every graph takes and returns float32 tensors (int64 for ids, mask and positions) at every

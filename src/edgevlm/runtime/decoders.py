@@ -46,10 +46,12 @@ class Decoder(Protocol):
     def new_cache(self) -> Cache:
         """The empty cache a generation starts from (position 0)."""
 
-    def decode(self, embeds: np.ndarray, start: int, cache: Cache) -> tuple[np.ndarray, Cache]:
+    def decode(self, embeds: np.ndarray, start: int, cache: Cache,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, Cache]:
         """One pass over `embeds` (1, S, D) at positions start..start+S-1, which follow what
         `cache` holds; returns the last position's logits (V,), the caller's own to change, and
-        the cache to hand to the next pass."""
+        the cache to hand to the next pass. `positions`: an M-RoPE decoder's (3, 1, S) rotary
+        positions (None: start..start+S-1)."""
 
     def limit_reason(self, limit: int) -> str:
         """Why `limit` positions are all a prompt and its answer get, and what would give more."""
@@ -79,14 +81,15 @@ class TracedDecoder:
         empty = np.zeros(self._past_shape, dtype=self._past_dtype)
         return [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for _ in self._past]
 
-    def decode(self, embeds: np.ndarray, start: int,
-               cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+    def decode(self, embeds: np.ndarray, start: int, cache: list[ort.OrtValue],
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, list[ort.OrtValue]]:
         seq = embeds.shape[1]
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", embeds.astype(self._embeds_dtype, copy=False))
         binding.bind_cpu_input("attention_mask", np.ones((1, start + seq), dtype=np.int64))
-        binding.bind_cpu_input("position_ids",
-                               np.arange(start, start + seq, dtype=np.int64)[None])
+        if positions is None:
+            positions = np.arange(start, start + seq, dtype=np.int64)[None]
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
         for name, value in zip(self._past, cache, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -114,9 +117,10 @@ class BuilderDecoder:
     def new_cache(self) -> KVCache:
         return self._kv.new_cache(self._context)
 
-    def decode(self, embeds: np.ndarray, start: int,
-               cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        return self._kv.decode(embeds, start, cache)[0, -1].astype(np.float32), cache
+    def decode(self, embeds: np.ndarray, start: int, cache: KVCache,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        logits = self._kv.decode(embeds, start, cache, positions=positions)
+        return logits[0, -1].astype(np.float32), cache
 
     def limit_reason(self, limit: int) -> str:
         return f"the export's KV buffer holds {limit} positions (decoder.max_context); {_SHORTEN}"
@@ -134,8 +138,9 @@ class StaticDecoder:
     def new_cache(self) -> StaticCache:
         return self._graphs.new_cache()
 
-    def decode(self, embeds: np.ndarray, start: int,
-               cache: StaticCache) -> tuple[np.ndarray, StaticCache]:
+    def decode(self, embeds: np.ndarray, start: int, cache: StaticCache,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, StaticCache]:
+        assert positions is None, "mobile graphs take 1-D positions only"
         return self._graphs.decode(embeds, start, cache)[0, -1], cache
 
     def limit_reason(self, limit: int) -> str:

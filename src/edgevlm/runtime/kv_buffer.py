@@ -8,7 +8,9 @@ step to step; the attention mask of ones, (1, start + S), tells it how many posi
 filled. The binding itself lives with the cache: the buffers and the logits output (one
 preallocated (1, 1, V) row) are bound once, and a step rebinds only its two small inputs, so the
 Python cost of a step does not grow with the number of layers. The same calling convention
-serves the runtime (edgevlm.runtime.model) and the exporter's parity check.
+serves the runtime (edgevlm.runtime.model) and the exporter's parity check. An M-RoPE decoder
+(Qwen2-VL) also takes position_ids (3, 1, S) int64, the temporal/height/width position of each
+token, which the caller passes to `decode`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import onnxruntime as ort
 from edgevlm.runtime import contract
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+POSITION_IDS = "position_ids"  # M-RoPE decoders: (3, B, S) int64
 
 
 class KVCache:
@@ -56,6 +59,7 @@ class SharedKV:
         assert all(isinstance(d, int) for d in (heads, head_dim)), "kv heads and head size fixed"
         self.shape = (1, heads, length, head_dim)  # length: symbolic until the buffer is made
         self.vocab = session.get_outputs()[0].shape[-1]
+        self.takes_positions = POSITION_IDS in inputs  # M-RoPE: position_ids (3, B, S)
 
     def new_cache(self, max_context: int) -> KVCache:
         """Zeroed buffers of `max_context` positions, one per past input, on the device, bound
@@ -72,11 +76,27 @@ class SharedKV:
             binding.bind_ortvalue_output(present, buffer)
         return KVCache(buffers, binding, logits)
 
-    def decode(self, embeds: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
-        """One pass over `embeds` (1, S, D) at positions start..; returns the last position's
-        logits (1, 1, V), a copy, and leaves the new entries in `cache`."""
+    def decode(self, embeds: np.ndarray, start: int, cache: KVCache,
+               positions: np.ndarray | None = None) -> np.ndarray:
+        """One pass over `embeds` (1, S, D) at cache slots start..; returns the last position's
+        logits (1, 1, V), a copy, and leaves the new entries in `cache`. `positions`: the
+        rotary positions (3, 1, S) int64 of an M-RoPE decoder, which needs them (and ignored by
+        any other)."""
         binding = cache.binding
+        if self.takes_positions:
+            binding.bind_cpu_input(POSITION_IDS, self._positions(positions, embeds.shape[1]))
         binding.bind_cpu_input("inputs_embeds", embeds.astype(self.embeds_dtype, copy=False))
         binding.bind_cpu_input("attention_mask", np.ones((1, start + embeds.shape[1]), np.int64))
         self.session.run_with_iobinding(binding)
         return cache.logits.numpy().copy()
+
+    def _positions(self, positions: np.ndarray | None, length: int) -> np.ndarray:
+        if positions is None:
+            raise ValueError("this decoder has M-RoPE (a position_ids input): pass decode(..., "
+                             "positions=) the (3, 1, S) int64 temporal/height/width positions of "
+                             "the S tokens")
+        positions = np.asarray(positions)
+        if positions.shape != (3, 1, length):
+            raise ValueError(f"position_ids must have shape (3, 1, {length}) for {length} "
+                             f"tokens, not {positions.shape}")
+        return positions.astype(np.int64, copy=False)

@@ -34,16 +34,21 @@ from edgevlm.runtime.contract import (
 )
 from edgevlm.runtime.fields import REEXPORT, Fields, is_id, is_int, read_json
 from edgevlm.runtime.limits import KV_BYTES, check_kv_memory, kv_bytes, shown
+from edgevlm.runtime.patch_images import PatchFamily
+from edgevlm.runtime.patches import PatchConfig
 from edgevlm.runtime.paths import check_graph_files, check_inside
 from edgevlm.runtime.preprocess import SOURCE, ImageProcessorConfig
 from edgevlm.runtime.static import check_rope_table
 from edgevlm.runtime.tiling import TilingConfig
 from edgevlm.runtime.token_select import METHODS as TOKEN_SELECT
 
-# The families this runtime runs, and whether each cuts images into tiles (Idefics3 / SmolVLM:
-# the tiled vision IO, image recipe and <image> expansion) or takes one image per row (LLaVA).
-# The one place the runtime reads a family name; the rest asks ModelInfo.tiled.
-FAMILIES = {"llava": False, "idefics3": True}
+# The families this runtime runs, and how each takes images: one image per row (LLaVA), cut into
+# tiles (Idefics3 / SmolVLM: the tiled vision IO, image recipe and <image> expansion), or as
+# patches at the image's own resolution with M-RoPE positions (Qwen2-VL; Qwen2.5-VL's tower
+# attends in windows). The one place the runtime reads a family name; the rest asks
+# ExportInfo.tiled / .patches.
+FAMILIES = {"llava": "fixed", "idefics3": "tiles", "qwen2_vl": "patches",
+            "qwen2_5_vl": "patches"}
 
 
 
@@ -74,11 +79,19 @@ class ExportInfo:
     family: str = "llava"  # FAMILIES: the vision IO, image recipe and <image> expansion
     token_select: str | None = None  # runtime.token_select method keeping num_image_tokens
     vision_tokens: int | None = None  # what the vision graph gives per image, before selection
+    patch_family: PatchFamily | None = None  # a patch family's settings (Qwen2-VL)
 
     @property
     def tiled(self) -> bool:
         """Whether images arrive as tiles (the family's vision IO, recipe and expansion)."""
-        return FAMILIES[self.family]
+        return FAMILIES[self.family] == "tiles"
+
+    @property
+    def patches(self) -> str | None:
+        """A patch family's vision IO ("full" or "windowed"; runtime.contract.vision_io)."""
+        if self.patch_family is None:
+            return None
+        return "full" if self.patch_family.window_size is None else "windowed"
 
     @property
     def max_tokens(self) -> int:
@@ -169,7 +182,10 @@ def _image_processor(root: Path, manifest: Fields) -> ImageProcessorConfig | Til
     if settings is None:
         raise UserError(f"{root}: no image processor settings (edgevlm.json image_processor, "
                         f"processor_config.json or preprocessor_config.json); {REEXPORT}")
-    tiled = FAMILIES.get(manifest.text("family") or "llava", False)
+    layout = FAMILIES.get(manifest.text("family") or "llava", "fixed")
+    tiled = layout == "tiles"
+    if layout == "patches":  # any size: the processor resizes each image to its own grid
+        return PatchConfig.from_hf(settings)
     if tiled:
         config = TilingConfig.from_hf(settings)
         size = (config.tile, config.tile)
@@ -186,6 +202,20 @@ def _image_processor(root: Path, manifest: Fields) -> ImageProcessorConfig | Til
                         f"{vision}x{vision} (config.json vision_config.image_size); fix "
                         f"{SOURCE}, or re-export")
     return config
+
+
+def _patch_family(root: Path, manifest: Fields, image_processor) -> PatchFamily | None:
+    """A patch family's token ids and tower window (config.json); None for the others."""
+    if not isinstance(image_processor, PatchConfig):
+        return None
+    config = read_json(root, "config.json")
+    vision = config.obj("vision_config")
+    full = vision.raw("fullatt_block_indexes")
+    depth = vision.integer("depth")
+    windowed = isinstance(full, list) and depth is not None and len(full) < depth
+    return PatchFamily(image_processor, config.token("vision_start_token_id"),
+                       config.token("vision_end_token_id"),
+                       vision.integer("window_size") if windowed else None)
 
 
 def _chat_template(root: Path, manifest: Fields, tok_cfg: Fields) -> str:
@@ -254,12 +284,13 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
     tokenizer_file = check_inside(root, root / "tokenizer.json", "tokenizer.json")
     if not tokenizer_file.is_file():
         raise UserError(f"{root} has no tokenizer.json; {REEXPORT}")
+    image_processor = _image_processor(root, m)
     info = ExportInfo(
         root=root, format_version=version, precision=chosen, graphs=graphs,
         **_model_fields(root, m, tok_cfg, tokenizer_file),
         chat_template=_chat_template(root, m, tok_cfg),
         special_tokens=special_tokens_from_config(tok_cfg.data),
-        image_processor=_image_processor(root, m),
+        image_processor=image_processor,
         tokenizer_file=tokenizer_file,
         profile=_member(Profile, m.text("profile") or "default", root, "profile"),
         context=_first(shapes.integer("context"), decoder.integer("max_context")),
@@ -267,7 +298,8 @@ def read_export(export_dir: str | Path, precision: str | None = None) -> ExportI
         decoder=_member(DecoderKind, decoder.text("kind") or "traced", root, "decoder.kind"),
         family=m.text("family") or "llava",
         token_select=m.obj("token_select").text("method"),
-        vision_tokens=m.integer("vision_tokens"))
+        vision_tokens=m.integer("vision_tokens"),
+        patch_family=_patch_family(root, m, image_processor))
     field = "static_shapes.context" if shapes.has("context") else "decoder.max_context"
     _check_sizes(info, field, KV_BYTES.get(decoder.text("activations") or "fp32", 4))
     return info

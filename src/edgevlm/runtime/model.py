@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevlm.errors import UserError
-from edgevlm.runtime import contract, tiling, token_select
+from edgevlm.runtime import contract, mrope, tiling, token_select
 from edgevlm.runtime.chat import (
     ChatTemplate,
     StreamDecoder,
@@ -111,6 +111,16 @@ class Stream:
             self.result = yield from self._steps
 
 
+def _positions(rope: mrope.RopeIndex | None, start: int, end: int) -> np.ndarray | None:
+    """An M-RoPE decoder's (3, 1, end - start) positions: the prompt's own, then those of
+    generated tokens (start + delta); None for a 1-D decoder."""
+    if rope is None:
+        return None
+    if start < rope.positions.shape[1]:
+        return rope.positions[:, None, start:end]
+    return mrope.decode_positions(start, end - start, rope.delta)[:, None]
+
+
 class VLM:
     """A loaded export: three ONNX Runtime sessions, the tokenizer, template and image settings."""
 
@@ -150,6 +160,7 @@ class VLM:
         self._backend = open_decoder(info, self._embed, self._decoder, provider.device_type)
         self._image_size = tuple(sessions["vision_encoder"].get_inputs()[0].shape[-2:])
         self._tiled = info.tiled
+        self._patches = info.patch_family  # Qwen2-VL: patches at the image's resolution, M-RoPE
 
     @classmethod
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
@@ -184,7 +195,8 @@ class VLM:
             if component == "decoder_model_merged":  # before names for num_layers are made
                 check_past(session, path, info.num_layers, info.num_kv_heads, info.head_dim)
             io = contract.graph_io(component, info.num_layers, info.profile, info.decoder,
-                                   tiled=info.tiled, scores=info.token_select == "visionzip")
+                                   tiled=info.tiled, scores=info.token_select == "visionzip",
+                                   patches=info.patches, mrope=info.patches is not None)
             check_io(session, path, io.inputs, io.outputs)
             sessions[component] = session
         template = ChatTemplate(info.chat_template, info.special_tokens)
@@ -260,7 +272,14 @@ class VLM:
         look = self.image_cache.look_up(image, self._image_settings)
         source, name, key, hit = look.source, look.name, look.key, look.hit
         pixels = resized_from = grid = None
-        if image is not None and self._tiled:
+        if image is not None and self._patches is not None:
+            # Qwen2-VL: the image's own grid decides its token count
+            if hit is None:
+                pixels, grid = self._patches.pixels(load_image(source, name), self._pixel_dtype)
+            else:
+                grid = hit.grid
+            ids = self._patches.expand(ids, self.image_token_id, grid)
+        elif image is not None and self._tiled:
             # SmolVLM: the image's tiles decide what <image> becomes (markers and a run of image
             # tokens per tile), as Idefics3Processor writes it; the markers are special tokens,
             # so the expansion tokenizes on its own exactly as inside the whole prompt.
@@ -281,7 +300,7 @@ class VLM:
                 else ""
             raise UserError(f"the prompt is {len(ids)} tokens{counted} but "
                             f"{self._backend.limit_reason(limit)}")
-        if image is not None and not self._tiled and hit is None:
+        if image is not None and not self._tiled and self._patches is None and hit is None:
             pixels, resized_from = encoder_pixels(load_image(source, name),
                                                   self.info.image_processor, self._pixel_dtype,
                                                   self._image_size)
@@ -295,10 +314,18 @@ class VLM:
         """(S,) ids -> (1, S, D) embeddings (the back-end's Decoder.embed)."""
         return self._backend.embed(ids)
 
-    def _decode(self, embeds: np.ndarray, start: int, past: Cache) -> tuple[np.ndarray, Cache]:
+    def _decode(self, embeds: np.ndarray, start: int, past: Cache,
+                positions: np.ndarray | None = None) -> tuple[np.ndarray, Cache]:
         """One decoder pass over `embeds` at positions start.. ; returns the last logits (V,)
-        and the cache to feed the next pass (the back-end's Decoder.decode)."""
-        return self._backend.decode(embeds, start, past)
+        and the cache to feed the next pass (the back-end's Decoder.decode). `positions`: an
+        M-RoPE decoder's (3, 1, S) position ids."""
+        return self._backend.decode(embeds, start, past, positions)
+
+    def _rope(self, p: _Prepared):
+        """An M-RoPE export's prompt positions and decode offset; None for 1-D positions."""
+        if self._patches is None:
+            return None
+        return self._patches.positions(p.ids, self.image_token_id, p.grid)
 
     def _new_cache(self) -> Cache:
         """The cache a generation starts from (the back-end's Decoder.new_cache)."""
@@ -310,6 +337,8 @@ class VLM:
         if p.feats is not None or p.pixels is None:
             return p.feats
         feeds = {"pixel_values": p.pixels}
+        if self._patches is not None:
+            feeds = self._patches.feeds(p.pixels, p.grid)
         if self._tiled:  # every tile of one image is full
             feeds["pixel_attention_mask"] = tiling.full_mask(p.pixels)
         wanted = ["image_features"] + (["visual_scores"]
@@ -340,9 +369,11 @@ class VLM:
                 raise UserError(f"the vision encoder gives {feats.shape[1]} image features but "
                                 f"the manifest says num_image_tokens={len(slots)}; re-export")
             embeds[0, slots] = feats[0].astype(embeds.dtype)  # (N_img, D) into the image slots
-        past = self._new_cache()
+        past, rope = self._new_cache(), self._rope(p)
         for start in range(0, embeds.shape[1], self.prefill_chunk):
-            logits, past = self._decode(embeds[:, start: start + self.prefill_chunk], start, past)
+            end = start + self.prefill_chunk
+            logits, past = self._decode(embeds[:, start:end], start, past,
+                                        _positions(rope, start, end))
         prefill_s = time.perf_counter() - t
         n_prompt = len(p.ids)
         budget = min(cfg.max_new_tokens, self.info.max_tokens - n_prompt)
@@ -372,7 +403,7 @@ class VLM:
                 break
             position = n_prompt + len(ids) - 1
             logits, past = self._decode(self._embed_ids(np.asarray([token], np.int64)),
-                                        position, past)
+                                        position, past, _positions(rope, position, position + 1))
             steps += 1
         if not stops.hit:
             tail = trim.feed(stops.feed(detok.flush()) + stops.flush())

@@ -20,6 +20,10 @@ Per layer (q, k and v read the same input, so they are one packed MatMul):
       │   │   written at positions seqlens_k - S + 1 .. seqlens_k, nothing is copied
       │   └─ rotary positions: the same positions, so no position_ids input
       o_proj MatMul[NBits]                                (B, S, D)
+
+M-RoPE decoders (mrope.py) keep this layer and change only what GroupQueryAttention's rotary
+reads: per-token merged cos/sin rows and a position_ids input pointing at them ("gqa"), or q and
+k split and rotated by RotaryEmbedding before it, with do_rotary=0 ("rotary").
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgevlm.export.builder.graph import MS_DOMAIN, Graph
+from edgevlm.export.builder.mrope import Rope, rotate_qk
 
 MASK_NAME = "/model/attn_mask_reformat/attn_mask_subgraph"
 
@@ -45,24 +50,29 @@ def sequence_lengths(g: Graph, attention_mask: str) -> tuple[str, str]:
 
 
 def rotary(g: Graph, cos: np.ndarray, sin: np.ndarray, dtype) -> tuple[str, str]:
-    """The cos/sin cache initializers every layer's GroupQueryAttention reads."""
+    """The cos/sin cache initializers (what every layer's GroupQueryAttention reads, for an
+    ordinary RoPE decoder)."""
     return g.weight("cos_cache", cos.astype(dtype)), g.weight("sin_cache", sin.astype(dtype))
 
 
 def attention(g: Graph, layer: int, x: str, attn, spec, linears, lengths: tuple[str, str],
-              caches: tuple[str, str], past: tuple[str, str], present: tuple[str, str]) -> str:
+              rope: Rope, past: tuple[str, str], present: tuple[str, str]) -> str:
     """One layer's attention block from `attn` (a transformers LlamaAttention /
-    Qwen2Attention); returns the o_proj output (B, S, D)."""
+    Qwen2Attention / Qwen2VLAttention); returns the o_proj output (B, S, D)."""
     name = f"/model/layers.{layer}/attn"
     key = f"text.layers.{layer}.self_attn"
     qkv = linears(g, x, f"{name}/qkv_proj", f"model.layers.{layer}.attn.qkv_proj",
                   [(f"{key}.{p}.weight", getattr(attn, p)) for p in ("q_proj", "k_proj",
                                                                       "v_proj")])
-    inputs = [qkv, "", "", past[0], past[1], *lengths, *caches]
+    if rope.apply == "rotary":
+        inputs = [*rotate_qk(g, name, qkv, spec, rope), past[0], past[1], *lengths]
+    else:
+        inputs = [qkv, "", "", past[0], past[1], *lengths, rope.cos, rope.sin]
+        inputs += [rope.positions] if rope.positions else []
     out = g.node("GroupQueryAttention", inputs, f"{name}/GroupQueryAttention",
                  outputs=[f"{name}/GroupQueryAttention/output_0", *present], domain=MS_DOMAIN,
                  num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
-                 scale=float(spec.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0,
-                 local_window_size=-1)[0]
+                 scale=float(spec.head_dim ** -0.5), do_rotary=int(rope.apply == "gqa"),
+                 rotary_interleaved=0, local_window_size=-1)[0]
     return linears(g, out, f"{name}/o_proj", f"model.layers.{layer}.attn.o_proj",
                    [(f"{key}.o_proj.weight", attn.o_proj)])

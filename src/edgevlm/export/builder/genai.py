@@ -16,6 +16,12 @@ embedding is the LM head's own weight when the two are tied (the float head keep
 adds its float table to the data file. `onnxruntime_genai.Model(EXPORT_DIR)` then reads
 genai_config.json and the tokenizer files the export already holds and generates text; images
 stay with edgevlm.runtime.
+
+An M-RoPE decoder (Qwen2-VL, Qwen2.5-VL) keeps its position_ids (3, B, S) input in the genai
+graph and is written as genai's "qwen2_5_vl_text" type, the text-only decoder of its Qwen2.5-VL
+builder (onnxruntime_genai/models/builder.py: position_ids [3, batch_size, sequence_length],
+config input "position_ids"), for which genai feeds the three equal streams of text positions;
+Qwen2-VL's decoder is the same graph (its rope is the same sectioned M-RoPE).
 """
 
 from __future__ import annotations
@@ -105,7 +111,10 @@ def config(built, export_dir: Path, info: dict, provider_options: list | None = 
     eos = info.get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
     # genai picks its decoder-only pipeline by type; the MoE graph has the same IO as Qwen2's
-    gen_type = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2"}[spec.model_type]
+    gen_type = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2",
+                "qwen2_vl_text": "qwen2_5_vl_text",
+                "qwen2_5_vl_text": "qwen2_5_vl_text"}[spec.model_type]
+    positions = {"position_ids": "position_ids"} if spec.mrope_section else {}
     bos = {} if info.get("bos_token_id") is None else {"bos_token_id": info["bos_token_id"]}
     return {
         "model": {
@@ -118,7 +127,7 @@ def config(built, export_dir: Path, info: dict, provider_options: list | None = 
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key",
+                           **positions, "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},

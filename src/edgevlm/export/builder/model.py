@@ -2,6 +2,7 @@
 
     inputs_embeds (B, S, D) float32 ─[Cast: fp16 graphs]─ h
     attention_mask (B, T) ──► seqlens_k, total_sequence_length              (attention.py)
+    position_ids (3, B, S) ──► merged M-RoPE cos/sin rows   (M-RoPE decoders only: mrope.py)
     layer 0:   SimplifiedLayerNorm(h) ─► attn ─► SkipSimplifiedLayerNorm(+h) ─► mlp
     layer i:   SkipSimplifiedLayerNorm(mlp_{i-1} + residual) ─► attn ─► SkipSimplifiedLayerNorm
                (+residual) ─► mlp                                           (norms.py, mlp.py)
@@ -26,6 +27,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgevlm.export.builder import attention as attn
+from edgevlm.export.builder import mrope
 from edgevlm.export.builder.graph import Graph, WeightFile
 from edgevlm.export.builder.linear import Linears
 from edgevlm.export.builder.mlp import mlp
@@ -76,11 +78,21 @@ def _lm_head(g: Graph, x: str, lm_head, linears: Linears) -> str:
     return g.node("Gemm", [x, g.weight("lm_head.weight", w)], "/lm_head/Gemm", transB=1)[0]
 
 
+def _rope(g: Graph, decoder, spec: TextSpec, max_context: int, dtype,
+          mrope_layout: str) -> mrope.Rope:
+    caches = attn.rotary(g, *rotary_caches(decoder.text.rotary_emb,
+                                           min(max_context, spec.max_positions)), dtype)
+    if spec.mrope_section is None:
+        return mrope.Rope(*caches)
+    return mrope.rope(g, caches, spec.mrope_section, spec.head_dim // 2, mrope_layout)
+
+
 def build_graph(decoder, weights: WeightFile, precision: Precision, max_context: int,
-                linears: Linears, activations: Activations = Activations.FP32
-                ) -> tuple[Graph, TextSpec]:
+                linears: Linears, activations: Activations = Activations.FP32,
+                mrope_layout: str = "gqa") -> tuple[Graph, TextSpec]:
     """The decoder Graph of `decoder` (edgevlm.export.graphs.Decoder, which holds the
-    language model as `.text` and the head as `.lm_head`)."""
+    language model as `.text` and the head as `.lm_head`). `mrope_layout`: how an M-RoPE
+    decoder applies its rotary (mrope.LAYOUTS)."""
     spec = text_spec(decoder.text_config)
     dtype, kv_type = FLOAT_TYPES[activations]
     g = Graph(weights)
@@ -89,8 +101,7 @@ def build_graph(decoder, weights: WeightFile, precision: Precision, max_context:
     if activations is not Activations.FP32:
         h = g.node("Cast", [h], "/model/inputs_embeds/Cast", to=kv_type)[0]
     lengths = attn.sequence_lengths(g, mask)
-    caches = attn.rotary(g, *rotary_caches(decoder.text.rotary_emb,
-                                           min(max_context, spec.max_positions)), dtype)
+    rope = _rope(g, decoder, spec, max_context, dtype, mrope_layout)
     eps = spec.rms_eps
     residual, branch = h, None
     for i, layer in enumerate(decoder.text.layers):
@@ -103,7 +114,7 @@ def build_graph(decoder, weights: WeightFile, precision: Precision, max_context:
             normed, residual = skip_rms_norm(g, branch, residual, f"{name}/input_layernorm",
                                              f"model.layers.{i}.input_layernorm.weight", w, eps,
                                              dtype)
-        out = attn.attention(g, i, normed, layer.self_attn, spec, linears, lengths, caches,
+        out = attn.attention(g, i, normed, layer.self_attn, spec, linears, lengths, rope,
                              (past[2 * i], past[2 * i + 1]), (present[2 * i], present[2 * i + 1]))
         normed, residual = skip_rms_norm(g, out, residual, f"{name}/post_attention_layernorm",
                                          f"model.layers.{i}.post_attention_layernorm.weight",
@@ -122,14 +133,16 @@ def build_graph(decoder, weights: WeightFile, precision: Precision, max_context:
 
 
 def build_decoder(decoder, path: Path, precision: Precision, max_context: int, linears: Linears,
-                  activations: Activations = Activations.FP32, opset: int = 17) -> BuiltDecoder:
+                  activations: Activations = Activations.FP32, opset: int = 17,
+                  mrope_layout: str = "gqa") -> BuiltDecoder:
     """Write the decoder graph to `path` and its weights to `<path>_data`."""
     from edgevlm.export.onnx_io import data_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = WeightFile(data_file(path))
     try:
-        g, spec = build_graph(decoder, weights, precision, max_context, linears, activations)
+        g, spec = build_graph(decoder, weights, precision, max_context, linears, activations,
+                              mrope_layout)
     finally:
         weights.close()
     g.save(path, opset)

@@ -11,6 +11,12 @@ model's own rotary module (`inv_freq`, `attention_scaling`), computed as transfo
 them in float32, so every rope type whose frequencies do not depend on the sequence length
 (default, linear, llama3, yarn) is exact; dynamic NTK and longrope change with the length and
 are refused.
+
+M-RoPE (Qwen2-VL, Qwen2.5-VL; Wang et al. 2024, "Qwen2-VL", section 2.1): the same Qwen2 layer,
+but its rotary position is three streams (temporal, height, width), and each of the head_dim / 2
+frequencies takes its angle from one stream: `mrope_section` (e.g. [16, 24, 24]) splits the
+frequencies into consecutive runs, run i reading stream i % 3. For text the three streams are
+equal and it is the ordinary RoPE. The graph then has a `position_ids` input (mrope.py).
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevlm.families.backbones import DENSE_TEXT_TYPES, MOE_TEXT_TYPES, is_moe, o_bias, qkv_bias
+from edgevlm.families.backbones import (
+    DENSE_TEXT_TYPES,
+    MOE_TEXT_TYPES,
+    MROPE_TEXT_TYPES,
+    is_moe,
+    mrope_section,
+    o_bias,
+    qkv_bias,
+)
 
-FAMILIES = DENSE_TEXT_TYPES + MOE_TEXT_TYPES  # the decoders it writes
+FAMILIES = DENSE_TEXT_TYPES + MOE_TEXT_TYPES + MROPE_TEXT_TYPES  # the decoders it writes
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # length-independent frequencies
 HEAD_MULTIPLE = 16  # GroupQueryAttention with rotary caches: head_size % 16 == 0
 
@@ -49,6 +63,7 @@ class TextSpec:
     top_k: int = 0
     norm_topk: bool = False  # renormalise the top-k router probabilities
     moe_intermediate_size: int = 0
+    mrope_section: tuple[int, ...] | None = None  # M-RoPE: frequencies per position stream
 
 
 def _rope_type(tc) -> str:
@@ -81,6 +96,10 @@ def unsupported(tc) -> str | None:
     if head_dim % HEAD_MULTIPLE:
         return (f"head size {head_dim} (hidden_size / num_attention_heads) is not a multiple of "
                 f"{HEAD_MULTIPLE}, which onnxruntime's GroupQueryAttention with rotary needs")
+    section = mrope_section(tc)
+    if section is not None and (sum(section) != head_dim // 2 or min(section) <= 0):
+        return (f"rope_parameters mrope_section {list(section)} must be positive and sum to "
+                f"head_dim / 2 = {head_dim // 2}")
     return None
 
 
@@ -101,7 +120,8 @@ def text_spec(tc) -> TextSpec:
         max_positions=tc.max_position_embeddings,
         num_experts=tc.num_experts if moe else 0, top_k=tc.num_experts_per_tok if moe else 0,
         norm_topk=bool(getattr(tc, "norm_topk_prob", False)) and moe,
-        moe_intermediate_size=tc.moe_intermediate_size if moe else 0)
+        moe_intermediate_size=tc.moe_intermediate_size if moe else 0,
+        mrope_section=mrope_section(tc))
 
 
 def rotary_caches(rotary_emb, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,193 @@
+"""Qwen2-VL and Qwen2.5-VL behind the family adapter (issue 34): the tiny presets' prompts and
+pixels are exactly what transformers' Qwen2VLProcessor makes on square, wide, tall, tiny and
+large images; train and eval run with the model's own M-RoPE positions; export writes a patch
+vision graph (one graph for every image size) and an M-RoPE decoder that pass validation at fp32
+and int4, and the runtime's greedy answers equal transformers' on images of five sizes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgevlm.errors import UserError
+from edgevlm.families import family_of
+
+PRESETS = {"qwen2_vl": "tiny-qwen2vl", "qwen2_5_vl": "tiny-qwen2.5vl"}
+SIZES = {"square": (64, 64), "wide": (200, 60), "tall": (50, 170), "tiny": (10, 10),
+         "large": (300, 280)}
+
+
+def image(name: str) -> Image.Image:
+    w, h = SIZES[name]
+    rng = np.random.default_rng(w * 1000 + h)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _init(tmp_path_factory, tokenizer, kind: str, seed: int = 0):
+    from edgevlm.models import PRESETS as ALL
+    from edgevlm.models import init_model, save_model
+
+    out = tmp_path_factory.mktemp(kind) / "model"
+    save_model(init_model(ALL[PRESETS[kind]], copy.deepcopy(tokenizer), seed=seed), out)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def qwen_dir(request, tmp_path_factory, tokenizer):
+    """An untrained tiny model of each kind: its greedy answers vary from token to token."""
+    return _init(tmp_path_factory, tokenizer, request.param)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tokenizer, shapes_dir):
+    from edgevlm.data import load_samples
+    from edgevlm.models import load_model
+    from edgevlm.train import TrainConfig, run
+
+    start = _init(tmp_path_factory, tokenizer, "qwen2_vl")
+    out = tmp_path_factory.mktemp("qwen_trained") / "model"
+    result = run(load_model(start), load_samples(shapes_dir / "train.json"), out,
+                 TrainConfig(stage="sft", steps=40, batch_size=8, lr=2e-3, warmup=5), quiet=True)
+    return out, result
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_prompt_ids_and_pixels_equal_the_hf_processor(qwen_dir, tmp_path, name):
+    from edgevlm.data import Collator, Sample
+    from edgevlm.evaluate import prompt_text
+    from edgevlm.models import load_model
+
+    loaded = load_model(qwen_dir)
+    path = tmp_path / f"{name}.png"
+    image(name).save(path)
+    sample = Sample("s", path, (("<image>\nWhat color is the circle?", "red"),), "color")
+    ours = loaded.processor.tokenizer(prompt_text(loaded, sample), add_special_tokens=False)
+    template = loaded.processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat color is the circle?"}], tokenize=False,
+        add_generation_prompt=True)
+    hf = loaded.processor(text=[template.replace("<image>", "<|vision_start|><|image_pad|>"
+                                                            "<|vision_end|>")],
+                          images=[image(name)], return_tensors="pt", add_special_tokens=False)
+    assert ours["input_ids"] == hf["input_ids"][0].tolist()
+    t, h, w = hf["image_grid_thw"][0].tolist()
+    assert ours["input_ids"].count(loaded.image_token_id) == t * h * w // 4
+    assert 4 <= t * h * w // 4 <= loaded.num_image_tokens == 25  # min/max pixels of the preset
+    batch = Collator(loaded.processor, loaded.num_image_tokens)([sample])
+    assert np.array_equal(batch["pixel_values"].numpy(), hf["pixel_values"].numpy())
+    assert batch["image_grid_thw"].tolist() == hf["image_grid_thw"].tolist()
+    n = len(ours["input_ids"])
+    assert batch["mm_token_type_ids"][0, :n].tolist() == hf["mm_token_type_ids"][0].tolist()
+
+
+def test_training_lowers_the_loss_and_eval_runs(trained_dir, shapes_dir):
+    from edgevlm.data import load_samples
+    from edgevlm.evaluate import evaluate
+    from edgevlm.models import load_model
+
+    out, result = trained_dir
+    first = np.mean([h["loss"] for h in result.history[:5]])
+    assert result.final_loss < 0.5 * first, (first, result.final_loss)
+    scored = evaluate(load_model(out), load_samples(shapes_dir / "eval.json"), quiet=True)
+    assert scored.score.total == 16
+    assert all(p.prediction for p in scored.predictions)  # an answer for every question
+
+
+def _torch_greedy(loaded, path, new_tokens: int) -> list[int]:
+    """transformers' generate on the prompt edgevlm's data path makes, min_new_tokens so the
+    end-of-sequence token is never picked (as the runtime's min_new_tokens)."""
+    import torch
+
+    from edgevlm.data import Sample, pixel_inputs, text_inputs
+    from edgevlm.evaluate import prompt_text
+
+    tok = loaded.processor.tokenizer
+    sample = Sample("s", path, (("<image>\nWhat color is the circle?", ""),), "color")
+    ids = torch.tensor([tok(prompt_text(loaded, sample), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        gen = loaded.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            **pixel_inputs(loaded.processor, [sample]), **text_inputs(loaded.processor, ids),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return gen[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("decoder", ["builder", "traced"])
+def test_runtime_answers_equal_transformers_on_five_image_sizes(qwen_dir, tmp_path, decoder):
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import load_model
+    from edgevlm.runtime import VLM
+
+    out = tmp_path / "x"
+    result = export(qwen_dir, out, ExportConfig(precision="fp32", decoder=decoder), quiet=True)
+    assert result.parity.passed and result.parity.greedy.identical
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["decoder"]["kind"] == decoder
+    vision_inputs = manifest["io"]["vision_encoder"]["inputs"]
+    windowed = family_of(manifest["model_type"]).name == "qwen2_5_vl"
+    assert ("window_index" in vision_inputs) == windowed
+    vlm = VLM.load(out)
+    loaded = load_model(qwen_dir)
+    for name in SIZES:
+        path = tmp_path / f"{name}.png"
+        image(name).save(path)
+        got = vlm.generate(path, "What color is the circle?", max_new_tokens=10,
+                           min_new_tokens=10)
+        want = _torch_greedy(loaded, path, 10)
+        assert list(got.token_ids) == want, name
+    assert len({tuple(vlm.generate(tmp_path / f"{n}.png", "What color is the circle?",
+                                   max_new_tokens=10, min_new_tokens=10).token_ids)
+                for n in SIZES}) > 1  # the image reaches the answer
+
+
+def test_int4_export_of_a_trained_model_passes_validation(trained_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+
+    out = tmp_path / "x4"
+    result = export(trained_dir[0], out, ExportConfig(precision="int4"), quiet=True)
+    assert result.parity.passed
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["components"]["decoder_model_merged"]["precision"] == "int4"
+    assert manifest["vision_int8"]["relative_error"] < 0.05
+    assert manifest["io"]["decoder_model_merged"]["inputs"]["position_ids"] == \
+        [3, "batch_size", "sequence_length"]
+
+
+def test_mobile_profile_is_refused_by_name(trained_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+
+    with pytest.raises(UserError, match="--profile mobile fixes every graph's shapes.*qwen2_vl"
+                                        ".*default or gpu profile"):
+        export(trained_dir[0], tmp_path / "m", ExportConfig(profile="mobile"), quiet=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_video_config_and_bad_rope_sections_are_refused(tokenizer):
+    from edgevlm.models import PRESETS as ALL
+    from edgevlm.models import init_model
+
+    cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+    with pytest.raises(UserError, match=r"mrope_section \[4, 4, 4\] sums to 12, not "
+                                        r"head_dim/2 = 16"):
+        init_model(cfg, copy.deepcopy(tokenizer))
+    cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
+    cfg["input_modalities"] = ["image", "video"]
+    with pytest.raises(UserError, match="video input is not supported yet"):
+        init_model(cfg, copy.deepcopy(tokenizer))
+
+
+def test_an_image_of_extreme_aspect_ratio_is_one_line(qwen_dir, tmp_path):
+    from edgevlm.data import Collator, Sample
+    from edgevlm.models import load_model
+
+    loaded = load_model(qwen_dir)
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (4020, 20)).save(path)
+    sample = Sample("s", path, (("<image>\nWhat is it?", "a strip"),), "x")
+    with pytest.raises(UserError, match="image of 4020x20.*crop it nearer to square"):
+        Collator(loaded.processor, loaded.num_image_tokens).encode(sample)
