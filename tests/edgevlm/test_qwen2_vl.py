@@ -191,3 +191,79 @@ def test_an_image_of_extreme_aspect_ratio_is_one_line(qwen_dir, tmp_path):
     sample = Sample("s", path, (("<image>\nWhat is it?", "a strip"),), "x")
     with pytest.raises(UserError, match="image of 4020x20.*crop it nearer to square"):
         Collator(loaded.processor, loaded.num_image_tokens).encode(sample)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "qvlm"])
+def test_quantize_with_the_vision_tower_and_export_its_integers(trained_dir, shapes_dir,
+                                                                 tmp_path, method):
+    """Each method quantizes the decoder and (--quantize-vision) the tower and merger; the int4
+    export carries the checkpoint's own integers (saved under Qwen2-VL's original key names,
+    model.layers.* and visual.*) and passes validation against torch holding them."""
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.quant import QuantConfig, quantize
+    from edgevlm.quant.checkpoint import packed_module_names
+
+    q = quantize(trained_dir[0], tmp_path / "q", QuantConfig(
+        method=method, group_size=32, calib_samples=16, quantize_vision=True),
+        calib=shapes_dir / "train.json")
+    names = packed_module_names(q.out_dir)
+    # 2 decoder layers x 7 Linears, 2 tower blocks x 4, the merger's 2
+    assert len(names) == 24
+    assert sum(n.startswith("model.visual.") for n in names) == 10
+    assert all(n.startswith(("model.visual.", "model.language_model.")) for n in names)
+    out = tmp_path / "x"
+    result = export(q.out_dir, out, ExportConfig(precision="int4"), quiet=True)
+    assert result.parity.passed and result.parity.greedy.identical
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["int4_source"] == "checkpoint"
+    assert manifest["parity"]["graph_check"]["max_abs"] < 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_student_dir(tmp_path_factory, tokenizer):
+    """A narrower, one-layer Qwen2-VL under the same tower; the merger's output width follows
+    the decoder's."""
+    from edgevlm.models import PRESETS as ALL
+    from edgevlm.models import init_model, save_model
+
+    cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
+    cfg["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)
+    del cfg["vision_config"]["hidden_size"]
+    out = tmp_path_factory.mktemp("qwen_student") / "model"
+    save_model(init_model(cfg, copy.deepcopy(tokenizer), seed=1), out)
+    return out
+
+
+def test_llava_kd_between_two_qwen2_vl_models(trained_dir, small_student_dir, shapes_dir,
+                                              tmp_path):
+    from edgevlm import train
+    from edgevlm.distill.stages import DistillConfig, distill
+    from edgevlm.models import load_model
+
+    cfg = DistillConfig(stages="dpt,sft,dft", dpt_steps=6, train=train.TrainConfig(
+        steps=12, batch_size=8, lr=3e-3, warmup=2, save_every=100))
+    res = distill(trained_dir[0], small_student_dir, shapes_dir / "train.json", tmp_path / "kd",
+                  cfg, pretrain_data=shapes_dir / "pretrain.json", quiet=True)
+    assert [r.stage for r in res.stages] == ["dpt", "sft", "dft"]
+    final = load_model(tmp_path / "kd" / "final")
+    assert final.model.config.text_config.hidden_size == 64
+    assert final.model.config.vision_config.hidden_size == 64
+
+
+def test_llava_mod_is_refused_by_name_and_a_wrong_merger_width_too(
+        trained_dir, small_student_dir, shapes_dir, tokenizer, tmp_path):
+    from edgevlm.distill.mod import ModConfig, distill_mod
+    from edgevlm.models import PRESETS as ALL
+    from edgevlm.models import init_model
+
+    with pytest.raises(UserError, match="no mixture-of-experts decoder for a qwen2_vl model.*"
+                                        "--recipe llava-kd"):
+        distill_mod(trained_dir[0], small_student_dir, shapes_dir / "train.json",
+                    tmp_path / "mod", ModConfig(), quiet=True)
+    assert not (tmp_path / "mod").exists()
+    cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
+    cfg["vision_config"]["hidden_size"] = 96
+    with pytest.raises(UserError, match="vision_config.hidden_size 96 is the merger's output "
+                                        "width and must equal text_config.hidden_size 128"):
+        init_model(cfg, copy.deepcopy(tokenizer))

@@ -49,6 +49,7 @@ from edgevlm.distill.stages import (
     load_teacher,
 )
 from edgevlm.errors import UserError
+from edgevlm.families import family_of
 from edgevlm.models.moe import AUX_LOSS_WEIGHT, MoESpec, RouterLogits, is_moe, load_balance_loss
 from edgevlm.train import TrainConfig
 
@@ -224,6 +225,12 @@ def distill_mod(teacher_dir, student_dir, data, out, cfg: ModConfig = ModConfig(
 
 def _check_inputs(stages: tuple[str, ...], student_cfg: dict, data, pref_data) -> None:
     """The stages fit the student (dense or already sparse) and have the data they need."""
+    family = family_of(student_cfg)
+    if not family.moe_text and ("upcycle" in stages or "sparse" in stages):
+        raise UserError(f"LLaVA-MoD's student is a mixture of experts, and transformers has no "
+                        f"mixture-of-experts decoder for a {family.name} model (its decoder is "
+                        "its own M-RoPE Qwen2): use --recipe llava-kd for this family, or a llava "
+                        "student")
     starts_sparse = is_moe(student_cfg.get("text_config", {}))
     if starts_sparse and ("dense" in stages or "upcycle" in stages):
         raise UserError("the student is already a mixture of experts; the dense and upcycle "

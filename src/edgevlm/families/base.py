@@ -51,6 +51,9 @@ class Family:
     # (model, input_ids, pixel inputs, processor) -> (position_ids (3, B, S), delta (B, 1)):
     # an M-RoPE family's positions, as the model lays them out
     rope_index: Callable[[Any, Any, dict, Any], Any] | None = None
+    # whether the model class takes a mixture-of-experts text config (LLaVA-MoD's student):
+    # LLaVA and Idefics3 build any text model; Qwen2-VL's decoder is its own class
+    moe_text: bool = True
 
     @property
     def tiled(self) -> bool:

@@ -185,6 +185,18 @@ def image_processor_for(min_pixels: int, max_pixels: int, vision_config):
         merge_size=vision_config.spatial_merge_size)
 
 
+def _merger_width(cfg: dict, key: str) -> None:
+    """The patch merger writes the decoder's width (vision_config[key]: Qwen2-VL's hidden_size,
+    Qwen2.5-VL's out_hidden_size): set it from the text config, or refuse a different one."""
+    width, vc = cfg["text_config"].get("hidden_size"), cfg["vision_config"]
+    if width is None:
+        return
+    if vc.get(key, width) != width:
+        raise UserError(f"config: vision_config.{key} {vc[key]} is the merger's output width and "
+                        f"must equal text_config.hidden_size {width}; set both alike")
+    vc[key] = width
+
+
 def build(cfg: dict, tokenizer, seed: int, classes: tuple[str, str] = (
         "Qwen2VLConfig", "Qwen2VLForConditionalGeneration")):
     """A random Qwen2-VL (or, by `classes`, Qwen2.5-VL) and its processor around `tokenizer`
@@ -200,6 +212,7 @@ def build(cfg: dict, tokenizer, seed: int, classes: tuple[str, str] = (
                                  replace_extra_special_tokens=False)
     ids = dict(zip(MARKERS, tokenizer.convert_tokens_to_ids(MARKERS), strict=True))
     tc = cfg["text_config"]
+    _merger_width(cfg, "out_hidden_size" if "2_5" in classes[0] else "hidden_size")
     tc["vocab_size"] = len(tokenizer)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         tc[key] = getattr(tokenizer, key)
@@ -247,6 +260,12 @@ FAMILY = Family(
     pixel_inputs=pixel_inputs,
     check_config=check_config,
     image_token_key="image_token_id",
+    # transformers saves Qwen2-VL under the original checkpoints' names (model.layers.*,
+    # visual.*); names already in the module layout map to themselves
+    legacy_keys=(("model.language_model.", "model.language_model."),
+                 ("model.visual.", "model.visual."),
+                 ("visual.", "model.visual."),
+                 ("model.", "model.language_model.")),
     expansion_needs_image=True,
     image_layout="patches",
     positions="mrope",
@@ -256,6 +275,7 @@ FAMILY = Family(
     vision_graph=vision_graph,
     patch_kind=patch_kind,
     rope_index=rope_index,
+    moe_text=False,
 )
 
 QWEN2_5_VL = replace(FAMILY, name="qwen2_5_vl", model_types=("qwen2_5_vl",),
