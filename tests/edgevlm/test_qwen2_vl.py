@@ -267,3 +267,62 @@ def test_llava_mod_is_refused_by_name_and_a_wrong_merger_width_too(
     with pytest.raises(UserError, match="vision_config.hidden_size 96 is the merger's output "
                                         "width and must equal text_config.hidden_size 128"):
         init_model(cfg, copy.deepcopy(tokenizer))
+
+
+QWEN_VISION = {"model_type": "qwen2_vl",
+               "vision_config": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2,
+                                 "patch_size": 14, "spatial_merge_size": 2,
+                                 "temporal_patch_size": 2},
+               "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+
+
+def test_a_llama_lm_grafted_into_qwen2_vl_keeps_its_text_answers(tmp_path):
+    """A Llama LM (here through GGUF, as SmolLM2 ships) becomes Qwen2-VL's decoder with zero
+    q/k/v biases: on text, whose three position streams are equal, its logits and greedy
+    answers are the LM's, in torch and in the exported graphs."""
+    import torch
+
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import create, load_model
+    from edgevlm.runtime import VLM
+    from tests.edgevlm.test_text_lm import text_logits, write_gguf
+
+    lm, tok, path = write_gguf(tmp_path, tensor_type="F32")
+    (tmp_path / "qwen.json").write_text(json.dumps(QWEN_VISION))
+    create(tmp_path / "vlm", config_path=tmp_path / "qwen.json", text_from=path)
+    loaded = load_model(tmp_path / "vlm")
+    tc = loaded.model.config.text_config
+    assert tc.model_type == "qwen2_vl_text" and tc.rope_parameters["mrope_section"] == [2, 3, 3]
+    text = "the red circle is left of the blue square"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ours, ref = text_logits(loaded.model, ids), text_logits(lm, ids)
+    assert (ours[:, : ref.shape[-1]] - ref).abs().max() < 1e-5
+    with torch.no_grad():
+        want = lm.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False)[0, len(ids):].tolist()
+        got = loaded.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8,
+                                    min_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert got == want
+    out = tmp_path / "x"
+    export(tmp_path / "vlm", out, ExportConfig(precision="fp32"), quiet=True)
+    vlm = VLM.load(out)
+    prompt = vlm.tokenizer.encode(vlm.template.render(vlm.messages(None, text),
+                                                      add_generation_prompt=True))
+    with torch.no_grad():
+        want = lm.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False)[0, len(prompt):].tolist()
+    assert list(vlm.generate(None, text, max_new_tokens=8, min_new_tokens=8).token_ids) == want
+
+
+def test_an_lm_that_cannot_be_qwen2_vls_decoder_is_named():
+    from edgevlm.families.qwen2_vl import text_config_from
+
+    lm = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}
+    with pytest.raises(UserError, match="rope type 'llama3' has no M-RoPE form"):
+        text_config_from(lm)
+    with pytest.raises(UserError, match="a 'gemma' LM cannot become a Qwen2-VL decoder"):
+        text_config_from({**lm, "model_type": "gemma"})
+    with pytest.raises(UserError, match="head_dim 8 must be hidden_size / heads and a multiple "
+                                        "of 16"):
+        text_config_from({**lm, "hidden_size": 32, "rope_parameters": None})

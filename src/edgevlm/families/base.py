@@ -54,6 +54,9 @@ class Family:
     # whether the model class takes a mixture-of-experts text config (LLaVA-MoD's student):
     # LLaVA and Idefics3 build any text model; Qwen2-VL's decoder is its own class
     moe_text: bool = True
+    # a pretrained LM's text config (llama / qwen2) -> this family's decoder config, where the
+    # family has its own decoder class (init --text-from); None: the LM's config as it is
+    text_config_from: Callable[[dict], dict] | None = None
 
     @property
     def tiled(self) -> bool:

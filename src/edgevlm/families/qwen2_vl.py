@@ -151,6 +151,39 @@ def image_features(model, inputs: dict):
     return torch.cat(list(out.pooler_output))
 
 
+LM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+           "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
+           "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+           "initializer_range")
+
+
+def text_config_from(lm: dict, kind: str = "qwen2_vl_text") -> dict:
+    """A Llama or Qwen2 LM's config as Qwen2-VL's decoder: the same sizes, norms and rotary
+    base, with M-RoPE sections in Qwen2-VL's proportions (2:3:3 of head_dim / 2). Its q/k/v
+    biases start at zero (models.text_lm.graft), so text tokens, whose three position streams
+    are equal, get exactly the LM's logits."""
+    if lm.get("model_type") not in ("llama", "qwen2"):
+        raise UserError(f"--text-from: a {lm.get('model_type')!r} LM cannot become a Qwen2-VL "
+                        "decoder; give a llama or qwen2 LM")
+    if lm.get("attention_bias") or lm.get("mlp_bias"):
+        raise UserError("--text-from: the LM has attention or MLP output biases, which Qwen2-VL's "
+                        "decoder lacks; give an LM without them")
+    head_dim = lm.get("head_dim") or lm["hidden_size"] // lm["num_attention_heads"]
+    if head_dim * lm["num_attention_heads"] != lm["hidden_size"] or head_dim % 16:
+        raise UserError(f"--text-from: head_dim {head_dim} must be hidden_size / heads and a "
+                        "multiple of 16 for M-RoPE's 2:3:3 sections")
+    params = lm.get("rope_parameters") or {"rope_type": "default",
+                                           "rope_theta": lm.get("rope_theta", 10000.0)}
+    if params.get("rope_type", "default") != "default":
+        raise UserError(f"--text-from: rope type {params.get('rope_type')!r} has no M-RoPE form; "
+                        "give an LM with plain rotary positions")
+    quarter = head_dim // 8
+    out = {k: lm[k] for k in LM_KEYS if lm.get(k) is not None}
+    return {**out, "model_type": kind, "rope_parameters": {
+        "rope_type": "default", "rope_theta": params["rope_theta"],
+        "mrope_section": [quarter, 3 * head_dim // 16, 3 * head_dim // 16]}}
+
+
 def check_config(cfg: dict, where: str) -> None:
     """Reject a Qwen2-VL config dict whose sizes cannot work, naming the field."""
     vc, tc = cfg.get("vision_config"), cfg.get("text_config")
@@ -276,9 +309,11 @@ FAMILY = Family(
     patch_kind=patch_kind,
     rope_index=rope_index,
     moe_text=False,
+    text_config_from=text_config_from,
 )
 
 QWEN2_5_VL = replace(FAMILY, name="qwen2_5_vl", model_types=("qwen2_5_vl",),
                      model_class="Qwen2_5_VLForConditionalGeneration",
                      build=partial(build, classes=("Qwen2_5_VLConfig",
-                                                   "Qwen2_5_VLForConditionalGeneration")))
+                                                   "Qwen2_5_VLForConditionalGeneration")),
+                     text_config_from=partial(text_config_from, kind="qwen2_5_vl_text"))

@@ -51,7 +51,11 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
         from edgevlm.models.text_lm import graft, load_text_lm, text_config_of
 
         lm = load_text_lm(text_from)
-        cfg = {**cfg, "text_config": text_config_of(lm)}
+        text_cfg = text_config_of(lm)
+        family = family_of(cfg.get("model_type", "llava"))
+        if family.text_config_from is not None:  # the family's own decoder (Qwen2-VL's)
+            text_cfg = family.text_config_from(text_cfg)
+        cfg = {**cfg, "text_config": text_cfg}
         tokenizer = lm.tokenizer
     elif tokenizer_from is not None:
         from transformers import AutoTokenizer

@@ -143,4 +143,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_pixels": 28 * 28 * 4,
         "max_pixels": 28 * 28 * 25,
     },
+    # Qwen2-VL's shape around the real SmolLM2 (`--text-from`; its Llama layers become Qwen2-VL's
+    # decoder with zero q/k/v biases and M-RoPE sections 8:12:12): a 4-layer tower of 14-px
+    # patches, 2 x 2 merge, images of 4..196 merged tokens (a 392 x 392 image gives 196, the
+    # LLaVA row's count at 224 px).
+    "qwen2vl-smollm2": {
+        "model_type": "qwen2_vl",
+        "vision_config": {"depth": 4, "embed_dim": 192, "num_heads": 3, "mlp_ratio": 4,
+                          "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "text_config": {**{k: v for k, v in _SMOLLM2_TEXT.items() if k != "rope_theta"},
+                        "model_type": "qwen2_vl_text",
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0,
+                                            "mrope_section": [8, 12, 12]}},
+        "min_pixels": 28 * 28 * 4,
+        "max_pixels": 28 * 28 * 196,
+    },
 }

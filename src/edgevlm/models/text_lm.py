@@ -179,7 +179,12 @@ def graft(loaded, lm: TextLM) -> None:
     text = part(model, "language_model")
     with torch.no_grad():
         missing, unexpected = text.load_state_dict(state, strict=False)
-        assert missing == ["embed_tokens.weight"] and not unexpected, \
+        # a Qwen2 decoder under a Llama LM (Qwen2-VL's): q/k/v biases the LM lacks, set to zero,
+        # so the layer computes exactly what the LM's does
+        biases = [n for n in missing if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+        for name in biases:
+            text.get_parameter(name).zero_()
+        assert sorted(set(missing) - set(biases)) == ["embed_tokens.weight"] and not unexpected, \
             f"LM weights do not fit: {missing} {unexpected}"
         # A family whose processor adds tokens (Idefics3's image markers) has more rows than
         # the LM: the LM's rows are copied, the new ones start at the mean embedding.
