@@ -92,3 +92,29 @@ def test_tied_int4_embedding_reads_the_heads_blocks(clip_llama_config, tokenizer
     ids = _prompt_ids(tmp_path / "tied")
     want = _torch_greedy(model, ids)
     assert _genai_greedy(out, ids) == want and len(set(want)) > 4
+
+
+def test_genai_runs_a_qwen2_vl_text_decoder_as_the_runtime(tokenizer, tmp_path):
+    """A Qwen2-VL builder export's text graph under genai's qwen2_5_vl_text type: genai feeds
+    the three equal M-RoPE streams of text positions, and its greedy tokens equal the runtime's
+    on a text-only prompt. (Images through genai: docs/families.md, "Qwen2-VL in other
+    runtimes".)"""
+    import copy
+
+    from edgevlm.models import PRESETS, init_model, save_model
+    from edgevlm.runtime import VLM
+
+    model_dir = tmp_path / "model"
+    save_model(init_model(PRESETS["tiny-qwen2vl"], copy.deepcopy(tokenizer), seed=0), model_dir)
+    out = tmp_path / "out"
+    export(model_dir, out, ExportConfig(validate=False), quiet=True)
+    model = json.loads((out / contract.GENAI_CONFIG).read_text())["model"]
+    assert model["type"] == "qwen2_5_vl_text"
+    assert model["decoder"]["inputs"]["position_ids"] == "position_ids"
+    vlm = VLM.load(out, provider="cpu", threads=1)
+    question = "What color is the circle?"
+    ids = vlm.tokenizer.encode(vlm.template.render(vlm.messages(None, question),
+                                                   add_generation_prompt=True))
+    ours = vlm.generate(None, question, max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    assert _genai_greedy(out, ids) == list(ours.token_ids)
+    assert len(set(ours.token_ids)) > 1

@@ -56,8 +56,16 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
       subtracts. So the count is written as patches + (num_image_tokens - patches) under
       "full", which both read the same way. That strategy field only counts tokens; the model's
       own selection (config.json's vision_feature_select_strategy, e.g. CLIP's CLS drop) is
-      unchanged and already inside the vision encoder graph."""
+      unchanged and already inside the vision encoder graph;
+    - a Qwen2-VL config.json also carries its text sizes at the top level (FLAT_TEXT_SIZES),
+      where transformers.js reads them; its processor files need nothing else (transformers.js's
+      Qwen2VLProcessor expands `<|image_pad|>` by the image's grid as transformers does)."""
     family = family_of(info["model_type"])
+    if family.image_layout == "patches":  # Qwen2-VL: its processor files say it all
+        _name_processor(out_dir, family.processor_class)
+        _flat_text_sizes(out_dir)
+        _template_into_tokenizer(out_dir, info)
+        return
     if family.image_layout != "fixed":  # its processor files say it all, but the
         # export's own tiling (--[no-]image-splitting) goes where transformers(.js) read it
         _name_processor(out_dir, family.processor_class, {
@@ -77,6 +85,21 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
                 num_additional_image_tokens=info["vision_tokens"] - patches)
     proc_path.write_text(json.dumps(proc, indent=2) + "\n")
     _template_into_tokenizer(out_dir, info)
+
+
+# The text sizes transformers.js reads from the top level of a qwen2_vl config.json (the Hub's
+# Qwen2-VL configs are flat; transformers 5 nests them in text_config): without them it makes no
+# past_key_values for the decoder. transformers loads the config alike with or without them.
+FLAT_TEXT_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                   "num_key_value_heads")
+
+
+def _flat_text_sizes(out_dir: Path) -> None:
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    text = config.get("text_config") or {}
+    config.update({k: text[k] for k in FLAT_TEXT_SIZES if k in text and k not in config})
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _name_processor(out_dir: Path, processor_class: str, settings: dict | None = None) -> None:

@@ -105,11 +105,14 @@ def vision_inputs(loaded):
 
 
 def _patch_feeds(model, inputs: dict) -> list[dict]:
-    """A patch vision graph's feeds (Qwen2-VL), one image per call."""
-    encoder = family_of(model).vision_graph(model)
+    """A patch vision graph's feeds (Qwen2-VL), one image per call, under the contract's names."""
+    family = family_of(model)
+    encoder = family.vision_graph(model)
+    names = list(contract.vision_io(patches=family.patch_kind(model.config)).inputs)
     grids = inputs["image_grid_thw"]
     rows = np.cumsum([0] + [int(g.prod()) for g in grids])
-    return [encoder.feeds(inputs["pixel_values"][rows[i]:rows[i + 1]], grids[i:i + 1])
+    return [dict(zip(names, encoder.feeds(inputs["pixel_values"][rows[i]:rows[i + 1]],
+                                          grids[i:i + 1]), strict=True))
             for i in range(len(grids))]
 
 

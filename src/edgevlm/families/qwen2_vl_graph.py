@@ -1,5 +1,6 @@
 """The Qwen2-VL / Qwen2.5-VL vision encoder as the exporter traces it: one image per call,
-`pixel_values` (N patches, C·T·P·P) and `image_grid_thw` (1, 3) in, `image_features`
+`pixel_values` (N patches, C·T·P·P) and the grid (1, 3) in (`grid_thw` for Qwen2-VL,
+`image_grid_thw` for Qwen2.5-VL: runtime.contract.PATCH_GRID_INPUTS), `image_features`
 (N / merge², D_text) out, for any image size.
 
 transformers' tower splits attention by `cu_seqlens` with Python lists and builds its rotary
@@ -51,7 +52,7 @@ def _attend(block, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
 
 
 class PatchVisionEncoder(nn.Module):
-    """pixel_values (N, C·T·P·P), image_grid_thw (1, 3) [, window_index, cu_window_seqlens]
+    """pixel_values (N, C·T·P·P), grid (1, 3) [, window_index, cu_window_seqlens]
     -> image_features (N / merge², D_text); equals the model's get_image_features."""
 
     def __init__(self, model):
@@ -90,19 +91,19 @@ class PatchVisionEncoder(nn.Module):
                                             patch_size=tower.patch_size)
         return (*args, index, torch.as_tensor(cu, dtype=torch.int64))
 
-    def feeds(self, pixel_values, grid) -> dict:
-        """The graph's numpy feeds for one image: its patches (N, C·T·P·P) and grid (1, 3), and
-        for a windowed tower the window order and bounds (as transformers computes them)."""
+    def feeds(self, pixel_values, grid) -> tuple:
+        """The graph's numpy inputs for one image, in its input order (the caller names them by
+        runtime.contract.vision_io): its patches (N, C·T·P·P) and grid (1, 3), and for a
+        windowed tower the window order and bounds (as transformers computes them)."""
         from transformers.vision_utils import get_vision_window_index
 
-        out = {"pixel_values": pixel_values.float().numpy(), "image_grid_thw": grid.numpy()}
-        if self.windowed:
-            index, cu = get_vision_window_index(grid, spatial_merge_size=self.merge,
-                                                window_size=self.tower.window_size,
-                                                patch_size=self.tower.patch_size)
-            out.update(window_index=index.numpy().astype("int64"),
-                       cu_window_seqlens=torch.as_tensor(cu).numpy().astype("int64"))
-        return out
+        out = (pixel_values.float().numpy(), grid.numpy())
+        if not self.windowed:
+            return out
+        index, cu = get_vision_window_index(grid, spatial_merge_size=self.merge,
+                                            window_size=self.tower.window_size,
+                                            patch_size=self.tower.patch_size)
+        return (*out, index.numpy().astype("int64"), torch.as_tensor(cu).numpy().astype("int64"))
 
     def forward(self, pixel_values, image_grid_thw, window_index=None, cu_window_seqlens=None):
         tower = self.tower

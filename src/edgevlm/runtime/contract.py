@@ -160,14 +160,22 @@ def genai_graph_file(precision: Precision) -> str:
     return f"{ONNX_DIR}/genai_decoder{SUFFIXES[precision]}.onnx"
 
 
+# The grid input of each patch vision graph, named as transformers.js feeds it:
+# Qwen2VLForConditionalGeneration passes `grid_thw`, Qwen2_5_VLForConditionalGeneration
+# `image_grid_thw` (tests/runtime/test_transformers_js_qwen2_vl.py). onnxruntime-genai feeds
+# `image_grid_thw` only (docs/families.md, "Qwen2-VL in other runtimes").
+PATCH_GRID_INPUTS = {"full": "grid_thw", "windowed": "image_grid_thw"}
+
+
 def vision_io(tiled: bool = False, scores: bool = False, patches: str | None = None) -> GraphIO:
     """One image per row (LLaVA); `tiled` (Idefics3 / SmolVLM, transformers.js's layout): the
     tiles of each image, with their pixel mask, in; every tile's tokens out. `scores`: a LLaVA
     graph also gives each image token's attention score, for `--token-select visionzip`.
     `patches` (Qwen2-VL): one image at its own resolution as flat patches and its (t, h, w)
-    grid, "windowed" (Qwen2.5-VL) with the window order and bounds the runtime computes."""
+    grid (PATCH_GRID_INPUTS names it), "windowed" (Qwen2.5-VL) with the window order and bounds
+    the runtime computes."""
     if patches is not None:
-        inputs = {"pixel_values": ("num_patches", "patch_dim"), "image_grid_thw": (1, 3)}
+        inputs = {"pixel_values": ("num_patches", "patch_dim"), PATCH_GRID_INPUTS[patches]: (1, 3)}
         if patches == "windowed":
             inputs.update(window_index=("image_tokens",), cu_window_seqlens=("windows_plus_1",))
         return GraphIO(inputs=inputs, outputs={"image_features": ("image_tokens", "hidden")})

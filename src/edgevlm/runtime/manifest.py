@@ -89,9 +89,7 @@ class ExportInfo:
     @property
     def patches(self) -> str | None:
         """A patch family's vision IO ("full" or "windowed"; runtime.contract.vision_io)."""
-        if self.patch_family is None:
-            return None
-        return "full" if self.patch_family.window_size is None else "windowed"
+        return None if self.patch_family is None else self.patch_family.kind
 
     @property
     def max_tokens(self) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevlm.runtime import mrope, patches
+from edgevlm.runtime import contract, mrope, patches
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,14 @@ class PatchFamily:
             run = [self.vision_start_id] + run + [self.vision_end_id]
         return before + run + after
 
+    @property
+    def kind(self) -> str:
+        """The vision graph's patch IO ("full" or "windowed"; runtime.contract.vision_io)."""
+        return "full" if self.window_size is None else "windowed"
+
     def feeds(self, pixel_values: np.ndarray, grid) -> dict:
-        out = {"pixel_values": pixel_values, "image_grid_thw": np.asarray([grid], np.int64)}
+        out = {"pixel_values": pixel_values,
+               contract.PATCH_GRID_INPUTS[self.kind]: np.asarray([grid], np.int64)}
         if self.window_size is not None:
             w = mrope.window_index([grid], self.window_size, self.config.patch_size,
                                    self.config.merge_size)
