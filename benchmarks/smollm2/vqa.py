@@ -1,14 +1,17 @@
 """A VQA model on the real LM: SmolLM2-135M under a from-scratch SigLIP tower, LLaVA-1.5 recipe.
 
     python -m benchmarks.smollm2.vqa [--stage1-steps 150] [--stage2-steps 150]
-        [--family llava|smolvlm]
+        [--family llava|smolvlm|qwen2vl]
 
 (the `vqa` step of the chain, `python -m benchmarks.smollm2 vqa`)
 
 `--family smolvlm` makes the same recipe's SmolVLM: preset smolvlm-smollm2 (Idefics3, the
 same tower as an Idefics3 tower, pixel shuffle 2, images split 2 x 2 plus the global image:
 245 image tokens against the LLaVA's 196), runs/smolvlm-smollm2*, and
-benchmarks/results/smolvlm_vqa.json.
+benchmarks/results/smolvlm_vqa.json. `--family qwen2vl`: preset qwen2vl-smollm2 (Qwen2-VL: the
+SmolLM2 layers as its M-RoPE decoder, a 4-layer tower of 14-px patches; the shapes images grow
+to 392 x 392 px, 196 tokens, the LLaVA's count), runs/qwen2vl-smollm2*,
+benchmarks/results/qwen2vl_vqa.json.
 
 Stage 1 (`edgevlm train --stage pretrain --train-vision`) trains the projector and the
 from-scratch vision tower on the shapes captions with the LM frozen; stage 2 (`--stage sft`) is
@@ -31,6 +34,11 @@ import os
 from pathlib import Path
 
 from benchmarks import harness
+
+# --family -> (runs/ name, init preset, results file)
+FAMILIES = {"llava": ("smollm2-llava", "llava-smollm2", "smollm2_vqa.json"),
+            "smolvlm": ("smolvlm-smollm2", "smolvlm-smollm2", "smolvlm_vqa.json"),
+            "qwen2vl": ("qwen2vl-smollm2", "qwen2vl-smollm2", "qwen2vl_vqa.json")}
 
 
 def _eval(model: Path, data: Path | None, text: Path | None) -> dict:
@@ -60,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--stage1-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
-    ap.add_argument("--family", choices=["llava", "smolvlm"], default="llava")
+    ap.add_argument("--family", choices=list(FAMILIES), default="llava")
     args = ap.parse_args(argv)
     record = harness.Record.start(__spec__.name, argv)
-    name = "smollm2-llava" if args.family == "llava" else "smolvlm-smollm2"
+    name, preset, results = FAMILIES[args.family]
 
     import torch
 
@@ -84,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     if not text.exists():
         text.write_text(pydoc_text(), encoding="utf-8")
     if not base.exists():
-        make(base, preset="llava-smollm2" if args.family == "llava" else "smolvlm-smollm2")
-    path = args.out / ("smollm2_vqa.json" if args.family == "llava" else "smolvlm_vqa.json")
+        make(base, preset=preset)
+    path = args.out / results
     result = harness.load(path)
     result["threads"] = 2
 

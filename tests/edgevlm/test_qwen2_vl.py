@@ -326,3 +326,45 @@ def test_an_lm_that_cannot_be_qwen2_vls_decoder_is_named():
     with pytest.raises(UserError, match="head_dim 8 must be hidden_size / heads and a multiple "
                                         "of 16"):
         text_config_from({**lm, "hidden_size": 32, "rope_parameters": None})
+
+
+def test_pixel_bounds_at_export_and_at_load(trained_dir, tmp_path):
+    """--max-pixels at export shrinks large images (recorded in edgevlm.json and the processor
+    files, which transformers reads alike); VLM.load(max_pixels=) overrides it; a LLaVA export
+    or a bad bound is one line."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.runtime import VLM
+
+    out = tmp_path / "x"
+    export(trained_dir[0], out, ExportConfig(precision="fp32", max_pixels=28 * 28 * 9,
+                                             min_pixels=28 * 28 * 4), quiet=True)
+    manifest = json.loads((out / "edgevlm.json").read_text())
+    assert manifest["image_processor"]["size"] == {"shortest_edge": 3136, "longest_edge": 7056}
+    assert manifest["num_image_tokens"] == 9
+    hf = Qwen2VLImageProcessorPil.from_pretrained(out)
+    path = tmp_path / "large.png"
+    image("large").save(path)
+    shrunk = int(hf(images=[image("large")], return_tensors="np")["image_grid_thw"].prod()) // 4
+    assert shrunk == 6  # 300 x 280 px -> 84 x 56 px under 7,056 pixels
+    small = VLM.load(out).generate(path, "What color is the circle?", max_new_tokens=2)
+    big = VLM.load(out, max_pixels=28 * 28 * 25).generate(path, "What color is the circle?",
+                                                          max_new_tokens=2)
+    assert big.timings.n_prompt_tokens - small.timings.n_prompt_tokens == 20 - shrunk
+    with pytest.raises(UserError, match="min_pixels"):
+        VLM.load(out, min_pixels=28 * 28 * 30)  # over max_pixels
+    with pytest.raises(UserError, match="--min-pixels 100000 is over --max-pixels 7056"):
+        export(trained_dir[0], tmp_path / "bad", ExportConfig(min_pixels=100000,
+                                                              max_pixels=7056), quiet=True)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_pixel_bounds_on_a_llava_model_are_refused(micro_model_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+
+    with pytest.raises(UserError, match="--min-pixels / --max-pixels bound a llava model's "
+                                        "images only if"):
+        export(micro_model_dir, tmp_path / "x", ExportConfig(max_pixels=50176), quiet=True)

@@ -60,6 +60,11 @@ def export_(
         None, "--image-splitting/--no-image-splitting", help="Idefics3 / SmolVLM: cut images "
         "into tiles plus the global image, or take the global image only (default: the model's "
         "processor; --profile mobile needs --no-image-splitting)"),
+    min_pixels: Optional[int] = typer.Option(None, help="Qwen2-VL: the fewest pixels an image "
+                                             "is resized to (default: the model's processor)"),
+    max_pixels: Optional[int] = typer.Option(None, help="Qwen2-VL: the most pixels an image is "
+                                             "resized to; larger images shrink (default: the "
+                                             "model's processor)"),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json"),
@@ -73,7 +78,8 @@ def export_(
                        overwrite=overwrite, external_data=True if external_data else None,
                        profile=profile, max_context=max_context, decoder=decoder,
                        accuracy_level=accuracy_level, visual_tokens=visual_tokens,
-                       token_select=token_select, image_splitting=image_splitting)
+                       token_select=token_select, image_splitting=image_splitting,
+                       min_pixels=min_pixels, max_pixels=max_pixels)
     result = export(model, out, cfg, quiet=quiet or as_json)
     rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
     for name, f in result.components.items():

@@ -57,6 +57,8 @@ class ExportConfig:
     token_select: str | None = None  # divprune | visionzip, with visual_tokens
     image_splitting: bool | None = None  # a tiled family's recipe: split images into tiles;
     # None: the model's processor's setting
+    min_pixels: int | None = None  # a patch family's (Qwen2-VL) resize bounds, in pixels;
+    max_pixels: int | None = None  # None: the model's processor's
 
     def __post_init__(self):
         if self.profile not in contract.PROFILES:

@@ -162,6 +162,31 @@ def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) 
                         "with --profile default")
 
 
+def _set_pixel_bounds(loaded, config: ExportConfig):
+    """--min-pixels / --max-pixels into a patch family's processor (the reference, manifest and
+    processor files read them there); the most tokens an image can now take."""
+    family = family_of(loaded.model)
+    if not (config.min_pixels or config.max_pixels):
+        return loaded
+    family.set_pixel_bounds(loaded.processor, config.min_pixels, config.max_pixels)
+    return replace(loaded, num_image_tokens=family.max_image_tokens(loaded.processor))
+
+
+def _pixel_bounds_into_files(tmp: Path, info: dict, config: ExportConfig) -> None:
+    """The export's preprocessor files carry --min-pixels / --max-pixels as transformers(.js)
+    read them (`size`), as edgevlm.json's image_processor does."""
+    if not (config.min_pixels or config.max_pixels):
+        return
+    size = info["image_processor"]["size"]
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json",
+                                                           "image_processor")):
+        path = tmp / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            (data.setdefault(key, {}) if key else data)["size"] = size
+            path.write_text(json.dumps(data, indent=2))
+
+
 def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Path
                            ) -> ExportConfig:
     """A model trained at fewer visual tokens (edgevlm.models.token_reduce) exports at that
@@ -219,6 +244,10 @@ def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
         raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
                         f"model of the {family.name} family, whose image tokens come in {how} "
                         "(not supported yet): export it without --visual-tokens")
+    if (config.min_pixels or config.max_pixels) and family.set_pixel_bounds is None:
+        raise UserError(f"--min-pixels / --max-pixels bound a {family.name} model's images only "
+                        "if its processor resizes each image to its own size (Qwen2-VL); drop "
+                        "them")
     if config.profile is Profile.MOBILE and family.image_layout == "patches":
         raise UserError(f"--profile mobile fixes every graph's shapes, and a {family.name} "
                         "model's vision graph takes each image at its own resolution (no "
@@ -341,6 +370,7 @@ def _complete(tmp: Path, model_dir: Path, p: _Plan, files: dict[str, ComponentFi
     shutil.rmtree(tmp / ".float", ignore_errors=True)
     manifest.copy_model_files(model_dir, tmp)
     manifest.write_processor_files(tmp, info)
+    _pixel_bounds_into_files(tmp, info, p.config)
     info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
     if p.shapes is not None:
         info.update(_mobile_extras(tmp, files, p.shapes, p.rope, p.config))
@@ -377,7 +407,8 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     # traced from, and validated against, the model its integers define. The graphs hold the
     # whole tower: a model trained at fewer tokens selects in the runtime.
     note(f"loading model {model_dir} ...", enabled=not quiet)
-    loaded = load_model(model_dir, dequantize=source is not None, reduce_tokens=False)
+    loaded = _set_pixel_bounds(load_model(model_dir, dequantize=source is not None,
+                                          reduce_tokens=False), config)
     p = _plan(loaded, config, source, automatic, model_dir)
     order = sorted(contract.COMPONENTS, key=lambda c: p.precisions[c].half)
     with atomic_dir(out, p.config.overwrite, [model_dir]) as tmp, \

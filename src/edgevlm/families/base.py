@@ -57,6 +57,8 @@ class Family:
     # a pretrained LM's text config (llama / qwen2) -> this family's decoder config, where the
     # family has its own decoder class (init --text-from); None: the LM's config as it is
     text_config_from: Callable[[dict], dict] | None = None
+    # (processor, min_pixels, max_pixels): a patch family's resize bounds (export --min-pixels)
+    set_pixel_bounds: Callable[[Any, int | None, int | None], None] | None = None
 
     @property
     def tiled(self) -> bool:

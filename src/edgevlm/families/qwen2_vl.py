@@ -98,6 +98,24 @@ def tokens_for(image_processor, width: int, height: int) -> int:
     return (h // _factor(image_processor)) * (w // _factor(image_processor))
 
 
+MAX_PIXELS_BOUND = 4096 * 4096  # the runtime's largest resized image (runtime.limits)
+
+
+def set_pixel_bounds(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Resize bounds for the processor (in place): each image is resized to a multiple of
+    28 px with min_pixels <= h·w <= max_pixels."""
+    lo, hi = pixel_bounds(processor.image_processor)
+    lo, hi = min_pixels or lo, max_pixels or hi
+    for name, value in (("--min-pixels", lo), ("--max-pixels", hi)):
+        if isinstance(value, bool) or not isinstance(value, int) or not \
+                _factor(processor.image_processor) ** 2 <= value <= MAX_PIXELS_BOUND:
+            raise UserError(f"{name} {value} must be an integer from one merged patch "
+                            f"({_factor(processor.image_processor) ** 2} px) to {MAX_PIXELS_BOUND}")
+    if lo > hi:
+        raise UserError(f"--min-pixels {lo} is over --max-pixels {hi}; give min <= max")
+    processor.image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
+
+
 def max_image_tokens(processor) -> int:
     """The most tokens one image can become: max_pixels over one merged token's pixels."""
     ip = processor.image_processor
@@ -310,6 +328,7 @@ FAMILY = Family(
     rope_index=rope_index,
     moe_text=False,
     text_config_from=text_config_from,
+    set_pixel_bounds=set_pixel_bounds,
 )
 
 QWEN2_5_VL = replace(FAMILY, name="qwen2_5_vl", model_types=("qwen2_5_vl",),

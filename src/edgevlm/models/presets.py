@@ -145,8 +145,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Qwen2-VL's shape around the real SmolLM2 (`--text-from`; its Llama layers become Qwen2-VL's
     # decoder with zero q/k/v biases and M-RoPE sections 8:12:12): a 4-layer tower of 14-px
-    # patches, 2 x 2 merge, images of 4..196 merged tokens (a 392 x 392 image gives 196, the
-    # LLaVA row's count at 224 px).
+    # patches, 2 x 2 merge; images resized to 196..1024 merged tokens (a small image grows to
+    # 392 x 392 px, 196 tokens: the LLaVA row's count at 224 px; 896 x 896 at most).
     "qwen2vl-smollm2": {
         "model_type": "qwen2_vl",
         "vision_config": {"depth": 4, "embed_dim": 192, "num_heads": 3, "mlp_ratio": 4,
@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "model_type": "qwen2_vl_text",
                         "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0,
                                             "mrope_section": [8, 12, 12]}},
-        "min_pixels": 28 * 28 * 4,
-        "max_pixels": 28 * 28 * 196,
+        "min_pixels": 28 * 28 * 196,
+        "max_pixels": 28 * 28 * 1024,
     },
 }

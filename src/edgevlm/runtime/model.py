@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,22 @@ class Stream:
             self.result = yield from self._steps
 
 
+def _pixel_bounds(info: ExportInfo, min_pixels: int | None, max_pixels: int | None
+                  ) -> ExportInfo:
+    """The export with a patch family's resize bounds replaced (VLM.load's min/max_pixels)."""
+    if min_pixels is None and max_pixels is None:
+        return info
+    family = info.patch_family
+    if family is None:
+        raise UserError(f"min_pixels / max_pixels bound the images of a family that resizes each "
+                        f"to its own size (Qwen2-VL); {info.root} is a {info.family} export, "
+                        "whose images take one fixed size: drop them")
+    changes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+               if v is not None}
+    config = family.config.replace(**changes)
+    return replace(info, image_processor=config, patch_family=replace(family, config=config))
+
+
 def _positions(rope: mrope.RopeIndex | None, start: int, end: int) -> np.ndarray | None:
     """An M-RoPE decoder's (3, 1, end - start) positions: the prompt's own, then those of
     generated tokens (start + delta); None for a 1-D decoder."""
@@ -166,7 +182,8 @@ class VLM:
     def load(cls, export_dir: str | Path, provider: str = "auto", threads: int | None = None,
              precision: str | None = None, prefill_chunk: int = 512,
              trt_cache: str | Path | None = None, trt_fp16: bool = True,
-             image_cache_mb: int = 0) -> VLM:
+             image_cache_mb: int = 0, min_pixels: int | None = None,
+             max_pixels: int | None = None) -> VLM:
         """Open an export directory made by `edgevlm export` (see `read_export` for the files).
 
         provider: "auto" (best available; `vlm.provider` says which) or cpu, cuda, tensorrt,
@@ -175,12 +192,13 @@ class VLM:
         trt_cache, trt_fp16: with provider "tensorrt", where its engines are kept (default:
         EXPORT/trt_cache) and whether they are built in fp16. image_cache_mb: MB of image
         features kept by image hash, least recently used evicted first (0: off, the default;
-        at most half the machine's memory)."""
+        at most half the machine's memory). min_pixels, max_pixels: a Qwen2-VL export's resize
+        bounds instead of those it was exported with (fewer pixels, fewer image tokens)."""
         t0 = time.perf_counter()
         check_cache_mb(image_cache_mb)  # before any session opens
         cfg = SessionConfig(provider, threads)
         chosen = resolve(cfg.provider)
-        info = read_export(export_dir, precision)
+        info = _pixel_bounds(read_export(export_dir, precision), min_pixels, max_pixels)
         trt = TensorrtConfig(Path(trt_cache or Path(export_dir) / "trt_cache"), trt_fp16) \
             if chosen.chosen == "tensorrt" else None
         sessions = {}
