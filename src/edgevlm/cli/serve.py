@@ -16,6 +16,9 @@ def serve_(
                              "opens it to the network)"),
     port: int = typer.Option(8080),
     parallel: int = typer.Option(1, help="Requests generating at once (threads on one model)"),
+    batching: str = typer.Option("auto", help="auto|on|off: run the decode steps of the "
+                                 "--parallel requests in one decoder pass (auto: for builder "
+                                 "exports on the CPU, where the engine can)"),
     max_queue: int = typer.Option(32, help="Requests that may wait for a slot; more get 429"),
     api_key: Optional[str] = typer.Option(None, envvar="EDGEVLM_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on every "
@@ -59,7 +62,8 @@ def serve_(
     check_threads(threads)
     check_cache_mb(image_cache_mb, "--image-cache-mb")
     cfg = ServeConfig(model_id=model_id or export_dir.resolve().name, host=host, port=port,
-                      parallel=parallel, max_queue=max_queue, api_key=api_key,
+                      parallel=parallel, batching=batching, max_queue=max_queue,
+                      api_key=api_key,
                       media_path=media_path, max_body_bytes=max_body_bytes,
                       max_image_pixels=max_image_pixels, max_messages=max_messages,
                       max_prompt_tokens=max_prompt_tokens)

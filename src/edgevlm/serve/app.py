@@ -47,6 +47,8 @@ class ServerState:
         """Load the export (on a thread of its own: the server answers meanwhile)."""
         try:
             vlm = self.load()
+            engine = Engine(vlm, self.cfg.parallel, self.cfg.max_queue,
+                            self.cfg.max_prompt_tokens, self.metrics, self.cfg.batching)
         except BaseException as e:  # noqa: BLE001  reported by /health and by `serve`
             self.load_error = e
             if self.on_load_error is not None:
@@ -55,8 +57,7 @@ class ServerState:
         tag = vlm.image_tag or "<image>"
         self.facts = ModelFacts(self.cfg.model_id, tag, vlm.template.takes_parts(tag))
         self.loaded_at = int(time.time())
-        self.engine = Engine(vlm, self.cfg.parallel, self.cfg.max_queue,
-                             self.cfg.max_prompt_tokens, self.metrics)
+        self.engine = engine
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -147,7 +148,7 @@ def _model_card(state: ServerState) -> dict:
     return {"id": state.cfg.model_id, "object": "model", "created": state.loaded_at,
             "owned_by": "edgevlm", "family": info.family, "precision": info.precision,
             "provider": state.engine.vlm.provider, "context_length": info.max_tokens,
-            "image_tokens": info.num_image_tokens}
+            "image_tokens": info.num_image_tokens, "batching": state.engine.batched}
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

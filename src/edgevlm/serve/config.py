@@ -18,7 +18,9 @@ FLAGS = {
     "parallel": "--parallel",
     "max_queue": "--max-queue",
     "port": "--port",
+    "batching": "--batching",
 }
+BATCHING = ("auto", "on", "off")  # auto: batched decode where the export allows it (engine.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096  # the runtime's largest resize edge, squared
     max_messages: int = 256
     max_prompt_tokens: int | None = None  # None: the export's context (prompt + answer)
+    batching: str = "auto"  # the decode steps of --parallel requests in one decoder pass
 
     def __post_init__(self):
         for name in ("parallel", "max_body_bytes", "max_image_pixels", "max_messages"):
@@ -43,6 +46,9 @@ class ServeConfig:
         _at_least("max_queue", self.max_queue, 0)
         if self.max_prompt_tokens is not None:
             _at_least("max_prompt_tokens", self.max_prompt_tokens, 1)
+        if self.batching not in BATCHING:
+            raise UserError(f"--batching {self.batching!r} is unknown; choose one of "
+                            f"{', '.join(BATCHING)}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or \
                 not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port!r} must be an integer from 0 to 65535")

@@ -1,7 +1,12 @@
-"""Running requests on the one loaded VLM: `--parallel` generation threads side by side (the
-runtime keeps each call's state in locals, so threads share one VLM), a bounded wait for a
-free one (`--max-queue`; one more is a 429), and a cancel flag checked after every piece so a
-client that goes away frees its thread within one decoder step.
+"""Running requests on the one loaded VLM: `--parallel` generation threads (the runtime keeps
+each call's state in locals, so threads share one VLM), a bounded wait for a free one
+(`--max-queue`; one more is a 429), and a cancel flag checked after every piece so a client
+that goes away frees its thread, and its batch row, within one decoder step.
+
+With a builder decoder on the CPU and --parallel 2 or more, the threads' decode steps run as one
+batched decoder pass (edgevlm.runtime.batched: a batch KV buffer of --parallel rows, a row per
+request); ServeConfig(batching="off"), or any other export, runs them side by side, each with
+its own KV buffer. benchmarks/serve/batching.py measured which is faster (docs/serve.md).
 
 A generation thread reports to the event loop through an asyncio queue of events:
 ("start", None) once the prompt is prepared (bad input fails before it, so a stream's 200 is
@@ -17,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from edgevlm.errors import UserError
+from edgevlm.runtime.batched import BatchedVLM
 from edgevlm.serve.api_error import APIError
 from edgevlm.serve.metrics import Metrics
 from edgevlm.serve.request import ChatRequest
@@ -38,8 +45,9 @@ class Run:
 
 class Engine:
     def __init__(self, vlm, parallel: int, max_queue: int, max_prompt_tokens: int | None,
-                 metrics: Metrics):
-        self.vlm = vlm
+                 metrics: Metrics, batching: str = "auto"):
+        self.vlm = batched_vlm(vlm, parallel, batching)
+        self.batched = isinstance(self.vlm, BatchedVLM)
         self.parallel = parallel
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
@@ -83,6 +91,8 @@ class Engine:
     def close(self) -> None:
         """Wait for the generations in flight, then end the threads."""
         self._pool.shutdown(wait=True)
+        if self.batched:
+            self.vlm.close()
 
     def count_prompt_tokens(self, req: ChatRequest) -> int:
         """The prompt's tokens as the runtime will count them: the rendered template's, with
@@ -129,3 +139,17 @@ class Engine:
             self.metrics.generation(t.n_prompt_tokens, t.n_new_tokens, run.queue_s + t.ttft_s,
                                     t.decode_s, max(t.n_new_tokens - 1, 0))
         put(("done", result))
+
+
+def batched_vlm(vlm, parallel: int, batching: str):
+    """The VLM the engine runs: batched decode steps (`batching` "on", or "auto" with --parallel
+    2 or more) where the export allows it, else `vlm` itself, side by side."""
+    if batching == "off" or (batching == "auto" and parallel < 2):
+        return vlm
+    why = BatchedVLM.supports(vlm)
+    if why is None:
+        return BatchedVLM.from_vlm(vlm, parallel)  # checks --parallel x KV memory
+    if batching == "on":
+        raise UserError(f"--batching on, but this export cannot batch: {why}; use --batching "
+                        "auto or off")
+    return vlm
