@@ -368,3 +368,29 @@ def test_pixel_bounds_on_a_llava_model_are_refused(micro_model_dir, tmp_path):
     with pytest.raises(UserError, match="--min-pixels / --max-pixels bound a llava model's "
                                         "images only if"):
         export(micro_model_dir, tmp_path / "x", ExportConfig(max_pixels=50176), quiet=True)
+
+
+def test_bench_answers_the_eval_set_as_torch_and_plan_takes_the_report(trained_dir, shapes_dir,
+                                                                        tmp_path):
+    """`edgevlm bench` on a Qwen2-VL export and its torch model: the LLaVA-format questions'
+    `<image>` is the family's placeholder in the runtime too, so every fp32 answer is torch's;
+    `edgevlm plan` takes the reports."""
+    from typer.testing import CliRunner
+
+    from edgevlm.cli import app
+    from edgevlm.export import ExportConfig, export
+
+    export(trained_dir[0], tmp_path / "x", ExportConfig(precision="fp32"), quiet=True)
+    run = CliRunner().invoke(app, ["bench", str(tmp_path / "x"), str(trained_dir[0]), "--data",
+                                   str(shapes_dir / "eval.json"), "--timing-samples", "1",
+                                   "--repeats", "1", "--max-new-tokens", "4", "--report",
+                                   str(tmp_path / "r"), "--quiet"])
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "r" / "bench.json").read_text())
+    ours, torch_side = (t["predictions"] for t in report["targets"])
+    assert [p["prediction"] for p in ours] == [p["prediction"] for p in torch_side]
+    assert len(ours) == 16 and report["targets"][0]["family"] == "qwen2_vl"
+    run = CliRunner().invoke(app, ["plan", "--reports", str(tmp_path / "r" / "bench.json"),
+                                   "--out", str(tmp_path / "p")])
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["chosen"] is not None

@@ -173,6 +173,25 @@ def call_messages(prompt: str | Sequence[dict], with_image: bool, tag: str,
                     f"{type(prompt).__name__}")
 
 
+def alias_image_tag(prompt, alias: str, tag: str):
+    """`prompt` (a string or chat messages) with `alias` written as `tag` in its text."""
+    if isinstance(prompt, str):
+        return prompt.replace(alias, tag)
+    if not (isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt)):
+        return prompt  # call_messages names the type
+    out = []
+    for m in prompt:
+        content = m.get("content")
+        if isinstance(content, str):
+            content = content.replace(alias, tag)
+        elif isinstance(content, list):
+            content = [{**c, "text": c["text"].replace(alias, tag)}
+                       if isinstance(c, dict) and isinstance(c.get("text"), str) else c
+                       for c in content]
+        out.append({**m, "content": content})
+    return out
+
+
 def special_tokens_from_config(tokenizer_config: dict) -> dict[str, str]:
     """{bos_token: "...", eos_token: "...", ...} from tokenizer_config.json, as the template sees
     them (transformers passes its special_tokens_map)."""

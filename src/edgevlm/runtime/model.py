@@ -34,6 +34,7 @@ from edgevlm.runtime.chat import (
     ChatTemplate,
     StreamDecoder,
     Tokenizer,
+    alias_image_tag,
     call_messages,
     expand_image_tokens,
 )
@@ -253,9 +254,13 @@ class VLM:
     # -- internals ----------------------------------------------------------------------------
 
     def messages(self, image, prompt: str | Sequence[dict]) -> list[dict]:
-        """Chat messages for a call (edgevlm.runtime.chat.call_messages)."""
-        return call_messages(prompt, image is not None, self.image_tag or "<image>",
-                             self._takes_parts)
+        """Chat messages for a call (edgevlm.runtime.chat.call_messages). A family whose image
+        placeholder is its own token (Qwen2-VL's <|image_pad|>) also takes LLaVA-format
+        data's `<image>`, as its torch side does."""
+        tag = self.image_tag or "<image>"
+        if self._patches is not None and tag != "<image>":
+            prompt = alias_image_tag(prompt, "<image>", tag)
+        return call_messages(prompt, image is not None, tag, self._takes_parts)
 
     def _prompt_ids(self, image, prompt) -> list[int]:
         """The rendered prompt's token ids, its one image placeholder (or none) checked."""
