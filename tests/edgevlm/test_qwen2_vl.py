@@ -394,3 +394,76 @@ def test_bench_answers_the_eval_set_as_torch_and_plan_takes_the_report(trained_d
                                    "--out", str(tmp_path / "p")])
     assert run.exit_code == 0, run.output
     assert json.loads((tmp_path / "p" / "plan.json").read_text())["chosen"] is not None
+
+
+def _torch_greedy_on_embeds(model, embeds, positions, delta: int, steps: int) -> list[int]:
+    """transformers' decoder, fed embeddings and M-RoPE positions directly: greedy, cached."""
+    import torch
+
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        tokens, length = [], embeds.shape[1]
+        for _ in range(steps):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            step = model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+            pos = torch.full((3, 1, 1), length + delta, dtype=torch.long)
+            out = model(inputs_embeds=step, position_ids=pos, past_key_values=out.past_key_values,
+                        use_cache=True)
+            length += 1
+    return tokens
+
+
+def test_visual_tokens_keep_their_positions(qwen_dir, tmp_path):
+    """--visual-tokens 6 on a 20-token image: the runtime keeps DivPrune's 6 merged tokens with
+    the (t, h, w) positions they have in the whole image, the text after the image where it
+    would be after all 20, and answers exactly as transformers' decoder fed those features at
+    those positions; an image of at most 6 tokens is kept whole."""
+    import torch
+
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import load_model
+    from edgevlm.runtime import VLM, mrope
+    from edgevlm.runtime.token_select import divprune
+
+    out = tmp_path / "x"
+    export(qwen_dir, out, ExportConfig(precision="fp32", visual_tokens=6,
+                                       token_select="divprune"), quiet=True)
+    vlm, loaded = VLM.load(out), load_model(qwen_dir)
+    path = tmp_path / "large.png"
+    image("large").save(path)  # 20 image tokens (grid 1 x 8 x 10)
+    prepared = vlm._prepare(path, "What color is the circle?", 0.0)
+    assert (prepared.ids == vlm.image_token_id).sum() == 6
+    from edgevlm.data import Sample, pixel_inputs
+
+    sample = Sample("s", path, (("<image>\nWhat color is the circle?", ""),), "color")
+    pixels = pixel_inputs(loaded.processor, [sample])
+    with torch.no_grad():
+        feats = family_of(loaded.model).image_features(loaded.model, pixels)  # (20, D)
+    kept = divprune(feats.numpy(), 6)
+    rope = vlm._rope(prepared, kept)
+    at = int(np.flatnonzero(prepared.ids == vlm.image_token_id)[0])
+    full_ids = np.concatenate([prepared.ids[:at], np.full(20, vlm.image_token_id),
+                               prepared.ids[at + 6:]])
+    whole = mrope.rope_index(full_ids, vlm.image_token_id, [(1, 8, 10)], 2).positions
+    assert np.array_equal(rope.positions[:, at:at + 6], whole[:, at + kept])  # image tokens
+    assert np.array_equal(rope.positions[:, at + 6:], whole[:, at + 20:])  # text after it
+    assert rope.delta == int(whole.max()) + 1 - len(prepared.ids)
+    ids = torch.from_numpy(prepared.ids)[None]
+    embeds = loaded.model.get_input_embeddings()(ids).detach()
+    embeds[ids == vlm.image_token_id] = feats[torch.from_numpy(kept)]
+    want = _torch_greedy_on_embeds(loaded.model, embeds, torch.from_numpy(rope.positions)[:, None],
+                                   rope.delta, 8)
+    got = vlm.generate(path, "What color is the circle?", max_new_tokens=8, min_new_tokens=8)
+    assert list(got.token_ids) == want
+    small = tmp_path / "square.png"
+    image("square").save(small)  # 4 tokens: nothing to drop
+    assert (vlm._prepare(small, "What color?", 0.0).ids == vlm.image_token_id).sum() == 4
+
+
+def test_visionzip_is_refused_for_the_patch_family(qwen_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+
+    with pytest.raises(UserError, match="visionzip ranks tokens by the tower's attention scores"
+                                        ".*use divprune"):
+        export(qwen_dir, tmp_path / "x", ExportConfig(visual_tokens=6, token_select="visionzip"),
+               quiet=True)

@@ -239,11 +239,13 @@ def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
         raise UserError(f"--{'' if config.image_splitting else 'no-'}image-splitting sets how a "
                         f"tiled family (idefics3) cuts images; {model_dir} holds a "
                         f"{family.name} model, which takes one image as it is: drop the flag")
-    if config.visual_tokens is not None and family.expansion_needs_image:
-        how = "tiles of a grid" if family.tiled else "a count that depends on the image"
-        raise UserError(f"--visual-tokens works on llava models so far; {model_dir} holds a "
-                        f"model of the {family.name} family, whose image tokens come in {how} "
-                        "(not supported yet): export it without --visual-tokens")
+    if config.visual_tokens is not None and family.tiled:
+        raise UserError(f"--visual-tokens works on llava and qwen2_vl models so far; {model_dir} "
+                        f"holds a model of the {family.name} family, whose image tokens come in "
+                        "tiles of a grid (not supported yet): export it without --visual-tokens")
+    if config.token_select == "visionzip" and family.image_layout == "patches":
+        raise UserError(f"--token-select visionzip ranks tokens by the tower's attention scores, "
+                        f"which a {family.name} vision graph does not output; use divprune")
     if (config.min_pixels or config.max_pixels) and family.set_pixel_bounds is None:
         raise UserError(f"--min-pixels / --max-pixels bound a {family.name} model's images only "
                         "if its processor resizes each image to its own size (Qwen2-VL); drop "

@@ -34,8 +34,10 @@ def check(method: str, tokens: int, available: int, family) -> None:
     from edgevlm.runtime.token_select import check as check_count
 
     if family.expansion_needs_image:
-        raise UserError(f"--visual-tokens works on llava models so far; this model is of the "
-                        f"{family.name} family, whose image tokens come in tiles of a grid")
+        how = ("come in tiles of a grid" if family.tiled else "depend on the image (an export "
+               "of it takes --visual-tokens: the runtime selects)")
+        raise UserError(f"training at --visual-tokens works on llava models so far; this model "
+                        f"is of the {family.name} family, whose image tokens {how}")
     if method not in TRAINABLE_METHODS:
         raise UserError(f"--token-select {method} cannot train: it ranks tokens by the tower's "
                         f"attention, which training does not compute; use "

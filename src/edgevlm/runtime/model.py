@@ -301,7 +301,8 @@ class VLM:
                 pixels, grid = self._patches.pixels(load_image(source, name), self._pixel_dtype)
             else:
                 grid = hit.grid
-            ids = self._patches.expand(ids, self.image_token_id, grid)
+            keep = self.info.num_image_tokens if self.info.token_select else None
+            ids = self._patches.expand(ids, self.image_token_id, grid, keep)
         elif image is not None and self._tiled:
             # SmolVLM: the image's tiles decide what <image> becomes (markers and a run of image
             # tokens per tile), as Idefics3Processor writes it; the markers are special tokens,
@@ -344,11 +345,19 @@ class VLM:
         M-RoPE decoder's (3, 1, S) position ids."""
         return self._backend.decode(embeds, start, past, positions)
 
-    def _rope(self, p: _Prepared):
-        """An M-RoPE export's prompt positions and decode offset; None for 1-D positions."""
+    def _rope(self, p: _Prepared, kept: np.ndarray | None = None):
+        """An M-RoPE export's prompt positions and decode offset (`kept`: the image tokens
+        --visual-tokens kept); None for 1-D positions."""
         if self._patches is None:
             return None
-        return self._patches.positions(p.ids, self.image_token_id, p.grid)
+        return self._patches.positions(p.ids, self.image_token_id, p.grid, kept)
+
+    def _selected(self, feats: np.ndarray | None):
+        """A patch family's image features cut to --visual-tokens (DivPrune), and which were
+        kept (None: all)."""
+        if feats is None or self._patches is None or self.info.token_select is None:
+            return feats, None
+        return self._patches.select(feats, self.info.num_image_tokens)
 
     def _new_cache(self) -> Cache:
         """The cache a generation starts from (the back-end's Decoder.new_cache)."""
@@ -368,7 +377,8 @@ class VLM:
                                        if self.info.token_select == "visionzip" else [])
         out = self._vision.run(wanted, feeds)
         feats = out[0].reshape(1, -1, out[0].shape[-1])  # (1, N_img, D): tiles in order
-        if self.info.token_select is not None:  # the decoder sees num_image_tokens of them
+        if self.info.token_select is not None and self._patches is None:  # the decoder sees
+            # num_image_tokens of them (a patch family selects after the cache: _steps)
             feats = token_select.select(self.info.token_select, feats[0],
                                         self.info.num_image_tokens,
                                         out[1][0] if len(out) > 1 else None)[None]
@@ -380,7 +390,7 @@ class VLM:
         """Yield text pieces; return the GenerationResult (see Stream)."""
         rng = np.random.default_rng(cfg.seed)
         t = time.perf_counter()
-        feats = self._image_features(p)
+        feats, kept = self._selected(self._image_features(p))
         vision_s = time.perf_counter() - t
         t = time.perf_counter()
         slots = np.flatnonzero(p.ids == self.image_token_id) if feats is not None else []
@@ -392,7 +402,7 @@ class VLM:
                 raise UserError(f"the vision encoder gives {feats.shape[1]} image features but "
                                 f"the manifest says num_image_tokens={len(slots)}; re-export")
             embeds[0, slots] = feats[0].astype(embeds.dtype)  # (N_img, D) into the image slots
-        past, rope = self._new_cache(), self._rope(p)
+        past, rope = self._new_cache(), self._rope(p, kept)
         for start in range(0, embeds.shape[1], self.prefill_chunk):
             end = start + self.prefill_chunk
             logits, past = self._decode(embeds[:, start:end], start, past,

@@ -29,11 +29,13 @@ class PatchFamily:
     def tokens(self, grid) -> int:
         return patches.image_tokens(grid, self.config.merge_size)
 
-    def expand(self, ids: list[int], image_token_id: int, grid) -> list[int]:
-        """`ids` with its one image token replaced by the image's run of them, wrapped in
-        <|vision_start|> / <|vision_end|> unless the template already put them around it."""
+    def expand(self, ids: list[int], image_token_id: int, grid,
+               keep: int | None = None) -> list[int]:
+        """`ids` with its one image token replaced by the image's run of them (at most `keep`,
+        the export's --visual-tokens), wrapped in <|vision_start|> / <|vision_end|> unless the
+        template already put them around it."""
         at = ids.index(image_token_id)
-        run = [image_token_id] * self.tokens(grid)
+        run = [image_token_id] * min(self.tokens(grid), keep or self.tokens(grid))
         before, after = ids[:at], ids[at + 1:]
         if self.vision_start_id is not None and not (before and before[-1] ==
                                                      self.vision_start_id):
@@ -55,6 +57,29 @@ class PatchFamily:
                        cu_window_seqlens=w.cu_seqlens.astype(np.int64))
         return out
 
-    def positions(self, ids: np.ndarray, image_token_id: int, grid) -> mrope.RopeIndex:
-        return mrope.rope_index(ids, image_token_id, [grid] if grid is not None else [],
-                                self.config.merge_size)
+    def positions(self, ids: np.ndarray, image_token_id: int, grid,
+                  kept: np.ndarray | None = None) -> mrope.RopeIndex:
+        """The prompt's M-RoPE positions. `kept` (ascending indices into the image's tokens,
+        --visual-tokens): `ids` holds only those; each keeps the (t, h, w) position it has in
+        the whole image, and the text after the image sits where it would after all of it."""
+        if kept is None:
+            return mrope.rope_index(ids, image_token_id, [grid] if grid is not None else [],
+                                    self.config.merge_size)
+        at = int(np.flatnonzero(ids == image_token_id)[0])
+        full = np.concatenate([ids[:at], np.full(self.tokens(grid), image_token_id, ids.dtype),
+                               ids[at + len(kept):]])
+        whole = mrope.rope_index(full, image_token_id, [grid], self.config.merge_size).positions
+        columns = np.concatenate([np.arange(at), at + np.asarray(kept),
+                                  np.arange(at + self.tokens(grid), len(full))])
+        positions = np.ascontiguousarray(whole[:, columns])
+        return mrope.RopeIndex(positions, int(positions.max()) + 1 - positions.shape[1])
+
+    def select(self, feats: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(1, N, D) features -> the `keep` DivPrune picks, in image order, and their indices;
+        as they are (and None) when the image has no more than `keep` tokens."""
+        from edgevlm.runtime.token_select import divprune
+
+        if feats.shape[1] <= keep:
+            return feats, None
+        kept = divprune(feats[0], keep)
+        return feats[:, kept], kept
