@@ -467,3 +467,32 @@ def test_visionzip_is_refused_for_the_patch_family(qwen_dir, tmp_path):
                                         ".*use divprune"):
         export(qwen_dir, tmp_path / "x", ExportConfig(visual_tokens=6, token_select="visionzip"),
                quiet=True)
+
+
+def test_an_8_bit_checkpoint_exports_its_integers_at_int8(trained_dir, shapes_dir, tmp_path):
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.quant import QuantConfig, quantize
+
+    q = quantize(trained_dir[0], tmp_path / "q", QuantConfig(method="gptq", bits=8, group_size=-1,
+                                                             calib_samples=16),
+                 calib=shapes_dir / "train.json")
+    result = export(q.out_dir, tmp_path / "x", ExportConfig(precision="int8"), quiet=True)
+    assert result.parity.passed
+    manifest = json.loads((tmp_path / "x" / "edgevlm.json").read_text())
+    assert manifest["int8_source"] == "checkpoint"
+    assert manifest["parity"]["graph_check"]["max_abs"] < 1e-4
+
+
+def test_a_rope_type_the_builder_lacks_falls_back_to_the_traced_decoder(tokenizer, tmp_path):
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import PRESETS as ALL
+    from edgevlm.models import init_model, save_model
+
+    cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
+    cfg["text_config"]["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0,
+                                             "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    save_model(init_model(cfg, copy.deepcopy(tokenizer)), tmp_path / "m")
+    result = export(tmp_path / "m", tmp_path / "x", ExportConfig(precision="fp32"), quiet=True)
+    assert result.decoder["kind"] == "traced" and result.parity.passed
+    assert "rope type 'dynamic' is not implemented by the decoder builder" in \
+        result.decoder["fallback_reason"]
