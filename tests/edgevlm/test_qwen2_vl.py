@@ -83,6 +83,7 @@ def test_prompt_ids_and_pixels_equal_the_hf_processor(qwen_dir, tmp_path, name):
     assert batch["mm_token_type_ids"][0, :n].tolist() == hf["mm_token_type_ids"][0].tolist()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_eval_runs(trained_dir, shapes_dir):
     from edgevlm.data import load_samples
     from edgevlm.evaluate import evaluate
@@ -116,6 +117,7 @@ def _torch_greedy(loaded, path, new_tokens: int) -> list[int]:
     return gen[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["builder", "traced"])
 def test_runtime_answers_equal_transformers_on_five_image_sizes(qwen_dir, tmp_path, decoder):
     from edgevlm.export import ExportConfig, export
@@ -144,6 +146,7 @@ def test_runtime_answers_equal_transformers_on_five_image_sizes(qwen_dir, tmp_pa
                 for n in SIZES}) > 1  # the image reaches the answer
 
 
+@pytest.mark.slow
 def test_int4_export_of_a_trained_model_passes_validation(trained_dir, tmp_path):
     from edgevlm.export import ExportConfig, export
 
@@ -157,12 +160,12 @@ def test_int4_export_of_a_trained_model_passes_validation(trained_dir, tmp_path)
         [3, "batch_size", "sequence_length"]
 
 
-def test_mobile_profile_is_refused_by_name(trained_dir, tmp_path):
+def test_mobile_profile_is_refused_by_name(qwen_dir, tmp_path):
     from edgevlm.export import ExportConfig, export
 
-    with pytest.raises(UserError, match="--profile mobile fixes every graph's shapes.*qwen2_vl"
+    with pytest.raises(UserError, match="--profile mobile fixes every graph's shapes.*qwen2(_5)?_vl"
                                         ".*default or gpu profile"):
-        export(trained_dir[0], tmp_path / "m", ExportConfig(profile="mobile"), quiet=True)
+        export(qwen_dir, tmp_path / "m", ExportConfig(profile="mobile"), quiet=True)
     assert not (tmp_path / "m").exists()
 
 
@@ -193,6 +196,7 @@ def test_an_image_of_extreme_aspect_ratio_is_one_line(qwen_dir, tmp_path):
         Collator(loaded.processor, loaded.num_image_tokens).encode(sample)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtn", "gptq", "qvlm"])
 def test_quantize_with_the_vision_tower_and_export_its_integers(trained_dir, shapes_dir,
                                                                  tmp_path, method):
@@ -235,6 +239,7 @@ def small_student_dir(tmp_path_factory, tokenizer):
     return out
 
 
+@pytest.mark.slow
 def test_llava_kd_between_two_qwen2_vl_models(trained_dir, small_student_dir, shapes_dir,
                                               tmp_path):
     from edgevlm import train
@@ -252,14 +257,14 @@ def test_llava_kd_between_two_qwen2_vl_models(trained_dir, small_student_dir, sh
 
 
 def test_llava_mod_is_refused_by_name_and_a_wrong_merger_width_too(
-        trained_dir, small_student_dir, shapes_dir, tokenizer, tmp_path):
+        qwen_dir, small_student_dir, shapes_dir, tokenizer, tmp_path):
     from edgevlm.distill.mod import ModConfig, distill_mod
     from edgevlm.models import PRESETS as ALL
     from edgevlm.models import init_model
 
     with pytest.raises(UserError, match="no mixture-of-experts decoder for a qwen2_vl model.*"
                                         "--recipe llava-kd"):
-        distill_mod(trained_dir[0], small_student_dir, shapes_dir / "train.json",
+        distill_mod(qwen_dir, small_student_dir, shapes_dir / "train.json",
                     tmp_path / "mod", ModConfig(), quiet=True)
     assert not (tmp_path / "mod").exists()
     cfg = copy.deepcopy(ALL["tiny-qwen2vl"])
@@ -328,6 +333,7 @@ def test_an_lm_that_cannot_be_qwen2_vls_decoder_is_named():
         text_config_from({**lm, "hidden_size": 32, "rope_parameters": None})
 
 
+@pytest.mark.slow
 def test_pixel_bounds_at_export_and_at_load(trained_dir, tmp_path):
     """--max-pixels at export shrinks large images (recorded in edgevlm.json and the processor
     files, which transformers reads alike); VLM.load(max_pixels=) overrides it; a LLaVA export
@@ -370,6 +376,7 @@ def test_pixel_bounds_on_a_llava_model_are_refused(micro_model_dir, tmp_path):
         export(micro_model_dir, tmp_path / "x", ExportConfig(max_pixels=50176), quiet=True)
 
 
+@pytest.mark.slow
 def test_bench_answers_the_eval_set_as_torch_and_plan_takes_the_report(trained_dir, shapes_dir,
                                                                         tmp_path):
     """`edgevlm bench` on a Qwen2-VL export and its torch model: the LLaVA-format questions'
@@ -413,6 +420,7 @@ def _torch_greedy_on_embeds(model, embeds, positions, delta: int, steps: int) ->
     return tokens
 
 
+@pytest.mark.slow
 def test_visual_tokens_keep_their_positions(qwen_dir, tmp_path):
     """--visual-tokens 6 on a 20-token image: the runtime keeps DivPrune's 6 merged tokens with
     the (t, h, w) positions they have in the whole image, the text after the image where it
@@ -469,6 +477,7 @@ def test_visionzip_is_refused_for_the_patch_family(qwen_dir, tmp_path):
                quiet=True)
 
 
+@pytest.mark.slow
 def test_an_8_bit_checkpoint_exports_its_integers_at_int8(trained_dir, shapes_dir, tmp_path):
     from edgevlm.export import ExportConfig, export
     from edgevlm.quant import QuantConfig, quantize
@@ -483,6 +492,7 @@ def test_an_8_bit_checkpoint_exports_its_integers_at_int8(trained_dir, shapes_di
     assert manifest["parity"]["graph_check"]["max_abs"] < 1e-4
 
 
+@pytest.mark.slow
 def test_a_rope_type_the_builder_lacks_falls_back_to_the_traced_decoder(tokenizer, tmp_path):
     from edgevlm.export import ExportConfig, export
     from edgevlm.models import PRESETS as ALL
