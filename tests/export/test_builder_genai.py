@@ -94,23 +94,26 @@ def test_tied_int4_embedding_reads_the_heads_blocks(clip_llama_config, tokenizer
     assert _genai_greedy(out, ids) == want and len(set(want)) > 4
 
 
-def test_genai_runs_a_qwen2_vl_text_decoder_as_the_runtime(tokenizer, tmp_path):
-    """A Qwen2-VL builder export's text graph under genai's qwen2_5_vl_text type: genai feeds
+def test_genai_runs_a_qwen2_5_vl_text_decoder_as_the_runtime(tokenizer, tmp_path):
+    """A Qwen2.5-VL builder export's text graph under genai's qwen2_5_vl_text type: genai feeds
     the three equal M-RoPE streams of text positions, and its greedy tokens equal the runtime's
-    on a text-only prompt. (Images through genai: docs/families.md, "Qwen2-VL in other
-    runtimes".)"""
+    on a text-only prompt. Its windowed vision graph takes inputs genai does not feed, so the
+    config stays text-only and says why. (Qwen2-VL with images through genai:
+    tests/export/test_genai_qwen2_vl.py.)"""
     import copy
 
     from edgevlm.models import PRESETS, init_model, save_model
     from edgevlm.runtime import VLM
 
     model_dir = tmp_path / "model"
-    save_model(init_model(PRESETS["tiny-qwen2vl"], copy.deepcopy(tokenizer), seed=0), model_dir)
+    save_model(init_model(PRESETS["tiny-qwen2.5vl"], copy.deepcopy(tokenizer), seed=0), model_dir)
     out = tmp_path / "out"
     export(model_dir, out, ExportConfig(validate=False), quiet=True)
     model = json.loads((out / contract.GENAI_CONFIG).read_text())["model"]
     assert model["type"] == "qwen2_5_vl_text"
     assert model["decoder"]["inputs"]["position_ids"] == "position_ids"
+    genai = json.loads((out / contract.MANIFEST).read_text())["decoder"]["genai"]
+    assert not genai["images"] and "window_index" in genai["reason"]
     vlm = VLM.load(out, provider="cpu", threads=1)
     question = "What color is the circle?"
     ids = vlm.tokenizer.encode(vlm.template.render(vlm.messages(None, question),

@@ -82,6 +82,7 @@ def export_(
                        min_pixels=min_pixels, max_pixels=max_pixels)
     result = export(model, out, cfg, quiet=quiet or as_json)
     rows: dict = {"out": out, "profile": profile, "decoder": _decoder_row(result.decoder)}
+    rows.update(_genai_row(result.decoder))
     for name, f in result.components.items():
         rows[name] = f"{f.file} ({f.precision}, {f.bytes / 1e6:.2f} MB)"
     if result.vision_int8 is not None:  # what int8 costs the tower, and what shipped
@@ -119,6 +120,16 @@ def _parity_rows(parity) -> dict:
             f"{vision.kernel_mismatches} integer outputs off")
         rows["  as shipped (int8 activations)"] = f"max-abs {vision.shipped_max_abs:.2g}"
     return rows
+
+
+def _genai_row(decoder: dict | None) -> dict:
+    """onnxruntime-genai's pipeline for the export, and why it takes no images where it does
+    not (edgevlm.json decoder.genai); no row for an export without a genai config."""
+    genai = (decoder or {}).get("genai")
+    if not genai:
+        return {}
+    return {"onnxruntime-genai": f"{genai['type']}, images" if genai["images"]
+            else f"{genai['type']}, text only: {genai['reason']}"}
 
 
 def _decoder_row(decoder: dict | None) -> str:

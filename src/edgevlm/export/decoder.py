@@ -131,23 +131,50 @@ def build(model, out: Path, precision: Precision, choice: DecoderChoice, p: Plan
                          choice.activations, max(opset, 17))
 
 
-def write_genai(model, built, out: Path, info: dict, profile: Profile) -> str:
-    """genai_config.json and its text-only graph (edgevlm.export.builder.genai)."""
+@dataclass(frozen=True)
+class GenaiFiles:
+    """What write_genai wrote: genai_config.json and the text-only graph (None when genai's
+    image pipeline runs the decoder as it is: edgevlm.export.genai_vlm)."""
+
+    config: str
+    graph: str | None
+
+
+def write_genai(model, built, out: Path, info: dict, profile: Profile) -> GenaiFiles:
+    """genai_config.json and its text-only graph (edgevlm.export.builder.genai). An export
+    genai takes images from (Qwen2-VL) gets no text graph: write_genai_images, once every
+    graph is final, turns the config into genai's image pipeline."""
+    from edgevlm.export import genai_vlm
     from edgevlm.export.builder import genai
 
     options = [{"cuda": {}}] if profile is Profile.GPU else []
-    path = genai.write(built, model.get_input_embeddings().weight, out, info, options)
-    return path.relative_to(out).as_posix()
+    text = genai_vlm.unsupported(info) is not None
+    path = genai.write(built, model.get_input_embeddings().weight, out, info, options, text)
+    return GenaiFiles(path.relative_to(out).as_posix(),
+                      contract.genai_graph_file(built.precision) if text else None)
 
 
-def manifest_entry(choice: DecoderChoice, built=None, genai_config: str | None = None) -> dict:
+def write_genai_images(out: Path, info: dict, files: dict) -> None:
+    """genai's image pipeline beside the final graphs (`files`: {component: ComponentFile}),
+    recorded in info["decoder"]["genai"]; the reason instead where genai takes no images.
+    Nothing for a traced decoder, which has no genai config."""
+    from edgevlm.export import genai_vlm
+
+    entry = info["decoder"]
+    if entry.get("genai_config") is None:
+        return
+    written = genai_vlm.write(out, info, {c: (f.file, f.precision) for c, f in files.items()})
+    if written.reason == genai_vlm.WINDOWED_REASON:  # the family genai has a pipeline for
+        log.warning("genai_config.json: text only (%s)", written.reason)
+    entry["genai"] = written.to_dict()
+
+
+def manifest_entry(choice: DecoderChoice, built=None, genai: GenaiFiles | None = None) -> dict:
     """edgevlm.json "decoder": what was written and why."""
     entry = {"kind": choice.kind, "requested": choice.requested, "fallback_reason": choice.reason}
     if built is not None:
         entry.update(max_context=built.max_context, activations=built.activations,
                      accuracy_level=built.accuracy_level, block_size=built.block_size,
-                     nodes=built.nodes, genai_config=genai_config,
-                     genai_graph=contract.genai_graph_file(built.precision)
-                     if genai_config else None)
+                     nodes=built.nodes, genai_config=genai.config if genai else None,
+                     genai_graph=genai.graph if genai else None)
     return entry
-

@@ -373,6 +373,7 @@ def _complete(tmp: Path, model_dir: Path, p: _Plan, files: dict[str, ComponentFi
     manifest.copy_model_files(model_dir, tmp)
     manifest.write_processor_files(tmp, info)
     _pixel_bounds_into_files(tmp, info, p.config)
+    dec.write_genai_images(tmp, info, files)  # onnxruntime-genai's image pipeline, if it has one
     info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
     if p.shapes is not None:
         info.update(_mobile_extras(tmp, files, p.shapes, p.rope, p.config))

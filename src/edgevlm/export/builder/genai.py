@@ -150,9 +150,12 @@ def config(built, export_dir: Path, info: dict, provider_options: list | None = 
 
 
 def write(built, embed_weight, export_dir: Path, info: dict,
-          provider_options: list | None = None) -> Path:
-    """The genai graph and genai_config.json in `export_dir`; returns the config's path."""
-    write_graph(built, embed_weight)
+          provider_options: list | None = None, text_graph: bool = True) -> Path:
+    """The genai graph and genai_config.json in `export_dir`; returns the config's path.
+    Without `text_graph` only the config is written, the base that edgevlm.export.genai_vlm
+    turns into genai's image pipeline over the decoder as it is."""
+    if text_graph:
+        write_graph(built, embed_weight)
     path = export_dir / contract.GENAI_CONFIG
     path.write_text(json.dumps(config(built, export_dir, info, provider_options), indent=1)
                     + "\n")
