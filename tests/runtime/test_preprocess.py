@@ -23,7 +23,7 @@ def _images(width: int, height: int, seed: int = 0):
 
 
 def _processors():
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
 
     return {
         "siglip": SiglipImageProcessorPil(size={"height": 48, "width": 48}),
@@ -34,10 +34,16 @@ def _processors():
         # Crop larger than the resized image on one side: exercises the zero padding.
         "clip_pad": CLIPImageProcessorPil(size={"shortest_edge": 30},
                                           crop_size={"height": 40, "width": 33}),
+        # DINOv2's (facebook/dinov2-small: 256, crop 224) in small, ImageNet statistics
+        "bit_dinov2": BitImageProcessorPil(size={"shortest_edge": 40},
+                                           crop_size={"height": 35, "width": 35},
+                                           image_mean=[0.485, 0.456, 0.406],
+                                           image_std=[0.229, 0.224, 0.225]),
     }
 
 
-@pytest.mark.parametrize("name", ["siglip", "siglip_rect_bilinear", "clip", "clip_pad"])
+@pytest.mark.parametrize("name", ["siglip", "siglip_rect_bilinear", "clip", "clip_pad",
+                                  "bit_dinov2"])
 def test_matches_hf_processor(name):
     hf = _processors()[name]
     cfg = ImageProcessorConfig.from_hf(hf.to_dict())

@@ -33,12 +33,13 @@ from typing import Any
 
 from edgevlm.errors import UserError
 from edgevlm.export import decoder as dec
-from edgevlm.export import onnx_io, readiness
+from edgevlm.export import images, onnx_io, readiness
 from edgevlm.export import precision as prec
 from edgevlm.export import source as ckpt
 from edgevlm.export.config import INT4_VISION, ExportConfig
 from edgevlm.export.validate import Parity
 from edgevlm.families import family_of
+from edgevlm.families.backbones import input_side
 from edgevlm.runtime import contract, token_select
 from edgevlm.runtime.contract import DecoderKind, Precision, Profile
 
@@ -75,11 +76,11 @@ class ExportResult:
 
 
 def _trace(model, component: str, precision: Precision, out: Path, cfg: ExportConfig,
-           num_layers: int, shapes=None) -> tuple[Path, bool]:
+           num_layers: int, shapes=None, side: int | None = None) -> tuple[Path, bool]:
     """Trace one component and write its weights; int8/int4 ones go to a scratch float graph
     that `_finish` quantizes. Returns the graph's path and whether its weights are external.
     `shapes` (edgevlm.export.mobile.StaticShapes) traces the mobile graphs with every axis
-    fixed."""
+    fixed; `side`, the images the tower sees (backbones.input_side)."""
     from edgevlm.export import graphs, mobile, weights
 
     path = out / contract.graph_file(component, precision)
@@ -88,9 +89,9 @@ def _trace(model, component: str, precision: Precision, out: Path, cfg: ExportCo
     if shapes is None:
         module = graphs.wrapper(component, model, scores)
         args = (module.example_inputs() if hasattr(module, "example_inputs")  # a family's own
-                else graphs.example_inputs(component, model.config))
+                else graphs.example_inputs(component, model.config, side))
     else:
-        module = mobile.wrapper(component, model)
+        module = mobile.wrapper(component, model, shapes)
         args = mobile.example_inputs(component, model.config, shapes)
     onnx_io.trace_to_onnx(module, args, traced,
                           contract.graph_io(component, num_layers, cfg.profile, scores=scores,
@@ -144,67 +145,6 @@ def _mobile_extras(tmp: Path, files: dict[str, ComponentFile], shapes, rope,
     return out
 
 
-def _set_image_splitting(loaded, family, config: ExportConfig, model_dir: Path) -> None:
-    """A tiled model's image recipe for the export: the processor's, or --[no-]image-splitting.
-    The reference, the manifest and the processor files all read it from the processor. The
-    mobile profile's vision graph takes a fixed tile count, which splitting does not give (1 to
-    many tiles by aspect ratio): it takes the global image only."""
-    if not family.tiled:
-        return
-    images = loaded.processor.image_processor
-    if config.image_splitting is not None:
-        images.do_image_splitting = config.image_splitting
-    if config.profile is Profile.MOBILE and images.do_image_splitting:
-        raise UserError(f"--profile mobile traces the vision encoder at a fixed tile count, but "
-                        f"{model_dir}'s image processor splits images (do_image_splitting: 1 "
-                        "to many tiles by aspect ratio); add --no-image-splitting (each image "
-                        f"is its one global tile, {loaded.num_image_tokens} tokens) or export "
-                        "with --profile default")
-
-
-def _set_pixel_bounds(loaded, config: ExportConfig):
-    """--min-pixels / --max-pixels into a patch family's processor (the reference, manifest and
-    processor files read them there); the most tokens an image can now take."""
-    family = family_of(loaded.model)
-    if not (config.min_pixels or config.max_pixels):
-        return loaded
-    family.set_pixel_bounds(loaded.processor, config.min_pixels, config.max_pixels)
-    return replace(loaded, num_image_tokens=family.max_image_tokens(loaded.processor))
-
-
-def _pixel_bounds_into_files(tmp: Path, info: dict, config: ExportConfig) -> None:
-    """The export's preprocessor files carry --min-pixels / --max-pixels as transformers(.js)
-    read them (`size`), as edgevlm.json's image_processor does."""
-    if not (config.min_pixels or config.max_pixels):
-        return
-    size = info["image_processor"]["size"]
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json",
-                                                           "image_processor")):
-        path = tmp / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            (data.setdefault(key, {}) if key else data)["size"] = size
-            path.write_text(json.dumps(data, indent=2))
-
-
-def _trained_token_setting(config: ExportConfig, model_cfg: dict, model_dir: Path
-                           ) -> ExportConfig:
-    """A model trained at fewer visual tokens (edgevlm.models.token_reduce) exports at that
-    count."""
-    from edgevlm.models.token_reduce import CONFIG_KEY
-
-    trained = model_cfg.get(CONFIG_KEY)
-    if not trained:
-        return config
-    if config.visual_tokens is None:
-        return replace(config, visual_tokens=trained["tokens"], token_select=trained["method"])
-    if (config.visual_tokens, config.token_select) != (trained["tokens"], trained["method"]):
-        raise UserError(f"{model_dir} was trained at {trained['tokens']} visual tokens "
-                        f"({trained['method']}); export it with those (drop --visual-tokens) "
-                        "or export its full-token parent")
-    return config
-
-
 def _int8_vision(model, loaded, config: ExportConfig, checkpoint: dict, automatic: bool):
     """An int8 vision encoder carries edgevlm's own integers (edgevlm.export.vision_int8; a
     checkpoint's 8-bit vision layers keep theirs). Returns (config, manifest entry, gate
@@ -234,7 +174,7 @@ def _settle_config(model_dir: Path, model_cfg: dict, config: ExportConfig):
     here, before minutes of loading. Returns (config, checkpoint source or None, whether the
     int8 tower is the automatic choice)."""
     family = family_of(model_cfg)
-    config = _trained_token_setting(config, model_cfg, model_dir)
+    config = images.trained_token_setting(config, model_cfg, model_dir)
     if config.image_splitting is not None and not family.tiled:
         raise UserError(f"--{'' if config.image_splitting else 'no-'}image-splitting sets how a "
                         f"tiled family (idefics3) cuts images; {model_dir} holds a "
@@ -278,6 +218,7 @@ class _Plan:
     vision_carried: Any = None  # the int8 tower's gate reference
     shapes: Any = None  # mobile: edgevlm.export.mobile.StaticShapes
     rope: Any = None  # mobile: the rotary table
+    side: int | None = None  # the images the tower sees (backbones.input_side)
     ref: Any = None  # edgevlm.export.reference.Reference, unless --no-validate
     decoder_plan: Any = None  # a quantized builder decoder's integers
     carried: Any = None  # the reference the built decoder is held to: the same integers
@@ -294,7 +235,7 @@ def _plan(loaded, config: ExportConfig, source, automatic: bool, model_dir: Path
     from edgevlm.export.validate import torch_reference
 
     model = loaded.model
-    _set_image_splitting(loaded, family_of(model), config, model_dir)
+    images.set_image_splitting(loaded, family_of(model), config, model_dir)
     if config.visual_tokens is not None:
         token_select.check(config.visual_tokens, loaded.num_image_tokens)
     choice = dec.choose(config, model.config)  # before minutes of validating and tracing
@@ -306,11 +247,12 @@ def _plan(loaded, config: ExportConfig, source, automatic: bool, model_dir: Path
         ckpt.check_mixed(checkpoint, choice.kind is DecoderKind.BUILDER)
     p = _Plan(config, text_dims(model.config), choice, checkpoint, own, vision_entry,
               vision_carried)
+    p.side = input_side(model.config.vision_config, loaded.processor.image_processor)
     if config.profile is Profile.MOBILE:
         from edgevlm.export import mobile
 
         mobile.check_supported(model)
-        p.shapes = mobile.static_shapes(model.config, config.max_context)
+        p.shapes = mobile.static_shapes(model.config, config.max_context, side=p.side)
         p.rope = mobile.rope_table(model, p.shapes.context)
     p.ref = torch_reference(loaded, config.new_tokens) if config.validate else None
     if p.ref is not None:
@@ -348,7 +290,7 @@ def _trace_graphs(loaded, p: _Plan, tmp: Path, order: list[str], bar) -> tuple[d
             traced[component] = built.path, True
         else:
             traced[component] = _trace(model, component, precision, tmp, p.config,
-                                       p.dims.num_layers, p.shapes)
+                                       p.dims.num_layers, p.shapes, p.side)
         bar.update(1)
     info = manifest.build(loaded, p.dims, p.config,
                           ckpt.weight_sources(p.precisions, p.checkpoint))
@@ -372,7 +314,7 @@ def _complete(tmp: Path, model_dir: Path, p: _Plan, files: dict[str, ComponentFi
     shutil.rmtree(tmp / ".float", ignore_errors=True)
     manifest.copy_model_files(model_dir, tmp)
     manifest.write_processor_files(tmp, info)
-    _pixel_bounds_into_files(tmp, info, p.config)
+    images.pixel_bounds_into_files(tmp, info, p.config)
     dec.write_genai_images(tmp, info, files)  # onnxruntime-genai's image pipeline, if it has one
     info["components"] = {c: asdict(f) for c, f in sorted(files.items())}
     if p.shapes is not None:
@@ -410,7 +352,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config: ExportConfig = Ex
     # traced from, and validated against, the model its integers define. The graphs hold the
     # whole tower: a model trained at fewer tokens selects in the runtime.
     note(f"loading model {model_dir} ...", enabled=not quiet)
-    loaded = _set_pixel_bounds(load_model(model_dir, dequantize=source is not None,
+    loaded = images.set_pixel_bounds(load_model(model_dir, dequantize=source is not None,
                                           reduce_tokens=False), config)
     p = _plan(loaded, config, source, automatic, model_dir)
     order = sorted(contract.COMPONENTS, key=lambda c: p.precisions[c].half)

@@ -159,15 +159,16 @@ class Decoder(nn.Module):
         return (logits, *presents)
 
 
-def example_inputs(component: str, config) -> tuple:
+def example_inputs(component: str, config, side: int | None = None) -> tuple:
     """Tracing inputs. Batch 2 and a non-empty past keep the tracer from baking in a size of 1
-    or 0 as a constant; the real sizes are dynamic axes."""
+    or 0 as a constant; the real sizes are dynamic axes. `side`: the images the tower sees
+    (backbones.input_side; the config's image_size when None)."""
     vc = config.vision_config
+    s = side or getattr(vc, "image_size", None)  # None: a patch tower (its graph's own inputs)
     if component == "vision_encoder" and family_of(config).tiled:
-        s = vc.image_size
         return (torch.randn(2, 3, vc.num_channels, s, s), torch.ones(2, 3, s, s, dtype=torch.bool))
     if component == "vision_encoder":
-        return (torch.randn(2, vc.num_channels, vc.image_size, vc.image_size),)
+        return (torch.randn(2, vc.num_channels, s, s),)
     dims = text_dims(config)
     if component == "embed_tokens":
         return (torch.randint(0, dims.vocab_size, (2, 5)),)

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgevlm.families import family_of
+from edgevlm.families.backbones import input_side
 from edgevlm.runtime import contract
 
 # The files of a Hugging Face model folder the runtime or other tools read; weights are not
@@ -75,7 +76,8 @@ def write_processor_files(out_dir: Path, info: dict) -> None:
     config = json.loads((out_dir / "config.json").read_text())
     vision = config.get("vision_config") or {}
     patch = int(vision.get("patch_size") or 1)
-    patches = (int(vision.get("image_size") or 0) // patch) ** 2
+    # the patches of the image the tower sees: DINOv2's processor crop, not its config's grid
+    patches = (int(input_side(vision, info["image_processor"]) or 0) // patch) ** 2
     _name_processor(out_dir, family.processor_class)
     proc_path = out_dir / "processor_config.json"
     proc = json.loads(proc_path.read_text()) if proc_path.is_file() else {}
@@ -164,6 +166,9 @@ def build(loaded, dims, config, weight_sources: dict[str, str | None]) -> dict:
         "model_type": model.config.model_type,
         "text_model_type": tc.model_type,
         "vision_model_type": model.config.vision_config.model_type,
+        # the side of the images the vision graph takes: DINOv2's is its processor's crop, not
+        # its config's image_size (the position grid it interpolates from)
+        "vision_image_size": input_side(model.config.vision_config, proc.image_processor),
         "components": None,
         "family": family.name,
         "io": {c: contract.graph_io(c, dims.num_layers, config.profile,

@@ -50,14 +50,17 @@ class StaticShapes:
         return out if self.tiles is None else {**out, "tiles": self.tiles}
 
 
-def static_shapes(config, max_context: int | None, step: int = 1) -> StaticShapes:
+def static_shapes(config, max_context: int | None, step: int = 1,
+                  side: int | None = None) -> StaticShapes:
+    """The mobile graphs' fixed shapes; `side`: the images the tower sees (backbones.input_side;
+    the config's image_size when None)."""
     limit = config.text_config.max_position_embeddings
     context = max_context or min(limit, DEFAULT_CONTEXT)
     if not 1 <= context <= limit:
         raise UserError(f"--max-context {context} must be between 1 and the model's "
                         f"max_position_embeddings {limit}")
     tiles = 1 if family_of(config).tiled else None  # the global image only
-    return StaticShapes(config.vision_config.image_size, context, step, tiles)
+    return StaticShapes(side or config.vision_config.image_size, context, step, tiles)
 
 
 def check_supported(model) -> None:
@@ -72,6 +75,8 @@ def check_supported(model) -> None:
         if act not in ACTIVATIONS:
             problems.append(f"{where}={act!r} (supported: {', '.join(ACTIVATIONS)})")
     attn = part(model, "language_model").layers[0].self_attn
+    if getattr(cfg.vision_config, "use_swiglu_ffn", False):
+        problems.append("vision_config.use_swiglu_ffn (DINOv2-giant's SwiGLU MLP)")
     for name in ("q_norm", "k_norm"):
         if hasattr(attn, name):
             problems.append(f"{cfg.text_config.model_type} attention has {name}")
@@ -114,31 +119,42 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _vision_attention(attn, x: torch.Tensor) -> torch.Tensor:
-    """CLIP / SigLIP / Idefics3 vision self-attention over all N positions of one image."""
+    """CLIP / SigLIP / Idefics3 / DINOv2 vision self-attention over all N positions of one
+    image (DINOv2 names its heads, scale and output projection differently)."""
     n, d = x.shape[1], x.shape[2]  # static: Python ints at trace time
-    heads, hd = attn.num_heads, attn.head_dim
+    heads, hd = getattr(attn, "num_heads", None) or attn.num_attention_heads, attn.head_dim
+    scale = getattr(attn, "scale", None) or attn.scaling
+    out_proj = getattr(attn, "out_proj", None) or attn.o_proj
 
     def split(t):  # (1, N, D) -> (1, heads, N, hd)
         return t.reshape(1, n, heads, hd).transpose(1, 2)
 
     q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
-    scores = (q @ k.transpose(2, 3)) * attn.scale
+    scores = (q @ k.transpose(2, 3)) * scale
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = (probs @ v).transpose(1, 2).reshape(1, n, d)
-    return attn.out_proj(out)
+    return out_proj(out)
 
 
 def _vision_layer(layer, act: str, x: torch.Tensor) -> torch.Tensor:
-    """One pre-norm vision transformer layer (layer_norm1, self_attn, layer_norm2, mlp)."""
+    """One pre-norm vision transformer layer (layer_norm1, self_attn, layer_norm2, mlp); in
+    DINOv2 (norm1, attention, norm2, mlp) LayerScale multiplies each block's output per
+    channel."""
+    if hasattr(layer, "layer_scale1"):  # DINOv2
+        x = x + _vision_attention(layer.attention, _layer_norm(layer.norm1, x)) * \
+            layer.layer_scale1.lambda1
+        h = _layer_norm(layer.norm2, x)
+        return x + layer.mlp.fc2(_act(act, layer.mlp.fc1(h))) * layer.layer_scale2.lambda1
     x = x + _vision_attention(layer.self_attn, _layer_norm(layer.layer_norm1, x))
     h = _layer_norm(layer.layer_norm2, x)
     return x + layer.mlp.fc2(_act(act, layer.mlp.fc1(h)))
 
 
 class StaticVisionEncoder(nn.Module):
-    """pixel_values (1,3,S,S) -> image_features (1,N_img,D_text), as graphs.VisionEncoder."""
+    """pixel_values (1,3,S,S) -> image_features (1,N_img,D_text), as graphs.VisionEncoder.
+    `side`: S, the static image side (DINOv2's positions are interpolated to it here, once)."""
 
-    def __init__(self, model):
+    def __init__(self, model, side: int | None = None):
         super().__init__()
         cfg = model.config
         self.tower = part(model, "vision_tower")
@@ -147,24 +163,40 @@ class StaticVisionEncoder(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         emb = self.tower.embeddings
-        dtype = emb.patch_embedding.weight.dtype
-        x = emb.patch_embedding(pixel_values.to(dtype))  # (1, D_vis, g, g)
+        self.dinov2 = hasattr(emb, "patch_embeddings")
+        if self.dinov2:  # the bicubic grid resize as a table (no Resize node): (1, 1+N, D_vis)
+            side = side or self.vc.image_size
+            n = (side // self.vc.patch_size) ** 2 + 1
+            with torch.no_grad():
+                table = emb.interpolate_pos_encoding(
+                    emb.cls_token.new_zeros(1, n, emb.cls_token.shape[-1]), side, side)
+            self.register_buffer("dinov2_positions", table.detach().clone(), persistent=False)
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) -> (1, [1 +] N_patch, D_vis): patches, class token, positions."""
+        emb = self.tower.embeddings
+        conv = emb.patch_embeddings.projection if self.dinov2 else emb.patch_embedding
+        x = conv(pixel_values.to(conv.weight.dtype))  # (1, D_vis, g, g)
         d = x.shape[1]
         x = x.reshape(1, d, -1).transpose(1, 2)  # (1, N_patch, D_vis)
+        if self.dinov2:
+            return torch.cat([emb.cls_token, x], dim=1) + self.dinov2_positions
         if hasattr(emb, "class_embedding"):  # CLIP: a class token first
             x = torch.cat([emb.class_embedding.reshape(1, 1, d), x], dim=1)
-        x = x + emb.position_embedding.weight[None]  # position ids are 0..N-1: no Gather
+        return x + emb.position_embedding.weight[None]  # position ids are 0..N-1: no Gather
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self._embed(pixel_values)
         if hasattr(self.tower, "pre_layrnorm"):
             x = _layer_norm(self.tower.pre_layrnorm, x)
         hidden = [x]
-        last = max(i % (len(self.tower.encoder.layers) + 1) for i in self.layers)
-        for layer in self.tower.encoder.layers[:last]:
+        blocks = self.tower.encoder.layer if self.dinov2 else self.tower.encoder.layers
+        last = max(i % (len(blocks) + 1) for i in self.layers)
+        for layer in blocks[:last]:
             x = _vision_layer(layer, self.vc.hidden_act, x)
             hidden.append(x)
-        total = len(self.tower.encoder.layers) + 1
+        total = len(blocks) + 1
         feats = [hidden[i % total] for i in self.layers]
         if self.drop_cls:
             feats = [h[:, 1:] for h in feats]
@@ -297,13 +329,13 @@ def example_inputs(component: str, config, shapes: StaticShapes) -> tuple:
             torch.randn(1, k, dims.head_dim), torch.randn(1, k, dims.head_dim), *cache)
 
 
-def wrapper(component: str, model) -> nn.Module:
+def wrapper(component: str, model, shapes: StaticShapes | None = None) -> nn.Module:
     from edgevlm.export.graphs import EmbedTokens
 
     if component == "vision_encoder" and family_of(model).tiled:
         return StaticTiledVisionEncoder(model).eval()
     if component == "vision_encoder":
-        return StaticVisionEncoder(model).eval()
+        return StaticVisionEncoder(model, shapes.image_size if shapes else None).eval()
     if component == "embed_tokens":
         return EmbedTokens(model).eval()
     assert component == "decoder_model_merged", f"unknown component {component}"

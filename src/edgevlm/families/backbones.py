@@ -4,7 +4,11 @@ upcycler and the text-LM graft ask here)."""
 
 from __future__ import annotations
 
-VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
+VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model", "dinov2")
+CLS_VISION_TYPES = ("clip_vision_model", "dinov2")
+# towers that resize their position grid to whatever size they are given (DINOv2's bicubic
+# interpolation): the image size their processor makes, not the config's, sets the patch count
+INTERPOLATING_VISION_TYPES = ("dinov2",)
 DENSE_TEXT_TYPES = ("llama", "qwen2")
 MOE_TEXT_TYPES = ("qwen2_moe",)
 MROPE_TEXT_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")  # Qwen2 decoders with M-RoPE positions
@@ -16,8 +20,37 @@ def _model_type(config) -> str | None:
 
 
 def has_cls_token(vision_config) -> bool:
-    """Whether the tower puts a CLS token before its patches (CLIP does, SigLIP does not)."""
-    return _model_type(vision_config) == "clip_vision_model"
+    """Whether the tower puts a CLS token before its patches (CLIP and DINOv2 do, SigLIP does
+    not)."""
+    return _model_type(vision_config) in CLS_VISION_TYPES
+
+
+def input_side(vision_config, image_processor=None) -> int | None:
+    """The side of the square images the tower sees. A tower that interpolates its position grid
+    (DINOv2) sees what its processor makes: facebook/dinov2-small's config says 518 (the grid it
+    was trained at, 37x37) while its processor crops 224 (16x16 patches). The others see their
+    config's image_size, which their processor makes (None for a tower without one: Qwen2-VL's
+    takes each image at its own size)."""
+    size = (vision_config.get("image_size") if isinstance(vision_config, dict)
+            else getattr(vision_config, "image_size", None))
+    if image_processor is None or _model_type(vision_config) not in INTERPOLATING_VISION_TYPES:
+        return size
+    made = processor_side(image_processor)
+    return size if made is None else made
+
+
+def processor_side(image_processor) -> int | None:
+    """The side of the square images an HF image processor makes (its crop, else its
+    height x width resize); None when their size follows each image's."""
+    get = image_processor.get if isinstance(image_processor, dict) else \
+        lambda k: getattr(image_processor, k, None)
+    size = get("crop_size") if get("do_center_crop") else get("size")
+    size = dict(size) if size is not None and not isinstance(size, int) else size
+    if isinstance(size, int):
+        return size
+    if size and size.get("height") is not None and size.get("height") == size.get("width"):
+        return int(size["height"])
+    return None
 
 
 def is_moe(text_config) -> bool:

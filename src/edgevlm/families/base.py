@@ -19,7 +19,9 @@ class Family:
     model_class: str  # transformers class names
     processor_class: str
     paths: dict[str, str]  # part name (PARTS) -> dotted module path from the top model
-    num_image_tokens: Callable[[Any], int]  # config -> image tokens per image (per tile)
+    # (config[, image processor]) -> image tokens per image (per tile); the image processor, where
+    # the size it makes sets the count (a LLaVA tower that interpolates its positions: DINOv2)
+    num_image_tokens: Callable[..., int]
     # (model, pixel inputs) -> (..., D_text): every image token's feature, in prompt order
     image_features: Callable[[Any, dict], Any]
     # (config dict, tokenizer, seed) -> a random LoadedModel around the tokenizer; edgevlm init

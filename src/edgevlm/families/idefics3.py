@@ -38,8 +38,9 @@ MARKERS = [FAKE_TOKEN, GLOBAL_TOKEN, END_OF_UTTERANCE] + [
     f"<row_{r}_col_{c}>" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
 
 
-def num_image_tokens(config) -> int:
-    """Image tokens per tile: the encoder's patches over scale_factor²."""
+def num_image_tokens(config, image_processor=None) -> int:
+    """Image tokens per tile: the encoder's patches over scale_factor² (a tile is always the
+    config's image_size, whatever the processor)."""
     vc = config.vision_config
     return (vc.image_size // vc.patch_size) ** 2 // config.scale_factor ** 2
 

@@ -1,20 +1,32 @@
-"""LLaVA (LlavaForConditionalGeneration + LlavaProcessor): a CLIP or SigLIP tower, a two-layer
-MLP projector, a Llama or Qwen2 decoder; one `<image>` becomes a fixed run of image tokens, one
-per patch (plus CLS for CLIP unless the `default` strategy drops it); 1-D positions."""
+"""LLaVA (LlavaForConditionalGeneration + LlavaProcessor): a CLIP, SigLIP or DINOv2 tower, a
+two-layer MLP projector, a Llama or Qwen2 decoder; one `<image>` becomes a fixed run of image
+tokens, one per patch of the image the processor makes (plus CLS for CLIP and DINOv2 unless the
+`default` strategy drops it); 1-D positions."""
 
 from __future__ import annotations
 
 from edgevlm.errors import UserError
-from edgevlm.families.backbones import TEXT_MODEL_TYPES, VISION_MODEL_TYPES, has_cls_token
+from edgevlm.families.backbones import (
+    TEXT_MODEL_TYPES,
+    VISION_MODEL_TYPES,
+    has_cls_token,
+    input_side,
+)
 from edgevlm.families.base import Family, LoadedModel
 
 IMAGE_TOKEN = "<image>"
+# What facebook/dinov2-* ship (BitImageProcessor): the shortest edge to 256, a 224 centre crop,
+# bicubic, ImageNet statistics. Their config's image_size (518) is the position grid the tower
+# was trained at, which it interpolates to the 224 crop's 16x16 patches.
+DINOV2_CROP, DINOV2_RESIZE = 224, 256
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def num_image_tokens(config) -> int:
-    """Image tokens per image, as LlavaProcessor expands `<image>`."""
+def num_image_tokens(config, image_processor=None) -> int:
+    """Image tokens per image, as LlavaProcessor expands `<image>`: one per patch of the image
+    the tower sees (the processor's, for a tower that interpolates its positions: DINOv2)."""
     vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
+    n = (input_side(vc, image_processor) // vc.patch_size) ** 2
     if has_cls_token(vc):
         n += 1  # CLS
     if config.vision_feature_select_strategy == "default":
@@ -34,6 +46,12 @@ def image_features(model, inputs: dict):
 def image_processor_for(vision_config):
     """The HF image processor a LLaVA checkpoint of this vision tower ships with."""
     size = vision_config.image_size
+    if vision_config.model_type == "dinov2":
+        from transformers import BitImageProcessorPil
+
+        return BitImageProcessorPil(size={"shortest_edge": DINOV2_RESIZE},
+                                    crop_size={"height": DINOV2_CROP, "width": DINOV2_CROP},
+                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     if has_cls_token(vision_config):
         from transformers import CLIPImageProcessorPil
 
@@ -63,13 +81,14 @@ def build(cfg: dict, tokenizer, seed: int = 0) -> LoadedModel:
         config = LlavaConfig(**cfg)
     except (ValueError, TypeError) as e:  # transformers' own checks (rope dims, unknown keys)
         raise UserError(f"config: {e}") from e
-    config.image_seq_length = num_image_tokens(config)
+    images = image_processor_for(config.vision_config)
+    config.image_seq_length = num_image_tokens(config, images)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
-        image_processor=image_processor_for(config.vision_config),
+        image_processor=images,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -77,6 +96,22 @@ def build(cfg: dict, tokenizer, seed: int = 0) -> LoadedModel:
         chat_template=tokenizer.chat_template,
     )
     return LoadedModel(model, processor, image_token_id, config.image_seq_length)
+
+
+def use_image_processor(loaded: LoadedModel, image_processor) -> LoadedModel:
+    """`loaded` with `image_processor` (a pretrained tower's own, `init --vision-from`) and the
+    image-token count it gives: a tower that interpolates its positions sees what it makes."""
+    from transformers import LlavaProcessor
+
+    old = loaded.processor
+    config = loaded.model.config
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=old.tokenizer, patch_size=old.patch_size,
+        vision_feature_select_strategy=old.vision_feature_select_strategy,
+        num_additional_image_tokens=old.num_additional_image_tokens,
+        chat_template=old.chat_template)
+    config.image_seq_length = num_image_tokens(config, image_processor)
+    return LoadedModel(loaded.model, processor, loaded.image_token_id, config.image_seq_length)
 
 
 def expand_image(processor, n_tokens: int, image) -> str:

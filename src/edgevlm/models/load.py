@@ -15,9 +15,12 @@ from edgevlm.models.sizes import check_sizes
 SUPPORTED_MODEL_TYPES = supported_model_types()
 
 
-def num_image_tokens(config) -> int:
-    """Image tokens per image, as the family's processor expands `<image>`."""
-    return family_of(config).num_image_tokens(config)
+def num_image_tokens(config, image_processor=None) -> int:
+    """Image tokens per image, as the family's processor expands `<image>`; `image_processor`:
+    the model's own, where the size it makes sets the count (a LLaVA DINOv2 tower)."""
+    family = family_of(config)
+    return (family.num_image_tokens(config) if image_processor is None
+            else family.num_image_tokens(config, image_processor))
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -50,7 +53,8 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
 
     from edgevlm.quant.checkpoint import decompress, mixed_bits
 
-    model_class = getattr(transformers, family_of(read_config(model_dir)).model_class)
+    cfg = read_config(model_dir)
+    model_class = getattr(transformers, family_of(cfg).model_class)
     _check_weight_format(Path(model_dir))
     kw = {}
     # transformers' dequantize-on-load reads every layer with one config group's bits; a mixed
@@ -87,7 +91,7 @@ def load_model(model_dir: str | Path, dtype=None, device: str | None = None,
                         "tokenizer and preprocessor_config.json files") from e
     image_token_id = getattr(model.config, family.image_token_key)
     tokens = (family.max_image_tokens(processor) if family.max_image_tokens
-              else num_image_tokens(model.config))
+              else num_image_tokens(model.config, processor.image_processor))
     loaded = LoadedModel(model, processor, image_token_id, tokens)
     reduced = token_reduce.setting(model.config)
     if reduced and reduce_tokens:  # trained at a reduced visual token count: keep seeing it

@@ -1,15 +1,18 @@
 """`edgevlm init`: a new model directory of any family from a preset or a config JSON, with a
 tokenizer trained on the data, taken from a model, or brought by a pretrained text LM (the
-graft), and optionally a pretrained vision tower."""
+graft), and optionally a pretrained vision tower: a LLaVA's, or a bare transformers tower folder
+(a Dinov2Model, CLIPVisionModel or SiglipVisionModel save_pretrained)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 from edgevlm.errors import UserError, check_seed
-from edgevlm.families import LoadedModel, family_of, part
+from edgevlm.families import LoadedModel, family_of, llava, part
+from edgevlm.families.backbones import INTERPOLATING_VISION_TYPES, VISION_MODEL_TYPES, has_cls_token
 from edgevlm.models.load import read_config, save_model
 from edgevlm.models.presets import PRESETS
 from edgevlm.models.sizes import check_sizes
@@ -74,6 +77,7 @@ def create(out: str | Path, preset: str | None = None, config_path: str | Path |
         graft(loaded, lm)
     if vision_from is not None:
         copy_vision_tower(loaded.model, vision_from)
+        loaded = _tower_image_processor(loaded, vision_from)
     with atomic_dir(out, overwrite, inputs) as tmp:
         save_model(loaded, tmp)
     return loaded
@@ -98,6 +102,10 @@ def _vision_source_config(preset, config_path, vision_from, text_from) -> dict:
                             "object of config fields")
         return cfg
     if text_from is not None and vision_from is not None:
+        tower = _bare_tower_config(vision_from)
+        if tower is not None:  # LlavaConfig's defaults, and CLS dropped where there is one
+            return {"vision_config": tower, "vision_feature_select_strategy":
+                    "default" if has_cls_token(tower) else "full"}
         src = read_config(vision_from)
         return {k: src[k] for k in ("vision_config", "vision_feature_layer",
                                     "vision_feature_select_strategy", "projector_hidden_act")
@@ -106,13 +114,64 @@ def _vision_source_config(preset, config_path, vision_from, text_from) -> dict:
                                                    if text_from is not None else ""))
 
 
+def _bare_tower_config(src_dir: str | Path) -> dict | None:
+    """The config of a bare vision tower folder (its config.json's model_type is a tower's:
+    dinov2, clip_vision_model, siglip_vision_model); None for any other folder."""
+    path = Path(src_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    if isinstance(cfg, dict) and cfg.get("model_type") in VISION_MODEL_TYPES:
+        return cfg
+    return None
+
+
+def _tower_image_processor(loaded: LoadedModel, src_dir: str | Path) -> LoadedModel:
+    """A tower that interpolates its positions (DINOv2) sees the images its own processor makes
+    (their size sets the image-token count): the LLaVA takes the source's image processor."""
+    from transformers import AutoImageProcessor
+
+    vc = loaded.model.config.vision_config
+    files = [n for n in ("preprocessor_config.json", "processor_config.json")
+             if (Path(src_dir) / n).is_file()]
+    if (family_of(loaded.model) is not llava.FAMILY or vc.model_type not in
+            INTERPOLATING_VISION_TYPES or not files):
+        return loaded
+    try:
+        images = AutoImageProcessor.from_pretrained(str(src_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--vision-from {src_dir}: could not read its image processor from "
+                        f"{files[0]} ({e}); fix or remove that file") from e
+    return llava.use_image_processor(loaded, images)
+
+
+def _renamed(names: dict, tower) -> dict:
+    """Checkpoint tensor names in the module's own spelling: transformers renames some on load
+    (DINOv2's `attention.attention.query` is `attention.q_proj` in the module) and back on save."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    renames = [(r.source_patterns[0], r.target_patterns[0])
+               for r in get_model_conversion_mapping(tower, add_legacy=False)
+               if type(r).__name__ == "WeightRenaming" and len(r.source_patterns) == 1
+               and len(r.target_patterns) == 1]
+    out = {}
+    for name, t in names.items():
+        for src, dst in renames:
+            name = re.sub(src, dst, name)
+        out[name] = t
+    return out
+
+
 def copy_vision_tower(model, src_dir: str | Path) -> None:
     """Load the vision tower weights of the checkpoint in `src_dir` into `model`, reading only
-    those tensors (a 7B teacher is never loaded whole)."""
+    those tensors (a 7B teacher is never loaded whole). `src_dir` holds a LLaVA-family model or
+    a bare tower (a Dinov2Model folder: every tensor is the tower's)."""
     import torch
     from safetensors import safe_open
 
-    src_cfg = read_config(src_dir)["vision_config"]
+    bare = _bare_tower_config(src_dir)
+    src_cfg = bare if bare is not None else read_config(src_dir)["vision_config"]
     ours = model.config.vision_config.to_dict()
     for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "image_size", "patch_size", "num_channels"):
@@ -122,17 +181,22 @@ def copy_vision_tower(model, src_dir: str | Path) -> None:
     files = sorted(Path(src_dir).glob("*.safetensors"))
     if not files:
         raise UserError(f"--vision-from {src_dir}: no *.safetensors weights in that folder")
-    wanted = part(model, "vision_tower").state_dict()
+    tower = part(model, "vision_tower")
+    wanted = tower.state_dict()
     found = {}
     for f in files:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
-                if "vision_tower." in name:
+                if bare is not None:
+                    found[name] = st.get_tensor(name)
+                elif "vision_tower." in name:
                     found[name.split("vision_tower.", 1)[1]] = st.get_tensor(name)
+    found = _renamed(found, tower)
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise UserError(f"--vision-from {src_dir}: the checkpoint lacks vision tower weights such "
-                        f"as {missing[0]}; is it a LLaVA model with the same vision tower?")
+                        f"as {missing[0]}; is it a LLaVA model (or a bare tower) with the same "
+                        "vision tower?")
     with torch.no_grad():
         for name, t in wanted.items():
             if found[name].shape != t.shape:

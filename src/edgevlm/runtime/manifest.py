@@ -191,14 +191,17 @@ def _image_processor(root: Path, manifest: Fields) -> ImageProcessorConfig | Til
         config = ImageProcessorConfig.from_hf(settings)
         size = config.output_size
     # The vision tower takes images (or tiles) of its own size: any other is refused here, in
-    # one line, instead of by onnxruntime inside the encoder's first layer.
-    vision = read_json(root, "config.json").obj("vision_config").integer("image_size")
+    # one line, instead of by onnxruntime inside the encoder's first layer. A tower that
+    # interpolates its positions (DINOv2) takes its processor's size, which the export records.
+    vision, field = manifest.integer("vision_image_size"), "edgevlm.json vision_image_size"
+    if vision is None:
+        vision = read_json(root, "config.json").obj("vision_config").integer("image_size")
+        field = "config.json vision_config.image_size"
     if vision is not None and size != (vision, vision):
         made = (f"{size[0]}x{size[1]} px {'tiles' if tiled else 'images'}" if size else
                 "images of each input's own shape (no fixed size or crop)")
         raise UserError(f"{root}: the image processor makes {made} but the vision encoder takes "
-                        f"{vision}x{vision} (config.json vision_config.image_size); fix "
-                        f"{SOURCE}, or re-export")
+                        f"{vision}x{vision} ({field}); fix {SOURCE}, or re-export")
     return config
 
 

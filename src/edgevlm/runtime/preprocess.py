@@ -1,8 +1,9 @@
 """Image preprocessing in numpy + PIL, equal to the Hugging Face image processors' pixel_values.
 
-Follows transformers' PIL backend (`SiglipImageProcessorPil`, `CLIPImageProcessorPil`) step by
-step, with the same dtypes at each step, so the runtime feeds the vision encoder the very numbers
-the torch model saw in training and in the parity tests:
+Follows transformers' PIL backend (`SiglipImageProcessorPil`, `CLIPImageProcessorPil`,
+`BitImageProcessorPil` for DINOv2) step by step, with the same dtypes at each step, so the
+runtime feeds the vision encoder the very numbers the torch model saw in training and in the
+parity tests:
   convert to RGB (transparency composited onto white)
   -> resize with PIL (to height x width, or the shortest edge to `shortest_edge`)
   -> centre crop (zero padding when the image is smaller than the crop)
@@ -69,6 +70,9 @@ _DEFAULTS = {
                            "crop_size": {"height": 224, "width": 224},
                            "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD},
 }
+# DINOv2's (BitImageProcessor): CLIP's steps and class defaults; facebook/dinov2-* set a 256
+# shortest edge, a 224 crop and ImageNet statistics in their preprocessor_config.json
+_DEFAULTS["BitImageProcessor"] = _DEFAULTS["CLIPImageProcessor"]
 
 
 @dataclass(frozen=True)
