@@ -506,3 +506,26 @@ def test_a_rope_type_the_builder_lacks_falls_back_to_the_traced_decoder(tokenize
     assert result.decoder["kind"] == "traced" and result.parity.passed
     assert "rope type 'dynamic' is not implemented by the decoder builder" in \
         result.decoder["fallback_reason"]
+
+
+@pytest.mark.slow
+def test_a_briefly_trained_qwen2_5_vl_exports_at_fp32_and_int4(tmp_path_factory, tokenizer,
+                                                               shapes_dir, tmp_path):
+    """Qwen2.5-VL's windowed tower, trained a little so its answers are not noise, passes the
+    export gate at fp32 (torch's greedy tokens) and at the default int4."""
+    from edgevlm.data import load_samples
+    from edgevlm.export import ExportConfig, export
+    from edgevlm.models import load_model
+    from edgevlm.train import TrainConfig, run
+
+    start = _init(tmp_path_factory, tokenizer, "qwen2_5_vl")
+    run(load_model(start), load_samples(shapes_dir / "train.json"), tmp_path / "m",
+        TrainConfig(stage="sft", steps=20, batch_size=8, lr=2e-3, warmup=5), quiet=True)
+    fp32 = export(tmp_path / "m", tmp_path / "x32", ExportConfig(precision="fp32"), quiet=True)
+    assert fp32.parity.passed and fp32.parity.greedy.identical
+    int4 = export(tmp_path / "m", tmp_path / "x4", ExportConfig(precision="int4"), quiet=True)
+    assert int4.parity.passed
+    manifest = json.loads((tmp_path / "x4" / "edgevlm.json").read_text())
+    assert "window_index" in manifest["io"]["vision_encoder"]["inputs"]
+    assert manifest["parity"]["graph_check"]["matching_steps"] == \
+        manifest["parity"]["graph_check"]["steps"]
