@@ -30,6 +30,7 @@ from edgevlm.runtime.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     SOURCE,
+    check_normalization,
     load_image,
     rescale_normalize,
     setting,
@@ -82,12 +83,7 @@ class PatchConfig:
             raise UserError(f"image processor patch_size * merge_size = {self.factor} is over "
                             f"the {MAX_IMAGE_EDGE} px edge the runtime resizes to; fix it in "
                             f"{SOURCE}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
-            raise UserError(f"image_mean {self.image_mean} / image_std {self.image_std} must hold "
-                            "three values each (RGB) and std must not be 0")
-        if self.resample not in (0, 1, 2, 3, 4, 5):
-            raise UserError(f"image processor resample={shown(self.resample)} is not a PIL "
-                            "filter id (0 nearest .. 5 hamming; bicubic is 3)")
+        check_normalization(self)
 
     @property
     def factor(self) -> int:

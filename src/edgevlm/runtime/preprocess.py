@@ -38,6 +38,16 @@ _KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or fals
           "rgb": "three finite numbers (R, G, B) or one for all three"}
 
 
+def check_normalization(cfg) -> None:
+    """An image recipe's mean / std (three values, no zero std) and PIL resample filter."""
+    if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3 or 0 in cfg.image_std:
+        raise UserError(f"image_mean {cfg.image_mean} / image_std {cfg.image_std} must hold "
+                        "three values each (RGB) and std must not be 0")
+    if cfg.resample not in (0, 1, 2, 3, 4, 5):
+        raise UserError(f"image processor resample={shown(cfg.resample)} is not a PIL filter id "
+                        "(0 nearest .. 5 hamming; bicubic is 3)")
+
+
 def setting(d: dict[str, Any], key: str, kind: str, default):
     """`d[key]` (`default` when absent or null) as `kind`, one of _KINDS; any other type is a
     UserError naming the field, never a traceback from int() or float() further on."""
@@ -108,12 +118,7 @@ class ImageProcessorConfig:
             raise UserError("image processor size needs both height and width")
         if (self.crop_height is None) != (self.crop_width is None):
             raise UserError("image processor crop_size needs both height and width")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
-            raise UserError(f"image_mean {self.image_mean} / image_std {self.image_std} must hold "
-                            "three values each (RGB) and std must not be 0")
-        if self.resample not in (0, 1, 2, 3, 4, 5):
-            raise UserError(f"image processor resample={self.resample} is not a PIL filter id "
-                            "(0 nearest .. 5 hamming; bicubic is 3)")
+        check_normalization(self)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
