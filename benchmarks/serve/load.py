@@ -199,8 +199,12 @@ def table(results: dict) -> str:
     if a and b:
         for la, lb in zip(a["levels"], b["levels"], strict=False):
             ratios.append(f"c={la['concurrency']}: {la['tokens_per_s'] / lb['tokens_per_s']:.2f}x")
+    off = results.get("edgevlm serve --batching off")
+    ab = [f"c={la['concurrency']}: {la['tokens_per_s'] / lo['tokens_per_s']:.2f}x"
+          for la, lo in zip(a["levels"], off["levels"], strict=False)] if a and off else []
     return "\n".join(rows) + "\n\n" + "\n".join(f"- {m}" for m in mem) + (
-        "\n- edgevlm serve / llama-server decode tok/s: " + ", ".join(ratios) if ratios else "")
+        "\n- edgevlm serve / llama-server decode tok/s: " + ", ".join(ratios) if ratios else "") + (
+        "\n- edgevlm serve, batching auto / off, decode tok/s: " + ", ".join(ab) if ab else "")
 
 
 def main(argv=None) -> None:
@@ -213,17 +217,21 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    p.add_argument("--batching-ab", action="store_true", help="also run edgevlm serve with "
+                   "--batching off (its decode steps side by side), in the same run")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 1000 or max(args.concurrency) > 64:
         sys.exit("--requests is 1..1000 per level and --concurrency at most 64")
     record = harness.Record.start(__spec__.name, argv)
     args.work.mkdir(parents=True, exist_ok=True)
     texts = prompts(args.requests * len(args.concurrency) + 1)
+    serve = [Path(sys.executable).parent / "edgevlm", "serve", args.export, "--parallel", SLOTS,
+             "--threads", args.threads, "--log-level", "warning"]
     results = {
-        "edgevlm serve": run_server(
-            "edgevlm", [Path(sys.executable).parent / "edgevlm", "serve", args.export,
-                        "--parallel", SLOTS, "--threads", args.threads,
-                        "--log-level", "warning"], args.export.resolve().name, args, texts),
+        "edgevlm serve": run_server("edgevlm", serve, args.export.resolve().name, args, texts),
+        **({"edgevlm serve --batching off": run_server(
+            "edgevlm-off", [*serve, "--batching", "off"], args.export.resolve().name, args,
+            texts)} if args.batching_ab else {}),
         "llama-server": run_server(
             "llama", [args.llama_server, "-m", args.gguf, "-np", SLOTS, "-t", args.threads,
                       "-c", str(SLOTS * 1024), "--host", "127.0.0.1"], "smollm2", args, texts),
