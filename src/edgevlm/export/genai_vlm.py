@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgevlm.runtime import contract
+from edgevlm.runtime.paths import read_varint
 
 GENAI_TYPE = "qwen2_5_vl"
 PROCESSOR_CONFIG = "genai_processor_config.json"  # processor_config.json is Hugging Face's
@@ -76,32 +77,21 @@ def unsupported(info: dict) -> str | None:
 
 # -- the weights where they lie -------------------------------------------------------------
 
-def _varint(buf, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return value, i
-
-
 def _fields(buf, start: int, end: int):
     """(field number, first byte, end) of every length-delimited field of one message."""
     i = start
     while i < end:
-        key, i = _varint(buf, i)
+        key, i = read_varint(buf, i)
         kind = key & 7
         if kind == 0:
-            _, i = _varint(buf, i)
+            _, i = read_varint(buf, i)
         elif kind == 1:
             i += 8
         elif kind == 5:
             i += 4
         else:
             assert kind == 2, f"protobuf wire type {kind} (groups) is not in ONNX files"
-            n, i = _varint(buf, i)
+            n, i = read_varint(buf, i)
             yield key >> 3, i, i + n
             i += n
 

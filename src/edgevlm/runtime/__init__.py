@@ -15,9 +15,9 @@ import importlib
 
 _LAZY = {
     "VLM": "edgevlm.runtime.model",
-    "GenerationResult": "edgevlm.runtime.model",
-    "Timings": "edgevlm.runtime.model",
-    "Stream": "edgevlm.runtime.model",
+    "GenerationResult": "edgevlm.runtime.results",
+    "Timings": "edgevlm.runtime.results",
+    "Stream": "edgevlm.runtime.results",
     "GenerationConfig": "edgevlm.runtime.sampling",
     "ImageProcessorConfig": "edgevlm.runtime.preprocess",
 }

@@ -17,7 +17,7 @@ object array that np.load would unpickle).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgevlm.errors import UserError
@@ -355,3 +355,19 @@ def _added_token_id(root: Path, tokenizer_file: Path, token) -> int | None:
         return None
     return next((t["id"] for t in added if isinstance(t, dict) and t.get("content") == content
                  and is_id(t.get("id"))), None)
+
+
+def with_pixel_bounds(info: ExportInfo, min_pixels: int | None,
+                      max_pixels: int | None) -> ExportInfo:
+    """The export with a patch family's resize bounds replaced (VLM.load's min/max_pixels)."""
+    if min_pixels is None and max_pixels is None:
+        return info
+    family = info.patch_family
+    if family is None:
+        raise UserError(f"min_pixels / max_pixels bound the images of a family that resizes each "
+                        f"to its own size (Qwen2-VL); {info.root} is a {info.family} export, "
+                        "whose images take one fixed size: drop them")
+    changes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+               if v is not None}
+    config = family.config.replace(**changes)
+    return replace(info, image_processor=config, patch_family=replace(family, config=config))

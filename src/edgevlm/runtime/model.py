@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,9 @@ from edgevlm.runtime.chat import (
 from edgevlm.runtime.decoders import Cache, open_decoder
 from edgevlm.runtime.image_cache import MB, ImageCache
 from edgevlm.runtime.limits import check_cache_mb
-from edgevlm.runtime.manifest import ExportInfo, read_export
+from edgevlm.runtime.manifest import ExportInfo, read_export, with_pixel_bounds
 from edgevlm.runtime.preprocess import encoder_pixels, load_image
+from edgevlm.runtime.results import GenerationResult, Stream, Timings
 from edgevlm.runtime.sampling import GenerationConfig, StopFilter, Trim, pick_token
 from edgevlm.runtime.session import (
     Provider,
@@ -58,37 +59,6 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass(frozen=True)
-class Timings:
-    """Where the time of one call went; the decode rate excludes the first token (it comes from
-    the prefill pass)."""
-
-    preprocess_s: float  # chat template, tokenization, image decode + resize + normalize
-    vision_s: float  # vision encoder (0 without an image)
-    prefill_s: float  # token embedding + decoder pass over the whole prompt
-    ttft_s: float  # call start -> first token chosen
-    decode_s: float  # every decoder step after the first token
-    decode_tokens_per_s: float  # decoder steps after prefill / decode_s; nan if there were none
-    total_s: float
-    n_prompt_tokens: int  # after image-token expansion
-    n_new_tokens: int
-    image_resized_from: tuple[int, int] | None = None  # (W, H) of an image that was resized
-    # to the vision encoder's input size (the fixed size of a mobile export)
-    image_cached: bool = False  # the image's features came from the image cache (vision_s ~ 0)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """One answer. `text` is trimmed of surrounding whitespace, as the torch reference reports
-    it, and is exactly what `stream` yields, joined; `token_ids` are the generated ids without
-    the end-of-sequence token."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
-    timings: Timings
-
-
-@dataclass(frozen=True)
 class _Prepared:
     ids: np.ndarray  # (S,) int64, image tokens expanded
     pixels: np.ndarray | None  # (1, 3, H, W) float32
@@ -98,44 +68,6 @@ class _Prepared:
     feats: np.ndarray | None = None  # (1, N_img, D) from the image cache: no vision encoder run
     grid: tuple[int, int] | None = None  # Idefics3: the image's (rows, cols) of tiles
     key: str | None = None  # the image cache key its features are kept under (None: not kept)
-
-
-class Stream:
-    """Iterate for text pieces; afterwards `result` holds the GenerationResult."""
-
-    def __init__(self, steps: Iterator[str]):
-        self._steps = steps
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        if self.result is None:  # a second loop over a finished stream yields nothing
-            self.result = yield from self._steps
-
-
-def _pixel_bounds(info: ExportInfo, min_pixels: int | None, max_pixels: int | None
-                  ) -> ExportInfo:
-    """The export with a patch family's resize bounds replaced (VLM.load's min/max_pixels)."""
-    if min_pixels is None and max_pixels is None:
-        return info
-    family = info.patch_family
-    if family is None:
-        raise UserError(f"min_pixels / max_pixels bound the images of a family that resizes each "
-                        f"to its own size (Qwen2-VL); {info.root} is a {info.family} export, "
-                        "whose images take one fixed size: drop them")
-    changes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-               if v is not None}
-    config = family.config.replace(**changes)
-    return replace(info, image_processor=config, patch_family=replace(family, config=config))
-
-
-def _positions(rope: mrope.RopeIndex | None, start: int, end: int) -> np.ndarray | None:
-    """An M-RoPE decoder's (3, 1, end - start) positions: the prompt's own, then those of
-    generated tokens (start + delta); None for a 1-D decoder."""
-    if rope is None:
-        return None
-    if start < rope.positions.shape[1]:
-        return rope.positions[:, None, start:end]
-    return mrope.decode_positions(start, end - start, rope.delta)[:, None]
 
 
 class VLM:
@@ -199,7 +131,7 @@ class VLM:
         check_cache_mb(image_cache_mb)  # before any session opens
         cfg = SessionConfig(provider, threads)
         chosen = resolve(cfg.provider)
-        info = _pixel_bounds(read_export(export_dir, precision), min_pixels, max_pixels)
+        info = with_pixel_bounds(read_export(export_dir, precision), min_pixels, max_pixels)
         trt = TensorrtConfig(Path(trt_cache or Path(export_dir) / "trt_cache"), trt_fp16) \
             if chosen.chosen == "tensorrt" else None
         sessions = {}
@@ -406,7 +338,7 @@ class VLM:
         for start in range(0, embeds.shape[1], self.prefill_chunk):
             end = start + self.prefill_chunk
             logits, past = self._decode(embeds[:, start:end], start, past,
-                                        _positions(rope, start, end))
+                                        mrope.pass_positions(rope, start, end))
         prefill_s = time.perf_counter() - t
         n_prompt = len(p.ids)
         budget = min(cfg.max_new_tokens, self.info.max_tokens - n_prompt)
@@ -435,8 +367,9 @@ class VLM:
             if len(ids) >= budget:
                 break
             position = n_prompt + len(ids) - 1
+            step = mrope.pass_positions(rope, position, position + 1)
             logits, past = self._decode(self._embed_ids(np.asarray([token], np.int64)),
-                                        position, past, _positions(rope, position, position + 1))
+                                        position, past, step)
             steps += 1
         if not stops.hit:
             tail = trim.feed(stops.feed(detok.flush()) + stops.flush())

@@ -184,3 +184,13 @@ def window_index(grids, window_size: int, patch_size: int, merge: int) -> Window
     bounds = np.asarray(bounds, dtype=np.int32)
     keep = np.concatenate([[True], bounds[1:] != bounds[:-1]])  # torch.unique_consecutive
     return WindowIndex(np.concatenate(indexes), bounds[keep])
+
+
+def pass_positions(rope: RopeIndex | None, start: int, end: int) -> np.ndarray | None:
+    """An M-RoPE decoder's (3, 1, end - start) positions: the prompt's own, then those of
+    generated tokens (start + delta); None for a 1-D decoder."""
+    if rope is None:
+        return None
+    if start < rope.positions.shape[1]:
+        return rope.positions[:, None, start:end]
+    return decode_positions(start, end - start, rope.delta)[:, None]

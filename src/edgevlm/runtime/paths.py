@@ -37,7 +37,9 @@ _SCHEMA = {
 _MAX_DEPTH = 64
 
 
-def _varint(buf, i: int) -> tuple[int, int]:
+def read_varint(buf, i: int) -> tuple[int, int]:
+    """A protobuf varint at `buf[i]`: (value, the index after it); a truncated one is a
+    ValueError."""
     shift = value = 0
     while True:
         if i >= len(buf) or shift > 63:
@@ -57,16 +59,16 @@ def _walk(buf, start: int, end: int, kind: str, out: list[str], depth: int) -> N
     key = value = None
     i = start
     while i < end:
-        tag, i = _varint(buf, i)
+        tag, i = read_varint(buf, i)
         number, wire = tag >> 3, tag & 7
         if wire == 0:
-            _, i = _varint(buf, i)
+            _, i = read_varint(buf, i)
         elif wire == 1:
             i += 8
         elif wire == 5:
             i += 4
         elif wire == 2:
-            length, i = _varint(buf, i)
+            length, i = read_varint(buf, i)
             if i + length > end:
                 raise ValueError("a field runs past its message")
             if kind == "entry" and number in (1, 2):
